@@ -1,0 +1,453 @@
+"""The public face: `parallelize(model, plan, ...) -> ParallelModel`.
+
+Phases, in a straight line: resolve the plan for the world -> capture the model at the
+microbatch shape -> compile this rank's program (passes + lowering, pure) -> build the process
+groups -> materialize this rank's local tensors -> bind them into the program. Every check on
+the plan and the model runs before the first collective, so a bad input fails the same way on
+every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from partitioner.capture import Captured, capture, input_key
+from partitioner.lower import ParamLayout, RankProgram, compile_rank, unshard
+from partitioner.plan import Plan, PlanError, coerce_plan
+from runtime.collectives import bind_mesh
+from runtime.data_parallel import GradReducer, ZeroShards
+from runtime.mesh import Mesh, RankLayout, default_device
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[object, object], object]
+
+
+def parallelize(model: nn.Module, plan: "Plan | str | dict", example_inputs: tuple = (),
+                example_kwargs: dict | None = None, loss_fn: LossFn | None = None, *,
+                device: torch.device | str | None = None) -> "ParallelModel":
+    """Compile `model` for this rank under `plan` ("auto" asks the cost model for one).
+
+    Must run on every rank of an initialized torch.distributed world (torchrun, or
+    `runtime.spawn` for CPU ranks). `example_inputs`/`example_kwargs` are one global batch,
+    the same on every rank.
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("parallelize needs torch.distributed to be initialized: launch with "
+                           "torchrun, or use runtime.spawn(world_size, fn) for CPU ranks")
+    world_size = dist.get_world_size()
+    if isinstance(plan, str) and plan.strip() == "auto":
+        plan = _auto_plan(model, world_size, example_inputs)
+    plan = coerce_plan(plan).resolve(world_size)
+    return ParallelModel(model, plan, tuple(example_inputs), dict(example_kwargs or {}),
+                         loss_fn, device=device)
+
+
+def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan:
+    from cost_model.search import auto_plan
+    from cost_model import TransformerShape
+
+    config = getattr(model, "config", None)
+    if config is None:
+        raise PlanError("plan='auto' needs a transformer shape: the model has no `.config`; "
+                        "pass a Plan instead")
+    batch, seq = _batch_size(example_inputs, {}), example_inputs[0].shape[-1]
+    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, hardware,
+                       global_batch=batch, seq=seq)
+    fields = {k: v for k, v in fields.items() if k != "dp"}
+    return coerce_plan(fields)
+
+
+# --- batches ---------------------------------------------------------------------------------
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for leaf in pytree.tree_leaves((args, kwargs)):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
+            return leaf.shape[0]
+    return None
+
+
+def split_batch(tree, parts: int, batch: int) -> list:
+    """`tree` split into `parts` equal pieces along dim 0 of every tensor whose dim 0 is the
+    batch; other leaves are shared by every piece."""
+    leaves, spec = pytree.tree_flatten(tree)
+    pieces = [[] for _ in range(parts)]
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch:
+            for piece, chunk in zip(pieces, leaf.chunk(parts, dim=0), strict=True):
+                piece.append(chunk)
+        else:
+            for piece in pieces:
+                piece.append(leaf)
+    return [pytree.tree_unflatten(piece, spec) for piece in pieces]
+
+
+def _on_device(tree, device):
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+# --- local tensors -----------------------------------------------------------------------------
+
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_buffer: bool) -> None:
+    """root.<name> = tensor, creating empty container modules along the path if needed."""
+    *path, leaf = name.split(".")
+    owner = root
+    for part in path:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner._modules[part] = child
+        owner = child
+    for table in (owner._parameters, owner._buffers):
+        table.pop(leaf, None)
+    if is_buffer:
+        owner._buffers[leaf] = tensor
+    else:
+        owner._parameters[leaf] = tensor
+
+
+@dataclass
+class _StepTotals:
+    loss: torch.Tensor
+    tokens: torch.Tensor | None  # None: loss_fn returns per-microbatch means
+
+
+class ParallelModel(nn.Module):
+    """One rank's share of a parallelized model; see DESIGN.md, "Semantics"."""
+
+    def __init__(self, model: nn.Module, plan: Plan, example_inputs: tuple, example_kwargs: dict,
+                 loss_fn: LossFn | None, device=None) -> None:
+        super().__init__()
+        self.plan = plan
+        self.loss_fn = loss_fn
+        self.device = torch.device(device) if device is not None else default_device()
+        self.rank = dist.get_rank()
+        self._model_ref = [model]  # a list so nn.Module does not register it as a submodule
+        self._model_is_meta = any(p.is_meta for p in model.parameters())
+        self._programs: dict[tuple, RankProgram] = {}
+
+        # 1-3: everything that can reject the inputs runs before the first collective.
+        batch = _batch_size(example_inputs, example_kwargs)
+        chunks = plan.degree("dp") * plan.microbatches
+        if batch is not None and batch % chunks:
+            raise PlanError(f"the example batch of {batch} does not split into dp*microbatches="
+                            f"{plan.degree('dp')}*{plan.microbatches}={chunks} equal parts; "
+                            f"use a global batch that is a multiple of {chunks}")
+        if batch is None:
+            micro = (example_inputs, example_kwargs)
+        else:
+            micro = split_batch((example_inputs, example_kwargs), chunks, batch)[0]
+        self.program = self._program_for(*micro)
+
+        # 4: process groups (collective).
+        self.mesh = Mesh(plan, self.rank)
+        # 5-6: this rank's tensors, bound into the program.
+        self.store = nn.Module()
+        self._materialize(model)
+        self._bind(self.program)
+        # Data parallelism over the parameters this rank holds.
+        params = list(self.store.parameters())
+        dp_group = self.mesh.group("dp")
+        self.zero = (ZeroShards(params, dp_group, self.mesh.coord("dp"), self.mesh.size("dp"))
+                     if plan.zero else None)
+        self.reducer = None if plan.zero else GradReducer(params, dp_group)
+
+    # --- programs ------------------------------------------------------------------------
+    def _program_for(self, args: tuple, kwargs: dict) -> RankProgram:
+        key = input_key(args, kwargs)
+        program = self._programs.get(key)
+        if program is None:
+            model = self._model_ref[0]
+            capture_device = "meta" if self._model_is_meta else None
+            captured: Captured = capture(model, *(_on_device((args, kwargs), capture_device)
+                                                  if capture_device else (args, kwargs)))
+            program = compile_rank(captured, self.plan, self.rank, self.device)
+            self._programs[key] = program
+            if hasattr(self, "store"):
+                self._bind(program)
+        return program
+
+    def _materialize(self, model: nn.Module) -> None:
+        sizes, coords = self.program.sizes, self.program.coords
+        for name, layout in self.program.layouts.items():
+            if self._model_is_meta:
+                local = torch.empty(layout.local_shape(sizes), dtype=layout.dtype,
+                                    device=self.device)
+            else:
+                full = (model.get_buffer(name) if layout.is_buffer else model.get_parameter(name))
+                local = layout.shard(full.detach().to(self.device), coords, sizes)
+            tensor = local if layout.is_buffer else nn.Parameter(
+                local, requires_grad=layout.requires_grad)
+            _set_tensor(self.store, name, tensor, layout.is_buffer)
+
+    def _local(self, name: str) -> torch.Tensor:
+        layout = self.program.layouts[name]
+        return self.store.get_buffer(name) if layout.is_buffer else self.store.get_parameter(name)
+
+    def _bind(self, program: RankProgram) -> None:
+        for stage in program.stages:
+            for node in stage.gm.graph.find_nodes(op="get_attr"):
+                if node.target in program.layouts:
+                    _set_tensor(stage.gm, node.target, self._local(node.target),
+                                program.layouts[node.target].is_buffer)
+
+    # --- running -------------------------------------------------------------------------
+    def _run(self, program: RankProgram, args: tuple, kwargs: dict):
+        with bind_mesh(self.mesh):
+            return program.stages[0].gm(*args, **kwargs)
+
+    def forward(self, *args, **kwargs):
+        """The model's own output for any batch >= 1, on every rank (differentiable)."""
+        args, kwargs = _on_device((args, kwargs), self.device)
+        if self.zero is not None:
+            self.zero.gather()
+        return self._run(self._program_for(args, kwargs), args, kwargs)
+
+    def step(self, *args, target=None, **kwargs) -> torch.Tensor:
+        """Forward and backward over the global batch; returns its loss on every rank.
+
+        Gradients equal the single-device gradients of that loss and accumulate into `.grad`
+        of `parameters()` as `loss.backward()` would.
+        """
+        args, kwargs, target = _on_device((args, kwargs, target), self.device)
+        plan = self.plan
+        dp, micro = plan.degree("dp"), plan.microbatches
+        batch = _batch_size(args, kwargs)
+        if batch is None or batch % (dp * micro):
+            raise ValueError(f"step needs a global batch divisible by dp*microbatches={dp}*"
+                             f"{micro}={dp * micro}; got batch {batch}")
+        ours = split_batch((args, kwargs, target), dp, batch)[self.mesh.coord("dp")]
+        microbatches = split_batch(ours, micro, batch // dp)
+        if self.zero is not None:
+            self.zero.gather()
+        visible = list(self.parameters())
+        stashed = [p.grad for p in visible]
+        for p in visible:
+            p.grad = None
+
+        totals: _StepTotals | None = None
+        for index, (mb_args, mb_kwargs, mb_target) in enumerate(microbatches):
+            output = self._run(self._program_for(mb_args, mb_kwargs), mb_args, mb_kwargs)
+            loss, tokens = self._loss(output, mb_target)
+            if totals is None:
+                totals = _StepTotals(torch.zeros((), dtype=torch.float64, device=self.device),
+                                     None if tokens is None else
+                                     torch.zeros((), dtype=torch.float64, device=self.device))
+            scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
+            if index == len(microbatches) - 1 and self.reducer is not None:
+                self.reducer.arm()
+            (loss * scale).backward()
+            totals.loss += loss.detach().double() * scale
+            if tokens is not None:
+                totals.tokens += torch.as_tensor(tokens, device=self.device).double()
+
+        if self.zero is not None:
+            self.zero.reduce_grads()
+        else:
+            self.reducer.finish()
+        summary = torch.stack([totals.loss, totals.tokens if totals.tokens is not None
+                               else torch.zeros_like(totals.loss)])
+        group = self.mesh.group("dp")
+        if group is not None:
+            dist.all_reduce(summary, group=group)
+        loss = summary[0]
+        if totals.tokens is not None:
+            count = summary[1]
+            if count <= 0:
+                raise ValueError("loss_fn reported no tokens in the whole batch")
+            loss = loss / count
+            for p in visible:
+                if p.grad is not None:
+                    p.grad.div_(count.to(p.grad.dtype))
+        for p, old in zip(visible, stashed, strict=True):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad.add_(old)
+        return loss.to(self._loss_dtype(output))
+
+    def _loss(self, output, target):
+        """(loss, tokens or None) of one microbatch, per the loss_fn contract."""
+        if self.loss_fn is not None:
+            result = self.loss_fn(output, target)
+        elif isinstance(output, torch.Tensor):
+            result = output
+        elif getattr(output, "loss", None) is not None:
+            result = output.loss
+        elif isinstance(output, dict) and "loss" in output:
+            result = output["loss"]
+        else:
+            raise ValueError("step needs loss_fn(output, target) -> loss: the model's output "
+                             f"({type(output).__name__}) is not a scalar loss")
+        if isinstance(result, (tuple, list)):
+            loss_sum, tokens = result
+            return loss_sum, tokens
+        if not isinstance(result, torch.Tensor) or result.dim() != 0:
+            raise ValueError(f"loss_fn must return a scalar tensor or (loss_sum, token_count); "
+                             f"got {type(result).__name__} {getattr(result, 'shape', '')}")
+        return result, None
+
+    @staticmethod
+    def _loss_dtype(output) -> torch.dtype:
+        for leaf in pytree.tree_leaves(output):
+            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+                return leaf.dtype
+        return torch.float32
+
+    # --- parameters ------------------------------------------------------------------------
+    def parameters(self, recurse: bool = True):
+        """Each local tensor once; with zero=1 this rank's flat 1/dp shards."""
+        if self.zero is not None:
+            yield from self.zero.shard_parameters()
+        else:
+            yield from self.store.parameters()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True, remove_duplicate=True):
+        if self.zero is not None:
+            for dtype, shard in self.zero.shards.items():
+                yield f"{prefix}zero_shard.{str(dtype).removeprefix('torch.')}", shard
+        else:
+            yield from self.store.named_parameters(prefix=prefix, recurse=recurse)
+
+    def _replicas(self, layout: ParamLayout) -> int:
+        """How many ranks hold exactly the same values as this rank's piece of `layout`."""
+        distinct = math.prod(self.program.sizes[s.mesh_dim] for s in layout.shards)
+        return self.mesh.world_size // distinct
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale gradients so their global norm (every shard, replicas once) is <= max_norm."""
+        norm_type = float(norm_type)
+        if self.zero is not None:
+            # Disjoint 1/dp slices, replicated over the rest of the world.
+            copies = {id(s): self.mesh.world_size // self.mesh.size("dp")
+                      for s in self.zero.shard_parameters()}
+        else:
+            copies = {id(self._local(name)): self._replicas(layout)
+                      for name, layout in self.program.layouts.items() if not layout.is_buffer}
+        grads = [(p.grad, copies[id(p)]) for p in self.parameters() if p.grad is not None]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if norm_type == math.inf:
+            for grad, _ in grads:
+                total = torch.maximum(total, grad.abs().max().double())
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        else:
+            for grad, replicas in grads:
+                total += grad.double().abs().pow(norm_type).sum() / replicas
+            dist.all_reduce(total)
+            total = total.pow(1.0 / norm_type)
+        coef = max_norm / (total + 1e-6)
+        if coef < 1:
+            for grad, _ in grads:
+                grad.mul_(coef.to(grad.dtype))
+        return total
+
+    # --- state dicts -----------------------------------------------------------------------
+    def _gather_full(self, layout: ParamLayout, local: torch.Tensor) -> torch.Tensor:
+        full = local
+        for spec in reversed(layout.shards):
+            group, size = self.mesh.group(spec.mesh_dim), self.mesh.size(spec.mesh_dim)
+            pieces = [torch.empty_like(full) for _ in range(size)]
+            dist.all_gather(pieces, full.contiguous(), group=group)
+            full = unshard(pieces, spec, layout.full_shape[spec.dim])
+        return full
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every parameter and persistent buffer, full, keyed as model.state_dict()."""
+        if self.zero is not None:
+            self.zero.gather()
+        out = {}
+        for name, layout in self.program.layouts.items():
+            if layout.is_buffer and not layout.persistent:
+                continue
+            full = self._gather_full(layout, self._local(name)).detach().clone()
+            for key in (name, *layout.aliases):
+                out[key] = full
+        return out
+
+    @torch.no_grad()
+    def full_grad_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every parameter's full gradient, keyed as model.named_parameters()."""
+        zero_grads = self.zero.full_grads() if self.zero is not None else None
+        out = {}
+        for name, layout in self.program.layouts.items():
+            if layout.is_buffer or not layout.requires_grad:
+                continue
+            local = self._local(name)
+            grad = zero_grads[id(local)] if zero_grads is not None else local.grad
+            if grad is None:
+                continue
+            out[name] = self._gather_full(layout, grad)
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Fill local shards from full tensors (model.state_dict() as is, tied names included)."""
+        missing, used = [], set()
+        for name, layout in self.program.layouts.items():
+            key = next((k for k in (name, *layout.aliases) if k in state_dict), None)
+            if key is None:
+                if layout.persistent:
+                    missing.append(name)
+                continue
+            used.update(k for k in (name, *layout.aliases) if k in state_dict)
+            full = state_dict[key]
+            if tuple(full.shape) != layout.full_shape:
+                raise ValueError(f"state dict entry {key!r} has shape {tuple(full.shape)}, "
+                                 f"the model expects {layout.full_shape}")
+            self._local(name).copy_(layout.shard(full.to(self.device), self.program.coords,
+                                                 self.program.sizes))
+        unexpected = sorted(set(state_dict) - used)
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_full_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected}")
+        if self.zero is not None:
+            self.zero.refresh_shards()
+
+    @torch.no_grad()
+    def init_weights(self, fn: Callable[[str, torch.Tensor], None]) -> None:
+        """`fn(name, full_tensor)` fills each full-size parameter/buffer in place; this rank
+        keeps its shard. Ranks draw the same numbers if `fn` is deterministic (seeded)."""
+        for name, layout in self.program.layouts.items():
+            full = torch.zeros(layout.full_shape, dtype=layout.dtype, device=self.device)
+            fn(name, full)
+            self._local(name).copy_(layout.shard(full, self.program.coords, self.program.sizes))
+        if self.zero is not None:
+            self.zero.refresh_shards()
+
+    # --- reports ---------------------------------------------------------------------------
+    def explain(self) -> str:
+        """Per node: placement, inserted collectives, stage (this rank's training program)."""
+        return self.program.explain()
+
+    def extra_repr(self) -> str:
+        return f"plan={self.plan}, rank={self.rank}"
+
+
+def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,
+                  example_kwargs: dict | None = None, ranks=None) -> list[RankProgram]:
+    """Every rank's program, in one process with no process group (the CLI's `dump`).
+
+    The example inputs are one global batch; each rank's program is compiled at the
+    microbatch shape it would run in `step`.
+    """
+    kwargs = dict(example_kwargs or {})
+    batch = _batch_size(example_inputs, kwargs)
+    chunks = plan.degree("dp") * plan.microbatches
+    if batch is not None and batch % chunks:
+        raise PlanError(f"the example batch of {batch} does not split into dp*microbatches="
+                        f"{chunks} equal parts")
+    args, kwargs = (split_batch((tuple(example_inputs), kwargs), chunks, batch)[0]
+                    if batch is not None else (example_inputs, kwargs))
+    captured = capture(model, args, kwargs)
+    world = RankLayout.dense(plan).world_size
+    return [compile_rank(captured, plan, rank, "meta")
+            for rank in (range(world) if ranks is None else ranks)]

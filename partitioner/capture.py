@@ -1,0 +1,157 @@
+"""Capture: an ordinary nn.Module and one example batch -> one aten-level torch.fx graph.
+
+torch.export (non-strict) traces the model with fake tensors, so capture costs no parameter
+memory and works on the meta device. Every node keeps `meta["val"]` (a FakeTensor: shape, dtype)
+and `meta["nn_module_stack"]` (its module path); parameters keep their original fully qualified
+names, so local shards map back to the user's state dict. Tied parameters (one tensor under
+several names, like GPT-2's wte/lm_head) are read through one canonical name.
+"""
+
+from __future__ import annotations
+
+import logging
+import traceback
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """The model could not be captured; the message says where and what to try."""
+
+
+@dataclass
+class Captured:
+    """One captured graph and the names that tie it back to the user's module."""
+
+    gm: fx.GraphModule
+    """Aten graph; get_attr nodes read parameters/buffers by their canonical names."""
+    params: dict[str, tuple[torch.Size, torch.dtype, bool]]
+    """Canonical parameter name -> (full shape, dtype, requires_grad), in module order."""
+    buffers: dict[str, tuple[torch.Size, torch.dtype, bool]]
+    """Canonical buffer name -> (shape, dtype, persistent)."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Every state-dict name of a tied tensor -> its canonical name (identity entries omitted)."""
+    input_key: tuple = ()
+    """What the example inputs looked like (see `input_key`)."""
+
+
+def input_key(args: tuple, kwargs: dict) -> tuple:
+    """Cache key of a call: pytree structure, tensor shapes/dtypes, other leaves by value."""
+    leaves, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+    described = tuple(
+        ("T", tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else ("V", leaf)
+        for leaf in leaves)
+    return (str(spec), described)
+
+
+def module_path(node: fx.Node) -> str:
+    """The innermost module path of a node ('' for the root)."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    return _clean_path(path)
+
+
+def _clean_path(path: str) -> str:
+    # export spells submodules of ModuleList as "blocks.0" but sometimes as "L['self'].blocks[0]"
+    return path.replace("L['self'].", "").replace("[", ".").replace("]", "").strip(".")
+
+
+def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
+    """Export `model(*args, **kwargs)` to one aten fx graph (inputs may be fake or meta)."""
+    kwargs = dict(kwargs or {})
+    try:
+        exported = torch.export.export(model, tuple(args), kwargs, strict=False)
+    except Exception as error:  # noqa: BLE001 - re-raised with context below
+        raise CaptureError(_describe_export_failure(model, error)) from error
+    gm = exported.module()
+    canonical, aliases = _canonical_names(model)
+    _clean(gm, canonical)
+    _detach_from_model(gm)
+    params = {name: (p.shape, p.dtype, p.requires_grad)
+              for name, p in model.named_parameters()}
+    persistent = set(model.state_dict().keys())
+    buffers = {name: (b.shape, b.dtype, name in persistent) for name, b in model.named_buffers()}
+    return Captured(gm=gm, params=params, buffers=buffers, aliases=aliases,
+                    input_key=input_key(args, kwargs))
+
+
+def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
+    """Map every name of every parameter/buffer to the first name of the same tensor."""
+    first: dict[int, str] = {}
+    canonical: dict[str, str] = {}
+    for name, tensor in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        canonical[name] = first.setdefault(id(tensor), name)
+    aliases = {name: target for name, target in canonical.items() if name != target}
+    return canonical, aliases
+
+
+def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
+    """Drop export's guards and metadata asserts; read tied tensors through one name."""
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+    # One get_attr per canonical tensor: merge aliases into the first read of that tensor.
+    seen: dict[str, fx.Node] = {}
+    for node in list(graph.find_nodes(op="get_attr")):
+        name = canonical.get(node.target, node.target)
+        if name in seen:
+            node.replace_all_uses_with(seen[name])
+            graph.erase_node(node)
+        else:
+            node.target = name
+            seen[name] = node
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    graph.eliminate_dead_code()
+    graph.lint()
+    gm.recompile()
+
+
+def _detach_from_model(gm: fx.GraphModule) -> None:
+    """Swap the user's tensors in the graph module for meta tensors of the same shape.
+
+    The captured graph then holds no memory and copies for free; a ParallelModel binds its own
+    local shards to the same names.
+    """
+    for node in gm.graph.find_nodes(op="get_attr"):
+        owner_path, _, leaf = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        value = getattr(owner, leaf)
+        if not isinstance(value, torch.Tensor):
+            continue
+        meta = torch.empty_like(value, device="meta")
+        if isinstance(value, nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(meta, requires_grad=value.requires_grad)
+        elif leaf in owner._buffers:
+            owner._buffers[leaf] = meta
+        else:
+            setattr(owner, leaf, meta)
+
+
+def _describe_export_failure(model: nn.Module, error: Exception) -> str:
+    """One message: the export error, the innermost module it happened in, what to try."""
+    names = {id(module): name for name, module in model.named_modules()}
+    where = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, nn.Module) and id(owner) in names:
+            where = (names[id(owner)] or "<root>", type(owner).__name__, frame.f_code.co_filename,
+                     frame.f_lineno)
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    location = (f" in module {where[0]!r} ({where[1]}, {where[2]}:{where[3]})" if where else "")
+    return (f"torch.export could not capture {type(model).__name__}{location}: "
+            f"{type(error).__name__}: {first_line}. Try: pass use_cache=False (or set "
+            f"config.use_cache = False) for Hugging Face models, replace data-dependent Python "
+            f"control flow in that module with torch.where/torch.cond, and check that the "
+            f"example inputs are the ones forward() expects.")

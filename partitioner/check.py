@@ -1,0 +1,187 @@
+"""Equivalence checks: a plan on real ranks against the single-device model.
+
+This is the project's correctness principle as a function: the same inputs go through the
+single-device model and the parallelized one; outputs, loss, every gathered gradient, the global
+gradient norm and the weights after a few AdamW steps must match. Tests, `partitioner check` and
+the demo all call `check_rank` (on every rank, inside `runtime.spawn` or torchrun).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-3}
+"""Largest allowed max|a-b| / (max|b| + 1e-12) per dtype."""
+
+
+def lm_logits(output) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output
+
+
+def lm_loss(output, target: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a causal LM's logits (or HF output with .logits)."""
+    logits = lm_logits(output)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def lm_loss_sum(output, target: torch.Tensor):
+    """Token-weighted cross-entropy: (sum over non-ignored tokens, their count); -100 ignored."""
+    logits = lm_logits(output)
+    flat = target.reshape(-1)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100,
+                           reduction="sum")
+    return loss, (flat != -100).sum()
+
+
+def load_factory(spec: str):
+    """`pkg.module:factory` -> the factory callable."""
+    module, sep, name = spec.partition(":")
+    if not sep:
+        raise ValueError(f"model factory {spec!r} must look like pkg.module:factory")
+    return getattr(importlib.import_module(module), name)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected| (inf when the shapes differ)."""
+    diff, scale = _abs_error(actual, expected)
+    return diff / (scale + 1e-30)
+
+
+def _abs_error(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()
+    if actual.shape != expected.shape:
+        return math.inf, 0.0
+    return (actual - expected).abs().max().item(), expected.abs().max().item()
+
+
+@dataclass
+class EquivalenceReport:
+    rank: int
+    dtype: str
+    errors: dict[str, float] = field(default_factory=dict)
+    """Check name -> max abs difference over its tensors / max abs expected value over them
+    (one scale per kind, so a gradient that is zero up to rounding does not count as 100%)."""
+    tolerance: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(err <= self.tolerance for err in self.errors.values())
+
+    def worst(self) -> tuple[str, float]:
+        return max(self.errors.items(), key=lambda item: item[1])
+
+    def __str__(self) -> str:
+        lines = [f"rank {self.rank} ({self.dtype}, tolerance {self.tolerance:.0e}): "
+                 f"{'PASS' if self.passed else 'FAIL'}"]
+        for name, err in self.errors.items():
+            mark = "ok " if err <= self.tolerance else "BAD"
+            lines.append(f"  {mark} {name:<24} rel.err {err:.2e}")
+        return "\n".join(lines)
+
+
+class _Errors:
+    """Accumulates (max abs difference, max abs expected) per kind of check."""
+
+    def __init__(self) -> None:
+        self.diff: dict[str, float] = {}
+        self.scale: dict[str, float] = {}
+
+    def add(self, name: str, actual, expected) -> None:
+        diff, scale = _abs_error(actual, expected)
+        self.diff[name] = max(self.diff.get(name, 0.0), diff)
+        self.scale[name] = max(self.scale.get(name, 0.0), scale)
+
+    def relative(self) -> dict[str, float]:
+        return {name: self.diff[name] / (self.scale[name] + 1e-30) for name in self.diff}
+
+
+def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int = 2,
+               lr: float = 1e-2, token_weighted: bool = False, meta: bool = False,
+               factory_kwargs: dict | None = None, seed: int = 0) -> EquivalenceReport:
+    """On this rank: compare the plan with the single-device model (see module docstring).
+
+    `factory` is a callable or `pkg.module:factory` returning (model, (input_ids,)). With
+    `meta=True` the parallel model is built on the meta device and filled with
+    `load_full_state_dict` from the reference model's state dict.
+    """
+    import torch.distributed as dist
+
+    from partitioner.api import parallelize
+
+    factory = load_factory(factory) if isinstance(factory, str) else factory
+    torch.manual_seed(seed)
+    model, (ids,) = factory(**(factory_kwargs or {}))
+    model = model.to(dtype)
+    generator = torch.Generator().manual_seed(seed + 1)
+    vocab = _vocab_size(model)
+    target = torch.randint(0, vocab, ids.shape, generator=generator)
+    if token_weighted:
+        target[:, :2] = -100  # ignored tokens make the per-microbatch counts matter
+    loss_fn = lm_loss_sum if token_weighted else lm_loss
+    reference = copy.deepcopy(model)
+
+    def reference_loss(out):
+        if token_weighted:
+            total, count = lm_loss_sum(out, target)
+            return total / count
+        return lm_loss(out, target)
+
+    if meta:
+        with torch.device("meta"):
+            parallel_source = factory(**(factory_kwargs or {}))[0].to(dtype)
+    else:
+        parallel_source = model
+    pm = parallelize(parallel_source, plan, example_inputs=(ids,), loss_fn=loss_fn)
+    if meta:
+        pm.load_full_state_dict(reference.state_dict())
+
+    errors = _Errors()
+    ref_out = lm_logits(reference(ids))
+    errors.add("output", lm_logits(pm(ids)), ref_out)
+
+    ref_loss = reference_loss(reference(ids))
+    ref_loss.backward()
+    loss = pm.step(ids, target=target)
+    errors.add("loss", loss, ref_loss)
+    grads = pm.full_grad_dict()
+    for name, p in reference.named_parameters():
+        if p.grad is not None:
+            errors.add("gradients", grads.get(name, torch.full((1,), math.inf)), p.grad)
+    ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9)
+    errors.add("grad_norm", pm.clip_grad_norm_(1e9), ref_norm)
+
+    ref_opt = torch.optim.AdamW(reference.parameters(), lr=lr)
+    opt = torch.optim.AdamW(pm.parameters(), lr=lr)
+    for step in range(steps):
+        if step > 0:  # the first step reuses the gradients checked above
+            ref_opt.zero_grad()
+            opt.zero_grad()
+            reference_loss(reference(ids)).backward()
+            pm.step(ids, target=target)
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
+        pm.clip_grad_norm_(1.0)
+        ref_opt.step()
+        opt.step()
+    state = pm.full_state_dict()
+    for name, value in reference.state_dict().items():
+        errors.add("weights_after_adamw", state.get(name, torch.full((1,), math.inf)),
+                   value)
+    errors.add("output_after_adamw", lm_logits(pm(ids)), lm_logits(reference(ids)))
+    return EquivalenceReport(rank=dist.get_rank(), dtype=str(dtype).removeprefix("torch."),
+                             errors=errors.relative(), tolerance=TOLERANCES[dtype])
+
+
+def _vocab_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for attr in ("vocab_size",):
+        if config is not None and hasattr(config, attr):
+            return getattr(config, attr)
+    embedding = next(m for m in model.modules() if isinstance(m, nn.Embedding))
+    return embedding.num_embeddings

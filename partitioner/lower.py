@@ -1,0 +1,215 @@
+"""Lower: a captured graph + a resolved plan + one rank's coordinates -> that rank's program.
+
+`compile_rank` is a pure function (no process group, no memory: the graph holds meta tensors),
+so the CLI builds every rank's program in one process and the runtime builds only its own.
+A `RankProgram` is what reports read: its stages, every node's placement and inserted
+collective, and the layout of every parameter this rank holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import fx
+
+from partitioner.capture import Captured, module_path
+from partitioner.plan import Plan
+from passes import PassContext, run_passes
+from passes.device import retarget_device
+from runtime.collectives import COLLECTIVE_KINDS
+from runtime.mesh import RankLayout
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """A parameter split along tensor `dim` over mesh dimension `mesh_dim`.
+
+    `blocks` splits fused weights sub-block by sub-block (Megatron's stride: q|k|v each split
+    over tp, not the concatenation); `padded` is the full size after padding to a multiple of
+    the group (vocabulary padding), the padding rows being zeros that never leave the rank.
+    """
+
+    dim: int
+    mesh_dim: str
+    blocks: tuple[int, ...] | None = None
+    padded: int | None = None
+
+    def __str__(self) -> str:
+        return f"S({self.dim})@{self.mesh_dim}"
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where one parameter (or buffer) lives on this rank."""
+
+    name: str
+    full_shape: tuple[int, ...]
+    dtype: torch.dtype
+    requires_grad: bool = True
+    shards: tuple[ShardSpec, ...] = ()
+    """Empty: every rank of the stage holds the full tensor (replicated)."""
+    aliases: tuple[str, ...] = ()
+    """Other state-dict names of the same (tied) tensor."""
+    is_buffer: bool = False
+    persistent: bool = True
+
+    @property
+    def placement(self) -> str:
+        return ",".join(str(s) for s in self.shards) or "R"
+
+    def local_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
+        shape = list(self.full_shape)
+        for spec in self.shards:
+            shape[spec.dim] = (spec.padded or shape[spec.dim]) // sizes[spec.mesh_dim]
+        return tuple(shape)
+
+    def shard(self, full: torch.Tensor, coords: dict[str, int], sizes: dict[str, int]):
+        """This rank's piece of the full tensor (a copy)."""
+        out = full
+        for spec in self.shards:
+            out = _take_shard(out, spec, coords[spec.mesh_dim], sizes[spec.mesh_dim])
+        return out.clone()
+
+
+def _take_shard(full: torch.Tensor, spec: ShardSpec, index: int, parts: int) -> torch.Tensor:
+    if spec.padded is not None and spec.padded > full.shape[spec.dim]:
+        pad = list(full.shape)
+        pad[spec.dim] = spec.padded - full.shape[spec.dim]
+        full = torch.cat([full, full.new_zeros(pad)], dim=spec.dim)
+    blocks = full.split(list(spec.blocks), dim=spec.dim) if spec.blocks else (full,)
+    return torch.cat([block.chunk(parts, dim=spec.dim)[index] for block in blocks], dim=spec.dim)
+
+
+def unshard(pieces: list[torch.Tensor], spec: ShardSpec, full_size: int) -> torch.Tensor:
+    """Inverse of `_take_shard`: every rank's piece (in group order) -> the full tensor."""
+    if spec.blocks:
+        parts = len(pieces)
+        local_blocks = [b // parts for b in spec.blocks]
+        split = [piece.split(local_blocks, dim=spec.dim) for piece in pieces]
+        full = torch.cat([torch.cat([split[r][b] for r in range(parts)], dim=spec.dim)
+                          for b in range(len(spec.blocks))], dim=spec.dim)
+    else:
+        full = torch.cat(pieces, dim=spec.dim)
+    return full.narrow(spec.dim, 0, full_size)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage's graph on this rank."""
+
+    index: int
+    gm: fx.GraphModule
+
+
+@dataclass
+class RankProgram:
+    """Everything one rank runs, and what reports show about it."""
+
+    plan: Plan
+    rank: int
+    coords: dict[str, int]
+    stages: list[Stage]
+    layouts: dict[str, ParamLayout]
+    """Canonical name -> layout, for every parameter and buffer this rank holds."""
+    sizes: dict[str, int] = field(default_factory=dict)
+    """Size of every mesh dimension."""
+
+    def nodes(self):
+        for stage in self.stages:
+            for node in stage.gm.graph.nodes:
+                yield stage.index, node
+
+    def node_rows(self) -> list[dict]:
+        """One row per node: the `dump --format json` node schema."""
+        rows = []
+        for stage, node in self.nodes():
+            val = node.meta.get("val")
+            shape = list(val.shape) if isinstance(val, torch.Tensor) else None
+            rows.append({
+                "name": node.name, "op": node.op, "target": _target_name(node),
+                "shape": shape, "placement": node_placement(node, self.layouts),
+                "collective": collective_kind(node), "stage": stage,
+                "module": module_path(node),
+            })
+        return rows
+
+    def explain(self) -> str:
+        rows = self.node_rows()
+        header = (f"rank {self.rank}  coords {self.coords}  plan {self.plan}\n"
+                  f"{len(self.stages)} stage(s), {sum(1 for _ in rows)} nodes, "
+                  f"{sum(r['collective'] is not None for r in rows)} inserted collectives, "
+                  f"{len([l for l in self.layouts.values() if not l.is_buffer])} parameters "
+                  f"({self.local_numel():,} local elements)")
+        widths = (28, 14, 40, 20, 12, 6, 14)
+        title = ("node", "op", "target", "shape", "placement", "stage", "collective")
+        lines = [header, _row(title, widths), _row(["-" * (w - 1) for w in widths], widths)]
+        for r in rows:
+            shape = "x".join(map(str, r["shape"])) if r["shape"] is not None else ""
+            lines.append(_row((r["name"], r["op"], r["target"], shape, r["placement"],
+                               str(r["stage"]), r["collective"] or ""), widths))
+        return "\n".join(lines)
+
+    def local_numel(self) -> int:
+        return sum(math.prod(l.local_shape(self.sizes)) for l in self.layouts.values()
+                   if not l.is_buffer)
+
+
+def _row(cells, widths) -> str:
+    return "".join(str(c)[: w - 1].ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+
+def _target_name(node: fx.Node) -> str:
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", str(node.target)) if not isinstance(
+            node.target, torch._ops.OpOverload) else str(node.target)
+    return str(node.target)
+
+
+def collective_kind(node: fx.Node) -> str | None:
+    """The collective a node performs (DESIGN.md's names), or None."""
+    if node.op != "call_function":
+        return None
+    return node.meta.get("collective") or COLLECTIVE_KINDS.get(node.target)
+
+
+def node_placement(node: fx.Node, layouts: dict[str, ParamLayout]) -> str:
+    if node.op == "get_attr" and node.target in layouts:
+        return layouts[node.target].placement
+    return node.meta.get("tp.placement", "R")
+
+
+def layouts_from_capture(captured: Captured) -> dict[str, ParamLayout]:
+    """Every parameter and buffer replicated: the layout before any sharding pass."""
+    aliases: dict[str, list[str]] = {}
+    for alias, target in captured.aliases.items():
+        aliases.setdefault(target, []).append(alias)
+    layouts = {}
+    for name, (shape, dtype, requires_grad) in captured.params.items():
+        layouts[name] = ParamLayout(name, tuple(shape), dtype, requires_grad,
+                                    aliases=tuple(aliases.get(name, ())))
+    for name, (shape, dtype, persistent) in captured.buffers.items():
+        layouts[name] = ParamLayout(name, tuple(shape), dtype, False,
+                                    aliases=tuple(aliases.get(name, ())), is_buffer=True,
+                                    persistent=persistent)
+    return layouts
+
+
+def compile_rank(captured: Captured, plan: Plan, rank: int,
+                 device: torch.device | str = "cpu") -> RankProgram:
+    """Run the passes for one rank and lower the result to its program (pure, no groups)."""
+    layout = RankLayout.dense(plan)
+    coords = layout.coords(rank)
+    coords.update({k: v for k, v in RankLayout.expert(plan).coords(rank).items()
+                   if k not in coords})
+    gm = copy.deepcopy(captured.gm)
+    gm = run_passes(gm, PassContext(plan=plan, coords=coords))
+    gm = retarget_device(gm, torch.device(device))
+    # A sharding pass leaves its layouts in gm.meta; without one everything is replicated.
+    layouts = gm.meta.get("partitioner.layouts") or layouts_from_capture(captured)
+    sizes = {dim: size for dim, size in RankLayout.dense(plan).sizes}
+    sizes.update(dict(RankLayout.expert(plan).sizes))
+    return RankProgram(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
+                       layouts=layouts, sizes=sizes)

@@ -1,0 +1,74 @@
+"""fx rewrite passes: each a function `(GraphModule, PassContext) -> GraphModule`.
+
+`run_passes` applies them in the fixed order of DESIGN.md (tp -> sp -> cp -> ep -> pp_split) and
+names the failing pass, the passes that ran before it and the node, the way torch.fx's
+PassManager does. Passes are pure functions of the graph, the plan and this rank's coordinates:
+nothing here touches a process group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import fx
+
+from partitioner.plan import Plan
+
+
+@dataclass(frozen=True)
+class PassContext:
+    plan: Plan
+    """The resolved plan (dp filled in)."""
+    coords: dict
+    """This rank's coordinate along every mesh dimension, e.g. {"tp": 0, "dp": 1, "pp": 0}."""
+
+
+class PassError(ValueError):
+    """A pass could not apply; the message lists every broken rule and the fix."""
+
+
+Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+
+def _not_available(feature: str, issue: str) -> Pass:
+    def unavailable(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+        raise NotImplementedError(
+            f"{feature} is not available yet ({issue}); plan {ctx.plan} asks for it. "
+            f"Run with that degree at 1 until it lands.")
+    unavailable.__name__ = feature
+    return unavailable
+
+
+def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
+    """The passes this plan needs, in order; a strategy not built yet refuses clearly."""
+    passes: list[tuple[str, Pass]] = []
+    if plan.tp > 1:
+        passes.append(("tensor_parallel", _not_available("tensor parallelism (tp>1)", "issue 3")))
+    if plan.cp > 1:
+        passes.append(("context_parallel", _not_available("context parallelism (cp>1)",
+                                                          "no issue yet")))
+    if plan.ep > 1 or plan.etp > 1:
+        passes.append(("expert_parallel", _not_available("expert parallelism (ep/etp>1)",
+                                                          "no issue yet")))
+    if plan.pp > 1 or plan.vpp > 1:
+        passes.append(("pipeline_split", _not_available("pipeline parallelism (pp>1)",
+                                                        "issue 4")))
+    if plan.recompute != "none":
+        passes.append(("recompute", _not_available(f"recompute={plan.recompute}", "issue 4")))
+    return passes
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    done: list[str] = []
+    for name, fn in pass_pipeline(ctx.plan):
+        try:
+            gm = fn(gm, ctx)
+        except (PassError, NotImplementedError):
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised with the pass named
+            after = f" after {', '.join(done)}" if done else ""
+            raise PassError(f"An error occurred when running the {name!r} pass{after}: "
+                            f"{type(error).__name__}: {error}") from error
+        done.append(name)
+    return gm
