@@ -277,7 +277,7 @@ class ParallelModel(nn.Module):
         """(loss, tokens or None) of one microbatch, per the loss_fn contract."""
         if self.loss_fn is not None:
             result = self.loss_fn(output, target)
-        elif isinstance(output, torch.Tensor):
+        elif isinstance(output, torch.Tensor) and output.dim() == 0:
             result = output
         elif getattr(output, "loss", None) is not None:
             result = output.loss
@@ -285,7 +285,8 @@ class ParallelModel(nn.Module):
             result = output["loss"]
         else:
             raise ValueError("step needs loss_fn(output, target) -> loss: the model's output "
-                             f"({type(output).__name__}) is not a scalar loss")
+                             f"({type(output).__name__} {tuple(getattr(output, 'shape', ()))}) "
+                             f"is not a scalar loss; pass loss_fn to parallelize")
         if isinstance(result, (tuple, list)):
             loss_sum, tokens = result
             return loss_sum, tokens

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -204,7 +205,9 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
     coords = layout.coords(rank)
     coords.update({k: v for k, v in RankLayout.expert(plan).coords(rank).items()
                    if k not in coords})
-    gm = copy.deepcopy(captured.gm)
+    with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        gm = copy.deepcopy(captured.gm)
     gm = run_passes(gm, PassContext(plan=plan, coords=coords))
     gm = retarget_device(gm, torch.device(device))
     # A sharding pass leaves its layouts in gm.meta; without one everything is replicated.

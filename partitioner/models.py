@@ -8,6 +8,7 @@ single-device PyTorch: parallelism is added by the compiler, never by this file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -207,10 +208,13 @@ def _norm(config: GPTConfig) -> nn.Module:
     return nn.LayerNorm(config.n_embd, eps=config.norm_eps, bias=config.bias)
 
 
-def rope_tables(seq_len: int, head_dim: int, base: float = 10000.0):
-    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).double() / head_dim)
-    angles = torch.outer(torch.arange(seq_len).double(), inv_freq)  # (S, hd/2)
-    return angles.cos(), angles.sin()
+def rope_tables(seq_len: int, head_dim: int, *, device=None, dtype=torch.float32,
+                base: float = 10000.0):
+    exponents = torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim
+    inv_freq = 1.0 / base ** exponents  # (hd/2,)
+    positions = torch.arange(seq_len, device=device, dtype=torch.float64)
+    angles = torch.outer(positions, inv_freq)  # (S, hd/2)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -334,10 +338,6 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.wpe = nn.Embedding(config.seq_len, config.n_embd)
-        else:
-            cos, sin = rope_tables(config.seq_len, config.head_dim)
-            self.register_buffer("rope_cos", cos.float(), persistent=False)
-            self.register_buffer("rope_sin", sin.float(), persistent=False)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -353,8 +353,9 @@ class GPT(nn.Module):
         if self.config.position == "learned":
             x = x + self.wpe(torch.arange(S, device=input_ids.device))
         else:
-            cos = self.rope_cos[:S].to(x.dtype)  # (S, hd/2)
-            sin = self.rope_sin[:S].to(x.dtype)
+            # Computed, not a buffer: a model built on the meta device needs no re-init.
+            cos, sin = rope_tables(S, self.config.head_dim, device=input_ids.device,
+                                   dtype=x.dtype)  # (S, hd/2) each
         for block in self.blocks:
             x = block(x, cos, sin)
         return self.lm_head(self.ln_f(x))
@@ -379,7 +380,8 @@ def build(config: GPTConfig | str, *, batch: int = 2, seq: int | None = None, de
     seq = seq or config.seq_len
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with torch.device(device or "cpu"):
+        # No device given: the ambient one (`with torch.device("meta"): tiny()` builds on meta).
+        with torch.device(device) if device is not None else contextlib.nullcontext():
             model = GPT(config)
             ids = torch.randint(0, config.vocab_size, (batch, seq))
     if dtype is not None:

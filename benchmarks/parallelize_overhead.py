@@ -1,0 +1,66 @@
+"""parallelize() time against torch.export alone, for a 32-layer model (issue 2).
+
+Capture (torch.export, non-strict) is the floor: everything parallelize adds on top of it —
+plan resolution, graph copy, passes, lowering, process groups, materializing local tensors —
+should stay under 2x of it. Runs on 2 gloo CPU ranks; prints and saves JSON.
+
+    python benchmarks/parallelize_overhead.py [--layers 32] [--repeats 3] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def _measure(layers: int, repeats: int, plan: str):
+    import torch
+    import torch.distributed as dist
+
+    from partitioner import parallelize
+    from partitioner.check import lm_loss
+    from partitioner.models import GPTConfig, build
+
+    config = GPTConfig(n_layer=layers, n_embd=256, n_head=8, vocab_size=1024, seq_len=128)
+    model, (ids,) = build(config, batch=4, seq=128)
+    export_s, parallelize_s = [], []
+    for _ in range(repeats):
+        dist.barrier()
+        start = time.perf_counter()
+        torch.export.export(model, (ids[:2],), strict=False)  # the dp=2 microbatch shape
+        export_s.append(time.perf_counter() - start)
+        dist.barrier()
+        start = time.perf_counter()
+        parallelize(model, plan, example_inputs=(ids,), loss_fn=lm_loss)
+        parallelize_s.append(time.perf_counter() - start)
+    return {"export_s": export_s, "parallelize_s": parallelize_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plan", default="dp=2")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "parallelize_overhead.json"))
+    args = parser.parse_args()
+    from runtime import spawn
+
+    per_rank = spawn(2, _measure, args.layers, args.repeats, args.plan)
+    export = statistics.median(t for r in per_rank for t in r["export_s"])
+    ours = statistics.median(t for r in per_rank for t in r["parallelize_s"])
+    result = {"layers": args.layers, "plan": args.plan, "ranks": 2,
+              "torch_export_median_s": round(export, 3), "parallelize_median_s": round(ours, 3),
+              "ratio": round(ours / export, 3), "goal_ratio_below": 2.0, "raw": per_rank}
+    print(f"{args.layers}-layer GPT, plan {args.plan}, 2 gloo ranks: torch.export "
+          f"{export:.2f}s, parallelize {ours:.2f}s -> {ours / export:.2f}x (goal < 2x)")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

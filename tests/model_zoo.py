@@ -1,0 +1,34 @@
+"""Small models for equivalence tests: in-repo GPTs and Hugging Face models from tiny configs
+(random weights, no downloads). Module-level factories so spawned ranks can import them."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _ids(vocab: int, batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(7))
+
+
+def hf_llama(batch: int = 4, seq: int = 16, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  max_position_embeddings=64, use_cache=False, attention_dropout=0.0)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**fields))
+    return model, (_ids(fields["vocab_size"], batch, seq),)
+
+
+def hf_gpt2(batch: int = 4, seq: int = 16, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    fields = dict(n_layer=2, n_embd=64, n_head=4, vocab_size=256, n_positions=64,
+                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                  bos_token_id=0, eos_token_id=0)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**fields))
+    return model, (_ids(fields["vocab_size"], batch, seq),)

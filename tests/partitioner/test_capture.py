@@ -1,0 +1,94 @@
+import resource
+
+import pytest
+import torch
+from torch import nn
+
+from partitioner.capture import CaptureError, capture, module_path
+from partitioner.models import GPTConfig, build, tiny, tiny_llama
+from model_zoo import hf_gpt2, hf_llama
+
+
+def _assert_well_formed(captured, model):
+    gm = captured.gm
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.op == "call_function"]
+    assert calls, "empty graph"
+    for node in calls:
+        if node.target is not torch.ops.aten._assert_tensor_metadata.default:
+            assert "val" in node.meta, node
+    assert any(module_path(n) for n in calls), "module paths were lost"
+    names = {n.target for n in gm.graph.find_nodes(op="get_attr")}
+    assert names <= set(captured.params) | set(captured.buffers)
+    assert set(captured.params) == {name for name, _ in model.named_parameters()}
+    for node in gm.graph.find_nodes(op="get_attr"):  # the graph holds no real memory
+        owner, _, leaf = node.target.rpartition(".")
+        assert getattr(gm.get_submodule(owner) if owner else gm, leaf).is_meta
+
+
+@pytest.mark.parametrize("factory", [tiny, tiny_llama], ids=["gpt", "llama"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_in_repo_models_capture_on_cpu_and_meta(factory, device):
+    with torch.device(device):
+        model, (ids,) = factory()
+    captured = capture(model, (ids.to(device),))
+    _assert_well_formed(captured, model)
+    if device == "cpu":
+        gm = captured.gm
+        for name, p in model.named_parameters():  # bind real tensors to run the graph
+            owner, _, leaf = name.rpartition(".")
+            (gm.get_submodule(owner) if owner else gm)._parameters[leaf] = p
+        torch.testing.assert_close(gm(ids), model(ids), rtol=0, atol=0)
+
+
+def test_tied_weights_read_through_one_canonical_name():
+    model, (ids,) = tiny()  # GPT ties lm_head.weight to wte.weight
+    captured = capture(model, (ids,))
+    assert captured.aliases == {"lm_head.weight": "wte.weight"}
+    targets = [n.target for n in captured.gm.graph.find_nodes(op="get_attr")]
+    assert "lm_head.weight" not in targets and targets.count("wte.weight") == 1
+
+
+@pytest.mark.parametrize("factory", [hf_llama, hf_gpt2], ids=["llama", "gpt2"])
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_hugging_face_models_capture(factory, device):
+    with torch.device(device):
+        model, (ids,) = factory()
+    captured = capture(model, (ids.to(device),))
+    _assert_well_formed(captured, model)
+    if factory is hf_gpt2:
+        assert captured.aliases == {"lm_head.weight": "transformer.wte.weight"}
+
+
+def test_gpt3_shaped_96_layers_capture_on_meta_without_weights():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    model, (ids,) = build("gpt3-175b", batch=1, seq=128, device="meta")
+    captured = capture(model, (ids,))
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert len(captured.params) == 4 + 96 * 16  # wte, wpe, ln_f.{w,b}; 16 tensors per block
+    assert sum(torch.Size(s).numel() for s, _, _ in captured.params.values()) > 170e9
+    assert grown_mib < 2048, f"capture allocated {grown_mib:.0f} MiB"  # the weights are 700 GB
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(4, 4), _Branchy())
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+class _Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent Python control flow cannot be exported
+            return x * 2
+        return x
+
+
+def test_export_failure_names_the_module_and_what_to_try():
+    with pytest.raises(CaptureError) as info:
+        capture(_DataDependent(), (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "'inner.1'" in message and "_Branchy" in message
+    assert "torch.cond" in message and "use_cache=False" in message

@@ -1,0 +1,85 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from partitioner.cli import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dump_json_has_every_rank_with_the_contract_schema(capsys):
+    code, out, _ = _run(capsys, "dump", "partitioner.models:tiny", "--plan", "dp=2,mb=2",
+                        "--rank", "all", "--format", "json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["world_size"] == 2 and data["plan"]["dp"] == 2
+    assert [r["rank"] for r in data["ranks"]] == [0, 1]
+    assert [r["coords"]["dp"] for r in data["ranks"]] == [0, 1]
+    nodes = data["ranks"][0]["stages"][0]["nodes"]
+    assert set(nodes[0]) == {"name", "op", "target", "shape", "placement", "collective"}
+    linears = [n for n in nodes if n["target"] == "aten.linear.default"]
+    assert linears and all(n["shape"][0] == 1 for n in linears)  # 4 sequences / (dp*mb)
+    assert all(n["collective"] is None for n in nodes)  # dp inserts nothing into the graph
+
+
+def test_dump_text_and_dot(capsys, tmp_path):
+    code, out, _ = _run(capsys, "dump", "gpt:layers=2,hidden=64,heads=4,seq=16,vocab=128",
+                        "--plan", "dp=2")
+    assert code == 0
+    assert out.startswith("rank 0  coords") and "placement" in out and "aten.embedding" in out
+    target = tmp_path / "g.dot"
+    code, _, _ = _run(capsys, "dump", "llama3-8b", "--plan", "dp=1", "--seq", "32",
+                      "--format", "dot", "--out", str(target))
+    text = target.read_text()
+    assert code == 0 and text.startswith("digraph partitioned {") and text.rstrip().endswith("}")
+    assert "cluster_rank0_stage0" in text and "->" in text
+
+
+def test_dump_hugging_face_config_json(capsys, tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig
+
+    path = tmp_path / "config.json"
+    LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                max_position_embeddings=32).to_json_file(path)
+    code, out, _ = _run(capsys, "dump", str(path), "--plan", "dp=1", "--format", "json")
+    assert code == 0
+    assert any(n["target"] == "aten.linear.default"
+               for n in json.loads(out)["ranks"][0]["stages"][0]["nodes"])
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["dump", "partitioner.models:tiny", "--plan", "tp=0"], "tp=0 must be a positive integer"),
+    (["dump", "partitioner.models:tiny", "--plan", "dp=2", "--world-size", "3"],
+     "!= world size 3"),
+    (["dump", "nosuch.module:factory", "--plan", "dp=1"], "cannot load model factory"),
+    (["dump", "gpt:layers=2,hidden=x", "--plan", "dp=1"], "hidden='x'"),
+    (["dump", "no-such-preset", "--plan", "dp=1"], "unknown model 'no-such-preset'"),
+    (["dump", "partitioner.models:tiny", "--plan", "dp=1", "--rank", "5"], "outside a world"),
+    (["dump", "partitioner.models:tiny", "--plan", "pp=2"], "pipeline parallelism"),
+])
+def test_errors_are_one_line_and_exit_2(capsys, argv, fragment):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_console_script_check_and_demo_run_end_to_end():
+    done = subprocess.run([sys.executable, "-m", "partitioner.cli", "demo", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS: every rank matches the single-device model" in done.stdout
+    assert "per-rank graph summary" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "partitioner.cli", "check",
+                           "partitioner.models:tiny_llama", "--plan", "dp=2,zero=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASS: plan dp=2,zero=1 on 2 CPU ranks" in done.stdout
