@@ -60,11 +60,25 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
         raise PlanError("plan='auto' needs a transformer shape: the model has no `.config`; "
                         "pass a Plan instead")
     batch, seq = _batch_size(example_inputs, {}), example_inputs[0].shape[-1]
-    hardware = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, hardware,
+    fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, _hardware_name(),
                        global_batch=batch, seq=seq)
     fields = {k: v for k, v in fields.items() if k != "dp"}
     return coerce_plan(fields)
+
+
+def _hardware_name() -> str:
+    """This rank's device as a cost-model profile name ('H100', 'A100-80G', ..., 'cpu')."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    for known in ("H200", "H800", "H100"):
+        if known in name:
+            return known
+    if "A100" in name:
+        memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        return "A100-80G" if memory_gib > 50 else "A100-40G"
+    raise PlanError(f"plan='auto' has no cost profile for {name!r}; write one with "
+                    f"`python -m cost_model.calibrate` or pass a Plan")
 
 
 # --- batches ---------------------------------------------------------------------------------

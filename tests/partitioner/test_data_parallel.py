@@ -99,6 +99,9 @@ def _semantics():
     out["zero_shard_fraction"] = sum(s.numel() for s in shards) / total
     out["zero_shards_differ"] = [s.detach()[:4].tolist() for s in shards]
     out["explain"] = zero.explain().splitlines()[0]
+    auto = parallelize(copy.deepcopy(reference), "auto", example_inputs=(ids,), loss_fn=lm_loss)
+    out["auto"] = (auto.plan.world_size, (auto.step(ids, target=target)
+                                          - lm_loss(reference(ids), target)).abs().item())
     return out
 
 
@@ -111,4 +114,5 @@ def test_accumulation_zero_shards_and_call_shapes():
         assert r["programs_cached"] == 2  # the step's microbatch shape and the odd call shape
         assert 0.5 <= r["zero_shard_fraction"] < 0.51  # each rank holds half (plus padding)
         assert r["explain"].startswith("rank ")
+        assert r["auto"][0] == 2 and r["auto"][1] < 1e-12  # the cost model's pick runs exactly
     assert results[0]["zero_shards_differ"] != results[1]["zero_shards_differ"]

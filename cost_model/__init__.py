@@ -1,0 +1,18 @@
+"""Cost model: pure functions of model shapes, hardware and plan.
+
+Layout (one direction of imports, nothing here imports the passes, the runtime or the API):
+  shapes.py       TransformerShape: the model as a handful of integers
+  hardware.py     GPU/CPU profiles (roofline + efficiency curves), clusters `NxGPU[-MEM]`
+  comm.py         alpha-beta collective costs over the node hierarchy, rank placement by `order`
+  layer_costs.py  one layer's forward/backward/recompute time as sympy expressions, lambdified
+  graph_costs.py  per-fx-node FLOPs/bytes for captured graphs (used by the pipeline cut)
+  memory.py       per-rank memory: weights, grads, AdamW/ZeRO-1, activations, buffers
+  step_time.py    step time, bubble, exposed comm, TFLOP/s, MFU, HFU for one plan
+  search.py       the plan search and `auto_plan`
+  calibrate.py    measures this machine and writes a loadable hardware profile
+"""
+
+from cost_model.hardware import Cluster, Hardware, get_hardware, parse_cluster
+from cost_model.shapes import TransformerShape
+
+__all__ = ["Cluster", "Hardware", "TransformerShape", "get_hardware", "parse_cluster"]

@@ -1,0 +1,108 @@
+"""Alpha-beta collective costs over the node hierarchy, and where a plan puts each group.
+
+Bandwidth terms follow NCCL's bus-bandwidth accounting (published-runs.md): for n ranks and S
+bytes, all-reduce moves S 2(n-1)/n over the slowest link, reduce-scatter / all-gather / all-to-all
+S (n-1)/n, broadcast and send/recv S. Each ring step adds a latency alpha. A group that spans
+nodes runs hierarchically: the intra-node part over NVLink, the inter-node part over the per-GPU
+NICs (one rail per local rank, so k ranks of a node share the traffic k ways).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from cost_model.hardware import Hardware
+
+COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "send")
+
+
+@dataclass(frozen=True)
+class GroupPlacement:
+    """A process group of `size` ranks: `per_node` of them share each of `nodes` nodes."""
+
+    size: int
+    per_node: int
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.size // max(1, self.per_node))
+
+    @property
+    def intra_node(self) -> bool:
+        return self.nodes == 1
+
+
+def collective_time(kind: str, nbytes: float, group: GroupPlacement, hw: Hardware) -> float:
+    """Seconds for one collective of `nbytes` (the full buffer; for all-gather the output, for
+    reduce-scatter the input) over `group`."""
+    n = group.size
+    if n <= 1 or nbytes <= 0:
+        return 0.0
+    intra_bw = hw.intra_bw * hw.intra_eff
+    inter_bw = hw.inter_bw * hw.inter_eff
+    k, nodes = min(group.per_node, n), group.nodes
+    if kind == "send":
+        bw, alpha = (intra_bw, hw.intra_latency) if nodes == 1 else (inter_bw, hw.inter_latency)
+        return alpha + nbytes / bw
+    if kind == "broadcast":
+        bw, alpha = (intra_bw, hw.intra_latency) if nodes == 1 else (inter_bw, hw.inter_latency)
+        return alpha * (n - 1) ** 0.5 + nbytes / bw
+    if kind not in COLLECTIVES:
+        raise ValueError(f"unknown collective {kind!r}; known: {COLLECTIVES}")
+    if kind == "all_to_all":
+        # each rank sends (n-1)/n of its buffer: (k-1)/n inside its node, (n-k)/n outside
+        t = (k - 1) / n * nbytes / intra_bw + (n - k) / n * nbytes / inter_bw
+        return t + hw.intra_latency * (k - 1) + hw.inter_latency * (n - k)
+    steps = 2 if kind == "all_reduce" else 1  # all-reduce = reduce-scatter + all-gather
+    t = 0.0
+    if k > 1:  # intra-node phase over the full buffer
+        t += steps * (nbytes / intra_bw * (k - 1) / k + hw.intra_latency * (k - 1))
+    if nodes > 1:  # inter-node phase: each of the k rails carries 1/k of the buffer
+        t += steps * (nbytes / k / inter_bw * (nodes - 1) / nodes + hw.inter_latency * (nodes - 1))
+    return t
+
+
+def ring_time(kind: str, nbytes: float, n: int, bw: float, alpha: float) -> float:
+    """The plain ring formula (one link class), used by tests and calibration fits."""
+    factor = {"all_reduce": 2 * (n - 1) / n, "reduce_scatter": (n - 1) / n,
+              "all_gather": (n - 1) / n, "all_to_all": (n - 1) / n, "broadcast": 1.0,
+              "send": 1.0}[kind]
+    steps = {"all_reduce": 2 * (n - 1), "broadcast": 1, "send": 1}.get(kind, n - 1)
+    return steps * alpha + nbytes / bw * factor
+
+
+# --- placement from the plan's rank order -------------------------------------------------
+def dense_dims(order: str) -> list[str]:
+    """Dense layout (tp-cp-dp-pp in the order's sequence; ep is carved out of tp*cp*dp)."""
+    return [d for d in order.split("-") if d != "ep"]
+
+
+def expert_dims(order: str) -> list[str]:
+    """Expert layout etp-ep-edp-pp, read from the same order (tp->etp, dp->edp, cp dropped)."""
+    rename = {"tp": "etp", "dp": "edp", "ep": "ep", "pp": "pp"}
+    return [rename[d] for d in order.split("-") if d in rename]
+
+
+@lru_cache(maxsize=65536)
+def _placement(dims: tuple[str, ...], sizes: tuple[int, ...], dim: str,
+               gpus_per_node: int) -> GroupPlacement:
+    size_of = dict(zip(dims, sizes, strict=True))
+    stride = 1
+    for d in dims:
+        if d == dim:
+            break
+        stride *= size_of[d]
+    n = size_of[dim]
+    nodes = len({(i * stride) // gpus_per_node for i in range(n)})
+    return GroupPlacement(size=n, per_node=max(1, n // nodes))
+
+
+def group_placement(order: str, sizes: dict[str, int], dim: str,
+                    gpus_per_node: int) -> GroupPlacement:
+    """Where the group of mesh dimension `dim` lies: ranks stride apart by the product of the
+    faster-varying dimensions in `order` (the group containing rank 0)."""
+    expert = dim in ("etp", "edp") or (dim == "ep" and "etp" in sizes)
+    dims = expert_dims(order) if expert else dense_dims(order)
+    return _placement(tuple(dims), tuple(int(sizes.get(d, 1)) for d in dims), dim,
+                      gpus_per_node)

@@ -1,0 +1,232 @@
+"""Device profiles, the roofline with efficiency curves, and clusters.
+
+A profile holds datasheet peaks (dense 16-bit FLOP/s, HBM bytes/s, NVLink and network bytes/s
+per direction) and the *achieved* fractions of them. Achieved GEMM throughput is not one
+constant: a matmul of shape (m, n, k) reaches `gemm_eff * g(m) g(n) g(k)` of peak with
+g(x) = x / (x + gemm_half), so thin or small GEMMs (a 96-wide head dimension, a 256-token
+microbatch) fall off the way cuBLAS tile quantization makes them, and every kernel is also bounded
+by memory traffic (roofline) and pays a launch latency.
+
+Every function here accepts plain numbers or sympy expressions, so layer costs can be built
+symbolically over the parallel degrees and lambdified once (see layer_costs.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import sympy
+
+GiB = 1024 ** 3
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Hardware:
+    name: str
+    peak_flops: float
+    """Dense 16-bit tensor FLOP/s (never the sparsity figure)."""
+    memory_bytes: float
+    """Device memory usable by the framework."""
+    hbm_bw: float
+    """Device memory bandwidth, bytes/s."""
+    intra_bw: float
+    """Per-GPU, per-direction bandwidth inside a node (NVLink), bytes/s."""
+    inter_bw: float
+    """Per-GPU network bandwidth across nodes (one NIC per GPU), bytes/s."""
+    gpus_per_node: int = 8
+    gemm_eff: float = 0.80
+    """Fraction of peak a large, well-shaped GEMM reaches."""
+    gemm_half: float = 96.0
+    """Dimension at which a GEMM side halves efficiency: g(x) = x / (x + gemm_half)."""
+    mem_eff: float = 0.75
+    """Fraction of HBM bandwidth memory-bound kernels reach."""
+    intra_eff: float = 0.78
+    """NCCL bus bandwidth / NVLink bandwidth for large messages."""
+    inter_eff: float = 0.90
+    """NCCL bus bandwidth / network bandwidth for large messages."""
+    intra_latency: float = 6e-6
+    """Seconds per ring step inside a node (alpha)."""
+    inter_latency: float = 12e-6
+    """Seconds per ring step across nodes (alpha)."""
+    kernel_latency: float = 4e-6
+    """Launch/tail cost of one kernel."""
+    reserved_bytes: float = 2.0 * GiB
+    """Context, allocator fragmentation and library workspaces."""
+    p2p_overlap: float = 0.0
+    """Fraction of pipeline send/recv time hidden behind compute (0: blocking p2p)."""
+
+    # --- roofline -------------------------------------------------------------------------
+    def gemm_shape_eff(self, m, n, k):
+        g = self.gemm_half
+        return self.gemm_eff * (m / (m + g)) * (n / (n + g)) * (k / (k + g))
+
+    def gemm_time(self, m, n, k, batch=1, elem_bytes: int = 2):
+        """One (batched) matmul (batch, m, k) @ (batch, k, n): roofline of compute at the
+        shape's efficiency and memory traffic of its operands, plus a launch."""
+        flops = 2 * batch * m * n * k
+        traffic = elem_bytes * batch * (m * k + k * n + m * n)
+        compute = flops / (self.peak_flops * self.gemm_shape_eff(m, n, k))
+        memory = traffic / (self.hbm_bw * self.mem_eff)
+        return _max(compute, memory) + self.kernel_latency
+
+    def memory_time(self, nbytes, kernels=1):
+        """A memory-bound kernel (norms, elementwise, softmax, optimizer) moving `nbytes`."""
+        return nbytes / (self.hbm_bw * self.mem_eff) + kernels * self.kernel_latency
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Hardware":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown hardware profile keys {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+
+def _max(a, b):
+    if isinstance(a, sympy.Basic) or isinstance(b, sympy.Basic):
+        return sympy.Max(a, b)
+    return max(a, b)
+
+
+def _gpu(name, peak_tflops, mem_gib, hbm_gbs, nvlink_gbs, net_gbs, **kw) -> Hardware:
+    return Hardware(name=name, peak_flops=peak_tflops * 1e12, memory_bytes=mem_gib * GiB,
+                    hbm_bw=hbm_gbs * GB, intra_bw=nvlink_gbs * GB, inter_bw=net_gbs * GB, **kw)
+
+
+# Datasheet numbers from published-runs.md; achieved fractions are the defaults above (cuBLAS
+# ~250 of 312 TFLOP/s on A100, NCCL ~235 of 300 GB/s NVLink bus bandwidth), with Hopper's
+# larger tiles reaching a smaller fraction of its higher peak.
+PROFILES: dict[str, Hardware] = {
+    "A100-40G": _gpu("A100-40G", 312, 40, 1555, 300, 25),
+    "A100-80G": _gpu("A100-80G", 312, 80, 2039, 300, 25),
+    "H100": _gpu("H100", 989, 80, 3350, 450, 50, gemm_eff=0.72, gemm_half=128.0),
+    "H200": _gpu("H200", 989, 141e9 / GiB, 4800, 450, 50, gemm_eff=0.72, gemm_half=128.0),
+    "H800": _gpu("H800", 989, 80, 3350, 200, 50, gemm_eff=0.72, gemm_half=128.0,
+                 intra_eff=0.80),
+}
+_ALIASES = {"A100": "A100-80G", "A100-80GB": "A100-80G", "A100-40GB": "A100-40G",
+            "H100-80G": "H100", "H100-SXM": "H100", "H200-141G": "H200", "H800-80G": "H800"}
+
+
+def local_cpu() -> Hardware:
+    """A rough profile of this machine's CPU (replace it with `calibrate.py`'s measurement)."""
+    cores = os.cpu_count() or 1
+    try:
+        pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pages = 8 * GiB
+    return Hardware(name="cpu", peak_flops=cores * 50e9, memory_bytes=float(pages),
+                    hbm_bw=10 * GB, intra_bw=5 * GB, inter_bw=1 * GB, gpus_per_node=cores,
+                    gemm_eff=0.6, gemm_half=32.0, mem_eff=0.6, intra_eff=0.5, inter_eff=0.5,
+                    intra_latency=50e-6, inter_latency=100e-6, kernel_latency=10e-6,
+                    reserved_bytes=0.5 * GiB)
+
+
+def known_gpus() -> list[str]:
+    return sorted(PROFILES) + ["cpu"]
+
+
+def get_hardware(name: str | Hardware) -> Hardware:
+    """A profile by name (`H100`, `A100-80G`, `cpu`, ...) or from a JSON profile path."""
+    if isinstance(name, Hardware):
+        return name
+    if name.endswith(".json") or os.path.sep in name:
+        return load_profile(name)
+    key = name.strip()
+    for candidate in (key, key.upper(), _ALIASES.get(key.upper(), "")):
+        if candidate in PROFILES:
+            return PROFILES[candidate]
+    if key.lower() in ("cpu", "local-cpu", "local"):
+        return local_cpu()
+    raise ValueError(f"unknown GPU {name!r}; known: {', '.join(known_gpus())} "
+                     f"(or a profile written by cost_model/calibrate.py, or --cluster-file)")
+
+
+def load_profile(path: str | Path) -> Hardware:
+    """A profile JSON (`calibrate.py` output, or any dict of Hardware fields)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"hardware profile {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"hardware profile {str(path)!r} is not JSON: {exc}") from None
+    data = data.get("hardware", data)
+    return Hardware.from_dict(data)
+
+
+@dataclass(frozen=True)
+class Cluster:
+    hardware: Hardware
+    num_gpus: int
+    gpus_per_node: int = 8
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1:
+            raise ValueError(f"cluster needs at least one GPU, got {self.num_gpus}")
+        if self.gpus_per_node < 1:
+            raise ValueError(f"gpus_per_node={self.gpus_per_node} must be >= 1")
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.num_gpus // self.gpus_per_node)
+
+    def __str__(self) -> str:
+        return f"{self.num_gpus}x{self.hardware.name}"
+
+
+_CLUSTER_RE = re.compile(r"^\s*(\d+)\s*[xX]\s*([A-Za-z0-9_.\-]+?)\s*$")
+
+
+def parse_cluster(text: str) -> Cluster:
+    """`64xH100`, `3072xA100-80G`, `16xA100-40G` (8 GPUs a node) -> Cluster."""
+    m = _CLUSTER_RE.match(text)
+    if not m:
+        raise ValueError(f"bad cluster {text!r}: expected NxGPU[-MEM], e.g. 64xH100 or "
+                         f"512xA100-80G")
+    count, gpu = int(m.group(1)), m.group(2)
+    hw = get_hardware(gpu)
+    return Cluster(hardware=hw, num_gpus=count, gpus_per_node=min(hw.gpus_per_node, count)
+                   if hw.name == "cpu" else hw.gpus_per_node)
+
+
+def load_cluster_file(path: str | Path) -> Cluster:
+    """A cluster JSON file:
+
+    {"num_gpus": 128, "gpus_per_node": 4,
+     "gpu": "H100" | {...Hardware fields...} | "path/to/profile.json",
+     "overrides": {"inter_bw": 25e9, ...}}
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"cluster file {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"cluster file {str(path)!r} is not JSON: {exc}") from None
+    if "num_gpus" not in data or "gpu" not in data:
+        raise ValueError(f"cluster file {str(path)!r} needs keys 'num_gpus' and 'gpu'")
+    gpu = data["gpu"]
+    if isinstance(gpu, dict):
+        hw = Hardware.from_dict(gpu)
+    else:
+        if str(gpu).endswith(".json") and not os.path.isabs(gpu):
+            gpu = str(Path(path).parent / gpu)
+        hw = get_hardware(str(gpu))
+    overrides = data.get("overrides", {})
+    if overrides:
+        known = {f.name for f in dataclasses.fields(Hardware)}
+        bad = sorted(set(overrides) - known)
+        if bad:
+            raise ValueError(f"cluster file {str(path)!r}: unknown overrides {bad}")
+        hw = dataclasses.replace(hw, **overrides)
+    per_node = int(data.get("gpus_per_node", hw.gpus_per_node))
+    hw = dataclasses.replace(hw, gpus_per_node=per_node)
+    return Cluster(hardware=hw, num_gpus=int(data["num_gpus"]), gpus_per_node=per_node)

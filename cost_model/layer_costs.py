@@ -1,0 +1,240 @@
+"""One transformer block's costs as sympy expressions of the parallel degrees, lambdified.
+
+A block is a table of ops (GEMMs, batched attention matmuls, memory-bound kernels), each with its
+per-rank shape written over the symbols
+    t  tensor-parallel degree       c  context-parallel degree     b  microbatch size
+    sp 1 if sequence parallel       e  expert-parallel degree      et expert tensor-parallel
+and costed with the hardware roofline. The expressions are built once per (shape, hardware)
+and turned into plain Python functions, so the search evaluates thousands of plans without
+touching sympy again, and a 128-layer model costs the analysis of one block of each kind.
+
+Results are per rank, per microbatch, per block: forward seconds, backward seconds, the extra
+forward of selective recomputation, activation bytes stored for backward per recompute mode, and
+the message sizes of the block's TP / CP / EP collectives (timed later in comm.py, because they
+depend on where the plan places each group).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import sympy
+
+from cost_model.hardware import Hardware
+from cost_model.shapes import TransformerShape
+
+t, c, b, sp, e, et = sympy.symbols("t c b sp e et", positive=True)
+ARGS = (t, c, b, sp, e, et)
+
+# Backward/forward cost ratios of memory-bound kernels (bytes moved in backward / forward).
+_BWD_NORM = 2.0      # reads x, dy, stats; writes dx and partial weight grads
+_BWD_ACT = 1.5       # gelu/silu backward reads input and grad, writes grad
+_BWD_SOFTMAX = 1.5   # reads output and grad, writes grad
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    fwd: sympy.Expr
+    """Forward seconds (per rank, per microbatch)."""
+    bwd: sympy.Expr
+    """Backward seconds."""
+    flops: sympy.Expr
+    """Forward FLOPs executed on this rank."""
+    attention_core: bool = False
+    """Recomputed by selective recomputation (Korthikanti et al.)."""
+
+
+def _rep():
+    """Share of a hidden-size activation a rank holds outside the TP region: 1/t with sequence
+    parallelism, the whole tensor without it."""
+    return sp / t + (1 - sp)
+
+
+def _gemm(hw: Hardware, name, m, n, k, batch=1) -> Op:
+    fwd = hw.gemm_time(m, n, k, batch)
+    # backward = dgrad (m,k,n) + wgrad (k,n,m): the same FLOPs and shape efficiency twice
+    return Op(name, fwd, 2 * fwd, 2 * batch * m * n * k)
+
+
+def _mem(hw: Hardware, name, nbytes, bwd_ratio, attention_core=False) -> Op:
+    return Op(name, hw.memory_time(nbytes), hw.memory_time(bwd_ratio * nbytes), sympy.Integer(0),
+              attention_core)
+
+
+def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
+    s, h, a, hd = shape.seq, shape.hidden, shape.heads, shape.head_dim
+    sl = s / c  # local queries per rank under context parallelism
+    T = b * sl
+    rep = _rep()
+    ops = [
+        _mem(hw, "norm_1", 4 * T * h * rep, _BWD_NORM),
+        _gemm(hw, "qkv_proj", T, (h + 2 * shape.kv_dim) / t, h),
+    ]
+    if not shape.learned_positions:
+        ops.append(_mem(hw, "rope", 4 * T * (h + shape.kv_dim) / t, 1.0))
+    heads = b * a / t
+    if shape.attention == "unfused":
+        elems = heads * sl * s
+        qk = _gemm(hw, "scores_bmm", sl, s, hd, heads)
+        av = _gemm(hw, "context_bmm", sl, hd, s, heads)
+        ops += [
+            Op(qk.name, qk.fwd, qk.bwd, qk.flops, True),
+            _mem(hw, "scale_mask_softmax", 4 * elems, _BWD_SOFTMAX, True),
+        ]
+        if shape.dropout:
+            ops.append(_mem(hw, "attention_dropout", 5 * elems, 1.0, True))
+        ops.append(Op(av.name, av.fwd, av.bwd, av.flops, True))
+    else:
+        # flash attention: QK^T and PV in one kernel, the causal half skipped, no s x s tensor;
+        # backward recomputes the scores (2.5x forward FLOPs)
+        flops = 4 * heads * sl * s * hd / 2
+        fwd = flops / (hw.peak_flops * hw.gemm_shape_eff(sl, s, hd)) + hw.kernel_latency
+        ops.append(Op("flash_attention", fwd, 2.5 * fwd, flops, True))
+    ops.append(_gemm(hw, "out_proj", T, h, h / t))
+    ops.append(_mem(hw, "residual_1", (7 if shape.dropout else 6) * T * h * rep, 1.0))
+    return ops
+
+
+def mlp_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
+    h, f = shape.hidden, shape.ffn_dim
+    T = b * shape.seq / c
+    rep = _rep()
+    n_in = 2 if shape.swiglu else 1
+    return [
+        _mem(hw, "norm_2", 4 * T * h * rep, _BWD_NORM),
+        _gemm(hw, "mlp_in", T, n_in * f / t, h),
+        _mem(hw, "activation", (n_in * 2 + 2) * T * f / t, _BWD_ACT),
+        _gemm(hw, "mlp_out", T, h, f / t),
+        _mem(hw, "residual_2", (7 if shape.dropout else 6) * T * h * rep, 1.0),
+    ]
+
+
+def moe_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
+    """Router, permutation and grouped expert GEMMs of one MoE MLP. Tokens entering the layer on
+    this rank: T et / t (tensor-parallel ranks share tokens only within an expert-TP group);
+    after dispatch each of the E/e local experts sees T et/t * k e / E tokens on average."""
+    h, f, E, k = shape.hidden, shape.expert_ffn_dim, shape.experts, shape.topk
+    T = b * shape.seq / c
+    Tm = T * et / t
+    rep = _rep()
+    n_in = 2 if shape.swiglu else 1
+    per_expert = Tm * k * e / E
+    local = E / e
+    return [
+        _mem(hw, "norm_2", 4 * T * h * rep, _BWD_NORM),
+        _gemm(hw, "router", Tm, E, h),
+        _mem(hw, "permute", 2 * 2 * Tm * k * h, 1.0),
+        _gemm(hw, "experts_in", per_expert, n_in * f / et, h, local),
+        _mem(hw, "activation", (n_in * 2 + 2) * Tm * k * f / et, _BWD_ACT),
+        _gemm(hw, "experts_out", per_expert, h, f / et, local),
+        _mem(hw, "unpermute", 3 * 2 * Tm * k * h, 1.0),
+        _mem(hw, "residual_2", (7 if shape.dropout else 6) * T * h * rep, 1.0),
+    ]
+
+
+def activation_bytes(shape: TransformerShape, moe: bool) -> dict[str, sympy.Expr]:
+    """Bytes one block stores for backward, per rank and microbatch (16-bit activations, 1-byte
+    dropout masks), by recompute mode. For a GPT block (4h MLP, dropout, unfused attention)
+    these are exactly Korthikanti et al.'s s b h (10 + 24/t + 5as/(ht)) family."""
+    s, h, a = shape.seq, shape.hidden, shape.heads
+    sl = s / c
+    sbh = sl * b * h
+    rep = _rep()
+    mask = 1 if shape.dropout else 0
+    replicated = (2 * 2 + 2 + 2 + 2 * mask) * sbh * rep  # norm inputs, qkv and mlp inputs, masks
+    qkv = 2 * sl * b * (h + 2 * shape.kv_dim) / t
+    out_in = 2 * sbh / t
+    if moe:
+        f, k = shape.expert_ffn_dim, shape.topk
+        tokens = b * sl * et / t * k
+        mlp = ((4 if shape.swiglu else 2) + 2) * tokens * f / et + 2 * tokens * h * 2
+    else:
+        f = shape.ffn_dim
+        mlp = ((4 if shape.swiglu else 2) + 2) * sl * b * f / t
+    if shape.attention == "unfused":
+        core = (5 if shape.dropout else 2) * a * sl * s * b / t
+    else:
+        core = 4 * a * sl * b / t  # softmax statistics (fp32) kept by flash attention
+    none = replicated + qkv + out_in + mlp + core
+    selective = none - (core if shape.attention == "unfused" else 0)
+    full = 2 * sbh * rep
+    return {"none": none, "selective": selective, "full": full}
+
+
+@dataclass(frozen=True)
+class BlockCosts:
+    """Lambdified costs of one block kind; each callable takes (t, c, b, sp, e, et)."""
+
+    fwd: Callable[..., float]
+    bwd: Callable[..., float]
+    recompute_selective: Callable[..., float]
+    attention_fwd: Callable[..., float]
+    flops_fwd: Callable[..., float]
+    act_none: Callable[..., float]
+    act_selective: Callable[..., float]
+    act_full: Callable[..., float]
+    tp_bytes: Callable[..., float]
+    """One TP all-reduce (or all-gather + reduce-scatter with sp) message; 2 per forward."""
+    cp_bytes: Callable[..., float]
+    """K and V of this rank's sequence chunk (ring: passed c-1 times per forward)."""
+    ep_bytes: Callable[..., float]
+    """One dispatch (or combine) all-to-all buffer; 2 per forward."""
+    expressions: dict
+    """The sympy expressions behind the callables (for reports and tests)."""
+
+    def activation(self, recompute: str, *args) -> float:
+        return {"none": self.act_none, "selective": self.act_selective,
+                "full": self.act_full}[recompute](*args)
+
+
+def block_expressions(shape: TransformerShape, hw: Hardware, moe: bool) -> dict:
+    ops = attention_ops(shape, hw) + (moe_ops(shape, hw) if moe else mlp_ops(shape, hw))
+    act = activation_bytes(shape, moe)
+    T = b * shape.seq / c
+    tokens_moe = T * et / t * shape.topk
+    return {
+        "ops": ops,
+        "fwd": sum(op.fwd for op in ops),
+        "bwd": sum(op.bwd for op in ops),
+        "recompute_selective": sum(op.fwd for op in ops if op.attention_core)
+        if shape.attention == "unfused" else sympy.Integer(0),
+        "attention_fwd": sum(op.fwd for op in ops if op.attention_core),
+        "flops_fwd": sum(op.flops for op in ops),
+        "act_none": act["none"], "act_selective": act["selective"], "act_full": act["full"],
+        "tp_bytes": 2 * T * shape.hidden,
+        "cp_bytes": 2 * 2 * T * shape.kv_dim / t,
+        "ep_bytes": 2 * tokens_moe * shape.hidden if moe else sympy.Integer(0),
+    }
+
+
+@lru_cache(maxsize=64)
+def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> BlockCosts:
+    exprs = block_expressions(shape, hw, moe)
+    fns = {name: sympy.lambdify(ARGS, expr, modules="math")
+           for name, expr in exprs.items() if name != "ops"}
+    return BlockCosts(expressions=exprs, **fns)
+
+
+# --- the ends of the model (first and last stage) -----------------------------------------
+def embedding_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
+                   sp: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of the token (+position) embedding on the first stage."""
+    T = mbs * shape.seq / cp
+    out = 2 * T * shape.hidden * (1 / tp if sp else 1)
+    fwd = hw.memory_time(2 * out + 2 * T * shape.hidden, kernels=2)
+    bwd = hw.memory_time(4 * out, kernels=2)  # scatter-add into the (vocab-parallel) table
+    return fwd, bwd
+
+
+def head_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
+              sp: bool) -> tuple[float, float]:
+    """(forward, backward) seconds of final norm, LM head and vocab-parallel cross entropy."""
+    T = mbs * shape.seq / cp
+    v = shape.vocab / tp
+    gemm = hw.gemm_time(T, v, shape.hidden)
+    norm = hw.memory_time(4 * T * shape.hidden * (1 / tp if sp else 1))
+    ce = hw.memory_time(T * v * (2 + 4 + 4))  # logits read, fp32 softmax write, grad write
+    return gemm + norm + ce, 2 * gemm + 2 * norm + ce

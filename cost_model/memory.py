@@ -1,0 +1,110 @@
+"""Per-rank memory: weights, gradients, AdamW state, activations, temporaries.
+
+Mixed-precision training as Megatron does it: 16-bit weights (2 B/param), fp32 gradient buffer
+(4 B/param), AdamW with an fp32 master copy and two fp32 moments (12 B/param), the optimizer state
+sharded over the data-parallel ranks with ZeRO-1. Activations per block come from
+layer_costs.activation_bytes (Korthikanti et al. 2022); a pipeline rank holds the activations of
+the microbatches in flight of its schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+PARAM_BYTES = 2
+GRAD_BYTES = 4
+ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+
+
+def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
+                                 recompute: str = "none") -> float:
+    """The closed-form table of published-runs.md (16-bit activations, GPT block)."""
+    if recompute == "full":
+        return 2 * s * b * h / (t if sp else 1)
+    core = 0 if recompute == "selective" else 5 * a * s / (h * t)
+    if t == 1:
+        return s * b * h * (34 + core * t)
+    if sp:
+        return s * b * h * (34 / t + core)
+    return s * b * h * (10 + 24 / t + core)
+
+
+def in_flight(schedule: str, rank: int, pp: int, microbatches: int, vpp: int) -> float:
+    """Microbatches whose activations `rank` holds at its peak (in units of its full layer set).
+
+    GPipe: all m. 1F1B: min(m, p - rank). Interleaved 1F1B: Megatron's warm-up of
+    (p - rank - 1) * 2 + (v - 1) * p chunks plus the one in progress, each 1/v of the rank's
+    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor."""
+    if schedule == "gpipe":
+        return float(microbatches)
+    if schedule == "interleaved-1f1b" and vpp > 1:
+        chunks = min(microbatches * vpp, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1)
+        return chunks / vpp
+    return float(min(microbatches, pp - rank))
+
+
+def optimizer_bytes_per_param(zero: int, shards: int) -> float:
+    return PARAM_BYTES + GRAD_BYTES + ADAM_BYTES / (shards if zero else 1)
+
+
+@dataclass(frozen=True)
+class MemoryBreakdown:
+    """Bytes on one rank (the fullest one)."""
+
+    rank: int
+    weights: float
+    grads: float
+    optimizer: float
+    activations: float
+    temporary: float
+    reserved: float
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.grads + self.optimizer + self.activations + self.temporary
+                + self.reserved)
+
+    def as_dict(self) -> dict:
+        return {"rank": self.rank, "weights": self.weights, "grads": self.grads,
+                "optimizer": self.optimizer, "activations": self.activations,
+                "temporary": self.temporary, "reserved": self.reserved, "total": self.total}
+
+
+@lru_cache(maxsize=4096)
+def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int,
+                 vpp: int) -> tuple[tuple[int, int], ...]:
+    """(dense blocks, MoE blocks) per pipeline rank. Layers split as evenly as possible over
+    the pp*vpp chunks; the remainder goes to the middle chunks, away from the embedding and
+    head on the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..."""
+    chunks = pp * vpp
+    base, rem = divmod(layers, chunks)
+    extra = set(range(1, rem + 1)) if rem < chunks - 1 else set(range(rem))
+    sizes = [base + (1 if i in extra else 0) for i in range(chunks)]
+    starts = [sum(sizes[:i]) for i in range(chunks)]
+    per_rank = []
+    for r in range(pp):
+        nd = nm = 0
+        for ci in range(r, chunks, pp):
+            for li in range(starts[ci], starts[ci] + sizes[ci]):
+                if moe and li >= dense_layers:
+                    nm += 1
+                else:
+                    nd += 1
+        per_rank.append((nd, nm))
+    return tuple(per_rank)
+
+
+@lru_cache(maxsize=4096)
+def distinct_ranks(layers: int, dense_layers: int, moe: bool, pp: int,
+                   vpp: int) -> tuple[tuple[int, int, int], ...]:
+    """(rank, dense, moe) for the first rank, the last, and the lowest rank of every other
+    distinct layer mix: the only ranks that can be the slowest or the fullest."""
+    per = stage_layers(layers, dense_layers, moe, pp, vpp)
+    seen, out = set(), []
+    for r, mix in enumerate(per):
+        if r in (0, pp - 1) or mix not in seen:
+            out.append((r, *mix))
+            if 0 < r < pp - 1:
+                seen.add(mix)
+    return tuple(out)

@@ -1,0 +1,387 @@
+"""Step time, memory and efficiency of one plan.
+
+step = pipeline (per-rank compute + exposed TP/CP/EP comm + p2p, over the schedule with its
+bubble) + exposed data-parallel gradient sync + tied-embedding sync + optimizer.
+
+Pipeline time with per-rank microbatch time x_r = F_r + B_r (forward, backward incl.
+recomputation) over m microbatches and v virtual stages per rank:
+    T = m max_r x_r + (sum_r x_r - max_r x_r) / v
+which for equal stages is (m + p - 1) x (1F1B, GPipe) and m x (1 + (p-1)/(v m)) (interleaved):
+the bubble fractions (p-1)/(m+p-1) and (p-1)/(v m) of published-runs.md.
+
+FLOPs (DESIGN.md): model FLOPs = (6 x active parameters + 12 x layers x hidden x seq) per token;
+hardware FLOPs add what recomputation executes again. MFU and HFU are over the dense 16-bit peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from cost_model import memory as mem
+from cost_model.comm import GroupPlacement, collective_time, group_placement
+from cost_model.hardware import Cluster, GiB
+from cost_model.layer_costs import block_costs, embedding_time, head_time
+from cost_model.shapes import TransformerShape
+
+PLAN_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
+               "cp_algo", "zero", "recompute", "order")
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """The Plan fields the cost model reads (a Plan, or anything with these attributes, works
+    too); cheap to build, so the search need not validate a full Plan per candidate."""
+
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    dp: int | None = None
+    ep: int = 1
+    etp: int = 1
+    sp: bool = False
+    microbatches: int = 1
+    schedule: str = "1f1b"
+    vpp: int = 1
+    cp_algo: str = "ring"
+    zero: int = 0
+    recompute: str = "none"
+    order: str = "tp-cp-ep-dp-pp"
+
+    @classmethod
+    def of(cls, plan) -> "PlanPoint":
+        if isinstance(plan, PlanPoint):
+            return plan
+        if isinstance(plan, dict):
+            return cls(**{k: v for k, v in plan.items() if k in PLAN_FIELDS})
+        return cls(**{k: getattr(plan, k) for k in PLAN_FIELDS if hasattr(plan, k)})
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["rules"] = ""
+        return out
+
+    def __str__(self) -> str:
+        d = dataclasses.asdict(self)
+        default = PlanPoint()
+        return ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}"
+                        for k, v in d.items() if k in ("tp", "pp", "cp", "dp") or
+                        v != getattr(default, k))
+
+
+@dataclass(frozen=True)
+class Estimate:
+    plan: PlanPoint
+    world_size: int
+    global_batch: int
+    seq: int
+    micro_batch_size: int
+    step_time_s: float
+    pipeline_s: float
+    bubble_s: float
+    dp_exposed_s: float
+    optimizer_s: float
+    comm_s: dict
+    """Exposed seconds per step by kind: tp, cp, ep, pp (p2p), dp, embedding."""
+    stage_fwd_s: tuple
+    """Per pipeline rank, seconds of forward per microbatch (all its virtual stages)."""
+    stage_bwd_s: tuple
+    stage_memory: tuple
+    """Per pipeline rank, total bytes (only ranks of distinct layer mixes are exact; others copy
+    the nearest computed rank)."""
+    memory: mem.MemoryBreakdown
+    device_memory_bytes: float
+    model_flops: float
+    hardware_flops: float
+    peak_flops: float
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory.total / GiB
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.device_memory_bytes
+
+    @property
+    def oom_by_gib(self) -> float:
+        return max(0.0, (self.memory.total - self.device_memory_bytes) / GiB)
+
+    @property
+    def tflops_per_gpu(self) -> float:
+        return self.model_flops / self.step_time_s / self.world_size / 1e12
+
+    @property
+    def mfu(self) -> float:
+        return self.model_flops / (self.step_time_s * self.world_size * self.peak_flops)
+
+    @property
+    def hfu(self) -> float:
+        return self.hardware_flops / (self.step_time_s * self.world_size * self.peak_flops)
+
+    @property
+    def bubble_fraction(self) -> float:
+        return self.bubble_s / self.step_time_s
+
+    @property
+    def comm_fraction(self) -> float:
+        return sum(self.comm_s.values()) / self.step_time_s
+
+    def to_json(self) -> dict:
+        """The per-plan record of `partitioner plan --json` (DESIGN.md)."""
+        return {"plan": self.plan.to_dict(), "step_time_s": self.step_time_s,
+                "tflops_per_gpu": self.tflops_per_gpu, "mfu": self.mfu,
+                "memory_gib_per_gpu": self.memory_gib, "bubble_fraction": self.bubble_fraction,
+                "comm_fraction": self.comm_fraction, "hfu": self.hfu, "fits": self.fits,
+                "micro_batch_size": self.micro_batch_size,
+                "comm_breakdown_s": dict(self.comm_s)}
+
+
+class PlanRejected(ValueError):
+    """The plan breaks a divisibility rule for this model or cluster."""
+
+
+def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: int,
+               seq: int) -> tuple[int, int]:
+    """(dp, micro-batch size), or PlanRejected naming the broken rule."""
+    mp_ = p.tp * p.pp * p.cp
+    if world % mp_:
+        raise PlanRejected(f"tp*pp*cp={p.tp}*{p.pp}*{p.cp}={mp_} does not divide "
+                           f"{world} GPUs")
+    dp = p.dp if p.dp is not None else world // mp_
+    if dp * mp_ != world:
+        raise PlanRejected(f"tp*pp*cp*dp={mp_ * dp} != {world} GPUs")
+    if shape.heads % p.tp or shape.n_kv % p.tp and shape.n_kv >= p.tp:
+        raise PlanRejected(f"tp={p.tp} must divide heads={shape.heads} (and kv_heads="
+                           f"{shape.n_kv})")
+    if shape.ffn_dim % p.tp or shape.vocab % p.tp:
+        raise PlanRejected(f"tp={p.tp} must divide ffn={shape.ffn_dim} and vocab={shape.vocab}")
+    if seq % (p.cp * (2 if p.cp > 1 else 1)):
+        raise PlanRejected(f"seq={seq} must divide into 2*cp={2 * p.cp} chunks "
+                           f"(load-balanced causal context parallelism)")
+    if p.cp_algo == "a2a" and shape.heads % (p.tp * p.cp):
+        raise PlanRejected(f"cp_algo=a2a needs tp*cp={p.tp * p.cp} to divide heads")
+    if p.pp * p.vpp > shape.layers:
+        raise PlanRejected(f"pp*vpp={p.pp * p.vpp} exceeds {shape.layers} layers")
+    if p.sp and p.tp == 1:
+        raise PlanRejected("sp=on needs tp>1")
+    if p.ep > 1 or p.etp > 1:
+        if not shape.experts:
+            raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
+        if shape.experts % p.ep:
+            raise PlanRejected(f"ep={p.ep} must divide experts={shape.experts}")
+        if (p.tp * p.cp * dp) % (p.ep * p.etp):
+            raise PlanRejected(f"etp*ep={p.etp * p.ep} must divide tp*cp*dp={p.tp * p.cp * dp}")
+        if shape.expert_ffn_dim % p.etp:
+            raise PlanRejected(f"etp={p.etp} must divide expert ffn={shape.expert_ffn_dim}")
+    if p.schedule == "interleaved-1f1b" and p.microbatches % p.pp:
+        raise PlanRejected(f"interleaved-1f1b needs microbatches % pp == 0 "
+                           f"({p.microbatches} % {p.pp})")
+    if p.vpp > 1 and p.schedule != "interleaved-1f1b":
+        raise PlanRejected(f"vpp={p.vpp} needs schedule=interleaved-1f1b")
+    if global_batch % (dp * p.microbatches):
+        raise PlanRejected(f"global batch {global_batch} is not divisible by dp*microbatches="
+                           f"{dp}*{p.microbatches}")
+    return dp, global_batch // (dp * p.microbatches)
+
+
+def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement]:
+    g = cluster.gpus_per_node
+    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
+    edp = p.tp * p.cp * dp // (p.ep * p.etp)
+    esizes = {"etp": p.etp, "ep": p.ep, "edp": edp, "pp": p.pp}
+    out = {d: group_placement(p.order, sizes, d, g) for d in ("tp", "cp", "dp", "pp")}
+    out["ep"] = group_placement(p.order, esizes, "ep", g)
+    out["edp"] = group_placement(p.order, esizes, "edp", g)
+    # gradients of dense weights are reduced over dp*cp: the cp ranks sit between tp and dp
+    dpcp = GroupPlacement(dp * p.cp, max(1, min(out["dp"].per_node * out["cp"].per_node,
+                                                dp * p.cp)))
+    out["dpcp"] = dpcp
+    return out
+
+
+def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
+             seq: int | None = None) -> Estimate:
+    """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule)."""
+    p = PlanPoint.of(plan)
+    seq = seq or shape.seq
+    if seq != shape.seq:
+        shape = shape.with_seq(seq)
+    hw = cluster.hardware
+    world = cluster.num_gpus
+    dp, mbs = check_plan(shape, p, world, global_batch, seq)
+    p = dataclasses.replace(p, dp=dp)
+    m, v, pp = p.microbatches, p.vpp, p.pp
+    groups = _groups(p, dp, cluster)
+    args = (p.tp, p.cp, mbs, 1 if p.sp else 0, p.ep, p.etp)
+    kinds = [(False, block_costs(shape, hw, False))]
+    if shape.experts:
+        kinds.append((True, block_costs(shape, hw, True)))
+
+    # --- one block of each kind: compute, exposed comm, activations --------------------------
+    per_kind = []
+    for moe, bc in kinds:
+        fwd, bwd = bc.fwd(*args), bc.bwd(*args)
+        tp_msg = bc.tp_bytes(*args)
+        tp_one = collective_time("all_reduce", tp_msg, groups["tp"], hw) if p.tp > 1 else 0.0
+        tp_f, tp_b = 2 * tp_one, 2 * tp_one
+        cp_f = cp_b = 0.0
+        if p.cp > 1:
+            if p.cp_algo == "ring":
+                ring = (p.cp - 1) * collective_time("send", bc.cp_bytes(*args), groups["cp"], hw)
+                attn = bc.attention_fwd(*args)
+                cp_f = max(0.0, ring - attn)
+                cp_b = max(0.0, 2 * ring - 2.5 * attn)
+            else:
+                a2a = collective_time("all_to_all", 2 * tp_msg / p.tp, groups["cp"], hw)
+                cp_f = cp_b = 4 * a2a
+        ep_f = ep_b = 0.0
+        if moe and p.ep > 1:
+            ep_f = ep_b = 2 * collective_time("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
+        rec = 0.0
+        if p.recompute == "selective":
+            rec = bc.recompute_selective(*args)
+        elif p.recompute == "full":
+            rec = fwd + tp_f + cp_f + ep_f
+        act = bc.activation(p.recompute, *args)
+        full_act = bc.act_none(*args) if p.recompute == "full" else 0.0
+        per_kind.append(dict(
+            F=fwd + tp_f + cp_f + ep_f, B=bwd + tp_b + cp_b + ep_b + rec,
+            comm_f=tp_f + cp_f + ep_f, comm_b=tp_b + cp_b + ep_b + (rec and tp_f + cp_f + ep_f
+                                                                    if p.recompute == "full"
+                                                                    else 0.0),
+            tp=(tp_f + tp_b + (tp_f if p.recompute == "full" else 0.0)),
+            cp=cp_f + cp_b + (cp_f if p.recompute == "full" else 0.0),
+            ep=ep_f + ep_b + (ep_f if p.recompute == "full" else 0.0),
+            act=act, full_act=full_act, flops=bc.flops_fwd(*args),
+            attn_flops=4 * mbs * seq * seq * shape.hidden / (p.tp * p.cp)))
+    dense = per_kind[0]
+    moe_k = per_kind[1] if len(per_kind) > 1 else per_kind[0]
+
+    emb_f, emb_b = embedding_time(shape, hw, p.tp, p.cp, mbs, p.sp)
+    head_f, head_b = head_time(shape, hw, p.tp, p.cp, mbs, p.sp)
+    T = mbs * seq / p.cp
+    vocab_ar = collective_time("all_reduce", 2 * T * shape.hidden, groups["tp"], hw)
+    emb_f += vocab_ar  # vocab-parallel embedding output
+    emb_b += vocab_ar if not p.sp else 0.0
+
+    # pipeline p2p: activations (scattered over tp, as Megatron's scatter-gather) each way
+    p2p_one = 0.0
+    if pp > 1:
+        p2p_one = collective_time("send", 2 * T * shape.hidden / p.tp, groups["pp"], hw)
+    p2p_per_mb = 2 * v * p2p_one * (1 - hw.p2p_overlap)
+
+    # --- per-rank microbatch time and memory --------------------------------------------------
+    params_dense = shape.dense_block_params() / p.tp
+    params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.etp)
+    emb_params = shape.embedding_params() / p.tp
+    head_params = shape.head_params() / p.tp + (
+        shape.vocab * shape.hidden / p.tp if shape.tie_embeddings and pp > 1 else 0.0)
+    dense_shards = dp * p.cp
+    edp = p.tp * p.cp * dp // (p.ep * p.etp)
+
+    ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
+    times: dict[int, tuple[float, float]] = {}
+    mems: dict[int, mem.MemoryBreakdown] = {}
+    comm_mb: dict[int, dict] = {}
+    opt_time = 0.0
+    dp_exposed = 0.0
+    for r, nd, nm in ranks:
+        F = nd * dense["F"] + nm * moe_k["F"]
+        B = nd * dense["B"] + nm * moe_k["B"]
+        if r == 0:
+            F, B = F + emb_f, B + emb_b
+        if r == pp - 1:
+            F, B = F + head_f, B + head_b
+        if pp > 1:
+            F, B = F + p2p_per_mb / 2, B + p2p_per_mb / 2
+        times[r] = (F, B)
+        comm_mb[r] = {k: nd * dense[k] + nm * moe_k[k] for k in ("tp", "cp", "ep")}
+        comm_mb[r]["pp"] = p2p_per_mb
+
+        p_dense = nd * params_dense + (emb_params if r == 0 else 0.0) + (
+            head_params if r == pp - 1 else 0.0)
+        p_exp = nm * params_moe
+        p_local = p_dense + p_exp
+        weights = mem.PARAM_BYTES * p_local
+        grads = mem.GRAD_BYTES * p_local
+        optim = mem.ADAM_BYTES * (p_dense / (dense_shards if p.zero else 1) +
+                                  p_exp / (edp if p.zero else 1))
+        flight = mem.in_flight(p.schedule, r, pp, m, v)
+        act = flight * (nd * dense["act"] + nm * moe_k["act"])
+        temp = max(dense["full_act"], moe_k["full_act"])
+        temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
+        if r == pp - 1:
+            temp += T * shape.vocab / p.tp * (2 + 4 + 4)  # logits, fp32 softmax, grad
+        if r == 0 and pp > 1:
+            act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
+        mems[r] = mem.MemoryBreakdown(r, weights, grads, optim, act, temp, hw.reserved_bytes)
+
+        # optimizer (fused AdamW reads grad, master, m, v and writes master, m, v, param) plus
+        # grad-norm read and zeroing, over this rank's shard
+        shard = p_dense / (dense_shards if p.zero else 1) + p_exp / (edp if p.zero else 1)
+        opt_time = max(opt_time, hw.memory_time(30 * shard + 8 * p_local, kernels=4))
+        # data-parallel gradient sync, overlapped with the last microbatch's backward
+        if p.zero:
+            c_dense = (collective_time("reduce_scatter", 4 * p_dense, groups["dpcp"], hw) +
+                       collective_time("all_gather", 2 * p_dense, groups["dpcp"], hw))
+            c_exp = (collective_time("reduce_scatter", 4 * p_exp, groups["edp"], hw) +
+                     collective_time("all_gather", 2 * p_exp, groups["edp"], hw))
+        else:
+            c_dense = collective_time("all_reduce", 4 * p_dense, groups["dpcp"], hw)
+            c_exp = collective_time("all_reduce", 4 * p_exp, groups["edp"], hw)
+        sync = c_dense + c_exp
+        buckets = max(1, nd + nm)
+        dp_exposed = max(dp_exposed, max(sync / buckets, sync - B))
+
+    x = {r: f + b_ for r, (f, b_) in times.items()}
+    full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
+    # every rank's time, from the computed rank with the same layer mix
+    mix_time = {}
+    for r, nd, nm in ranks:
+        if 0 < r < pp - 1:
+            mix_time.setdefault((nd, nm), x[r])
+    all_x = [x.get(r, mix_time.get(mix, 0.0)) for r, mix in enumerate(full_times)]
+    xmax, xsum = max(all_x), sum(all_x)
+    pipeline = m * xmax + (xsum - xmax) / v
+    ideal = m * xsum / pp
+    slowest = max(x, key=x.get)
+
+    emb_sync = 0.0
+    if pp > 1 and shape.tie_embeddings:
+        pair = GroupPlacement(2, 1 if not groups["pp"].intra_node else 2)
+        emb_sync = collective_time("all_reduce", 4 * shape.vocab * shape.hidden / p.tp, pair, hw)
+    step = pipeline + dp_exposed + emb_sync + opt_time
+
+    comm = {k: m * comm_mb[slowest][k] for k in ("tp", "cp", "ep", "pp")}
+    comm["dp"] = dp_exposed
+    comm["embedding"] = emb_sync
+
+    tokens = global_batch * seq
+    model_flops = shape.model_flops_per_token(seq) * tokens
+    if p.recompute == "full":
+        extra = model_flops / 3
+    elif p.recompute == "selective" and shape.attention == "unfused":
+        extra = 4 * shape.layers * global_batch * seq * seq * shape.hidden
+    else:
+        extra = 0.0
+    worst = max(mems.values(), key=lambda mb: mb.total)
+    stage_mem = tuple(_by_mix(mems, ranks, full_times, r).total for r in range(pp))
+    return Estimate(
+        plan=p, world_size=world, global_batch=global_batch, seq=seq, micro_batch_size=mbs,
+        step_time_s=step, pipeline_s=pipeline, bubble_s=max(0.0, pipeline - ideal),
+        dp_exposed_s=dp_exposed, optimizer_s=opt_time, comm_s=comm,
+        stage_fwd_s=tuple(_by_mix(times, ranks, full_times, r)[0] for r in range(pp)),
+        stage_bwd_s=tuple(_by_mix(times, ranks, full_times, r)[1] for r in range(pp)),
+        stage_memory=stage_mem, memory=worst, device_memory_bytes=hw.memory_bytes,
+        model_flops=model_flops, hardware_flops=model_flops + extra, peak_flops=hw.peak_flops)
+
+
+def _by_mix(values: dict, ranks, per_rank, r: int):
+    """The value computed for rank r, or for the computed rank with the same layer mix."""
+    if r in values:
+        return values[r]
+    for q, nd, nm in ranks:
+        if (nd, nm) == per_rank[r] and 0 < q < len(per_rank) - 1:
+            return values[q]
+    return values[min(values, key=lambda q: abs(q - r))]

@@ -1,0 +1,1 @@
+"""Reports that read the compiler's objects: planning reports (planning.py), the plan CLI."""

@@ -1,0 +1,188 @@
+"""Closed-form checks of every cost-model formula (no torch.distributed, no capture)."""
+
+import math
+
+import pytest
+import sympy
+
+from cost_model import comm, memory
+from cost_model.hardware import GiB, Hardware, get_hardware, load_cluster_file, parse_cluster
+from cost_model.layer_costs import activation_bytes, b, c, e, et, sp, t
+from cost_model.shapes import TransformerShape
+from cost_model.step_time import PlanPoint, PlanRejected, estimate
+
+GPT = TransformerShape.megatron_gpt(layers=4, hidden=1024, heads=16, seq=2048)
+
+
+def test_gemm_roofline_closed_form():
+    hw = Hardware("x", peak_flops=100e12, memory_bytes=1, hbm_bw=1e12, intra_bw=1, inter_bw=1,
+                  gemm_eff=0.5, gemm_half=0.0, mem_eff=1.0, kernel_latency=0.0)
+    # compute bound: 2*4096^3 / (100e12 * 0.5)
+    assert hw.gemm_time(4096, 4096, 4096) == pytest.approx(2 * 4096 ** 3 / 50e12)
+    # memory bound: a thin GEMM moves (m k + k n + m n) * 2 bytes at 1 TB/s
+    assert hw.gemm_time(8192, 8192, 1) == pytest.approx(2 * (8192 + 8192 + 8192 ** 2) / 1e12)
+
+
+def test_gemm_efficiency_curve_penalizes_small_shapes():
+    hw = get_hardware("A100-80G")
+    g = hw.gemm_half
+    assert hw.gemm_shape_eff(g, 1e9, 1e9) == pytest.approx(hw.gemm_eff / 2, rel=1e-6)
+    assert hw.gemm_shape_eff(64, 64, 64) < 0.3 * hw.gemm_shape_eff(8192, 8192, 8192)
+
+
+@pytest.mark.parametrize("kind,factor", [("all_reduce", 2 * 7 / 8), ("reduce_scatter", 7 / 8),
+                                         ("all_gather", 7 / 8), ("all_to_all", 7 / 8)])
+def test_nccl_bus_bandwidth_formulas_inside_a_node(kind, factor):
+    hw = Hardware("x", 1, 1, 1, intra_bw=100e9, inter_bw=10e9, intra_eff=1.0, inter_eff=1.0,
+                  intra_latency=0.0, inter_latency=0.0)
+    group = comm.GroupPlacement(8, 8)
+    S = 1e9
+    assert comm.collective_time(kind, S, group, hw) == pytest.approx(S / 100e9 * factor)
+    assert comm.ring_time(kind, S, 8, 100e9, 0.0) == pytest.approx(S / 100e9 * factor)
+
+
+def test_hierarchical_all_reduce_and_latency():
+    hw = Hardware("x", 1, 1, 1, intra_bw=100e9, inter_bw=10e9, intra_eff=1.0, inter_eff=1.0,
+                  intra_latency=1e-6, inter_latency=2e-6)
+    S = 8e9
+    # 2 nodes x 8: intra RS+AG over 8 ranks, inter AR of S/8 per rail over 2 nodes
+    expected = 2 * (S / 100e9 * 7 / 8 + 7e-6) + 2 * (S / 8 / 10e9 * 1 / 2 + 2e-6)
+    assert comm.collective_time("all_reduce", S, comm.GroupPlacement(16, 8), hw) == \
+        pytest.approx(expected)
+    assert comm.collective_time("send", S, comm.GroupPlacement(2, 1), hw) == \
+        pytest.approx(2e-6 + S / 10e9)
+    assert comm.collective_time("all_reduce", S, comm.GroupPlacement(1, 1), hw) == 0.0
+
+
+def test_placement_follows_rank_order():
+    sizes = {"tp": 8, "cp": 1, "dp": 4, "pp": 2}
+    order = "tp-cp-ep-dp-pp"
+    assert comm.group_placement(order, sizes, "tp", 8) == comm.GroupPlacement(8, 8)
+    assert comm.group_placement(order, sizes, "dp", 8) == comm.GroupPlacement(4, 1)
+    # dp fastest: the dp group is inside a node, tp spans nodes
+    swapped = "dp-cp-ep-tp-pp"
+    assert comm.group_placement(swapped, sizes, "dp", 8) == comm.GroupPlacement(4, 4)
+    assert comm.group_placement(swapped, sizes, "tp", 8).nodes == 4
+
+
+@pytest.mark.parametrize("tp,use_sp,rc", [(1, False, "none"), (8, False, "none"),
+                                          (8, True, "none"), (4, False, "selective"),
+                                          (8, True, "selective"), (1, False, "full"),
+                                          (2, True, "full")])
+def test_activation_memory_matches_korthikanti(tp, use_sp, rc):
+    s, h, a, mbs = 2048, 12288, 96, 1
+    shape = TransformerShape.megatron_gpt(layers=1, hidden=h, heads=a, seq=s)
+    expr = activation_bytes(shape, moe=False)[rc]
+    got = float(expr.subs({t: tp, c: 1, b: mbs, sp: int(use_sp), e: 1, et: 1}))
+    want = memory.korthikanti_activation_bytes(s, mbs, h, a, tp, use_sp, rc)
+    assert got == pytest.approx(want, rel=1e-9)
+
+
+def test_korthikanti_table_closed_form():
+    s, bb, h, a, tt = 2048, 1, 12288, 96, 8
+    assert memory.korthikanti_activation_bytes(s, bb, h, a) == s * bb * h * (34 + 5 * a * s / h)
+    assert memory.korthikanti_activation_bytes(s, bb, h, a, tt, True, "selective") == \
+        34 * s * bb * h / tt
+    assert memory.korthikanti_activation_bytes(s, bb, h, a, tt, False, "full") == 2 * s * bb * h
+
+
+def test_in_flight_microbatches_per_schedule():
+    assert memory.in_flight("1f1b", 0, 8, 64, 1) == 8
+    assert memory.in_flight("1f1b", 7, 8, 64, 1) == 1
+    assert memory.in_flight("1f1b", 0, 8, 3, 1) == 3
+    assert memory.in_flight("gpipe", 0, 8, 64, 1) == 64
+    p, v = 8, 4  # Korthikanti: p (1 + (p-1)/(p v))
+    assert memory.in_flight("interleaved-1f1b", 0, p, 64, v) == pytest.approx(
+        p * (1 + (p - 1) / (p * v)))
+
+
+def test_stage_layers_balanced_and_complete():
+    per = memory.stage_layers(105, 0, False, 35, 1)
+    assert [n for n, _ in per] == [3] * 35
+    per = memory.stage_layers(10, 0, False, 4, 1)
+    assert sum(n for n, _ in per) == 10 and per[0][0] <= per[1][0]
+    per = memory.stage_layers(61, 3, True, 4, 1)
+    assert sum(d for d, _ in per) == 3 and sum(m for _, m in per) == 58
+
+
+def test_parameter_count_matches_gpt_config_formula():
+    models = pytest.importorskip("partitioner.models")
+    for name, cfg in models.PRESETS.items():
+        assert TransformerShape.from_gpt_config(cfg).num_parameters() == cfg.num_parameters(), name
+
+
+def test_model_flops_equal_korthikanti_formula():
+    L, h, s, v = 96, 12288, 2048, 51200
+    shape = TransformerShape(layers=L, hidden=h, heads=96, seq=s, vocab=v, bias=False,
+                             learned_positions=False, norm="rmsnorm")
+    # without biases/positions/norm weights, 6 N + 12 L h s == 72 L s h^2 (1 + s/6h + v/12hL)
+    norms = (2 * L + 1) * h
+    got = 6 * (shape.num_parameters() - norms) * s + 12 * L * h * s * s
+    want = 72 * L * s * h * h * (1 + s / (6 * h) + v / (12 * h * L))
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_bubble_matches_published_formula_for_equal_stages():
+    shape = TransformerShape.megatron_gpt(layers=16, hidden=1024, heads=16, vocab=1024)
+    cl = parse_cluster("8xA100-80G")
+    for sched, v, m in (("1f1b", 1, 16), ("interleaved-1f1b", 2, 16)):
+        est = estimate(shape, PlanPoint(pp=8, microbatches=m, schedule=sched, vpp=v), cl, m)
+        p = 8
+        x = [f + bw for f, bw in zip(est.stage_fwd_s, est.stage_bwd_s, strict=True)]
+        mid = x[3]
+        ideal = m * mid
+        if sched == "1f1b":
+            assert est.pipeline_s == pytest.approx((m - 1) * max(x) + sum(x))
+            # equal middle stages: bubble close to (p-1)/(m+p-1) of the pipeline
+            assert (est.pipeline_s - ideal) / est.pipeline_s == pytest.approx(
+                (p - 1) / (m + p - 1), rel=0.15)
+        else:
+            assert est.pipeline_s == pytest.approx(m * max(x) + (sum(x) - max(x)) / v)
+
+
+def test_recompute_and_sp_move_memory_the_right_way():
+    shape = TransformerShape.megatron_gpt(layers=8, hidden=4096, heads=32)
+    cl = parse_cluster("8xA100-80G")
+    mem = {rc: estimate(shape, PlanPoint(tp=8, sp=True, recompute=rc), cl, 8).memory.activations
+           for rc in ("none", "selective", "full")}
+    assert mem["none"] > mem["selective"] > mem["full"]
+    times = {rc: estimate(shape, PlanPoint(tp=8, sp=True, recompute=rc), cl, 8).step_time_s
+             for rc in ("none", "selective", "full")}
+    assert times["none"] < times["selective"] < times["full"]
+
+
+def test_plan_rules_are_enforced():
+    shape = TransformerShape.megatron_gpt(layers=8, hidden=1024, heads=16)
+    cl = parse_cluster("8xA100-80G")
+    with pytest.raises(PlanRejected, match="does not divide"):
+        estimate(shape, PlanPoint(tp=3), cl, 8)
+    with pytest.raises(PlanRejected, match="without MoE"):
+        estimate(shape, PlanPoint(ep=2), cl, 8)
+    with pytest.raises(PlanRejected, match="global batch"):
+        estimate(shape, PlanPoint(tp=2, microbatches=3), cl, 8)
+
+
+def test_cluster_parsing_and_errors(tmp_path):
+    cl = parse_cluster("64xH100")
+    assert cl.num_gpus == 64 and cl.nodes == 8 and cl.hardware.peak_flops == 989e12
+    assert parse_cluster("16xA100-40G").hardware.memory_bytes == 40 * GiB
+    with pytest.raises(ValueError, match="unknown GPU 'B300'"):
+        parse_cluster("8xB300")
+    with pytest.raises(ValueError, match="NxGPU"):
+        parse_cluster("H100")
+    f = tmp_path / "c.json"
+    f.write_text('{"num_gpus": 16, "gpus_per_node": 4, "gpu": "H100", '
+                 '"overrides": {"inter_bw": 1e10}}')
+    cl = load_cluster_file(f)
+    assert cl.gpus_per_node == 4 and cl.nodes == 4 and cl.hardware.inter_bw == 1e10
+
+
+def test_layer_costs_are_sympy_expressions_of_the_degrees():
+    from cost_model.layer_costs import block_costs
+
+    bc = block_costs(GPT, get_hardware("A100-80G"))
+    assert isinstance(bc.expressions["fwd"], sympy.Expr)
+    assert {str(s) for s in bc.expressions["fwd"].free_symbols} <= {"t", "c", "b", "sp"}
+    f1, f2 = bc.fwd(1, 1, 1, 0, 1, 1), bc.fwd(2, 1, 1, 0, 1, 1)
+    assert f2 < f1 and bc.fwd(1, 1, 2, 0, 1, 1) > f1
+    assert math.isfinite(bc.bwd(8, 2, 4, 1, 1, 1))

@@ -1,0 +1,110 @@
+"""The plan search, auto_plan, the plan CLI and the reports."""
+
+import argparse
+import json
+
+import pytest
+
+from cost_model.hardware import parse_cluster
+from cost_model.search import auto_plan, search
+from cost_model.shapes import TransformerShape
+
+ONE_T = TransformerShape(layers=128, hidden=25600, heads=160, seq=2048)
+
+
+def test_1t_search_on_3072_gpus_fits_and_ranks():
+    res = search(ONE_T, parse_cluster("3072xA100-80G"), 3072, top_k=4)
+    assert len(res.plans) == 4 and res.evaluated > 500
+    times = [e.step_time_s for e in res.plans]
+    assert times == sorted(times)
+    best = res.chosen
+    assert best.fits and best.plan.tp * best.plan.pp * best.plan.cp * best.plan.dp == 3072
+    assert 0.3 < best.mfu < 0.8
+    assert any("out of memory by" in r.reason for r in res.rejected)
+
+
+def test_fix_restricts_the_search():
+    res = search(ONE_T, parse_cluster("512xA100-80G"), 512, fixed="tp=8,pp=64", top_k=3)
+    assert all(e.plan.tp == 8 and e.plan.pp == 64 for e in res.plans)
+
+
+def test_bad_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="unknown GPU"):
+        parse_cluster("64xTPU9")
+    with pytest.raises(ValueError, match="cannot hold this model"):
+        search(ONE_T, parse_cluster("8xA100-40G"), 8)
+    with pytest.raises(ValueError, match="tp=7"):
+        search(ONE_T, parse_cluster("64xH100"), 64, fixed="tp=7")
+    with pytest.raises(ValueError, match="sp=on needs tp>1"):
+        search(ONE_T, parse_cluster("64xH100"), 64, fixed="sp=on")
+    with pytest.raises(ValueError, match="--fix"):
+        search(ONE_T, parse_cluster("64xH100"), 64, fixed="foo=1")
+
+
+def test_moe_search_uses_expert_parallelism():
+    shape = TransformerShape(layers=8, hidden=1024, heads=16, experts=8, topk=2, swiglu=True,
+                             seq=2048)
+    res = search(shape, parse_cluster("16xH100"), 64, top_k=3)
+    assert res.chosen.fits
+    with pytest.raises(ValueError, match="experts"):
+        search(shape, parse_cluster("16xH100"), 64, fixed="ep=3")
+
+
+def test_auto_plan_is_a_valid_plan():
+    plan_mod = pytest.importorskip("partitioner.plan")
+    shape = TransformerShape(layers=4, hidden=256, heads=8, vocab=1024, seq=128)
+    fields = auto_plan(shape, 4, "cpu", global_batch=8, seq=128)
+    plan = plan_mod.Plan(**fields).resolve(4)
+    assert plan.world_size == 4
+
+
+def _cli(argv):
+    mod = pytest.importorskip("partitioner.report.plan_cli")
+    parser = argparse.ArgumentParser()
+    mod.add_arguments(parser)
+    return mod.run(parser.parse_args(argv))
+
+
+def test_plan_cli_json_schema(capsys):
+    pytest.importorskip("partitioner.models")
+    assert _cli(["gpt:layers=8,hidden=1024,heads=16", "--cluster", "16xH100", "--json",
+                 "--top", "2"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["chosen"] == 0 and len(out["plans"]) == 2 and out["search_time_s"] > 0
+    for key in ("plan", "step_time_s", "tflops_per_gpu", "mfu", "memory_gib_per_gpu",
+                "bubble_fraction", "comm_fraction"):
+        assert key in out["plans"][0]
+    assert out["plans"][0]["step_time_s"] <= out["plans"][1]["step_time_s"]
+
+
+def test_plan_cli_reports_and_hf_config(tmp_path, capsys):
+    pytest.importorskip("partitioner.models")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 8,
+                               "hidden_size": 1024, "num_attention_heads": 16,
+                               "num_key_value_heads": 4, "intermediate_size": 2816,
+                               "vocab_size": 32000, "max_position_embeddings": 2048}))
+    html_path, md_path = tmp_path / "r.html", tmp_path / "r.md"
+    assert _cli([str(cfg), "--cluster", "16xH100", "--report", str(html_path)]) == 0
+    assert _cli(["mixtral-8x7b", "--cluster", "64xH100", "--report", str(md_path),
+                 "--top", "2"]) == 0
+    page = html_path.read_text()
+    assert page.startswith("<!doctype html>") and "<svg" in page and "http://" not in \
+        page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "Rejected families" in page and "Pipeline timeline" in page
+    md = md_path.read_text()
+    assert "| # |" in md and "Rejected families" in md
+    with pytest.raises(ValueError, match="unknown GPU"):
+        _cli(["gpt3-175b", "--cluster", "8xB300"])
+    with pytest.raises(ValueError, match=".html or .md"):
+        _cli(["gpt3-175b", "--cluster", "64xH100", "--report", str(tmp_path / "x.pdf")])
+
+
+def test_pipeline_timeline_simulation_matches_closed_form():
+    from partitioner.report.planning import simulate_pipeline
+
+    p, m = 4, 8
+    ev = simulate_pipeline([1.0] * p, [2.0] * p, m, "1f1b")
+    assert max(t1 for *_, t1 in ev) == pytest.approx((m + p - 1) * 3.0)
+    ev = simulate_pipeline([1.0] * p, [2.0] * p, m, "gpipe")
+    assert len(ev) == 2 * p * m
