@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import time
 from typing import Callable
 
 import torch
@@ -25,6 +25,7 @@ from partitioner.plan import Plan, PlanError, coerce_plan
 from runtime.collectives import bind_mesh
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh, RankLayout, default_device
+from runtime.pipeline import Action, PipelineRunner, schedule, timeline
 
 log = logging.getLogger(__name__)
 
@@ -129,12 +130,6 @@ def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_buffer: boo
         owner._parameters[leaf] = tensor
 
 
-@dataclass
-class _StepTotals:
-    loss: torch.Tensor
-    tokens: torch.Tensor | None  # None: loss_fn returns per-microbatch means
-
-
 class ParallelModel(nn.Module):
     """One rank's share of a parallelized model; see DESIGN.md, "Semantics"."""
 
@@ -148,6 +143,8 @@ class ParallelModel(nn.Module):
         self._model_ref = [model]  # a list so nn.Module does not register it as a submodule
         self._model_is_meta = any(p.is_meta for p in model.parameters())
         self._programs: dict[tuple, RankProgram] = {}
+        self.last_pipeline_stats: dict[str, float] = {}
+        """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
 
         # 1-3: everything that can reject the inputs runs before the first collective.
         batch = _batch_size(example_inputs, example_kwargs)
@@ -224,7 +221,10 @@ class ParallelModel(nn.Module):
         args, kwargs = _on_device((args, kwargs), self.device)
         if self.zero is not None:
             self.zero.gather()
-        return self._run(self._program_for(args, kwargs), args, kwargs)
+        program = self._program_for(args, kwargs)
+        if program.pipeline is not None:
+            return self._pipeline_forward(program, args, kwargs)
+        return self._run(program, args, kwargs)
 
     def step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward and backward over the global batch; returns its loss on every rank.
@@ -248,33 +248,47 @@ class ParallelModel(nn.Module):
         for p in visible:
             p.grad = None
 
-        totals: _StepTotals | None = None
-        for index, (mb_args, mb_kwargs, mb_target) in enumerate(microbatches):
-            output = self._run(self._program_for(mb_args, mb_kwargs), mb_args, mb_kwargs)
-            loss, tokens = self._loss(output, mb_target)
-            if totals is None:
-                totals = _StepTotals(torch.zeros((), dtype=torch.float64, device=self.device),
-                                     None if tokens is None else
-                                     torch.zeros((), dtype=torch.float64, device=self.device))
-            scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
-            if index == len(microbatches) - 1 and self.reducer is not None:
-                self.reducer.arm()
-            (loss * scale).backward()
-            totals.loss += loss.detach().double() * scale
-            if tokens is not None:
-                totals.tokens += torch.as_tensor(tokens, device=self.device).double()
+        zeros = torch.zeros(3, dtype=torch.float64, device=self.device)
+        totals = {"summary": zeros}  # [loss, tokens, token-weighted?] summed over microbatches
 
-        if self.zero is not None:
-            self.zero.reduce_grads()
+        def scaled_loss(index: int, output) -> torch.Tensor:
+            loss, tokens = self._loss(output, microbatches[index][2])
+            scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
+            row = torch.stack([loss.detach().double() * scale,
+                               torch.as_tensor(0 if tokens is None else tokens,
+                                               device=self.device).double(),
+                               torch.tensor(float(tokens is not None), dtype=torch.float64,
+                                            device=self.device)])
+            totals["summary"] = totals["summary"] + row
+            return loss * scale
+
+        program = self._program_for(*microbatches[0][:2])
+        if program.pipeline is None:
+            for index, (mb_args, mb_kwargs, _) in enumerate(microbatches):
+                output = self._run(program, mb_args, mb_kwargs)
+                loss = scaled_loss(index, output)
+                if index == len(microbatches) - 1 and self.reducer is not None:
+                    self.reducer.arm()  # reduce buckets as backward fills them
+                loss.backward()
         else:
-            self.reducer.finish()
-        summary = torch.stack([totals.loss, totals.tokens if totals.tokens is not None
-                               else torch.zeros_like(totals.loss)])
-        group = self.mesh.group("dp")
-        if group is not None:
-            dist.all_reduce(summary, group=group)
+            actions = schedule(plan.schedule, plan.pp, micro, plan.vpp)[self.mesh.coord("pp")]
+            leaves = [self._input_leaves(program, a, k) for a, k, _ in microbatches]
+            runner = self._runner(program)
+            start = time.perf_counter()
+            runner.run(
+                actions, leaves, loss_of=lambda index, outputs: scaled_loss(
+                    index, self._rebuild_output(program, outputs)),
+                backward_of=lambda loss: loss.backward())
+            self.last_pipeline_stats = {"busy_s": runner.busy_s,
+                                        "wall_s": time.perf_counter() - start}
+        self._reduce_gradients(program)
+
+        summary = totals["summary"]
+        for dim in ("pp", "dp"):  # only last stages hold losses; every dp rank its own share
+            if self.mesh.group(dim) is not None:
+                dist.all_reduce(summary, group=self.mesh.group(dim))
         loss = summary[0]
-        if totals.tokens is not None:
+        if summary[2] > 0:  # token-weighted: divide by the tokens of the whole global batch
             count = summary[1]
             if count <= 0:
                 raise ValueError("loss_fn reported no tokens in the whole batch")
@@ -285,7 +299,79 @@ class ParallelModel(nn.Module):
         for p, old in zip(visible, stashed, strict=True):
             if old is not None:
                 p.grad = old if p.grad is None else p.grad.add_(old)
-        return loss.to(self._loss_dtype(output))
+        return loss.to(self._output_dtype(program))
+
+    def _reduce_gradients(self, program: RankProgram) -> None:
+        """Sum the gradients of parameters tied across pipeline ranks, then over dp."""
+        if program.pipeline is not None and self.mesh.group("pp") is not None:
+            for name in self._tied_across_pp(program):
+                layout = program.all_layouts[name]
+                if name in program.layouts:
+                    local = self._local(name)
+                    buffer = local.grad if local.grad is not None else torch.zeros_like(local)
+                else:
+                    buffer = torch.zeros(layout.local_shape(program.sizes), dtype=layout.dtype,
+                                         device=self.device)
+                dist.all_reduce(buffer, group=self.mesh.group("pp"))
+                if name in program.layouts:
+                    self._local(name).grad = buffer
+        if self.zero is not None:
+            self.zero.reduce_grads()
+        else:
+            self.reducer.finish()
+
+    @staticmethod
+    def _tied_across_pp(program: RankProgram) -> list[str]:
+        return [name for name, layout in program.all_layouts.items()
+                if not layout.is_buffer and layout.requires_grad
+                and len(program.pipeline.holders(name)) > 1]
+
+    def _output_dtype(self, program: RankProgram) -> torch.dtype:
+        metas = (program.pipeline.output_meta if program.pipeline is not None else
+                 [(None, n.meta["val"].dtype) for n in program.stages[0].gm.graph.nodes
+                  if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)])
+        for meta in metas:
+            if meta is not None and meta[1].is_floating_point:
+                return meta[1]
+        return torch.float32
+
+    # --- pipelines ---------------------------------------------------------------------------
+    def _runner(self, program: RankProgram) -> PipelineRunner:
+        return PipelineRunner(program.pipeline, program.stages, self.mesh.group("pp"),
+                              self.mesh.ranks("pp"), self._run_stage, self.device)
+
+    def _run_stage(self, stage, inputs: list[torch.Tensor]):
+        with bind_mesh(self.mesh):
+            return stage.gm(*inputs)
+
+    @staticmethod
+    def _input_leaves(program: RankProgram, args: tuple, kwargs: dict) -> list:
+        return pytree.tree_leaves((tuple(args), dict(kwargs)))
+
+    @staticmethod
+    def _rebuild_output(program: RankProgram, outputs) -> object:
+        return pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)
+
+    def _pipeline_forward(self, program: RankProgram, args: tuple, kwargs: dict):
+        """Forward only, one microbatch; the last stage's output broadcast over pp."""
+        pipeline = program.pipeline
+        actions = [Action("F", 0, stage.index) for stage in program.stages]
+        with torch.no_grad():
+            results = self._runner(program).run(
+                actions, [self._input_leaves(program, args, kwargs)], None, None)
+        last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
+        leaves = []
+        for index, meta in enumerate(pipeline.output_meta):
+            if meta is None:
+                leaves.append(pipeline.output_names[index])
+                continue
+            if results:
+                tensor = results[0][index].contiguous()
+            else:
+                tensor = torch.empty(meta[0], dtype=meta[1], device=self.device)
+            dist.broadcast(tensor, src=last_rank, group=self.mesh.group("pp"))
+            leaves.append(tensor)
+        return pytree.tree_unflatten(leaves, pipeline.out_spec)
 
     def _loss(self, output, target):
         """(loss, tokens or None) of one microbatch, per the loss_fn contract."""
@@ -309,13 +395,6 @@ class ParallelModel(nn.Module):
                              f"got {type(result).__name__} {getattr(result, 'shape', '')}")
         return result, None
 
-    @staticmethod
-    def _loss_dtype(output) -> torch.dtype:
-        for leaf in pytree.tree_leaves(output):
-            if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-                return leaf.dtype
-        return torch.float32
-
     # --- parameters ------------------------------------------------------------------------
     def parameters(self, recurse: bool = True):
         """Each local tensor once; with zero=1 this rank's flat 1/dp shards."""
@@ -334,33 +413,36 @@ class ParallelModel(nn.Module):
     def _replicas(self, layout: ParamLayout) -> int:
         """How many ranks hold exactly the same values as this rank's piece of `layout`."""
         distinct = math.prod(self.program.sizes[s.mesh_dim] for s in layout.shards)
-        return self.mesh.world_size // distinct
+        holders = (len(self.program.pipeline.holders(layout.name))
+                   if self.program.pipeline is not None else self.mesh.size("pp"))
+        return self.mesh.world_size // self.mesh.size("pp") * holders // distinct
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
         """Scale gradients so their global norm (every shard, replicas once) is <= max_norm."""
         norm_type = float(norm_type)
+        replicas = {id(self._local(name)): self._replicas(layout)
+                    for name, layout in self.program.layouts.items() if not layout.is_buffer}
         if self.zero is not None:
-            # Disjoint 1/dp slices, replicated over the rest of the world.
-            copies = {id(s): self.mesh.world_size // self.mesh.size("dp")
-                      for s in self.zero.shard_parameters()}
+            # Each element's master copy lives on one dp rank of the replicas.
+            pieces = [(grad, replicas[id(p)] // self.mesh.size("dp"))
+                      for p, grad in self.zero.owned_pieces()]
         else:
-            copies = {id(self._local(name)): self._replicas(layout)
-                      for name, layout in self.program.layouts.items() if not layout.is_buffer}
-        grads = [(p.grad, copies[id(p)]) for p in self.parameters() if p.grad is not None]
+            pieces = [(p.grad, replicas[id(p)]) for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         if norm_type == math.inf:
-            for grad, _ in grads:
+            for grad, _ in pieces:
                 total = torch.maximum(total, grad.abs().max().double())
             dist.all_reduce(total, op=dist.ReduceOp.MAX)
         else:
-            for grad, replicas in grads:
-                total += grad.double().abs().pow(norm_type).sum() / replicas
+            for grad, copies in pieces:
+                total += grad.double().abs().pow(norm_type).sum() / copies
             dist.all_reduce(total)
             total = total.pow(1.0 / norm_type)
         coef = max_norm / (total + 1e-6)
         if coef < 1:
-            for grad, _ in grads:
+            for grad in grads:
                 grad.mul_(coef.to(grad.dtype))
         return total
 
@@ -374,16 +456,32 @@ class ParallelModel(nn.Module):
             full = unshard(pieces, spec, layout.full_shape[spec.dim])
         return full
 
+    def _full_from_owner(self, layout: ParamLayout, local: torch.Tensor | None):
+        """The full tensor on every rank: gathered over its shards on the pipeline rank that
+        holds it, then broadcast over pp (without pipelining every rank holds everything)."""
+        pipeline = self.program.pipeline
+        if pipeline is None:
+            return self._gather_full(layout, local)
+        owner = pipeline.holders(layout.name)[0]
+        if self.mesh.coord("pp") == owner:
+            full = self._gather_full(layout, local).contiguous()
+        else:
+            full = torch.empty(layout.full_shape, dtype=layout.dtype, device=self.device)
+        if self.mesh.group("pp") is not None:
+            dist.broadcast(full, src=self.mesh.ranks("pp")[owner], group=self.mesh.group("pp"))
+        return full
+
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Collective: every parameter and persistent buffer, full, keyed as model.state_dict()."""
         if self.zero is not None:
             self.zero.gather()
         out = {}
-        for name, layout in self.program.layouts.items():
+        for name, layout in self.program.all_layouts.items():
             if layout.is_buffer and not layout.persistent:
                 continue
-            full = self._gather_full(layout, self._local(name)).detach().clone()
+            local = self._local(name) if name in self.program.layouts else None
+            full = self._full_from_owner(layout, local).detach().clone()
             for key in (name, *layout.aliases):
                 out[key] = full
         return out
@@ -393,27 +491,31 @@ class ParallelModel(nn.Module):
         """Collective: every parameter's full gradient, keyed as model.named_parameters()."""
         zero_grads = self.zero.full_grads() if self.zero is not None else None
         out = {}
-        for name, layout in self.program.layouts.items():
+        for name, layout in self.program.all_layouts.items():
             if layout.is_buffer or not layout.requires_grad:
                 continue
-            local = self._local(name)
-            grad = zero_grads[id(local)] if zero_grads is not None else local.grad
-            if grad is None:
-                continue
-            out[name] = self._gather_full(layout, grad)
+            grad = None
+            if name in self.program.layouts:
+                local = self._local(name)
+                grad = zero_grads[id(local)] if zero_grads is not None else local.grad
+                if grad is None:
+                    grad = torch.zeros_like(local)
+            out[name] = self._full_from_owner(layout, grad)
         return out
 
     @torch.no_grad()
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Fill local shards from full tensors (model.state_dict() as is, tied names included)."""
         missing, used = [], set()
-        for name, layout in self.program.layouts.items():
+        for name, layout in self.program.all_layouts.items():
             key = next((k for k in (name, *layout.aliases) if k in state_dict), None)
             if key is None:
                 if layout.persistent:
                     missing.append(name)
                 continue
             used.update(k for k in (name, *layout.aliases) if k in state_dict)
+            if name not in self.program.layouts:
+                continue  # another pipeline rank holds it
             full = state_dict[key]
             if tuple(full.shape) != layout.full_shape:
                 raise ValueError(f"state dict entry {key!r} has shape {tuple(full.shape)}, "
@@ -442,6 +544,11 @@ class ParallelModel(nn.Module):
     def explain(self) -> str:
         """Per node: placement, inserted collectives, stage (this rank's training program)."""
         return self.program.explain()
+
+    def timeline(self) -> str:
+        """Which pp rank runs which microbatch of which stage when (unit-time model)."""
+        plan = self.plan
+        return timeline(schedule(plan.schedule, plan.pp, plan.microbatches, plan.vpp))
 
     def extra_repr(self) -> str:
         return f"plan={self.plan}, rank={self.rank}"

@@ -99,10 +99,60 @@ def unshard(pieces: list[torch.Tensor], spec: ShardSpec, full_size: int) -> torc
 
 @dataclass
 class Stage:
-    """One pipeline stage's graph on this rank."""
+    """One pipeline stage's graph on this rank.
+
+    Without pipelining there is one stage: the whole graph with the model's own calling
+    convention. With pipelining a stage graph takes flat `inputs` (model input leaves and values
+    made by earlier stages, by node name) and returns the flat tuple `outputs` (values later
+    stages use; for the last stage, the leaves of the model's output).
+    """
 
     index: int
     gm: fx.GraphModule
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Value:
+    """A value that crosses a stage boundary (or a model input leaf, producer -1)."""
+
+    name: str
+    producer: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    input_index: int | None = None
+    """Position among the flattened model inputs, for model inputs."""
+
+    @property
+    def differentiable(self) -> bool:
+        return self.dtype.is_floating_point or self.dtype.is_complex
+
+
+@dataclass
+class Pipeline:
+    """The whole pipeline, the same on every rank: who makes and who uses each value."""
+
+    num_stages: int
+    pp: int
+    values: dict[str, Value]
+    consumers: dict[str, list[int]]
+    """Value name -> the stages that read it (model inputs: every stage reads its own copy)."""
+    output_names: list
+    """The model output's flat leaves: value names (or constants), in `out_spec` order."""
+    output_meta: list
+    """(shape, dtype) of each output leaf (None for constants): how other ranks receive it."""
+    out_spec: object
+    stage_params: dict[int, list[str]]
+    """Stage -> canonical names of the parameters and buffers it reads."""
+
+    def rank_of(self, stage: int) -> int:
+        """pp coordinate of a (virtual) stage: Megatron's interleaving, stage s on rank s % pp."""
+        return stage % self.pp
+
+    def holders(self, name: str) -> list[int]:
+        """pp coordinates holding a parameter (two for embeddings tied across stages)."""
+        return sorted({self.rank_of(s) for s, names in self.stage_params.items() if name in names})
 
 
 @dataclass
@@ -117,6 +167,10 @@ class RankProgram:
     """Canonical name -> layout, for every parameter and buffer this rank holds."""
     sizes: dict[str, int] = field(default_factory=dict)
     """Size of every mesh dimension."""
+    all_layouts: dict[str, ParamLayout] = field(default_factory=dict)
+    """Every parameter and buffer of the model (other pipeline ranks' included)."""
+    pipeline: Pipeline | None = None
+    """None without pipelining."""
 
     def nodes(self):
         for stage in self.stages:
@@ -132,10 +186,35 @@ class RankProgram:
             rows.append({
                 "name": node.name, "op": node.op, "target": _target_name(node),
                 "shape": shape, "placement": node_placement(node, self.layouts),
-                "collective": collective_kind(node), "stage": stage,
-                "module": module_path(node),
+                "collective": collective_kind(node) or self._p2p_kind(stage, node),
+                "stage": stage, "module": module_path(node),
             })
         return rows
+
+    def _p2p_kind(self, stage: int, node: fx.Node) -> str | None:
+        """recv for a stage input made by another stage, send for a stage's outputs."""
+        if self.pipeline is None:
+            return None
+        value = self.pipeline.values.get(node.name)
+        if node.op == "placeholder" and value is not None and value.producer >= 0:
+            return "recv"
+        if node.op == "output" and stage != self.pipeline.num_stages - 1 and node.args[0]:
+            return "send"
+        return None
+
+    def cut_summary(self) -> list[str]:
+        """One line per value crossing a stage boundary: producer -> consumers, shape."""
+        if self.pipeline is None:
+            return []
+        lines = []
+        for name, value in self.pipeline.values.items():
+            if value.producer < 0:
+                continue
+            consumers = self.pipeline.consumers[name]
+            lines.append(f"  {name}: stage {value.producer} -> stage(s) "
+                         f"{', '.join(map(str, consumers))}  {'x'.join(map(str, value.shape))} "
+                         f"{str(value.dtype).removeprefix('torch.')}")
+        return lines
 
     def explain(self) -> str:
         rows = self.node_rows()
@@ -151,6 +230,9 @@ class RankProgram:
             shape = "x".join(map(str, r["shape"])) if r["shape"] is not None else ""
             lines.append(_row((r["name"], r["op"], r["target"], shape, r["placement"],
                                str(r["stage"]), r["collective"] or ""), widths))
+        cuts = self.cut_summary()
+        if cuts:
+            lines += ["values crossing stage cuts (sent producer -> consumer rank):", *cuts]
         return "\n".join(lines)
 
     def local_numel(self) -> int:
@@ -211,8 +293,107 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
     gm = run_passes(gm, PassContext(plan=plan, coords=coords))
     gm = retarget_device(gm, torch.device(device))
     # A sharding pass leaves its layouts in gm.meta; without one everything is replicated.
-    layouts = gm.meta.get("partitioner.layouts") or layouts_from_capture(captured)
+    all_layouts = gm.meta.get("partitioner.layouts") or layouts_from_capture(captured)
     sizes = {dim: size for dim, size in RankLayout.dense(plan).sizes}
     sizes.update(dict(RankLayout.expert(plan).sizes))
-    return RankProgram(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
-                       layouts=layouts, sizes=sizes)
+    if plan.stages == 1:
+        return RankProgram(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
+                           layouts=all_layouts, sizes=sizes, all_layouts=all_layouts)
+    stages, pipeline = split_stages(gm, plan.stages, plan.pp)
+    # Parameters no stage reads still belong to the model: the first stage keeps them.
+    read = {name for names in pipeline.stage_params.values() for name in names}
+    pipeline.stage_params[0] += [name for name in all_layouts if name not in read]
+    mine = [stage for stage in stages if pipeline.rank_of(stage.index) == coords["pp"]]
+    used = {name for stage in mine for name in pipeline.stage_params[stage.index]}
+    layouts = {name: layout for name, layout in all_layouts.items() if name in used}
+    return RankProgram(plan=plan, rank=rank, coords=coords, stages=mine, layouts=layouts,
+                       sizes=sizes, all_layouts=all_layouts, pipeline=pipeline)
+
+
+def split_stages(gm: fx.GraphModule, num_stages: int, pp: int) -> tuple[list[Stage], Pipeline]:
+    """One graph per stage from `meta["pp.stage"]` (set by passes.pipeline_split).
+
+    Values used across stages become outputs of the producing stage and placeholders of every
+    consuming stage (sent directly from producer to consumer, whatever the distance); model
+    inputs are placeholders of every stage that reads them (every rank has the batch).
+    """
+    graph = gm.graph
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    output_node = graph.find_nodes(op="output")[0]
+    out_leaves = list(output_node.args[0])
+    last = num_stages - 1
+    stage_of = {n: n.meta["pp.stage"] for n in graph.nodes if "pp.stage" in n.meta}
+    values: dict[str, Value] = {}
+    for index, node in enumerate(placeholders):
+        val = node.meta.get("val")
+        values[node.name] = Value(node.name, -1, tuple(getattr(val, "shape", ())),
+                                  getattr(val, "dtype", torch.float32), input_index=index)
+
+    consumers: dict[str, list[int]] = {}
+    needs: dict[int, list[fx.Node]] = {s: [] for s in range(num_stages)}
+
+    def use(value: fx.Node, stage: int) -> None:
+        if value.op == "get_attr":
+            return
+        producer = -1 if value.op == "placeholder" else stage_of[value]
+        if producer == stage:
+            return
+        if value not in needs[stage]:
+            needs[stage].append(value)
+        if value.op != "placeholder":
+            if not isinstance(value.meta.get("val"), torch.Tensor):
+                raise ValueError(f"value {value.name} ({value.meta.get('val')!r}) crosses a "
+                                 f"stage boundary but is not a tensor")
+            val = value.meta["val"]
+            values.setdefault(value.name, Value(value.name, producer, tuple(val.shape),
+                                                val.dtype))
+            stages = consumers.setdefault(value.name, [])
+            if stage not in stages:
+                stages.append(stage)
+
+    for node in graph.nodes:
+        if node in stage_of:
+            for arg in node.all_input_nodes:
+                use(arg, stage_of[node])
+    for leaf in out_leaves:
+        if isinstance(leaf, fx.Node):
+            use(leaf, last)
+
+    stages, stage_params = [], {}
+    for s in range(num_stages):
+        sub = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for value in needs[s]:
+            env[value] = sub.placeholder(value.name)
+            env[value].meta = dict(value.meta)
+        params: list[str] = []
+        for node in graph.nodes:
+            if stage_of.get(node) != s:
+                continue
+            for arg in node.all_input_nodes:
+                if arg.op == "get_attr" and arg not in env:
+                    env[arg] = sub.get_attr(arg.target)
+                    env[arg].meta = dict(arg.meta)
+                    params.append(arg.target)
+            env[node] = sub.node_copy(node, lambda arg: env[arg])
+        if s == last:
+            outputs = [leaf.name if isinstance(leaf, fx.Node) else leaf for leaf in out_leaves]
+            sub.output(tuple(env[leaf] if isinstance(leaf, fx.Node) else leaf
+                             for leaf in out_leaves))
+        else:
+            made = [n for n in graph.nodes if stage_of.get(n) == s and n.name in consumers]
+            outputs = [n.name for n in made]
+            sub.output(tuple(env[n] for n in made))
+        sub.lint()
+        stages.append(Stage(s, fx.GraphModule(gm, sub), inputs=[v.name for v in needs[s]],
+                            outputs=outputs))
+        stage_params[s] = params
+    pipeline = Pipeline(num_stages=num_stages, pp=pp, values=values, consumers=consumers,
+                        output_names=[leaf.name if isinstance(leaf, fx.Node) else leaf
+                                      for leaf in out_leaves],
+                        output_meta=[(tuple(leaf.meta["val"].shape), leaf.meta["val"].dtype)
+                                     if isinstance(leaf, fx.Node) else None
+                                     for leaf in out_leaves],
+                        out_spec=graph._codegen.pytree_info.out_spec,
+                        stage_params=stage_params)
+    return stages, pipeline

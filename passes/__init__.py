@@ -51,11 +51,14 @@ def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
     if plan.ep > 1 or plan.etp > 1:
         passes.append(("expert_parallel", _not_available("expert parallelism (ep/etp>1)",
                                                           "no issue yet")))
-    if plan.pp > 1 or plan.vpp > 1:
-        passes.append(("pipeline_split", _not_available("pipeline parallelism (pp>1)",
-                                                        "issue 4")))
+    if plan.stages > 1:
+        from passes.pipeline_split import pipeline_split  # reads the cost model
+
+        passes.append(("pipeline_split", pipeline_split))
     if plan.recompute != "none":
-        passes.append(("recompute", _not_available(f"recompute={plan.recompute}", "issue 4")))
+        from passes.recompute import recompute
+
+        passes.append(("recompute", recompute))
     return passes
 
 

@@ -128,6 +128,21 @@ class ZeroShards:
         n = flat.numel() // self.size
         return flat[self.rank * n: (self.rank + 1) * n]
 
+    def owned_pieces(self):
+        """(model parameter, the slice of our shard's gradient that belongs to it) for every
+        parameter overlapping this rank's slice (for norms that weigh parameters differently)."""
+        for dtype, group_params in self.params.items():
+            shard = self.shards[dtype]
+            if shard.grad is None:
+                continue
+            n = shard.numel()
+            start, offset = self.rank * n, 0
+            for p in group_params:
+                lo, hi = max(offset, start), min(offset + p.numel(), start + n)
+                if lo < hi:
+                    yield p, shard.grad[lo - start: hi - start]
+                offset += p.numel()
+
     def shard_parameters(self) -> list[nn.Parameter]:
         return list(self.shards.values())
 

@@ -9,6 +9,7 @@ import json
 
 from partitioner.lower import RankProgram
 from partitioner.plan import Plan
+from runtime.pipeline import schedule, timeline
 
 _STAGE_COLORS = ("#dbe9f6", "#fde2c8", "#d9f0d3", "#eadcf2", "#fbe3e8", "#f4f1c9")
 
@@ -27,7 +28,13 @@ def to_json(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
 
 
 def to_text(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
-    return "\n\n".join(program.explain() for program in programs) + "\n"
+    text = "\n\n".join(program.explain() for program in programs) + "\n"
+    if programs and programs[0].pipeline is not None:
+        text += (f"\n{plan.schedule} timeline, {plan.microbatches} microbatches "
+                 f"(F<mb>.<stage>, B = backward):\n"
+                 + timeline(schedule(plan.schedule, plan.pp, plan.microbatches, plan.vpp))
+                 + "\n")
+    return text
 
 
 def to_dot(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:

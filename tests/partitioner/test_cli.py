@@ -64,7 +64,8 @@ def test_dump_hugging_face_config_json(capsys, tmp_path):
     (["dump", "gpt:layers=2,hidden=x", "--plan", "dp=1"], "hidden='x'"),
     (["dump", "no-such-preset", "--plan", "dp=1"], "unknown model 'no-such-preset'"),
     (["dump", "partitioner.models:tiny", "--plan", "dp=1", "--rank", "5"], "outside a world"),
-    (["dump", "partitioner.models:tiny", "--plan", "pp=2"], "pipeline parallelism"),
+    (["dump", "partitioner.models:tiny", "--plan", "cp=2"], "context parallelism"),
+    (["dump", "partitioner.models:tiny", "--plan", "pp=8"], "the model has only 4 cuttable segments"),
 ])
 def test_errors_are_one_line_and_exit_2(capsys, argv, fragment):
     code, out, err = _run(capsys, *argv)

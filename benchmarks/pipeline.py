@@ -1,0 +1,130 @@
+"""Pipeline step time against torch.distributed.pipelining, and measured bubble vs theory.
+
+Same model (a Llama-style reference GPT, untied embeddings), same 2 gloo ranks, same
+microbatches: torch's `pipeline()` with a manual split at the middle layer and Schedule1F1B,
+against `parallelize(model, "pp=2,mb=M,schedule=1f1b")` (our cost model picks the cut). Then
+each of our schedules' measured bubble (1 - busy/wall on the busiest rank) beside its theory.
+Prints a table and saves JSON.
+
+    python benchmarks/pipeline.py [--layers 4] [--hidden 256] [--microbatches 4] [--steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def _model(args):
+    from partitioner.models import tiny_llama
+
+    return tiny_llama(batch=args.batch, seq=args.seq, n_layer=args.layers, n_embd=args.hidden,
+                      n_head=8, n_kv_head=4, vocab_size=1024)
+
+
+def _loss(logits, target):
+    import torch.nn.functional as F
+
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def _torch_runner(args):
+    """One 1F1B step of torch.distributed.pipelining (split at the middle layer)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.pipelining import Schedule1F1B, SplitPoint, pipeline
+
+    rank = dist.get_rank()
+    model, (ids,) = _model(args)
+    target = torch.roll(ids, -1, 1)
+    micro = ids.chunk(args.microbatches)[0]
+    pipe = pipeline(model, mb_args=(micro,),
+                    split_spec={f"blocks.{args.layers // 2}": SplitPoint.BEGINNING})
+    stage = pipe.build_stage(rank, torch.device("cpu"))
+    sched = Schedule1F1B(stage, args.microbatches, loss_fn=_loss)
+
+    def step():
+        if rank == 0:
+            sched.step(ids)
+        else:
+            sched.step(target=target, losses=[])
+    return step, None
+
+
+def _our_runner(args, schedule: str, vpp: int = 1):
+    import torch
+
+    from partitioner import parallelize
+
+    model, (ids,) = _model(args)
+    target = torch.roll(ids, -1, 1)
+    plan = f"pp=2,mb={args.microbatches},schedule={schedule},vpp={vpp}"
+    pm = parallelize(model, plan, example_inputs=(ids,), loss_fn=_loss)
+    return (lambda: pm.step(ids, target=target)), pm
+
+
+def _rank_main(args):
+    """Build every runner, then time them round-robin, step by step, so that whatever else
+    the machine does falls on all of them alike."""
+    import torch.distributed as dist
+
+    runners = {"torch_1f1b": _torch_runner(args)}
+    for schedule, vpp in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2)):
+        runners[f"ours_{schedule}"] = _our_runner(args, schedule, vpp)
+    results = {name: {"times": [], "bubbles": []} for name in runners}
+    for step in range(args.steps + 1):
+        for name, (run, pm) in runners.items():
+            dist.barrier()
+            start = time.perf_counter()
+            run()
+            dist.barrier()
+            if step:  # the first round warms up
+                results[name]["times"].append(time.perf_counter() - start)
+                if pm is not None:
+                    stats = pm.last_pipeline_stats
+                    results[name]["bubbles"].append(1 - stats["busy_s"] / stats["wall_s"])
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--microbatches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
+                                                      "pipeline.json"))
+    args = parser.parse_args()
+    from runtime import spawn
+
+    per_rank = spawn(2, _rank_main, args, timeout=1200)
+    p, m = 2, args.microbatches
+    theory = {"gpipe": (p - 1) / (m + p - 1), "1f1b": (p - 1) / (m + p - 1),
+              "interleaved-1f1b": (p - 1) / (2 * m)}
+    torch_time = statistics.median(max(r["torch_1f1b"]["times"][i] for r in per_rank)
+                                   for i in range(args.steps))
+    summary = {"config": vars(args), "torch_pipelining_1f1b_s": torch_time, "ours": {}}
+    print(f"{args.layers}-layer Llama-style GPT, hidden {args.hidden}, batch {args.batch}x"
+          f"{args.seq}, {m} microbatches, 2 gloo ranks")
+    print(f"  torch.distributed.pipelining Schedule1F1B: {torch_time * 1e3:8.1f} ms/step")
+    for name in ("gpipe", "1f1b", "interleaved-1f1b"):
+        entry = [r[f"ours_{name}"] for r in per_rank]
+        step = statistics.median(max(e["times"][i] for e in entry) for i in range(args.steps))
+        bubble = max(statistics.median(e["bubbles"]) for e in entry)
+        summary["ours"][name] = {"step_s": step, "ratio_vs_torch": step / torch_time,
+                                 "measured_bubble": bubble, "theory_bubble": theory[name]}
+        print(f"  ours {name:<17} {step * 1e3:8.1f} ms/step  ({step / torch_time:.2f}x torch)  "
+              f"bubble measured {bubble:.3f} vs theory {theory[name]:.3f}")
+    summary["raw"] = per_rank
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

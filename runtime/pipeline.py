@@ -1,0 +1,243 @@
+"""Pipeline schedules (GPipe, 1F1B, interleaved 1F1B) and their executor.
+
+A schedule is a pure function: for each pp rank, the ordered list of actions
+`Action("F"|"B", microbatch, stage)`. It can be printed as a timeline without running anything.
+The executor runs one rank's actions: forward of a stage receives its inputs (model input
+leaves locally, activations from the producing stage's rank with irecv), runs the stage graph and
+isends its outputs to every consuming stage; backward receives the gradients of its outputs,
+runs autograd, and isends the gradients of its received inputs back. Sends never block (their
+handles are waited at the end of the step) and receives block only when their value is needed,
+which is deadlock-free for any schedule in which each rank's order respects the data
+dependencies, as the three here do (Megatron-Core's orders).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str  # "F" or "B"
+    microbatch: int
+    stage: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}" + (f".{self.stage}" if self.stage else "")
+
+
+def schedule(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
+    """Per pp rank, the actions in order (stage s lives on rank s % pp)."""
+    if name == "gpipe":
+        return [[Action("F", m, r + c * pp) for c in range(vpp) for m in range(microbatches)]
+                + [Action("B", m, r + c * pp) for c in reversed(range(vpp))
+                   for m in reversed(range(microbatches))] for r in range(pp)]
+    if name == "1f1b" and vpp == 1:
+        return [_one_f_one_b(r, pp, microbatches) for r in range(pp)]
+    if name in ("1f1b", "interleaved-1f1b"):
+        return [_interleaved(r, pp, microbatches, vpp) for r in range(pp)]
+    raise ValueError(f"unknown schedule {name!r}; choose one of {SCHEDULES}")
+
+
+def _one_f_one_b(rank: int, pp: int, m: int) -> list[Action]:
+    warmup = min(pp - rank - 1, m)
+    actions = [Action("F", i, rank) for i in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < m:  # steady state: one forward, one backward
+        actions.append(Action("F", forward, rank))
+        forward += 1
+        actions.append(Action("B", backward, rank))
+        backward += 1
+    actions += [Action("B", i, rank) for i in range(backward, m)]
+    return actions
+
+
+def _interleaved(rank: int, pp: int, m: int, vpp: int) -> list[Action]:
+    """Megatron-Core's interleaved 1F1B: microbatches in groups of pp per model chunk."""
+    total = m * vpp
+
+    def forward_of(k: int) -> Action:
+        chunk = (k // pp) % vpp
+        return Action("F", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
+
+    def backward_of(k: int) -> Action:
+        chunk = vpp - 1 - (k // pp) % vpp
+        return Action("B", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    actions = [forward_of(k) for k in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < total:
+        actions.append(forward_of(forward))
+        forward += 1
+        actions.append(backward_of(backward))
+        backward += 1
+    actions += [backward_of(k) for k in range(backward, total)]
+    return actions
+
+
+def timeline(plan_schedule: list[list[Action]]) -> str:
+    """Which rank does which microbatch when, assuming unit-time F and B (2 units) per stage.
+
+    Each action starts when its rank is free and its inputs exist; `.` is idle (the bubble).
+    """
+    finish: dict[tuple, int] = {}
+    rank_time = [0] * len(plan_schedule)
+    cells: list[list[str]] = [[] for _ in plan_schedule]
+    positions = [0] * len(plan_schedule)
+    num_stages = 1 + max(a.stage for actions in plan_schedule for a in actions)
+    progress = True
+    while progress:
+        progress = False
+        for rank, actions in enumerate(plan_schedule):
+            if positions[rank] >= len(actions):
+                continue
+            action = actions[positions[rank]]
+            if action.kind == "F":
+                deps = [("F", action.microbatch, action.stage - 1)] if action.stage else []
+            else:
+                deps = [("F", action.microbatch, action.stage)]
+                if action.stage < num_stages - 1:
+                    deps.append(("B", action.microbatch, action.stage + 1))
+            if not all(d in finish for d in deps):
+                continue
+            start = max([rank_time[rank]] + [finish[d] for d in deps])
+            length = 1 if action.kind == "F" else 2
+            cells[rank] += ["."] * (start - rank_time[rank]) + [str(action)] * length
+            rank_time[rank] = start + length
+            finish[(action.kind, action.microbatch, action.stage)] = rank_time[rank]
+            positions[rank] += 1
+            progress = True
+    if any(p < len(a) for p, a in zip(positions, plan_schedule, strict=True)):
+        raise ValueError("schedule deadlocks: an action waits on one that never runs")
+    width = max(len(c) for row in cells for c in row)
+    span = max(rank_time)
+    lines = [f"rank {r}: " + " ".join(c.ljust(width) for c in row + ["."] * (span - len(row)))
+             for r, row in enumerate(cells)]
+    busy = sum(rank_time) and sum(1 for row in cells for c in row if c != ".")
+    lines.append(f"bubble fraction {1 - busy / (span * len(cells)):.3f} (unit-time F, 2-unit B)")
+    return "\n".join(lines)
+
+
+class PipelineRunner:
+    """Runs one rank's actions for one step."""
+
+    def __init__(self, pipeline, stages, group, group_ranks: list[int], run_stage,
+                 device: torch.device) -> None:
+        """`pipeline`/`stages`: partitioner.lower's Pipeline and this rank's Stages (read by
+        attribute only: the runtime does not import the compiler)."""
+        self.pipeline = pipeline
+        self.stages = {stage.index: stage for stage in stages}
+        self.group = group
+        self.group_ranks = group_ranks  # global rank of every pp coordinate
+        self.run_stage = run_stage  # (stage, inputs) -> outputs tuple
+        self.device = device
+        self._value_ids = {name: i for i, name in enumerate(sorted(pipeline.values))}
+        self.busy_s = 0.0
+        """Seconds of the last `run` spent computing (not waiting): 1 - busy/wall is the bubble."""
+
+    # --- communication ------------------------------------------------------------------
+    def _tag(self, microbatch: int, value: str, consumer: int, backward: bool) -> int:
+        tag = (microbatch * len(self._value_ids) + self._value_ids[value]) * \
+            self.pipeline.num_stages + consumer
+        return tag * 2 + int(backward)
+
+    def _peer(self, stage: int) -> int:
+        return self.group_ranks[self.pipeline.rank_of(stage)]
+
+    def _send(self, tensor: torch.Tensor, stage: int, tag: int) -> None:
+        tensor = tensor.detach().contiguous()
+        self._works.append((dist.isend(tensor, self._peer(stage), group=self.group, tag=tag),
+                            tensor))
+
+    def _recv(self, like, stage: int, tag: int) -> torch.Tensor:
+        out = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+        dist.irecv(out, self._peer(stage), group=self.group, tag=tag).wait()
+        return out
+
+    # --- one step -----------------------------------------------------------------------
+    def run(self, actions: list[Action], microbatch_leaves: list[list], loss_of, backward_of):
+        """`loss_of(microbatch, outputs)` makes the last stage's loss; `backward_of(loss)`
+        runs its scaled backward. Returns the last stage's outputs per microbatch."""
+        self._works = []
+        self.busy_s = 0.0
+        local = {}  # (microbatch, value, consumer) -> tensor handed over on this rank
+        inputs, outputs, results = {}, {}, {}
+        grads = {}  # (microbatch, value) -> summed gradient from consumers on this rank
+        last = self.pipeline.num_stages - 1
+        for action in actions:
+            stage = self.stages[action.stage]
+            mb = action.microbatch
+            if action.kind == "F":
+                received = []
+                for name in stage.inputs:
+                    value = self.pipeline.values[name]
+                    if value.producer < 0:
+                        tensor = microbatch_leaves[mb][value.input_index]
+                    elif self.pipeline.rank_of(value.producer) == self.pipeline.rank_of(stage.index):
+                        tensor = local.pop((mb, name, stage.index))
+                    else:
+                        tensor = self._recv(value, value.producer,
+                                            self._tag(mb, name, stage.index, False))
+                    if value.producer >= 0 and value.differentiable:
+                        tensor = tensor.detach().requires_grad_()
+                    received.append(tensor)
+                start = time.perf_counter()
+                out = self.run_stage(stage, received)
+                self.busy_s += time.perf_counter() - start
+                inputs[(mb, stage.index)] = received
+                outputs[(mb, stage.index)] = out
+                if stage.index == last:
+                    results[mb] = out
+                    continue
+                for name, tensor in zip(stage.outputs, out, strict=True):
+                    for consumer in self.pipeline.consumers[name]:
+                        if self.pipeline.rank_of(consumer) == self.pipeline.rank_of(stage.index):
+                            local[(mb, name, consumer)] = tensor.detach()
+                        else:
+                            self._send(tensor, consumer, self._tag(mb, name, consumer, False))
+            else:
+                out = outputs.pop((mb, stage.index))
+                start = time.perf_counter()
+                if stage.index == last:
+                    backward_of(loss_of(mb, out))
+                else:
+                    tensors, output_grads = [], []
+                    for name, tensor in zip(stage.outputs, out, strict=True):
+                        value = self.pipeline.values[name]
+                        if not value.differentiable:
+                            continue
+                        total = None
+                        for consumer in self.pipeline.consumers[name]:
+                            if self.pipeline.rank_of(consumer) == self.pipeline.rank_of(stage.index):
+                                grad = grads.pop((mb, name, consumer))
+                            else:
+                                grad = self._recv(value, consumer,
+                                                  self._tag(mb, name, consumer, True))
+                            total = grad if total is None else total + grad
+                        if tensor.requires_grad:
+                            tensors.append(tensor)
+                            output_grads.append(total)
+                    start = time.perf_counter()  # the receives above are waiting, not work
+                    if tensors:
+                        torch.autograd.backward(tensors, output_grads)
+                self.busy_s += time.perf_counter() - start
+                for name, tensor in zip(stage.inputs, inputs.pop((mb, stage.index)), strict=True):
+                    value = self.pipeline.values[name]
+                    if value.producer < 0 or not value.differentiable:
+                        continue
+                    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+                    if self.pipeline.rank_of(value.producer) == self.pipeline.rank_of(stage.index):
+                        grads[(mb, name, stage.index)] = grad
+                    else:
+                        self._send(grad, value.producer, self._tag(mb, name, stage.index, True))
+        for work, _ in self._works:
+            work.wait()
+        self._works = []
+        return results

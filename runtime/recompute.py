@@ -1,0 +1,32 @@
+"""Activation recomputation ops that the recompute pass inserts into graphs.
+
+Both use torch.utils.checkpoint (non-reentrant): the forward keeps only the region's inputs, and
+backward runs the region again (with the same RNG state) to rebuild what it needs. Results are
+bit-for-bit those of the plain graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def checkpointed_attention(*args, **kwargs):
+    """aten.scaled_dot_product_attention that keeps only q, k, v for backward (selective)."""
+    return checkpoint(torch.ops.aten.scaled_dot_product_attention.default, *args,
+                      use_reentrant=False, **kwargs)
+
+
+class CheckpointedRegion(nn.Module):
+    """Runs `region` (a GraphModule taking every input explicitly, parameters included) under
+    activation checkpointing (full recompute of one block)."""
+
+    def __init__(self, region: nn.Module) -> None:
+        super().__init__()
+        self.region = region
+
+    def forward(self, *inputs):
+        if not torch.is_grad_enabled():
+            return self.region(*inputs)
+        return checkpoint(self.region, *inputs, use_reentrant=False)

@@ -1,0 +1,78 @@
+import pytest
+import torch
+
+from partitioner.capture import capture
+from partitioner.lower import compile_rank
+from partitioner.models import tiny, tiny_llama
+from partitioner.plan import Plan
+from passes import PassError
+from passes.pipeline_split import block_prefix, segment_of_nodes
+from model_zoo import hf_gpt2, hf_llama
+
+
+def _captured(factory, **kw):
+    with torch.device("meta"):
+        model, (ids,) = factory(**kw)
+    return capture(model, (ids,))
+
+
+@pytest.mark.parametrize("factory, prefix", [(tiny, "blocks"), (hf_llama, "model.layers"),
+                                             (hf_gpt2, "transformer.h")])
+def test_segments_are_pre_blocks_post(factory, prefix):
+    gm = _captured(factory).gm
+    assert block_prefix(gm) == prefix
+    names, assignment = segment_of_nodes(gm)
+    assert names == ["pre", f"{prefix}.0", f"{prefix}.1", "post"]
+    order = [assignment[n] for n in gm.graph.nodes if n in assignment]
+    assert order == sorted(order)  # contiguous in graph order
+
+
+def test_stages_hold_their_blocks_and_values_cross_cuts():
+    captured = _captured(tiny, n_layer=4)
+    plan = Plan(pp=2).resolve(2)
+    first, second = (compile_rank(captured, plan, r, "meta") for r in range(2))
+    pipeline = first.pipeline
+    assert [s.index for s in first.stages] == [0] and [s.index for s in second.stages] == [1]
+    names0 = {n.target for n in first.stages[0].gm.graph.find_nodes(op="get_attr")}
+    names1 = {n.target for n in second.stages[0].gm.graph.find_nodes(op="get_attr")}
+    assert "blocks.0.attn.q_proj.weight" in names0 and "blocks.3.attn.q_proj.weight" in names1
+    assert "wte.weight" in names0 and "wte.weight" in names1  # tied embedding / LM head
+    assert pipeline.holders("wte.weight") == [0, 1]
+    assert pipeline.holders("blocks.0.ln_1.weight") == [0]
+    crossing = [v for v in pipeline.values.values() if v.producer == 0]
+    assert len(crossing) == 1 and crossing[0].shape == (4, 16, 64)  # the residual stream
+    assert set(first.layouts) < set(first.all_layouts)
+    for stage in first.stages + second.stages:
+        stage.gm.graph.lint()
+
+
+def test_interleaved_virtual_stages_and_pinned_cuts():
+    captured = _captured(tiny_llama, n_layer=6)
+    plan = Plan(pp=2, vpp=2, schedule="interleaved-1f1b", microbatches=2).resolve(2)
+    program = compile_rank(captured, plan, 1, "meta")
+    assert [s.index for s in program.stages] == [1, 3]
+    pinned = Plan.parse("pp=2,rules=blocks.5:pp_split").resolve(2)
+    program = compile_rank(captured, pinned, 1, "meta")
+    targets = {n.target for n in program.stages[0].gm.graph.find_nodes(op="get_attr")}
+    assert not any(t.startswith(("blocks.4.", "blocks.3.")) for t in targets)
+    assert any(t.startswith("blocks.5.") for t in targets)
+
+
+def test_more_stages_than_segments_is_a_clear_error():
+    captured = _captured(tiny)  # pre, 2 blocks, post
+    with pytest.raises(PassError, match=r"pp\*vpp=4\*2=8 stages but the model has only 4"):
+        compile_rank(captured, Plan(pp=4, vpp=2, schedule="interleaved-1f1b",
+                                    microbatches=4).resolve(4), 0, "meta")
+    with pytest.raises(PassError, match="matches no cuttable segment"):
+        compile_rank(captured, Plan.parse("pp=2,rules=decoder.*:pp_split").resolve(2), 0,
+                     "meta")
+
+
+def test_full_recompute_wraps_each_block():
+    captured = _captured(tiny, n_layer=3)
+    program = compile_rank(captured, Plan(recompute="full").resolve(1), 0, "meta")
+    calls = [n for n in program.stages[0].gm.graph.nodes if n.op == "call_module"]
+    assert [c.target for c in calls] == [f"recompute_blocks_{i}" for i in range(3)]
+    program = compile_rank(captured, Plan(recompute="selective").resolve(1), 0, "meta")
+    assert sum(n.meta.get("recompute") == "selective"
+               for n in program.stages[0].gm.graph.nodes) == 3
