@@ -119,24 +119,20 @@ def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
 
 
 def _detach_from_model(gm: fx.GraphModule) -> None:
-    """Swap the user's tensors in the graph module for meta tensors of the same shape.
+    """Swap every tensor the graph module holds (aliases of tied weights included) for a meta
+    tensor of the same shape.
 
     The captured graph then holds no memory and copies for free; a ParallelModel binds its own
     local shards to the same names.
     """
-    for node in gm.graph.find_nodes(op="get_attr"):
-        owner_path, _, leaf = node.target.rpartition(".")
-        owner = gm.get_submodule(owner_path) if owner_path else gm
-        value = getattr(owner, leaf)
-        if not isinstance(value, torch.Tensor):
-            continue
-        meta = torch.empty_like(value, device="meta")
-        if isinstance(value, nn.Parameter):
-            owner._parameters[leaf] = nn.Parameter(meta, requires_grad=value.requires_grad)
-        elif leaf in owner._buffers:
-            owner._buffers[leaf] = meta
-        else:
-            setattr(owner, leaf, meta)
+    for module in gm.modules():
+        for leaf, value in list(module._parameters.items()):
+            if value is not None:
+                module._parameters[leaf] = nn.Parameter(
+                    torch.empty_like(value, device="meta"), requires_grad=value.requires_grad)
+        for leaf, value in list(module._buffers.items()):
+            if value is not None:
+                module._buffers[leaf] = torch.empty_like(value, device="meta")
 
 
 def _describe_export_failure(model: nn.Module, error: Exception) -> str:

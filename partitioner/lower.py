@@ -290,10 +290,12 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
     with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(captured.gm)
+    # Sharding passes start from "everything replicated" with the capture's tied names (the
+    # graph alone cannot tell a tied alias from an unused parameter) and update this key.
+    gm.meta["partitioner.layouts"] = layouts_from_capture(captured)
     gm = run_passes(gm, PassContext(plan=plan, coords=coords))
     gm = retarget_device(gm, torch.device(device))
-    # A sharding pass leaves its layouts in gm.meta; without one everything is replicated.
-    all_layouts = gm.meta.get("partitioner.layouts") or layouts_from_capture(captured)
+    all_layouts = gm.meta["partitioner.layouts"]
     sizes = {dim: size for dim, size in RankLayout.dense(plan).sizes}
     sizes.update(dict(RankLayout.expert(plan).sizes))
     if plan.stages == 1:

@@ -44,7 +44,12 @@ def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
     """The passes this plan needs, in order; a strategy not built yet refuses clearly."""
     passes: list[tuple[str, Pass]] = []
     if plan.tp > 1:
-        passes.append(("tensor_parallel", _not_available("tensor parallelism (tp>1)", "issue 3")))
+        from passes.tensor_parallel import tensor_parallel  # imports runtime op names
+
+        passes.append(("tensor_parallel", tensor_parallel))
+        if plan.sp:
+            passes.append(("sequence_parallel",
+                           _not_available("sequence parallelism (sp=on)", "issue 3")))
     if plan.cp > 1:
         passes.append(("context_parallel", _not_available("context parallelism (cp>1)",
                                                           "no issue yet")))

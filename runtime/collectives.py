@@ -30,6 +30,11 @@ def bind_mesh(mesh):
         _ACTIVE_MESH.reset(token)
 
 
+def active_mesh():
+    """The mesh bound by the innermost `bind_mesh`, or None."""
+    return _ACTIVE_MESH.get()
+
+
 def group_of(dim: str):
     """(process group or None, group size) of the bound mesh's dimension `dim`."""
     mesh = _ACTIVE_MESH.get()
@@ -104,13 +109,12 @@ class _CopyToRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim):
-        ctx.dim = dim
+        ctx.group, _ = group_of(dim)  # backward runs outside bind_mesh (loss.backward())
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        group, _ = group_of(ctx.dim)
-        return _all_reduce(grad, group), None
+        return _all_reduce(grad, ctx.group), None
 
 
 class _ReduceFromRegion(torch.autograd.Function):
@@ -131,13 +135,14 @@ class _GatherFromRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, tensor_dim):
-        ctx.dim, ctx.tensor_dim = dim, tensor_dim
+        ctx.tensor_dim = tensor_dim
         group, size = group_of(dim)
+        ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
         return _all_gather(x, group, size, tensor_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, size = group_of(ctx.dim)
+        group, size = ctx.group, ctx.size
         return _split(grad, group, size, ctx.tensor_dim), None, None
 
 
@@ -146,13 +151,14 @@ class _ScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, tensor_dim):
-        ctx.dim, ctx.tensor_dim = dim, tensor_dim
+        ctx.tensor_dim = tensor_dim
         group, size = group_of(dim)
+        ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
         return _split(x, group, size, tensor_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, size = group_of(ctx.dim)
+        group, size = ctx.group, ctx.size
         return _all_gather(grad, group, size, ctx.tensor_dim), None, None
 
 
@@ -161,13 +167,14 @@ class _ReduceScatterToRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, tensor_dim):
-        ctx.dim, ctx.tensor_dim = dim, tensor_dim
+        ctx.tensor_dim = tensor_dim
         group, size = group_of(dim)
+        ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
         return _reduce_scatter(x, group, size, tensor_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, size = group_of(ctx.dim)
+        group, size = ctx.group, ctx.size
         return _all_gather(grad, group, size, ctx.tensor_dim), None, None
 
 
@@ -176,13 +183,14 @@ class _AllGatherToRegion(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, tensor_dim):
-        ctx.dim, ctx.tensor_dim = dim, tensor_dim
+        ctx.tensor_dim = tensor_dim
         group, size = group_of(dim)
+        ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
         return _all_gather(x, group, size, tensor_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, size = group_of(ctx.dim)
+        group, size = ctx.group, ctx.size
         return _reduce_scatter(grad, group, size, ctx.tensor_dim), None, None
 
 
@@ -191,13 +199,14 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dim, scatter_dim, gather_dim):
-        ctx.dim, ctx.scatter_dim, ctx.gather_dim = dim, scatter_dim, gather_dim
+        ctx.scatter_dim, ctx.gather_dim = scatter_dim, gather_dim
         group, size = group_of(dim)
+        ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
         return _all_to_all(x, group, size, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        group, size = group_of(ctx.dim)
+        group, size = ctx.group, ctx.size
         return _all_to_all(grad, group, size, ctx.gather_dim, ctx.scatter_dim), None, None, None
 
 

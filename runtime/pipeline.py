@@ -167,77 +167,83 @@ class PipelineRunner:
         runs its scaled backward. Returns the last stage's outputs per microbatch."""
         self._works = []
         self.busy_s = 0.0
-        local = {}  # (microbatch, value, consumer) -> tensor handed over on this rank
-        inputs, outputs, results = {}, {}, {}
-        grads = {}  # (microbatch, value) -> summed gradient from consumers on this rank
-        last = self.pipeline.num_stages - 1
+        self._local = {}  # (microbatch, value, consumer, backward?) -> tensor kept on this rank
+        self._inputs, self._outputs, results = {}, {}, {}
+        self._leaves, self._loss_of, self._backward_of = microbatch_leaves, loss_of, backward_of
         for action in actions:
             stage = self.stages[action.stage]
-            mb = action.microbatch
             if action.kind == "F":
-                received = []
-                for name in stage.inputs:
-                    value = self.pipeline.values[name]
-                    if value.producer < 0:
-                        tensor = microbatch_leaves[mb][value.input_index]
-                    elif self.pipeline.rank_of(value.producer) == self.pipeline.rank_of(stage.index):
-                        tensor = local.pop((mb, name, stage.index))
-                    else:
-                        tensor = self._recv(value, value.producer,
-                                            self._tag(mb, name, stage.index, False))
-                    if value.producer >= 0 and value.differentiable:
-                        tensor = tensor.detach().requires_grad_()
-                    received.append(tensor)
-                start = time.perf_counter()
-                out = self.run_stage(stage, received)
-                self.busy_s += time.perf_counter() - start
-                inputs[(mb, stage.index)] = received
-                outputs[(mb, stage.index)] = out
-                if stage.index == last:
-                    results[mb] = out
-                    continue
-                for name, tensor in zip(stage.outputs, out, strict=True):
-                    for consumer in self.pipeline.consumers[name]:
-                        if self.pipeline.rank_of(consumer) == self.pipeline.rank_of(stage.index):
-                            local[(mb, name, consumer)] = tensor.detach()
-                        else:
-                            self._send(tensor, consumer, self._tag(mb, name, consumer, False))
+                out = self._forward(stage, action.microbatch)
+                if stage.index == self.pipeline.num_stages - 1:
+                    results[action.microbatch] = out
             else:
-                out = outputs.pop((mb, stage.index))
-                start = time.perf_counter()
-                if stage.index == last:
-                    backward_of(loss_of(mb, out))
-                else:
-                    tensors, output_grads = [], []
-                    for name, tensor in zip(stage.outputs, out, strict=True):
-                        value = self.pipeline.values[name]
-                        if not value.differentiable:
-                            continue
-                        total = None
-                        for consumer in self.pipeline.consumers[name]:
-                            if self.pipeline.rank_of(consumer) == self.pipeline.rank_of(stage.index):
-                                grad = grads.pop((mb, name, consumer))
-                            else:
-                                grad = self._recv(value, consumer,
-                                                  self._tag(mb, name, consumer, True))
-                            total = grad if total is None else total + grad
-                        if tensor.requires_grad:
-                            tensors.append(tensor)
-                            output_grads.append(total)
-                    start = time.perf_counter()  # the receives above are waiting, not work
-                    if tensors:
-                        torch.autograd.backward(tensors, output_grads)
-                self.busy_s += time.perf_counter() - start
-                for name, tensor in zip(stage.inputs, inputs.pop((mb, stage.index)), strict=True):
-                    value = self.pipeline.values[name]
-                    if value.producer < 0 or not value.differentiable:
-                        continue
-                    grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
-                    if self.pipeline.rank_of(value.producer) == self.pipeline.rank_of(stage.index):
-                        grads[(mb, name, stage.index)] = grad
-                    else:
-                        self._send(grad, value.producer, self._tag(mb, name, stage.index, True))
+                self._backward(stage, action.microbatch)
         for work, _ in self._works:
             work.wait()
         self._works = []
         return results
+
+    def _same_rank(self, a: int, b: int) -> bool:
+        return self.pipeline.rank_of(a) == self.pipeline.rank_of(b)
+
+    def _hand_over(self, tensor, mb: int, name: str, consumer: int, to_stage: int,
+                   backward: bool) -> None:
+        """Give `tensor` (value `name` of microbatch `mb`, for `consumer`) to `to_stage`."""
+        if self._same_rank(to_stage, self._current):
+            self._local[(mb, name, consumer, backward)] = tensor.detach()
+        else:
+            self._send(tensor, to_stage, self._tag(mb, name, consumer, backward))
+
+    def _take(self, value, mb: int, consumer: int, from_stage: int, backward: bool):
+        if self._same_rank(from_stage, self._current):
+            return self._local.pop((mb, value.name, consumer, backward))
+        return self._recv(value, from_stage, self._tag(mb, value.name, consumer, backward))
+
+    def _forward(self, stage, mb: int):
+        self._current = stage.index
+        received = []
+        for name in stage.inputs:
+            value = self.pipeline.values[name]
+            if value.producer < 0:  # model inputs: every rank has the batch
+                received.append(self._leaves[mb][value.input_index])
+                continue
+            tensor = self._take(value, mb, stage.index, value.producer, backward=False)
+            received.append(tensor.detach().requires_grad_() if value.differentiable else tensor)
+        start = time.perf_counter()
+        out = self.run_stage(stage, received)
+        self.busy_s += time.perf_counter() - start
+        self._inputs[(mb, stage.index)] = received
+        self._outputs[(mb, stage.index)] = out
+        if stage.index < self.pipeline.num_stages - 1:
+            for name, tensor in zip(stage.outputs, out, strict=True):
+                for consumer in self.pipeline.consumers[name]:
+                    self._hand_over(tensor, mb, name, consumer, consumer, backward=False)
+        return out
+
+    def _backward(self, stage, mb: int) -> None:
+        self._current = stage.index
+        out = self._outputs.pop((mb, stage.index))
+        if stage.index == self.pipeline.num_stages - 1:
+            start = time.perf_counter()
+            self._backward_of(self._loss_of(mb, out))
+        else:
+            tensors, grads = [], []
+            for name, tensor in zip(stage.outputs, out, strict=True):
+                value = self.pipeline.values[name]
+                if not value.differentiable:
+                    continue
+                # A value read by several stages gets the sum of their gradients.
+                total = sum(self._take(value, mb, consumer, consumer, backward=True)
+                            for consumer in self.pipeline.consumers[name])
+                if tensor.requires_grad:
+                    tensors.append(tensor)
+                    grads.append(total)
+            start = time.perf_counter()  # the receives above are waiting, not work
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+        self.busy_s += time.perf_counter() - start
+        for name, tensor in zip(stage.inputs, self._inputs.pop((mb, stage.index)), strict=True):
+            value = self.pipeline.values[name]
+            if value.producer >= 0 and value.differentiable:
+                grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)
+                self._hand_over(grad, mb, name, stage.index, value.producer, backward=True)

@@ -11,6 +11,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from runtime.collectives import active_mesh, bind_mesh
+
 
 def checkpointed_attention(*args, **kwargs):
     """aten.scaled_dot_product_attention that keeps only q, k, v for backward (selective)."""
@@ -29,4 +31,12 @@ class CheckpointedRegion(nn.Module):
     def forward(self, *inputs):
         if not torch.is_grad_enabled():
             return self.region(*inputs)
-        return checkpoint(self.region, *inputs, use_reentrant=False)
+        # Backward recomputes the region (and its collectives) after the step has left the
+        # mesh's context: take the mesh along.
+        mesh = active_mesh()
+
+        def run(*args):
+            with bind_mesh(mesh):
+                return self.region(*args)
+
+        return checkpoint(run, *inputs, use_reentrant=False)

@@ -53,6 +53,9 @@ def _four_rank_cases():
         ("gpt-dp2-pp2-meta", GPT, "pp=2,dp=2,mb=2", {"meta": True}),
         ("hf-llama-dp2-pp2", "model_zoo:hf_llama", "pp=2,dp=2,mb=2", {}),
         ("hf-gpt2-pp4", "model_zoo:hf_gpt2", "pp=4,mb=2", {}),
+        ("gpt-tp2-pp2", GPT, "tp=2,pp=2,mb=2", {}),
+        ("llama-tp2-pp2-zero-recompute-full", LLAMA, "tp=2,pp=2,mb=2,zero=1,recompute=full", {}),
+        ("hf-llama-tp2-pp2", "model_zoo:hf_llama", "tp=2,pp=2,mb=2", {}),
     ]
 
 

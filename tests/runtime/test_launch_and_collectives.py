@@ -74,6 +74,10 @@ def _collective_checks():
         results["all_to_all"] = (tuple(y.shape) == (4, 2), torch.equal(x.grad, base))
         x = base.clone().requires_grad_()
         results["size_one_bypass"] = (C.all_reduce(x, "pp") is x, True)
+        x = base.clone().requires_grad_()
+        y = C.copy_to_region(x, "tp")
+    y.backward(torch.ones_like(y))  # outside bind_mesh, as loss.backward() after a step
+    results["backward_outside_the_mesh"] = (True, torch.equal(x.grad, torch.full_like(x, 2.0)))
     return results
 
 
