@@ -151,14 +151,19 @@ def get_hardware(name: str | Hardware) -> Hardware:
                      f"(or a profile written by cost_model/calibrate.py, or --cluster-file)")
 
 
+def read_json(path: str | Path, what: str) -> dict:
+    """The JSON object in `path`; a missing or malformed file is a one-line ValueError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {str(path)!r} does not exist") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not JSON: {exc}") from None
+
+
 def load_profile(path: str | Path) -> Hardware:
     """A profile JSON (`calibrate.py` output, or any dict of Hardware fields)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"hardware profile {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"hardware profile {str(path)!r} is not JSON: {exc}") from None
+    data = read_json(path, "hardware profile")
     data = data.get("hardware", data)
     return Hardware.from_dict(data)
 
@@ -205,12 +210,7 @@ def load_cluster_file(path: str | Path) -> Cluster:
      "gpu": "H100" | {...Hardware fields...} | "path/to/profile.json",
      "overrides": {"inter_bw": 25e9, ...}}
     """
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"cluster file {str(path)!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"cluster file {str(path)!r} is not JSON: {exc}") from None
+    data = read_json(path, "cluster file")
     if "num_gpus" not in data or "gpu" not in data:
         raise ValueError(f"cluster file {str(path)!r} needs keys 'num_gpus' and 'gpu'")
     gpu = data["gpu"]

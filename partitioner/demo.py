@@ -12,8 +12,16 @@ import time
 
 import torch
 
-DEFAULT_PLAN = "dp={world},zero=1,mb=2"
-"""The richest plan the runtime runs today: data parallel with ZeRO-1 and two microbatches."""
+def default_plan(world_size: int) -> str:
+    """The richest plan the runtime runs on `world_size` ranks: tensor x pipeline parallel
+    (x data parallel with ZeRO-1 when there are ranks to spare), 1F1B over two microbatches,
+    selective recompute."""
+    if world_size % 4 == 0:
+        zero = ",zero=1" if world_size > 4 else ""
+        return f"tp=2,pp=2,mb=2,recompute=selective{zero}"
+    if world_size % 2 == 0:
+        return "tp=2,mb=2"
+    return f"dp={world_size},zero=1,mb=2"
 
 
 def _demo_rank(plan: str, steps: int):
@@ -55,7 +63,7 @@ def run_demo(world_size: int = 4, plan: str | None = None, steps: int = 5) -> in
     from partitioner.plan import Plan
     from runtime import spawn
 
-    plan = plan or DEFAULT_PLAN.format(world=world_size)
+    plan = plan or default_plan(world_size)
     resolved = Plan.parse(plan).resolve(world_size)
     print(f"partitioner demo: {world_size} CPU ranks (gloo), plan {resolved}")
     start = time.perf_counter()

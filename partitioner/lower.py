@@ -20,6 +20,7 @@ from partitioner.capture import Captured, module_path
 from partitioner.plan import Plan
 from passes import PassContext, run_passes
 from passes.device import retarget_device
+from passes.kernels import use_kernels
 from runtime.collectives import COLLECTIVE_KINDS
 from runtime.mesh import RankLayout
 
@@ -294,6 +295,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
     # graph alone cannot tell a tied alias from an unused parameter) and update this key.
     gm.meta["partitioner.layouts"] = layouts_from_capture(captured)
     gm = run_passes(gm, PassContext(plan=plan, coords=coords))
+    gm = use_kernels(gm)
     gm = retarget_device(gm, torch.device(device))
     all_layouts = gm.meta["partitioner.layouts"]
     sizes = {dim: size for dim, size in RankLayout.dense(plan).sizes}

@@ -12,12 +12,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from runtime.collectives import active_mesh, bind_mesh
+from runtime.kernels import dispatch
 
 
 def checkpointed_attention(*args, **kwargs):
-    """aten.scaled_dot_product_attention that keeps only q, k, v for backward (selective)."""
-    return checkpoint(torch.ops.aten.scaled_dot_product_attention.default, *args,
-                      use_reentrant=False, **kwargs)
+    """scaled_dot_product_attention that keeps only q, k, v for backward (selective); the
+    kernel dispatch picks flash attention on CUDA."""
+    return checkpoint(dispatch.scaled_dot_product_attention, *args, use_reentrant=False,
+                      **kwargs)
 
 
 class CheckpointedRegion(nn.Module):

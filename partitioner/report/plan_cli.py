@@ -70,12 +70,9 @@ _HF_KEYS = {  # GPTConfig field -> Hugging Face keys (Llama / GPT-2 / Mixtral sp
 def hf_config(path: str):
     from partitioner.models import GPTConfig
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path!r} is not a JSON config: {exc}") from None
+    from cost_model.hardware import read_json
+
+    data = read_json(path, "config file")
     fields = {}
     for name, keys in _HF_KEYS.items():
         for key in keys:

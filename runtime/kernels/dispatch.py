@@ -73,3 +73,32 @@ def permute(tokens, expert_ids, num_experts):
 def unpermute(permuted, row_id_map, probs=None):
     impl = _kernel("unpermute") if use_triton(permuted, probs) else reference.unpermute
     return impl(permuted, row_id_map, probs)
+
+
+# --- graph-level replacements: same signature as the aten op they stand for ----------------
+# passes/kernels.py points graph nodes at these; each runs the Triton kernel where it applies
+# (CUDA 16/32-bit tensors and the arguments the kernel supports) and the aten op otherwise, so
+# on CPU and in float64 the numbers are exactly the captured graph's.
+
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+                                 scale=None, enable_gqa=False):
+    if attn_mask is None and dropout_p == 0.0 and use_triton(q, k, v) and (
+            enable_gqa or k.shape[1] == q.shape[1]):
+        return _kernel("flash_attention")(q, k, v, is_causal, scale)[0]
+    return torch.ops.aten.scaled_dot_product_attention.default(
+        q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+def aten_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5,
+                    cudnn_enable=True):
+    if len(normalized_shape) == 1 and use_triton(x, weight, bias):
+        return _kernel("layer_norm")(x, weight, bias, eps)
+    return torch.ops.aten.layer_norm.default(x, normalized_shape, weight, bias, eps,
+                                             cudnn_enable)
+
+
+def silu_mul(gate, up):
+    """silu(gate) * up: the SwiGLU MLP's activation."""
+    if use_triton(gate, up) and gate.shape == up.shape:
+        return _kernel("swiglu")(gate, up)
+    return torch.nn.functional.silu(gate) * up

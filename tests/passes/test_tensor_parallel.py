@@ -16,6 +16,7 @@ from partitioner.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
 from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
+from model_zoo import hf_gpt2, hf_llama
 from runtime.collectives import copy_to_region
 
 
@@ -202,60 +203,6 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
 
 # --- equivalence on gloo ranks --------------------------------------------------------------
 
-def hf_gpt2(batch: int = 4, seq: int = 16):
-    """Hugging Face GPT2LMHeadModel (Conv1D/addmm, fused c_attn, tied head), no dropout."""
-    import transformers
-
-    config = transformers.GPT2Config(vocab_size=256, n_positions=32, n_embd=64, n_layer=2,
-                                     n_head=4, use_cache=False, resid_pdrop=0.0,
-                                     embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                     eos_token_id=0)
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(config), (torch.randint(0, 256, (batch, seq)),)
-
-
-def hf_llama(batch: int = 4, seq: int = 16):
-    """Hugging Face LlamaForCausalLM with grouped-query attention (4 heads, 2 kv heads)."""
-    import transformers
-
-    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=32,
-                                      use_cache=False)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config), (torch.randint(0, 256, (batch, seq)),)
-
-
-def _backward_finds_group() -> bool:
-    """ParallelModel.step calls backward() outside bind_mesh, so a collective's backward must
-    use the group it resolved in forward; False while runtime/collectives.py looks it up again
-    (and fails with "no mesh is bound")."""
-    from runtime.collectives import bind_mesh
-
-    class _Mesh:
-        def group(self, dim):
-            return None
-
-        def size(self, dim):
-            return 2
-
-    x = torch.ones(2, requires_grad=True)
-    with bind_mesh(_Mesh()):
-        y = copy_to_region(x, "tp")
-    try:
-        y.sum().backward()
-    except Exception as error:  # noqa: BLE001 - only the lookup failure matters here
-        return "no mesh is bound" not in str(error)
-    return True
-
-
-needs_backward_group = pytest.mark.skipif(
-    not _backward_finds_group(),
-    reason="runtime/collectives.py resolves the group again in backward, which ParallelModel."
-           "step runs outside bind_mesh; needs the collectives fix (capture the group in "
-           "forward) reported for issue 3")
-
-
 def _equivalence_worker(cases):
     from partitioner.check import check_rank
 
@@ -274,7 +221,6 @@ def _assert_passed(results, cases):
     assert not failures, "\n".join(failures)
 
 
-@needs_backward_group
 def test_equivalence_two_ranks():
     f64 = torch.float64
     cases = [
@@ -299,7 +245,6 @@ def test_equivalence_two_ranks():
     _assert_passed(spawn(2, _equivalence_worker, cases, timeout=300), cases)
 
 
-@needs_backward_group
 def test_equivalence_four_ranks():
     f64 = torch.float64
     cases = [
