@@ -156,10 +156,34 @@ class PipelineRunner:
         self._works.append((dist.isend(tensor, self._peer(stage), group=self.group, tag=tag),
                             tensor))
 
+    def _post_recv(self, like, stage: int, tag: int) -> None:
+        if tag not in self._posted:
+            out = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+            self._posted[tag] = (dist.irecv(out, self._peer(stage), group=self.group, tag=tag),
+                                 out)
+
     def _recv(self, like, stage: int, tag: int) -> torch.Tensor:
-        out = torch.empty(like.shape, dtype=like.dtype, device=self.device)
-        dist.irecv(out, self._peer(stage), group=self.group, tag=tag).wait()
+        self._post_recv(like, stage, tag)
+        work, out = self._posted.pop(tag)
+        work.wait()
         return out
+
+    def _prefetch(self, action: Action) -> None:
+        """Post the receives `action` will need, so the transfer overlaps the current work."""
+        stage = self.stages[action.stage]
+        mb = action.microbatch
+        if action.kind == "F":
+            for name in stage.inputs:
+                value = self.pipeline.values[name]
+                if value.producer >= 0 and not self._same_rank(value.producer, stage.index):
+                    self._post_recv(value, value.producer,
+                                    self._tag(mb, name, stage.index, False))
+        elif stage.index < self.pipeline.num_stages - 1:
+            for name in stage.outputs:
+                value = self.pipeline.values[name]
+                for consumer in self.pipeline.consumers[name]:
+                    if value.differentiable and not self._same_rank(consumer, stage.index):
+                        self._post_recv(value, consumer, self._tag(mb, name, consumer, True))
 
     # --- one step -----------------------------------------------------------------------
     def run(self, actions: list[Action], microbatch_leaves: list[list], loss_of, backward_of):
@@ -170,8 +194,12 @@ class PipelineRunner:
         self._local = {}  # (microbatch, value, consumer, backward?) -> tensor kept on this rank
         self._inputs, self._outputs, results = {}, {}, {}
         self._leaves, self._loss_of, self._backward_of = microbatch_leaves, loss_of, backward_of
-        for action in actions:
+        self._posted = {}  # tag -> (irecv work, buffer) posted ahead of need
+        for index, action in enumerate(actions):
             stage = self.stages[action.stage]
+            self._prefetch(action)
+            if index + 1 < len(actions):
+                self._prefetch(actions[index + 1])
             if action.kind == "F":
                 out = self._forward(stage, action.microbatch)
                 if stage.index == self.pipeline.num_stages - 1:
