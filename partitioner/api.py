@@ -106,6 +106,20 @@ def split_batch(tree, parts: int, batch: int) -> list:
     return [pytree.tree_unflatten(piece, spec) for piece in pieces]
 
 
+def first_microbatch(plan: Plan, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The (args, kwargs) of one microbatch of the global example batch: the shape `step`
+    runs and so the shape to capture. Raises PlanError when the batch does not split."""
+    batch = _batch_size(args, kwargs)
+    if batch is None:
+        return args, kwargs
+    chunks = plan.degree("dp") * plan.microbatches
+    if batch % chunks:
+        raise PlanError(f"the example batch of {batch} does not split into dp*microbatches="
+                        f"{plan.degree('dp')}*{plan.microbatches}={chunks} equal parts; "
+                        f"use a global batch that is a multiple of {chunks}")
+    return split_batch((args, kwargs), chunks, batch)[0]
+
+
 def _on_device(tree, device):
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
@@ -147,17 +161,7 @@ class ParallelModel(nn.Module):
         """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
 
         # 1-3: everything that can reject the inputs runs before the first collective.
-        batch = _batch_size(example_inputs, example_kwargs)
-        chunks = plan.degree("dp") * plan.microbatches
-        if batch is not None and batch % chunks:
-            raise PlanError(f"the example batch of {batch} does not split into dp*microbatches="
-                            f"{plan.degree('dp')}*{plan.microbatches}={chunks} equal parts; "
-                            f"use a global batch that is a multiple of {chunks}")
-        if batch is None:
-            micro = (example_inputs, example_kwargs)
-        else:
-            micro = split_batch((example_inputs, example_kwargs), chunks, batch)[0]
-        self.program = self._program_for(*micro)
+        self.program = self._program_for(*first_microbatch(plan, example_inputs, example_kwargs))
 
         # 4: process groups (collective).
         self.mesh = Mesh(plan, self.rank)
@@ -561,15 +565,8 @@ def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,
     The example inputs are one global batch; each rank's program is compiled at the
     microbatch shape it would run in `step`.
     """
-    kwargs = dict(example_kwargs or {})
-    batch = _batch_size(example_inputs, kwargs)
-    chunks = plan.degree("dp") * plan.microbatches
-    if batch is not None and batch % chunks:
-        raise PlanError(f"the example batch of {batch} does not split into dp*microbatches="
-                        f"{chunks} equal parts")
-    args, kwargs = (split_batch((tuple(example_inputs), kwargs), chunks, batch)[0]
-                    if batch is not None else (example_inputs, kwargs))
-    captured = capture(model, args, kwargs)
+    captured = capture(model, *first_microbatch(plan, tuple(example_inputs),
+                                                dict(example_kwargs or {})))
     world = RankLayout.dense(plan).world_size
     return [compile_rank(captured, plan, rank, "meta")
             for rank in (range(world) if ranks is None else ranks)]
