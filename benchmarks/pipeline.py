@@ -15,7 +15,8 @@ import argparse
 import json
 import os
 import statistics
-import time
+
+from round_robin import slowest_rank_median, time_round_robin
 
 
 def _model(args):
@@ -67,26 +68,20 @@ def _our_runner(args, schedule: str, vpp: int = 1):
 
 
 def _rank_main(args):
-    """Build every runner, then time them round-robin, step by step, so that whatever else
-    the machine does falls on all of them alike."""
-    import torch.distributed as dist
-
     runners = {"torch_1f1b": _torch_runner(args)}
     for schedule, vpp in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2)):
         runners[f"ours_{schedule}"] = _our_runner(args, schedule, vpp)
-    results = {name: {"times": [], "bubbles": []} for name in runners}
-    for step in range(args.steps + 1):
-        for name, (run, pm) in runners.items():
-            dist.barrier()
-            start = time.perf_counter()
-            run()
-            dist.barrier()
-            if step:  # the first round warms up
-                results[name]["times"].append(time.perf_counter() - start)
-                if pm is not None:
-                    stats = pm.last_pipeline_stats
-                    results[name]["bubbles"].append(1 - stats["busy_s"] / stats["wall_s"])
-    return results
+    bubbles = {name: [] for name in runners}
+
+    def record_bubble(name: str) -> None:
+        pm = runners[name][1]
+        if pm is not None:
+            stats = pm.last_pipeline_stats
+            bubbles[name].append(1 - stats["busy_s"] / stats["wall_s"])
+
+    times = time_round_robin({name: run for name, (run, _) in runners.items()}, args.steps,
+                             after=record_bubble)
+    return {"times": times, "bubbles": bubbles}
 
 
 def main() -> None:
@@ -106,16 +101,15 @@ def main() -> None:
     p, m = 2, args.microbatches
     theory = {"gpipe": (p - 1) / (m + p - 1), "1f1b": (p - 1) / (m + p - 1),
               "interleaved-1f1b": (p - 1) / (2 * m)}
-    torch_time = statistics.median(max(r["torch_1f1b"]["times"][i] for r in per_rank)
-                                   for i in range(args.steps))
+    times = [r["times"] for r in per_rank]
+    torch_time = slowest_rank_median(times, "torch_1f1b")
     summary = {"config": vars(args), "torch_pipelining_1f1b_s": torch_time, "ours": {}}
     print(f"{args.layers}-layer Llama-style GPT, hidden {args.hidden}, batch {args.batch}x"
           f"{args.seq}, {m} microbatches, 2 gloo ranks")
     print(f"  torch.distributed.pipelining Schedule1F1B: {torch_time * 1e3:8.1f} ms/step")
     for name in ("gpipe", "1f1b", "interleaved-1f1b"):
-        entry = [r[f"ours_{name}"] for r in per_rank]
-        step = statistics.median(max(e["times"][i] for e in entry) for i in range(args.steps))
-        bubble = max(statistics.median(e["bubbles"]) for e in entry)
+        step = slowest_rank_median(times, f"ours_{name}")
+        bubble = max(statistics.median(r["bubbles"][f"ours_{name}"]) for r in per_rank)
         summary["ours"][name] = {"step_s": step, "ratio_vs_torch": step / torch_time,
                                  "measured_bubble": bubble, "theory_bubble": theory[name]}
         print(f"  ours {name:<17} {step * 1e3:8.1f} ms/step  ({step / torch_time:.2f}x torch)  "

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+
+from round_robin import slowest_rank_median, time_round_robin
 
 
 def _model(args):
@@ -82,19 +82,8 @@ def _our_runner(args):
 
 
 def _rank_main(args):
-    import torch.distributed as dist
-
     runners = {"dtensor": _dtensor_runner(args), "ours": _our_runner(args)}
-    times = {name: [] for name in runners}
-    for step in range(args.steps + 1):
-        for name, run in runners.items():
-            dist.barrier()
-            start = time.perf_counter()
-            run()
-            dist.barrier()
-            if step:  # the first round warms up
-                times[name].append(time.perf_counter() - start)
-    return times
+    return time_round_robin(runners, args.steps)
 
 
 def main() -> None:
@@ -110,8 +99,7 @@ def main() -> None:
     from runtime import spawn
 
     per_rank = spawn(2, _rank_main, args, timeout=1200)
-    median = {name: statistics.median(max(r[name][i] for r in per_rank)
-                                      for i in range(args.steps)) for name in per_rank[0]}
+    median = {name: slowest_rank_median(per_rank, name) for name in per_rank[0]}
     ratio = median["ours"] / median["dtensor"]
     print(f"HF Llama {args.layers} layers, hidden {args.hidden}, batch {args.batch}x{args.seq},"
           f" tp=2 on 2 gloo ranks (fwd+bwd)")
