@@ -120,6 +120,11 @@ def first_microbatch(plan: Plan, args: tuple, kwargs: dict) -> tuple[tuple, dict
     return split_batch((args, kwargs), chunks, batch)[0]
 
 
+def _input_leaves(args: tuple, kwargs: dict) -> list:
+    """The call's flat input leaves, in the order of the captured graph's placeholders."""
+    return pytree.tree_leaves((tuple(args), dict(kwargs)))
+
+
 def _on_device(tree, device):
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
@@ -276,7 +281,7 @@ class ParallelModel(nn.Module):
                 loss.backward()
         else:
             actions = schedule(plan.schedule, plan.pp, micro, plan.vpp)[self.mesh.coord("pp")]
-            leaves = [self._input_leaves(program, a, k) for a, k, _ in microbatches]
+            leaves = [_input_leaves(a, k) for a, k, _ in microbatches]
             runner = self._runner(program)
             start = time.perf_counter()
             runner.run(
@@ -349,10 +354,6 @@ class ParallelModel(nn.Module):
             return stage.gm(*inputs)
 
     @staticmethod
-    def _input_leaves(program: RankProgram, args: tuple, kwargs: dict) -> list:
-        return pytree.tree_leaves((tuple(args), dict(kwargs)))
-
-    @staticmethod
     def _rebuild_output(program: RankProgram, outputs) -> object:
         return pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)
 
@@ -362,7 +363,7 @@ class ParallelModel(nn.Module):
         actions = [Action("F", 0, stage.index) for stage in program.stages]
         with torch.no_grad():
             results = self._runner(program).run(
-                actions, [self._input_leaves(program, args, kwargs)], None, None)
+                actions, [_input_leaves(args, kwargs)], None, None)
         last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
         leaves = []
         for index, meta in enumerate(pipeline.output_meta):
