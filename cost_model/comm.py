@@ -5,12 +5,18 @@ bytes, all-reduce moves S 2(n-1)/n over the slowest link, reduce-scatter / all-g
 S (n-1)/n, broadcast and send/recv S. Each ring step adds a latency alpha. A group that spans
 nodes runs hierarchically: the intra-node part over NVLink, the inter-node part over the per-GPU
 NICs (one rail per local rank, so k ranks of a node share the traffic k ways).
+
+Libraries differ from the ring formulas where the profile says so: gloo builds reduce-scatter
+from a full all-reduce (`Hardware.reduce_scatter_is_all_reduce`) and moves all-gather at its own
+fitted bandwidth (`Hardware.all_gather_eff`). `collective_parts` splits a collective's seconds
+into latency (waiting) and transfer (on a CPU host, work for the cores).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 from cost_model.hardware import Hardware
 
@@ -33,34 +39,60 @@ class GroupPlacement:
         return self.nodes == 1
 
 
-def collective_time(kind: str, nbytes: float, group: GroupPlacement, hw: Hardware) -> float:
-    """Seconds for one collective of `nbytes` (the full buffer; for all-gather the output, for
-    reduce-scatter the input) over `group`."""
+class CollectiveCost(NamedTuple):
+    """One collective's seconds, split by what the time is spent on."""
+
+    latency: float
+    """Per-step alpha terms: waiting on peers, during which a shared core can run another rank."""
+    transfer: float
+    """Bytes over the bus bandwidth: on a CPU host the cores copy them, so it is work."""
+
+    @property
+    def seconds(self) -> float:
+        return self.latency + self.transfer
+
+
+def collective_parts(kind: str, nbytes: float, group: GroupPlacement,
+                     hw: Hardware) -> CollectiveCost:
+    """Latency and transfer seconds of one collective of `nbytes` (the full buffer; for all-gather
+    the output, for reduce-scatter the input) over `group`."""
     n = group.size
     if n <= 1 or nbytes <= 0:
-        return 0.0
+        return CollectiveCost(0.0, 0.0)
+    if kind not in COLLECTIVES:
+        raise ValueError(f"unknown collective {kind!r}; known: {COLLECTIVES}")
     intra_bw = hw.intra_bw * hw.intra_eff
     inter_bw = hw.inter_bw * hw.inter_eff
+    if kind == "reduce_scatter" and hw.reduce_scatter_is_all_reduce:
+        kind = "all_reduce"  # the whole buffer is all-reduced, then this rank keeps its chunk
+    if kind == "all_gather":
+        intra_bw, inter_bw = intra_bw * hw.all_gather_eff, inter_bw * hw.all_gather_eff
     k, nodes = min(group.per_node, n), group.nodes
     if kind == "send":
         bw, alpha = (intra_bw, hw.intra_latency) if nodes == 1 else (inter_bw, hw.inter_latency)
-        return alpha + nbytes / bw
+        return CollectiveCost(alpha, nbytes / bw)
     if kind == "broadcast":
         bw, alpha = (intra_bw, hw.intra_latency) if nodes == 1 else (inter_bw, hw.inter_latency)
-        return alpha * (n - 1) ** 0.5 + nbytes / bw
-    if kind not in COLLECTIVES:
-        raise ValueError(f"unknown collective {kind!r}; known: {COLLECTIVES}")
+        return CollectiveCost(alpha * (n - 1) ** 0.5, nbytes / bw)
     if kind == "all_to_all":
         # each rank sends (n-1)/n of its buffer: (k-1)/n inside its node, (n-k)/n outside
-        t = (k - 1) / n * nbytes / intra_bw + (n - k) / n * nbytes / inter_bw
-        return t + hw.intra_latency * (k - 1) + hw.inter_latency * (n - k)
+        return CollectiveCost(hw.intra_latency * (k - 1) + hw.inter_latency * (n - k),
+                              (k - 1) / n * nbytes / intra_bw + (n - k) / n * nbytes / inter_bw)
     steps = 2 if kind == "all_reduce" else 1  # all-reduce = reduce-scatter + all-gather
-    t = 0.0
+    latency = transfer = 0.0
     if k > 1:  # intra-node phase over the full buffer
-        t += steps * (nbytes / intra_bw * (k - 1) / k + hw.intra_latency * (k - 1))
+        transfer += steps * nbytes / intra_bw * (k - 1) / k
+        latency += steps * hw.intra_latency * (k - 1)
     if nodes > 1:  # inter-node phase: each of the k rails carries 1/k of the buffer
-        t += steps * (nbytes / k / inter_bw * (nodes - 1) / nodes + hw.inter_latency * (nodes - 1))
-    return t
+        transfer += steps * nbytes / k / inter_bw * (nodes - 1) / nodes
+        latency += steps * hw.inter_latency * (nodes - 1)
+    return CollectiveCost(latency, transfer)
+
+
+def collective_time(kind: str, nbytes: float, group: GroupPlacement, hw: Hardware) -> float:
+    """Seconds for one collective of `nbytes` (the full buffer; for all-gather the output, for
+    reduce-scatter the input) over `group`."""
+    return collective_parts(kind, nbytes, group, hw).seconds
 
 
 def ring_time(kind: str, nbytes: float, n: int, bw: float, alpha: float) -> float:

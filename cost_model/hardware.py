@@ -60,17 +60,30 @@ class Hardware:
     """Context, allocator fragmentation and library workspaces."""
     p2p_overlap: float = 0.0
     """Fraction of pipeline send/recv time hidden behind compute (0: blocking p2p)."""
+    cores: int | None = None
+    """Physical cores one node gives the job where its ranks share cores (CPU hosts); None where
+    every rank has a device of its own (GPUs). The rates above are then one rank's on one core,
+    and a node running more ranks than cores shares them (step_time.py)."""
+    elem_bytes: int = 2
+    """Bytes of one activation or parameter element in the precision the job runs: 2 for 16-bit
+    mixed precision on GPUs, 4 for the float32 that CPU ranks train in and calibrate.py times."""
+    all_gather_eff: float = 1.0
+    """All-gather bus bandwidth as a fraction of all-reduce's: 1 for NCCL's rings; gloo's two
+    are separate implementations, and calibrate.py fits the ratio from its timings."""
+    reduce_scatter_is_all_reduce: bool = False
+    """The collective library builds reduce-scatter from an all-reduce of the whole buffer and
+    keeps this rank's chunk (gloo, PyTorch #118911): it costs a full all-reduce."""
 
     # --- roofline -------------------------------------------------------------------------
     def gemm_shape_eff(self, m, n, k):
         g = self.gemm_half
         return self.gemm_eff * (m / (m + g)) * (n / (n + g)) * (k / (k + g))
 
-    def gemm_time(self, m, n, k, batch=1, elem_bytes: int = 2):
+    def gemm_time(self, m, n, k, batch=1):
         """One (batched) matmul (batch, m, k) @ (batch, k, n): roofline of compute at the
         shape's efficiency and memory traffic of its operands, plus a launch."""
         flops = 2 * batch * m * n * k
-        traffic = elem_bytes * batch * (m * k + k * n + m * n)
+        traffic = self.elem_bytes * batch * (m * k + k * n + m * n)
         compute = flops / (self.peak_flops * self.gemm_shape_eff(m, n, k))
         memory = traffic / (self.hbm_bw * self.mem_eff)
         return _max(compute, memory) + self.kernel_latency
@@ -117,18 +130,38 @@ _ALIASES = {"A100": "A100-80G", "A100-80GB": "A100-80G", "A100-40GB": "A100-40G"
             "H100-80G": "H100", "H100-SXM": "H100", "H200-141G": "H200", "H800-80G": "H800"}
 
 
+def available_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity, with hyperthread siblings of
+    one core counted once (they share its execution units, so two ranks on them share a core)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = list(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in cpus:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add((topology.joinpath("physical_package_id").read_text().strip(),
+                       topology.joinpath("core_id").read_text().strip()))
+        except OSError:
+            cores.add(("cpu", str(cpu)))  # no topology (containers, non-Linux): one core each
+    return max(1, len(cores))
+
+
 def local_cpu() -> Hardware:
-    """A rough profile of this machine's CPU (replace it with `calibrate.py`'s measurement)."""
-    cores = os.cpu_count() or 1
+    """A rough profile of one core of this machine (replace it with `calibrate.py`'s
+    measurement). Ranks run one per core; more ranks than cores share them."""
+    cores = available_cores()
     try:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pages = 8 * GiB
-    return Hardware(name="cpu", peak_flops=cores * 50e9, memory_bytes=float(pages),
+    return Hardware(name="cpu", peak_flops=50e9, memory_bytes=float(pages),
                     hbm_bw=10 * GB, intra_bw=5 * GB, inter_bw=1 * GB, gpus_per_node=cores,
                     gemm_eff=0.6, gemm_half=32.0, mem_eff=0.6, intra_eff=0.5, inter_eff=0.5,
                     intra_latency=50e-6, inter_latency=100e-6, kernel_latency=10e-6,
-                    reserved_bytes=0.5 * GiB)
+                    reserved_bytes=0.5 * GiB, cores=cores, elem_bytes=4,
+                    reduce_scatter_is_all_reduce=True)
 
 
 def known_gpus() -> list[str]:

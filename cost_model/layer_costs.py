@@ -12,6 +12,9 @@ Results are per rank, per microbatch, per block: forward seconds, backward secon
 forward of selective recomputation, activation bytes stored for backward per recompute mode, and
 the message sizes of the block's TP / CP / EP collectives (timed later in comm.py, because they
 depend on where the plan places each group).
+
+Memory traffic and messages count `hw.elem_bytes` per activation element (2 for 16-bit training
+on GPUs, 4 for float32 on CPU profiles); stored activations (memory) stay Korthikanti's 16-bit.
 """
 
 from __future__ import annotations
@@ -53,6 +56,12 @@ def _rep():
     return sp / t + (1 - sp)
 
 
+def _residual_bytes(shape: TransformerShape, hw: Hardware) -> int:
+    """Bytes per element of a residual add: read both branches, write the sum, and with dropout
+    write its 1-byte mask."""
+    return 3 * hw.elem_bytes + (1 if shape.dropout else 0)
+
+
 def _gemm(hw: Hardware, name, m, n, k, batch=1) -> Op:
     fwd = hw.gemm_time(m, n, k, batch)
     # backward = dgrad (m,k,n) + wgrad (k,n,m): the same FLOPs and shape efficiency twice
@@ -69,12 +78,13 @@ def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     sl = s / c  # local queries per rank under context parallelism
     T = b * sl
     rep = _rep()
+    eb = hw.elem_bytes
     ops = [
-        _mem(hw, "norm_1", 4 * T * h * rep, _BWD_NORM),
+        _mem(hw, "norm_1", 2 * eb * T * h * rep, _BWD_NORM),
         _gemm(hw, "qkv_proj", T, (h + 2 * shape.kv_dim) / t, h),
     ]
     if not shape.learned_positions:
-        ops.append(_mem(hw, "rope", 4 * T * (h + shape.kv_dim) / t, 1.0))
+        ops.append(_mem(hw, "rope", 2 * eb * T * (h + shape.kv_dim) / t, 1.0))
     heads = b * a / t
     if shape.attention == "unfused":
         elems = heads * sl * s
@@ -82,10 +92,10 @@ def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
         av = _gemm(hw, "context_bmm", sl, hd, s, heads)
         ops += [
             Op(qk.name, qk.fwd, qk.bwd, qk.flops, True),
-            _mem(hw, "scale_mask_softmax", 4 * elems, _BWD_SOFTMAX, True),
+            _mem(hw, "scale_mask_softmax", 2 * eb * elems, _BWD_SOFTMAX, True),
         ]
         if shape.dropout:
-            ops.append(_mem(hw, "attention_dropout", 5 * elems, 1.0, True))
+            ops.append(_mem(hw, "attention_dropout", (2 * eb + 1) * elems, 1.0, True))
         ops.append(Op(av.name, av.fwd, av.bwd, av.flops, True))
     else:
         # flash attention: QK^T and PV in one kernel, the causal half skipped, no s x s tensor;
@@ -94,7 +104,7 @@ def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
         fwd = flops / (hw.peak_flops * hw.gemm_shape_eff(sl, s, hd)) + hw.kernel_latency
         ops.append(Op("flash_attention", fwd, 2.5 * fwd, flops, True))
     ops.append(_gemm(hw, "out_proj", T, h, h / t))
-    ops.append(_mem(hw, "residual_1", (7 if shape.dropout else 6) * T * h * rep, 1.0))
+    ops.append(_mem(hw, "residual_1", _residual_bytes(shape, hw) * T * h * rep, 1.0))
     return ops
 
 
@@ -102,13 +112,14 @@ def mlp_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     h, f = shape.hidden, shape.ffn_dim
     T = b * shape.seq / c
     rep = _rep()
+    eb = hw.elem_bytes
     n_in = 2 if shape.swiglu else 1
     return [
-        _mem(hw, "norm_2", 4 * T * h * rep, _BWD_NORM),
+        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM),
         _gemm(hw, "mlp_in", T, n_in * f / t, h),
-        _mem(hw, "activation", (n_in * 2 + 2) * T * f / t, _BWD_ACT),
+        _mem(hw, "activation", (n_in + 1) * eb * T * f / t, _BWD_ACT),
         _gemm(hw, "mlp_out", T, h, f / t),
-        _mem(hw, "residual_2", (7 if shape.dropout else 6) * T * h * rep, 1.0),
+        _mem(hw, "residual_2", _residual_bytes(shape, hw) * T * h * rep, 1.0),
     ]
 
 
@@ -123,15 +134,16 @@ def moe_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     n_in = 2 if shape.swiglu else 1
     per_expert = Tm * k * e / E
     local = E / e
+    eb = hw.elem_bytes
     return [
-        _mem(hw, "norm_2", 4 * T * h * rep, _BWD_NORM),
+        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM),
         _gemm(hw, "router", Tm, E, h),
-        _mem(hw, "permute", 2 * 2 * Tm * k * h, 1.0),
+        _mem(hw, "permute", 2 * eb * Tm * k * h, 1.0),
         _gemm(hw, "experts_in", per_expert, n_in * f / et, h, local),
-        _mem(hw, "activation", (n_in * 2 + 2) * Tm * k * f / et, _BWD_ACT),
+        _mem(hw, "activation", (n_in + 1) * eb * Tm * k * f / et, _BWD_ACT),
         _gemm(hw, "experts_out", per_expert, h, f / et, local),
-        _mem(hw, "unpermute", 3 * 2 * Tm * k * h, 1.0),
-        _mem(hw, "residual_2", (7 if shape.dropout else 6) * T * h * rep, 1.0),
+        _mem(hw, "unpermute", 3 * eb * Tm * k * h, 1.0),
+        _mem(hw, "residual_2", _residual_bytes(shape, hw) * T * h * rep, 1.0),
     ]
 
 
@@ -204,9 +216,9 @@ def block_expressions(shape: TransformerShape, hw: Hardware, moe: bool) -> dict:
         "attention_fwd": sum(op.fwd for op in ops if op.attention_core),
         "flops_fwd": sum(op.flops for op in ops),
         "act_none": act["none"], "act_selective": act["selective"], "act_full": act["full"],
-        "tp_bytes": 2 * T * shape.hidden,
-        "cp_bytes": 2 * 2 * T * shape.kv_dim / t,
-        "ep_bytes": 2 * tokens_moe * shape.hidden if moe else sympy.Integer(0),
+        "tp_bytes": hw.elem_bytes * T * shape.hidden,
+        "cp_bytes": 2 * hw.elem_bytes * T * shape.kv_dim / t,
+        "ep_bytes": hw.elem_bytes * tokens_moe * shape.hidden if moe else sympy.Integer(0),
     }
 
 
@@ -223,8 +235,8 @@ def embedding_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs:
                    sp: bool) -> tuple[float, float]:
     """(forward, backward) seconds of the token (+position) embedding on the first stage."""
     T = mbs * shape.seq / cp
-    out = 2 * T * shape.hidden * (1 / tp if sp else 1)
-    fwd = hw.memory_time(2 * out + 2 * T * shape.hidden, kernels=2)
+    out = hw.elem_bytes * T * shape.hidden * (1 / tp if sp else 1)
+    fwd = hw.memory_time(2 * out + hw.elem_bytes * T * shape.hidden, kernels=2)
     bwd = hw.memory_time(4 * out, kernels=2)  # scatter-add into the (vocab-parallel) table
     return fwd, bwd
 
@@ -235,6 +247,6 @@ def head_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
     T = mbs * shape.seq / cp
     v = shape.vocab / tp
     gemm = hw.gemm_time(T, v, shape.hidden)
-    norm = hw.memory_time(4 * T * shape.hidden * (1 / tp if sp else 1))
-    ce = hw.memory_time(T * v * (2 + 4 + 4))  # logits read, fp32 softmax write, grad write
+    norm = hw.memory_time(2 * hw.elem_bytes * T * shape.hidden * (1 / tp if sp else 1))
+    ce = hw.memory_time(T * v * (hw.elem_bytes + 4 + 4))  # logits read, fp32 softmax, grad
     return gemm + norm + ce, 2 * gemm + 2 * norm + ce

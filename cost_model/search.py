@@ -300,7 +300,9 @@ def auto_plan(shape: TransformerShape, world_size: int, hardware: str, global_ba
               seq: int) -> dict:
     """The fastest plan that fits, as a dict of Plan fields (for `parallelize(model, "auto")`)."""
     hw = get_hardware(hardware)
-    per_node = min(hw.gpus_per_node, world_size)
+    # ranks on a host whose cores they share are processes of this one machine (runtime.spawn),
+    # however few cores it has; GPUs come gpus_per_node to a node
+    per_node = world_size if hw.cores is not None else min(hw.gpus_per_node, world_size)
     cluster = Cluster(hardware=dataclasses.replace(hw, gpus_per_node=per_node),
                       num_gpus=world_size, gpus_per_node=per_node)
     result = search(shape, cluster, global_batch, seq, top_k=1)

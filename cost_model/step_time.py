@@ -9,6 +9,13 @@ recomputation) over m microbatches and v virtual stages per rank:
 which for equal stages is (m + p - 1) x (1F1B, GPipe) and m x (1 + (p-1)/(v m)) (interleaved):
 the bubble fractions (p-1)/(m+p-1) and (p-1)/(v m) of published-runs.md.
 
+That is the step of ranks with a device (or core) each. Where a node runs more ranks than it has
+cores (`Hardware.cores`: CPU hosts), the ranks also share the cores, and the step is the larger
+of that critical path and the node's work over its cores:
+    step = max(critical path, sum over the node's ranks of work_r / cores)
+work_r being rank r's compute and collective transfers (the cores copy the bytes); its waits -
+bubbles, collective latencies - are not work, since the core runs another rank meanwhile.
+
 FLOPs (DESIGN.md): model FLOPs = (6 x active parameters + 12 x layers x hidden x seq) per token;
 hardware FLOPs add what recomputation executes again. MFU and HFU are over the dense 16-bit peak.
 """
@@ -19,7 +26,8 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from cost_model import memory as mem
-from cost_model.comm import GroupPlacement, collective_time, group_placement
+from cost_model.comm import (CollectiveCost, GroupPlacement, collective_parts, dense_dims,
+                             group_placement)
 from cost_model.hardware import Cluster, GiB
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
@@ -94,6 +102,15 @@ class Estimate:
     model_flops: float
     hardware_flops: float
     peak_flops: float
+    critical_path_s: float = 0.0
+    """The slowest rank's step with a core or device of its own: pipeline with its bubble,
+    exposed syncs, optimizer."""
+    shared_cores_s: float = 0.0
+    """Where ranks outnumber a node's cores: the busiest node's work over its cores (0.0 where
+    every rank has its own core or device)."""
+    stage_work_s: tuple = ()
+    """Per pipeline rank, seconds of work per step (compute and collective transfers, no
+    waiting): what ranks sharing a core compete for."""
 
     @property
     def memory_gib(self) -> float:
@@ -201,8 +218,15 @@ def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement
 
 
 def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
-             seq: int | None = None) -> Estimate:
-    """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule)."""
+             seq: int | None = None, include_optimizer: bool = True,
+             vocab_parallel: bool = True) -> Estimate:
+    """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule).
+
+    `include_optimizer=False` leaves out the optimizer update: the part of a step that
+    `ParallelModel.step` runs (forward, backward, gradient sync), the user's optimizer being
+    outside it. `vocab_parallel=False` keeps the embedding, the LM head and the loss whole on
+    every tensor-parallel rank, as the TP pass does for a model without `vocab` rules; True
+    splits them over the vocabulary (Megatron-Core's vocab-parallel layers)."""
     p = PlanPoint.of(plan)
     seq = seq or shape.seq
     if seq != shape.seq:
@@ -219,34 +243,45 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         kinds.append((True, block_costs(shape, hw, True)))
 
     # --- one block of each kind: compute, exposed comm, activations --------------------------
+    # "work" is what keeps a core busy: compute, and the transfer part of every collective (on a
+    # CPU host the cores copy the bytes); latencies are waits. It matters only where ranks
+    # share cores (see shared_core_seconds).
     per_kind = []
     for moe, bc in kinds:
         fwd, bwd = bc.fwd(*args), bc.bwd(*args)
         tp_msg = bc.tp_bytes(*args)
-        tp_one = collective_time("all_reduce", tp_msg, groups["tp"], hw) if p.tp > 1 else 0.0
-        tp_f, tp_b = 2 * tp_one, 2 * tp_one
-        cp_f = cp_b = 0.0
+        tp_one = _tp_pair(p, tp_msg, groups["tp"], hw)
+        tp_f = tp_b = 2 * tp_one.seconds
+        tp_work = 2 * tp_one.transfer  # per direction
+        cp_f = cp_b = cp_work_f = cp_work_b = 0.0
         if p.cp > 1:
             if p.cp_algo == "ring":
-                ring = (p.cp - 1) * collective_time("send", bc.cp_bytes(*args), groups["cp"], hw)
+                hop = collective_parts("send", bc.cp_bytes(*args), groups["cp"], hw)
+                ring = (p.cp - 1) * hop.seconds
                 attn = bc.attention_fwd(*args)
                 cp_f = max(0.0, ring - attn)
                 cp_b = max(0.0, 2 * ring - 2.5 * attn)
+                cp_work_f, cp_work_b = (p.cp - 1) * hop.transfer, 2 * (p.cp - 1) * hop.transfer
             else:
-                a2a = collective_time("all_to_all", 2 * tp_msg / p.tp, groups["cp"], hw)
-                cp_f = cp_b = 4 * a2a
-        ep_f = ep_b = 0.0
+                a2a = collective_parts("all_to_all", 2 * tp_msg / p.tp, groups["cp"], hw)
+                cp_f = cp_b = 4 * a2a.seconds
+                cp_work_f = cp_work_b = 4 * a2a.transfer
+        ep_f = ep_b = ep_work = 0.0
         if moe and p.ep > 1:
-            ep_f = ep_b = 2 * collective_time("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
-        rec = 0.0
+            a2a = collective_parts("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
+            ep_f = ep_b = 2 * a2a.seconds
+            ep_work = 2 * a2a.transfer  # per direction
+        rec = rec_work = 0.0
         if p.recompute == "selective":
-            rec = bc.recompute_selective(*args)
+            rec = rec_work = bc.recompute_selective(*args)
         elif p.recompute == "full":
             rec = fwd + tp_f + cp_f + ep_f
+            rec_work = fwd + tp_work + cp_work_f + ep_work
         act = bc.activation(p.recompute, *args)
         full_act = bc.act_none(*args) if p.recompute == "full" else 0.0
         per_kind.append(dict(
             F=fwd + tp_f + cp_f + ep_f, B=bwd + tp_b + cp_b + ep_b + rec,
+            work=fwd + bwd + 2 * tp_work + cp_work_f + cp_work_b + 2 * ep_work + rec_work,
             comm_f=tp_f + cp_f + ep_f, comm_b=tp_b + cp_b + ep_b + (rec and tp_f + cp_f + ep_f
                                                                     if p.recompute == "full"
                                                                     else 0.0),
@@ -258,30 +293,42 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     dense = per_kind[0]
     moe_k = per_kind[1] if len(per_kind) > 1 else per_kind[0]
 
-    emb_f, emb_b = embedding_time(shape, hw, p.tp, p.cp, mbs, p.sp)
-    head_f, head_b = head_time(shape, hw, p.tp, p.cp, mbs, p.sp)
+    vocab_split = p.tp if vocab_parallel else 1  # ways the embedding and LM head are split
+    emb_f, emb_b = embedding_time(shape, hw, vocab_split, p.cp, mbs, p.sp)
+    head_f, head_b = head_time(shape, hw, vocab_split, p.cp, mbs, p.sp)
     T = mbs * seq / p.cp
-    vocab_ar = collective_time("all_reduce", 2 * T * shape.hidden, groups["tp"], hw)
-    emb_f += vocab_ar  # vocab-parallel embedding output
-    emb_b += vocab_ar if not p.sp else 0.0
+    # a vocab-parallel embedding sums the rank that holds each id; a whole one needs no sum
+    vocab_ar = collective_parts("all_reduce", hw.elem_bytes * T * shape.hidden, groups["tp"],
+                                hw) if vocab_parallel else CollectiveCost(0.0, 0.0)
+    emb_work = emb_f + emb_b + vocab_ar.transfer * (1 if p.sp else 2)
+    head_work = head_f + head_b
+    emb_f += vocab_ar.seconds  # vocab-parallel embedding output
+    emb_b += vocab_ar.seconds if not p.sp else 0.0
 
     # pipeline p2p: activations (scattered over tp, as Megatron's scatter-gather) each way
-    p2p_one = 0.0
-    if pp > 1:
-        p2p_one = collective_time("send", 2 * T * shape.hidden / p.tp, groups["pp"], hw)
-    p2p_per_mb = 2 * v * p2p_one * (1 - hw.p2p_overlap)
+    p2p_one = collective_parts("send", hw.elem_bytes * T * shape.hidden / p.tp, groups["pp"],
+                               hw) if pp > 1 else CollectiveCost(0.0, 0.0)
+    p2p_per_mb = 2 * v * p2p_one.seconds * (1 - hw.p2p_overlap)
+    p2p_work_per_mb = 2 * v * p2p_one.transfer  # overlapped or not, the bytes are copied
 
     # --- per-rank microbatch time and memory --------------------------------------------------
     params_dense = shape.dense_block_params() / p.tp
     params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.etp)
-    emb_params = shape.embedding_params() / p.tp
-    head_params = shape.head_params() / p.tp + (
-        shape.vocab * shape.hidden / p.tp if shape.tie_embeddings and pp > 1 else 0.0)
+    emb_params = shape.embedding_params() / vocab_split
+    head_params = shape.head_params() / vocab_split + (
+        shape.vocab * shape.hidden / vocab_split if shape.tie_embeddings and pp > 1 else 0.0)
     dense_shards = dp * p.cp
     edp = p.tp * p.cp * dp // (p.ep * p.etp)
 
+    emb_sync = CollectiveCost(0.0, 0.0)
+    if pp > 1 and shape.tie_embeddings:
+        pair = GroupPlacement(2, 1 if not groups["pp"].intra_node else 2)
+        emb_sync = collective_parts("all_reduce", 4 * shape.vocab * shape.hidden / vocab_split,
+                                    pair, hw)
+
     ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
     times: dict[int, tuple[float, float]] = {}
+    work: dict[int, float] = {}
     mems: dict[int, mem.MemoryBreakdown] = {}
     comm_mb: dict[int, dict] = {}
     opt_time = 0.0
@@ -289,12 +336,16 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     for r, nd, nm in ranks:
         F = nd * dense["F"] + nm * moe_k["F"]
         B = nd * dense["B"] + nm * moe_k["B"]
+        work_mb = nd * dense["work"] + nm * moe_k["work"]
         if r == 0:
             F, B = F + emb_f, B + emb_b
+            work_mb += emb_work
         if r == pp - 1:
             F, B = F + head_f, B + head_b
+            work_mb += head_work
         if pp > 1:
             F, B = F + p2p_per_mb / 2, B + p2p_per_mb / 2
+            work_mb += p2p_work_per_mb
         times[r] = (F, B)
         comm_mb[r] = {k: nd * dense[k] + nm * moe_k[k] for k in ("tp", "cp", "ep")}
         comm_mb[r]["pp"] = p2p_per_mb
@@ -312,7 +363,7 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         temp = max(dense["full_act"], moe_k["full_act"])
         temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
         if r == pp - 1:
-            temp += T * shape.vocab / p.tp * (2 + 4 + 4)  # logits, fp32 softmax, grad
+            temp += T * shape.vocab / vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
         if r == 0 and pp > 1:
             act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
         mems[r] = mem.MemoryBreakdown(r, weights, grads, optim, act, temp, hw.reserved_bytes)
@@ -320,19 +371,23 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         # optimizer (fused AdamW reads grad, master, m, v and writes master, m, v, param) plus
         # grad-norm read and zeroing, over this rank's shard
         shard = p_dense / (dense_shards if p.zero else 1) + p_exp / (edp if p.zero else 1)
-        opt_time = max(opt_time, hw.memory_time(30 * shard + 8 * p_local, kernels=4))
+        opt_r = hw.memory_time(30 * shard + 8 * p_local, kernels=4) if include_optimizer else 0.0
+        opt_time = max(opt_time, opt_r)
         # data-parallel gradient sync, overlapped with the last microbatch's backward
         if p.zero:
-            c_dense = (collective_time("reduce_scatter", 4 * p_dense, groups["dpcp"], hw) +
-                       collective_time("all_gather", 2 * p_dense, groups["dpcp"], hw))
-            c_exp = (collective_time("reduce_scatter", 4 * p_exp, groups["edp"], hw) +
-                     collective_time("all_gather", 2 * p_exp, groups["edp"], hw))
+            sync = (collective_parts("reduce_scatter", 4 * p_dense, groups["dpcp"], hw),
+                    collective_parts("all_gather", hw.elem_bytes * p_dense, groups["dpcp"], hw),
+                    collective_parts("reduce_scatter", 4 * p_exp, groups["edp"], hw),
+                    collective_parts("all_gather", hw.elem_bytes * p_exp, groups["edp"], hw))
         else:
-            c_dense = collective_time("all_reduce", 4 * p_dense, groups["dpcp"], hw)
-            c_exp = collective_time("all_reduce", 4 * p_exp, groups["edp"], hw)
-        sync = c_dense + c_exp
+            sync = (collective_parts("all_reduce", 4 * p_dense, groups["dpcp"], hw),
+                    collective_parts("all_reduce", 4 * p_exp, groups["edp"], hw))
+        sync_s = sum(c.seconds for c in sync)
         buckets = max(1, nd + nm)
-        dp_exposed = max(dp_exposed, max(sync / buckets, sync - B))
+        dp_exposed = max(dp_exposed, max(sync_s / buckets, sync_s - B))
+        ends = r in (0, pp - 1)
+        work[r] = (m * work_mb + sum(c.transfer for c in sync) + opt_r +
+                   (emb_sync.transfer if ends else 0.0))
 
     x = {r: f + b_ for r, (f, b_) in times.items()}
     full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
@@ -347,15 +402,17 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     ideal = m * xsum / pp
     slowest = max(x, key=x.get)
 
-    emb_sync = 0.0
-    if pp > 1 and shape.tie_embeddings:
-        pair = GroupPlacement(2, 1 if not groups["pp"].intra_node else 2)
-        emb_sync = collective_time("all_reduce", 4 * shape.vocab * shape.hidden / p.tp, pair, hw)
-    step = pipeline + dp_exposed + emb_sync + opt_time
+    critical_path = pipeline + dp_exposed + emb_sync.seconds + opt_time
+    stage_work = [_by_mix(work, ranks, full_times, r) for r in range(pp)]
+    shared = shared_core_seconds(stage_work, p, dp, cluster)
+    step = max(critical_path, shared)
+    # a pipeline bubble is idle time only while the cores are not the bottleneck: on shared
+    # cores the other ranks run in it
+    bubble = max(0.0, pipeline - ideal) if critical_path >= shared else 0.0
 
     comm = {k: m * comm_mb[slowest][k] for k in ("tp", "cp", "ep", "pp")}
     comm["dp"] = dp_exposed
-    comm["embedding"] = emb_sync
+    comm["embedding"] = emb_sync.seconds
 
     tokens = global_batch * seq
     model_flops = shape.model_flops_per_token(seq) * tokens
@@ -369,12 +426,58 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     stage_mem = tuple(_by_mix(mems, ranks, full_times, r).total for r in range(pp))
     return Estimate(
         plan=p, world_size=world, global_batch=global_batch, seq=seq, micro_batch_size=mbs,
-        step_time_s=step, pipeline_s=pipeline, bubble_s=max(0.0, pipeline - ideal),
+        step_time_s=step, pipeline_s=pipeline, bubble_s=bubble,
         dp_exposed_s=dp_exposed, optimizer_s=opt_time, comm_s=comm,
         stage_fwd_s=tuple(_by_mix(times, ranks, full_times, r)[0] for r in range(pp)),
         stage_bwd_s=tuple(_by_mix(times, ranks, full_times, r)[1] for r in range(pp)),
         stage_memory=stage_mem, memory=worst, device_memory_bytes=hw.memory_bytes,
-        model_flops=model_flops, hardware_flops=model_flops + extra, peak_flops=hw.peak_flops)
+        model_flops=model_flops, hardware_flops=model_flops + extra, peak_flops=hw.peak_flops,
+        critical_path_s=critical_path, shared_cores_s=shared, stage_work_s=tuple(stage_work))
+
+
+def _tp_pair(p: PlanPoint, nbytes: float, group: GroupPlacement, hw) -> CollectiveCost:
+    """One tensor-parallel f/g collective: an all-reduce, or with sequence parallelism its
+    all-gather + reduce-scatter halves (the same ring traffic on NCCL; not on gloo)."""
+    if p.tp == 1:
+        return CollectiveCost(0.0, 0.0)
+    if not p.sp:
+        return collective_parts("all_reduce", nbytes, group, hw)
+    gather = collective_parts("all_gather", nbytes, group, hw)
+    scatter = collective_parts("reduce_scatter", nbytes, group, hw)
+    return CollectiveCost(gather.latency + scatter.latency, gather.transfer + scatter.transfer)
+
+
+def ranks_per_core(cluster: Cluster) -> float:
+    """Ranks each core of a node runs: above 1 only on hosts whose ranks share cores."""
+    cores = cluster.hardware.cores
+    if cores is None:
+        return 1.0
+    return min(cluster.num_gpus, cluster.gpus_per_node) / cores
+
+
+def shared_core_seconds(stage_work: list[float], p: PlanPoint, dp: int,
+                         cluster: Cluster) -> float:
+    """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
+    (0.0 otherwise).
+
+    A rank cannot go faster than one core (the critical path bounds the step from below), and
+    a node cannot finish before its cores have done every co-located rank's work: the step is
+    the larger of the two (Brent's lower bounds). Time a rank spends waiting - a pipeline
+    bubble, a collective's latency - is not work: another rank runs on that core meanwhile."""
+    if ranks_per_core(cluster) <= 1.0:
+        return 0.0
+    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
+    stride = 1  # global rank g sits on pipeline stage (g // stride) % pp
+    for dim in dense_dims(p.order):
+        if dim == "pp":
+            break
+        stride *= sizes[dim]
+    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
+    node_work: dict[int, float] = {}
+    for g in range(cluster.num_gpus):
+        node = g // per_node
+        node_work[node] = node_work.get(node, 0.0) + stage_work[(g // stride) % p.pp]
+    return max(node_work.values()) / cluster.hardware.cores
 
 
 def _by_mix(values: dict, ranks, per_rank, r: int):

@@ -102,3 +102,26 @@ def silu_mul(gate, up):
     if use_triton(gate, up) and gate.shape == up.shape:
         return _kernel("swiglu")(gate, up)
     return torch.nn.functional.silu(gate) * up
+
+
+def decomposed_rms_norm(x, weight, eps, compute_dtype=None, output_dtype=None):
+    """The RMSNorm models write out by hand, which passes/kernels.py folds into this call:
+    ``h = x.to(compute_dtype)``; ``y = (h * rsqrt(mean(h^2, -1) + eps)).to(output_dtype)``;
+    ``y * weight``, where a None cast or weight is absent. The Triton kernel runs where it
+    computes the same thing (a 1-D weight of the last dim or none, the result in x's dtype);
+    otherwise the same aten ops as the captured graph, in its order, so the numbers match."""
+    if use_triton(x, weight) and _rms_kernel_applies(x, weight, compute_dtype, output_dtype):
+        return _kernel("rms_norm")(x, weight, eps)
+    h = x if compute_dtype is None else x.to(compute_dtype)
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if output_dtype is not None:
+        y = y.to(output_dtype)
+    return y if weight is None else y * weight
+
+
+def _rms_kernel_applies(x, weight, compute_dtype, output_dtype) -> bool:
+    y_dtype = output_dtype or compute_dtype or x.dtype
+    result_dtype = y_dtype if weight is None else torch.promote_types(y_dtype, weight.dtype)
+    max_cols = importlib.import_module("runtime.kernels.layer_norm").MAX_COLS
+    return (result_dtype == x.dtype and x.shape[-1] <= max_cols
+            and (weight is None or (weight.dim() == 1 and weight.shape[0] == x.shape[-1])))
