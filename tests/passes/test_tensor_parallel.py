@@ -8,6 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from partitioner import models
 from partitioner.capture import capture
@@ -18,6 +20,8 @@ from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
 from model_zoo import hf_gpt2, hf_llama
 from runtime.collectives import copy_to_region
+
+aten = torch.ops.aten
 
 
 @functools.lru_cache(maxsize=None)
@@ -37,6 +41,44 @@ def _collectives(program) -> Counter:
 
 def _copies(program) -> int:
     return sum(n.target is copy_to_region for _, n in program.nodes())
+
+
+def _nodes(program, target) -> list:
+    return [n for _, n in program.nodes() if n.target is target]
+
+
+class GqaSdpa(nn.Module):
+    """One attention block whose kv heads reach SDPA unrepeated (enable_gqa=True), as Hugging
+    Face's sdpa_attention does on GPUs when there is no mask."""
+
+    def __init__(self, vocab=64, hidden=32, heads=4, kv_heads=1):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, hidden // heads
+        self.wte = nn.Embedding(vocab, hidden)
+        self.q_proj = nn.Linear(hidden, hidden)
+        self.k_proj = nn.Linear(hidden, kv_heads * self.head_dim)
+        self.v_proj = nn.Linear(hidden, kv_heads * self.head_dim)
+        self.o_proj = nn.Linear(hidden, hidden)
+        self.lm_head = nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.wte(ids)
+        B, S, H = x.shape
+        q = self.q_proj(x).view(B, S, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, S, hd)
+        k = self.k_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, ..)
+        v = self.v_proj(x).view(B, S, self.kv_heads, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.o_proj(y.transpose(1, 2).reshape(B, S, H))  # (B, S, h)
+        return self.lm_head(x)
+
+
+def gqa_sdpa(batch: int = 4, seq: int = 8, **overrides):
+    """Factory for the equivalence workers (module level, so spawned ranks import it)."""
+    torch.manual_seed(0)
+    model = GqaSdpa(**overrides)
+    ids = torch.randint(0, model.wte.num_embeddings, (batch, seq),
+                        generator=torch.Generator().manual_seed(7))
+    return model, (ids,)
 
 
 # --- graph-level ----------------------------------------------------------------------------
@@ -128,11 +170,81 @@ def test_replicate_rule_keeps_mlp_whole():
     assert _collectives(program) == Counter({"all_reduce": 2})
 
 
-def test_pipeline_wires_the_pass_and_refuses_sp():
+def test_pipeline_wires_the_pass():
     names = [name for name, _ in pass_pipeline(Plan(tp=2).resolve(2))]
     assert names == ["tensor_parallel"]
-    with pytest.raises(NotImplementedError, match="sequence parallelism"):
-        _program("tiny", Plan(tp=2, sp=True).resolve(2))
+    # sequence parallelism runs after the tp pass, on its collectives
+    names = [name for name, _ in pass_pipeline(Plan(tp=2, sp=True).resolve(2))]
+    assert names[0] == "tensor_parallel" and names[1:] == ["sequence_parallel"]
+
+
+# --- grouped-query attention: kv heads replicated when they divide tp -----------------------
+
+def _kv_narrows(program) -> list:
+    """narrow(copy_to_region(weight)) nodes: replicated projections read this rank's heads."""
+    return [n for n in _nodes(program, aten.narrow.default)
+            if n.args[0].target is copy_to_region and n.args[0].args[0].op == "get_attr"]
+
+
+def test_gqa_kv_heads_replicated_when_they_divide_tp():
+    plan = Plan(tp=4).resolve(4)
+    layers, head_dim = 2, 16
+    for rank in range(4):
+        program = _program("tiny_llama", plan, rank=rank, n_kv_head=2, bias=True)
+        program.stages[0].gm.graph.lint()
+        layouts = program.layouts
+        for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
+            assert layouts[f"blocks.0.attn.{name}"].shards == ()  # whole on every rank
+        assert layouts["blocks.0.attn.q_proj.weight"].shards == (ShardSpec(0, "tp"),)
+        # k/v weight and bias of every layer: this rank's kv head (rank // (tp / kv))
+        narrows = _kv_narrows(program)
+        assert len(narrows) == 4 * layers
+        assert {(n.args[2], n.args[3]) for n in narrows} == {(rank // 2 * head_dim, head_dim)}
+        assert {n.args[1] for n in narrows} == {0}
+        # the weight copies are the only extra copies; no extra forward collectives
+        assert _copies(program) == 2 * layers + 4 * layers
+        assert _collectives(program) == Counter({"all_reduce": 2 * layers})
+        # one kv head repeated once per local query head (4 heads / tp=4)
+        repeats = _nodes(program, aten.repeat_interleave.self_int)
+        assert repeats and all(n.args[1] == 1 for n in repeats)
+        assert all(tuple(n.meta["val"].shape) == (4, 1, 16, 16) for n in repeats)
+        for narrow in narrows:
+            (lin,) = narrow.users
+            # x through the copy q reads too: its backward sums every rank's dx of q, k, v
+            x = lin.args[0]
+            assert lin.target is aten.linear.default and x.target is copy_to_region
+            assert len(x.users) == 3
+            assert lin.meta["tp.placement"] == "S(2)@tp/2"  # 2 pieces over 4 ranks
+            assert tuple(lin.meta["val"].shape) == (4, 16, head_dim)
+
+
+def test_hf_llama_repeat_kv_narrows_the_expanded_copies():
+    pytest.importorskip("transformers")
+    model, (ids,) = hf_llama()  # 4 query heads, 2 kv heads
+    captured = capture(model, (ids,))
+    for rank in range(4):
+        program = compile_rank(captured, Plan(tp=4).resolve(4), rank, "meta")
+        program.stages[0].gm.graph.lint()
+        assert program.layouts["model.layers.0.self_attn.k_proj.weight"].shards == ()
+        # (B, kv, n_rep, S, hd) expanded copies: keep the one copy of this rank's query head
+        copies = [n for n in _nodes(program, aten.narrow.default)
+                  if n.args[0].target is aten.expand.default]
+        assert len(copies) == 2 * 2 and {n.args[1:] for n in copies} == {(2, rank % 2, 1)}
+        sdpa = [n for _, n in program.nodes() if "scaled_dot_product" in str(n.target)]
+        assert sdpa and all(tuple(a.meta["val"].shape) == (4, 1, 16, 16)
+                            for n in sdpa for a in n.args[:3])
+
+
+def test_gqa_sdpa_enable_gqa_takes_the_replicated_head_as_is():
+    model, (ids,) = gqa_sdpa(kv_heads=1)
+    program = compile_rank(capture(model, (ids,)), Plan(tp=2).resolve(2), 1, "meta")
+    program.stages[0].gm.graph.lint()
+    (sdpa,) = [n for _, n in program.nodes() if "scaled_dot_product" in str(n.target)]
+    assert sdpa.kwargs.get("enable_gqa")
+    # 4 query heads over tp=2; the one kv head (multi-query) whole on both ranks
+    assert [tuple(a.meta["val"].shape) for a in sdpa.args[:3]] == [(4, 2, 8, 8), (4, 1, 8, 8),
+                                                                  (4, 1, 8, 8)]
+    assert len(_kv_narrows(program)) == 4  # k/v weight and bias, whole kv head 0
 
 
 # --- bad input ------------------------------------------------------------------------------
@@ -147,10 +259,18 @@ def test_heads_not_divisible_names_node_module_and_fix():
     assert message.count("blocks.1.attn") >= 1
 
 
-def test_kv_heads_not_divisible():
+def test_kv_heads_neither_multiple_nor_divisor_of_tp():
+    with pytest.raises(PassError) as info:  # 3 kv heads, tp=2
+        _program("tiny_llama", Plan(tp=2).resolve(2), n_head=6, n_kv_head=3, n_embd=48)
+    message = str(info.value)
+    assert "kv heads" in message and "blocks.0.attn" in message and "rules=" in message
+    assert "of size 3" in message
+
+
+def test_fused_qkv_cannot_replicate_kv_heads():
     with pytest.raises(PassError) as info:
-        _program("tiny_llama", Plan(tp=4).resolve(4), n_kv_head=2)
-    assert "kv heads" in str(info.value) and "blocks.0.attn" in str(info.value)
+        _program("tiny_llama", Plan(tp=4).resolve(4), n_kv_head=2, fused_qkv=True)
+    assert "projections of their own" in str(info.value)
 
 
 def test_hidden_not_divisible():
@@ -173,9 +293,93 @@ def test_no_region_is_an_error():
         tensor_parallel(gm, PassContext(plan=Plan(tp=2).resolve(2), coords={"tp": 0}))
 
 
-def test_vocab_rule_on_tied_weight_is_an_error():
-    with pytest.raises(PassError, match="tied"):
+def test_rule_matching_no_module_is_an_error():
+    """Globs match whole module paths: HF's embedding is model.embed_tokens, not embed_tokens."""
+    captured = capture(*_hf_llama_model())
+    with pytest.raises(PassError, match=r"'embed_tokens:vocab' matches no linear or embedding.*"
+                                        r"model\.embed_tokens.*\*embed_tokens:vocab"):
+        compile_rank(captured, Plan.parse("tp=2,rules=embed_tokens:vocab").resolve(2), 0,
+                     "meta")
+
+
+def _hf_llama_model():
+    pytest.importorskip("transformers")
+    model, (ids,) = hf_llama()
+    return model, (ids,)
+
+
+def test_vocab_rule_on_one_use_of_a_tied_weight_is_an_error():
+    with pytest.raises(PassError, match="tied") as info:
         _program("tiny", Plan(tp=2, rules="lm_head:vocab").resolve(2))
+    assert "rules=wte:vocab as well" in str(info.value)
+    with pytest.raises(PassError, match="tied") as info:  # the other way round
+        _program("tiny", Plan(tp=2, rules="wte:vocab").resolve(2))
+    message = str(info.value)
+    assert "module 'wte'" in message and "rules=lm_head:vocab as well" in message
+
+
+def test_vocab_embedding_masks_ids_and_all_reduces():
+    plan = Plan(tp=2, rules="wte:vocab").resolve(2)
+    program = _program("tiny_llama", plan, rank=1, vocab_size=511)
+    program.stages[0].gm.graph.lint()
+    wte = program.layouts["wte.weight"]
+    assert wte.shards == (ShardSpec(0, "tp", padded=512),)  # one zero row pads 511 to 512
+    assert wte.local_shape(program.sizes) == (256, 64)
+    (lookup,) = _nodes(program, aten.embedding.default)
+    # rank 1 holds rows [256, 512): ids shifted by 256, the others looked up at row 0 ...
+    local_ids = lookup.args[1]
+    assert local_ids.target is aten.masked_fill.Scalar and local_ids.args[2] == 0
+    assert local_ids.args[0].target is aten.sub.Scalar and local_ids.args[0].args[1] == 256
+    bounds = {n.target: n.args[1] for n in local_ids.args[1].args}
+    assert bounds == {aten.lt.Scalar: 256, aten.ge.Scalar: 512}
+    # ... and zeroed before the sum over tp
+    (zeroed,) = lookup.users
+    assert zeroed.target is aten.masked_fill.Scalar
+    (reduced,) = zeroed.users
+    assert collective_kind(reduced) == "all_reduce"
+    assert lookup.meta["tp.placement"] == "P(sum)@tp" and reduced.meta["tp.placement"] == "R"
+    assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2})
+
+
+def test_tied_embedding_and_lm_head_share_one_row_shard():
+    plan = Plan(tp=2, rules="wte:vocab;lm_head:vocab").resolve(2)
+    program = _program("tiny", plan, vocab_size=511)
+    program.stages[0].gm.graph.lint()
+    wte = program.layouts["wte.weight"]
+    assert wte.shards == (ShardSpec(0, "tp", padded=512),) and wte.aliases == ("lm_head.weight",)
+    table = [n for _, n in program.nodes() if n.op == "get_attr" and n.target == "wte.weight"]
+    assert len(table) == 1 and tuple(table[0].meta["val"].shape) == (256, 64)
+    users = {n.target for n in table[0].users}
+    assert users == {aten.embedding.default, aten.linear.default}  # one local shard, both uses
+    assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
+
+
+def test_hf_tied_vocab_rules():
+    pytest.importorskip("transformers")
+    model, (ids,) = hf_gpt2()
+    plan = Plan(tp=2, rules="transformer.wte:vocab;lm_head:vocab").resolve(2)
+    program = compile_rank(capture(model, (ids,)), plan, 0, "meta")
+    wte = program.layouts["transformer.wte.weight"]
+    assert wte.shards == (ShardSpec(0, "tp"),) and "lm_head.weight" in wte.aliases
+    assert program.layouts["transformer.wpe.weight"].shards == ()
+    assert _collectives(program)["all_gather"] == 1
+
+
+def test_vocab_embedding_refuses_gradient_scaling_by_frequency():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(16, 8, scale_grad_by_freq=True)
+            self.up, self.down = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, ids):
+            return self.down(self.up(self.emb(ids)).relu())
+
+    captured = capture(Scaled(), (torch.randint(0, 16, (2, 4)),))
+    plan = Plan(tp=2, rules="emb:vocab").resolve(2)
+    with pytest.raises(PassError, match="frequency") as info:
+        tensor_parallel(captured.gm, PassContext(plan=plan, coords={"tp": 0}))
+    assert "rules=emb:replicate" in str(info.value)
 
 
 def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
@@ -207,9 +411,10 @@ def _equivalence_worker(cases):
     from partitioner.check import check_rank
 
     reports = []
-    for name, factory, kwargs, plan, dtype in cases:
+    for name, factory, kwargs, plan, dtype, *options in cases:
         factory = getattr(models, factory) if isinstance(factory, str) else factory
-        report = check_rank(factory, plan, dtype=dtype, factory_kwargs=kwargs)
+        report = check_rank(factory, plan, dtype=dtype, factory_kwargs=kwargs,
+                            **(options[0] if options else {}))
         reports.append((name, report))
     return reports
 
@@ -234,6 +439,15 @@ def test_equivalence_two_ranks():
          "tp=2,rules=lm_head:vocab", f64),
         ("gpt attention replicated by rule tp=2 f64", "tiny", {},
          "tp=2,rules=blocks.*.attn.*:replicate", f64),
+        ("gpt tied wte/lm_head vocab tp=2 f64", "tiny", {}, "tp=2,rules=wte:vocab;lm_head:vocab",
+         f64),
+        ("gpt tied vocab padded 511 tp=2 f32", "tiny", dict(vocab_size=511),
+         "tp=2,rules=wte:vocab;lm_head:vocab", torch.float32),
+        # built on meta, filled by load_full_state_dict: the padding row never shows
+        ("llama vocab padded 511 meta init tp=2 f64", "tiny_llama", dict(vocab_size=511),
+         "tp=2,rules=wte:vocab;lm_head:vocab", f64, dict(meta=True)),
+        ("llama mqa kv=1 replicated tp=2 f64", "tiny_llama", dict(n_kv_head=1), "tp=2", f64),
+        ("sdpa enable_gqa kv=1 replicated tp=2 f64", gqa_sdpa, {}, "tp=2", f64),
     ]
     try:
         import transformers  # noqa: F401
@@ -241,7 +455,11 @@ def test_equivalence_two_ranks():
         pass
     else:
         cases += [("hf gpt2 tp=2 f64", hf_gpt2, {}, "tp=2", f64),
-                  ("hf llama tp=2 f64", hf_llama, {}, "tp=2", f64)]
+                  ("hf llama tp=2 f64", hf_llama, {}, "tp=2", f64),
+                  ("hf gpt2 tied wte/lm_head vocab tp=2 f64", hf_gpt2, {},
+                   "tp=2,rules=transformer.wte:vocab;lm_head:vocab", f64),
+                  ("hf llama embed_tokens + lm_head vocab tp=2 f64", hf_llama, {},
+                   "tp=2,rules=model.embed_tokens:vocab;lm_head:vocab", f64)]
     _assert_passed(spawn(2, _equivalence_worker, cases, timeout=300), cases)
 
 
@@ -252,5 +470,18 @@ def test_equivalence_four_ranks():
         ("gpt tp=2 x dp=2 f64", "tiny", {}, "tp=2,dp=2", f64),
         ("llama fused tp=2 x dp=2 f32", "tiny_llama", dict(fused_qkv=True, fused_gate_up=True),
          "tp=2,dp=2", torch.float32),
+        ("llama gqa kv=2 replicated tp=4 bias f64", "tiny_llama", dict(bias=True), "tp=4", f64),
+        ("sdpa enable_gqa kv=2 replicated tp=4 f64", gqa_sdpa, dict(kv_heads=2), "tp=4", f64),
+        ("gpt tied vocab tp=2 x pp=2 f64", "tiny", {}, "tp=2,pp=2,rules=wte:vocab;lm_head:vocab",
+         f64),
     ]
-    _assert_passed(spawn(4, _equivalence_worker, cases, timeout=300), cases)
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        cases += [("hf llama gqa kv=2 replicated tp=4 f64", hf_llama, {}, "tp=4", f64),
+                  ("hf llama mqa kv=1 tp=4 vocab padded 255 f32", hf_llama,
+                   dict(num_key_value_heads=1, vocab_size=255),
+                   "tp=4,rules=model.embed_tokens:vocab;lm_head:vocab", torch.float32)]
+    _assert_passed(spawn(4, _equivalence_worker, cases, timeout=600), cases)
