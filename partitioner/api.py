@@ -9,9 +9,11 @@ every rank instead of hanging.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,9 +22,11 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from partitioner.capture import Captured, capture, input_key
-from partitioner.lower import ParamLayout, RankProgram, compile_rank, unshard
+from partitioner.loss_trace import (LossPath, choose_loss_path, find_sharded_logits,
+                                    local_logits_graph, output_leaves)
+from partitioner.lower import ParamLayout, RankProgram, Stage, compile_rank, unshard
 from partitioner.plan import Plan, PlanError, coerce_plan
-from runtime.collectives import bind_mesh
+from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh, RankLayout, default_device
 from runtime.pipeline import Action, PipelineRunner, schedule, timeline
@@ -129,6 +133,17 @@ def _on_device(tree, device):
     return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
 
 
+@dataclass(frozen=True)
+class _LossRoute:
+    """What `step` runs for one program and target shape: its stages and the loss path."""
+
+    stages: list
+    """The program's stages, the last one possibly returning local logits shards."""
+    path: LossPath | None = None
+    """The loss path chosen at the first step; None on ranks without the last stage or
+    without vocab-parallel logits (the user's loss_fn runs as is)."""
+
+
 # --- local tensors -----------------------------------------------------------------------------
 
 def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_buffer: bool) -> None:
@@ -162,6 +177,10 @@ class ParallelModel(nn.Module):
         self._model_ref = [model]  # a list so nn.Module does not register it as a submodule
         self._model_is_meta = any(p.is_meta for p in model.parameters())
         self._programs: dict[tuple, RankProgram] = {}
+        self._loss_routes: dict[tuple, _LossRoute] = {}
+        """(microbatch input key, target key) -> how step computes that loss."""
+        self._local_logits_stages: dict[tuple, list] = {}
+        """Microbatch input key -> the program's stages returning local logits shards."""
         self.last_pipeline_stats: dict[str, float] = {}
         """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
 
@@ -190,7 +209,9 @@ class ParallelModel(nn.Module):
             capture_device = "meta" if self._model_is_meta else None
             captured: Captured = capture(model, *(_on_device((args, kwargs), capture_device)
                                                   if capture_device else (args, kwargs)))
-            program = compile_rank(captured, self.plan, self.rank, self.device)
+            first = getattr(self, "program", None)  # later shapes keep the first one's cut
+            starts = first.pipeline.stage_starts if first and first.pipeline else None
+            program = compile_rank(captured, self.plan, self.rank, self.device, starts)
             self._programs[key] = program
             if hasattr(self, "store"):
                 self._bind(program)
@@ -215,15 +236,26 @@ class ParallelModel(nn.Module):
 
     def _bind(self, program: RankProgram) -> None:
         for stage in program.stages:
-            for node in stage.gm.graph.find_nodes(op="get_attr"):
-                if node.target in program.layouts:
-                    _set_tensor(stage.gm, node.target, self._local(node.target),
-                                program.layouts[node.target].is_buffer)
+            self._bind_graph(stage.gm, program)
+
+    def _bind_graph(self, gm, program: RankProgram) -> None:
+        for node in gm.graph.find_nodes(op="get_attr"):
+            if node.target in program.layouts:
+                _set_tensor(gm, node.target, self._local(node.target),
+                            program.layouts[node.target].is_buffer)
 
     # --- running -------------------------------------------------------------------------
-    def _run(self, program: RankProgram, args: tuple, kwargs: dict):
-        with bind_mesh(self.mesh):
-            return program.stages[0].gm(*args, **kwargs)
+    @contextlib.contextmanager
+    def _running(self):
+        """Collectives resolve to this model's mesh; with sp, gathered sequence shards are saved
+        for backward as shards."""
+        with bind_mesh(self.mesh), (save_gathered_as_shards() if self.plan.sp
+                                    else contextlib.nullcontext()):
+            yield
+
+    def _run(self, gm, args: tuple, kwargs: dict):
+        with self._running():
+            return gm(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
@@ -233,7 +265,7 @@ class ParallelModel(nn.Module):
         program = self._program_for(args, kwargs)
         if program.pipeline is not None:
             return self._pipeline_forward(program, args, kwargs)
-        return self._run(program, args, kwargs)
+        return self._run(program.stages[0].gm, args, kwargs)
 
     def step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward and backward over the global batch; returns its loss on every rank.
@@ -260,8 +292,14 @@ class ParallelModel(nn.Module):
         zeros = torch.zeros(3, dtype=torch.float64, device=self.device)
         totals = {"summary": zeros}  # [loss, tokens, token-weighted?] summed over microbatches
 
+        program = self._program_for(*microbatches[0][:2])
+        route = self._loss_route(program, microbatches[0])
+        loss_fn = self.loss_fn
+        if route.path is not None and route.path.vocab_parallel:
+            loss_fn = self._in_mesh(route.path.loss)
+
         def scaled_loss(index: int, output) -> torch.Tensor:
-            loss, tokens = self._loss(output, microbatches[index][2])
+            loss, tokens = self._loss(output, microbatches[index][2], loss_fn)
             scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
             row = torch.stack([loss.detach().double() * scale,
                                torch.as_tensor(0 if tokens is None else tokens,
@@ -271,10 +309,9 @@ class ParallelModel(nn.Module):
             totals["summary"] = totals["summary"] + row
             return loss * scale
 
-        program = self._program_for(*microbatches[0][:2])
         if program.pipeline is None:
             for index, (mb_args, mb_kwargs, _) in enumerate(microbatches):
-                output = self._run(program, mb_args, mb_kwargs)
+                output = self._run(route.stages[0].gm, mb_args, mb_kwargs)
                 loss = scaled_loss(index, output)
                 if index == len(microbatches) - 1 and self.reducer is not None:
                     self.reducer.arm()  # reduce buckets as backward fills them
@@ -282,7 +319,7 @@ class ParallelModel(nn.Module):
         else:
             actions = schedule(plan.schedule, plan.pp, micro, plan.vpp)[self.mesh.coord("pp")]
             leaves = [_input_leaves(a, k) for a, k, _ in microbatches]
-            runner = self._runner(program)
+            runner = self._runner(program, route.stages)
             start = time.perf_counter()
             runner.run(
                 actions, leaves, loss_of=lambda index, outputs: scaled_loss(
@@ -309,6 +346,58 @@ class ParallelModel(nn.Module):
             if old is not None:
                 p.grad = old if p.grad is None else p.grad.add_(old)
         return loss.to(self._output_dtype(program))
+
+    # --- the loss path -----------------------------------------------------------------------
+    def _loss_route(self, program: RankProgram, microbatch: tuple) -> _LossRoute:
+        """The stages and loss of `step` for this program and target shape, chosen at the first
+        step: vocab-parallel cross-entropy when the last stage returns vocab-parallel logits and
+        loss_fn is a cross-entropy of them, else the gathered logits and loss_fn as is."""
+        args, kwargs, target = microbatch
+        key = (input_key(args, kwargs), input_key((target,), {}))
+        route = self._loss_routes.get(key)
+        if route is None:
+            route = self._choose_loss_route(program, target, key[0])
+            self._loss_routes[key] = route
+        return route
+
+    def _choose_loss_route(self, program: RankProgram, target, program_key) -> _LossRoute:
+        last = program.stages[-1]
+        if program.pipeline is not None and last.index != program.pipeline.num_stages - 1:
+            return _LossRoute(program.stages)  # another pp rank computes the loss
+        sharded = find_sharded_logits(last.gm)
+        if not sharded:
+            return _LossRoute(program.stages)
+        out_spec = (program.pipeline.out_spec if program.pipeline is not None
+                    else last.gm.graph._codegen.pytree_info.out_spec)
+        path = choose_loss_path(self.loss_fn, out_spec, output_leaves(last.gm), sharded, target,
+                                self.device)
+        # Every rank of the group must agree (the loss runs collectives over it): a decision
+        # that differed on one rank (a rank-dependent loss_fn) would hang the step.
+        agreed = torch.tensor([int(path.vocab_parallel)], device=self.device)
+        for dim in sorted({item.mesh_dim for item in sharded}):
+            if self.mesh.group(dim) is not None:
+                dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.mesh.group(dim))
+        if path.vocab_parallel and not agreed.item():
+            path = LossPath(None, "another rank of the vocabulary's group could not take the "
+                                  "vocab-parallel path")
+        log.info("rank %d: step loss path: %s", self.rank, path)
+        if not path.vocab_parallel:
+            return _LossRoute(program.stages, path)
+        stages = self._local_logits_stages.get(program_key)
+        if stages is None:  # one variant per program, whatever the target shapes
+            variant = local_logits_graph(last.gm, sharded)
+            self._bind_graph(variant, program)
+            stages = program.stages[:-1] + [Stage(last.index, variant, last.inputs,
+                                                  last.outputs)]
+            self._local_logits_stages[program_key] = stages
+        return _LossRoute(stages, path)
+
+    def _in_mesh(self, loss_fn: LossFn) -> LossFn:
+        """`loss_fn` run with this model's mesh bound (it issues collectives by mesh dim)."""
+        def run(output, target):
+            with bind_mesh(self.mesh):
+                return loss_fn(output, target)
+        return run
 
     def _reduce_gradients(self, program: RankProgram) -> None:
         """Sum the gradients of parameters tied across pipeline ranks, then over dp."""
@@ -345,12 +434,12 @@ class ParallelModel(nn.Module):
         return torch.float32
 
     # --- pipelines ---------------------------------------------------------------------------
-    def _runner(self, program: RankProgram) -> PipelineRunner:
-        return PipelineRunner(program.pipeline, program.stages, self.mesh.group("pp"),
+    def _runner(self, program: RankProgram, stages: list | None = None) -> PipelineRunner:
+        return PipelineRunner(program.pipeline, stages or program.stages, self.mesh.group("pp"),
                               self.mesh.ranks("pp"), self._run_stage, self.device)
 
     def _run_stage(self, stage, inputs: list[torch.Tensor]):
-        with bind_mesh(self.mesh):
+        with self._running():
             return stage.gm(*inputs)
 
     @staticmethod
@@ -378,10 +467,11 @@ class ParallelModel(nn.Module):
             leaves.append(tensor)
         return pytree.tree_unflatten(leaves, pipeline.out_spec)
 
-    def _loss(self, output, target):
-        """(loss, tokens or None) of one microbatch, per the loss_fn contract."""
-        if self.loss_fn is not None:
-            result = self.loss_fn(output, target)
+    def _loss(self, output, target, loss_fn: LossFn | None = None):
+        """(loss, tokens or None) of one microbatch, per the loss_fn contract (`loss_fn`: the
+        user's, or its vocab-parallel rewrite)."""
+        if loss_fn is not None:
+            result = loss_fn(output, target)
         elif isinstance(output, torch.Tensor) and output.dim() == 0:
             result = output
         elif getattr(output, "loss", None) is not None:
@@ -547,8 +637,20 @@ class ParallelModel(nn.Module):
 
     # --- reports ---------------------------------------------------------------------------
     def explain(self) -> str:
-        """Per node: placement, inserted collectives, stage (this rank's training program)."""
-        return self.program.explain()
+        """Per node: placement, inserted collectives, stage (this rank's training program);
+        then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits)."""
+        text = self.program.explain()
+        paths = list(dict.fromkeys(str(route.path) for route in self._loss_routes.values()
+                                   if route.path is not None))
+        if not self._loss_routes and self._holds_last_stage() and \
+                find_sharded_logits(self.program.stages[-1].gm):
+            paths = ["chosen at the first step (vocab-parallel cross-entropy if loss_fn is a "
+                     "cross-entropy of the logits, else gathered logits)"]
+        return "\n".join([text] + [f"step loss path: {path}" for path in paths])
+
+    def _holds_last_stage(self) -> bool:
+        pipeline = self.program.pipeline
+        return pipeline is None or self.program.stages[-1].index == pipeline.num_stages - 1
 
     def timeline(self) -> str:
         """Which pp rank runs which microbatch of which stage when (unit-time model)."""

@@ -21,6 +21,7 @@ from partitioner.plan import Plan
 from passes import PassContext, run_passes
 from passes.device import retarget_device
 from passes.kernels import use_kernels
+from passes.pipeline_split import stage_starts as starts_of_stages
 from runtime.collectives import COLLECTIVE_KINDS
 from runtime.mesh import RankLayout
 
@@ -146,6 +147,9 @@ class Pipeline:
     out_spec: object
     stage_params: dict[int, list[str]]
     """Stage -> canonical names of the parameters and buffers it reads."""
+    stage_starts: tuple[str, ...] = ()
+    """The segment each stage starts with (pass it to compile_rank to cut another input shape
+    the same way)."""
 
     def rank_of(self, stage: int) -> int:
         """pp coordinate of a (virtual) stage: Megatron's interleaving, stage s on rank s % pp."""
@@ -281,9 +285,13 @@ def layouts_from_capture(captured: Captured) -> dict[str, ParamLayout]:
     return layouts
 
 
-def compile_rank(captured: Captured, plan: Plan, rank: int,
-                 device: torch.device | str = "cpu") -> RankProgram:
-    """Run the passes for one rank and lower the result to its program (pure, no groups)."""
+def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device | str = "cpu",
+                 stage_starts: tuple[str, ...] | None = None) -> RankProgram:
+    """Run the passes for one rank and lower the result to its program (pure, no groups).
+
+    `stage_starts` (an earlier program's `pipeline.stage_starts`) fixes the pipeline cut, so
+    every input shape of one model keeps each parameter on the same stage.
+    """
     layout = RankLayout.dense(plan)
     coords = layout.coords(rank)
     coords.update({k: v for k, v in RankLayout.expert(plan).coords(rank).items()
@@ -294,7 +302,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
     # Sharding passes start from "everything replicated" with the capture's tied names (the
     # graph alone cannot tell a tied alias from an unused parameter) and update this key.
     gm.meta["partitioner.layouts"] = layouts_from_capture(captured)
-    gm = run_passes(gm, PassContext(plan=plan, coords=coords))
+    gm = run_passes(gm, PassContext(plan=plan, coords=coords, stage_starts=stage_starts))
     gm = use_kernels(gm)
     gm = retarget_device(gm, torch.device(device))
     all_layouts = gm.meta["partitioner.layouts"]
@@ -304,6 +312,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int,
         return RankProgram(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
                            layouts=all_layouts, sizes=sizes, all_layouts=all_layouts)
     stages, pipeline = split_stages(gm, plan.stages, plan.pp)
+    pipeline.stage_starts = starts_of_stages(gm)
     # Parameters no stage reads still belong to the model: the first stage keeps them.
     read = {name for names in pipeline.stage_params.values() for name in names}
     pipeline.stage_params[0] += [name for name in all_layouts if name not in read]

@@ -22,6 +22,10 @@ class PassContext:
     """The resolved plan (dp filled in)."""
     coords: dict
     """This rank's coordinate along every mesh dimension, e.g. {"tp": 0, "dp": 1, "pp": 0}."""
+    stage_starts: tuple[str, ...] | None = None
+    """The segment each pipeline stage starts with, from an earlier program of the same model:
+    every input shape must put each parameter on the same stage, so later programs reuse the
+    first program's cut instead of choosing one from their own costs."""
 
 
 class PassError(ValueError):
@@ -48,8 +52,9 @@ def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
 
         passes.append(("tensor_parallel", tensor_parallel))
         if plan.sp:
-            passes.append(("sequence_parallel",
-                           _not_available("sequence parallelism (sp=on)", "issue 3")))
+            from passes.sequence_parallel import sequence_parallel
+
+            passes.append(("sequence_parallel", sequence_parallel))
     if plan.cp > 1:
         passes.append(("context_parallel", _not_available("context parallelism (cp>1)",
                                                           "no issue yet")))

@@ -87,7 +87,7 @@ def pipeline_split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             f"the model has only {len(names)} cuttable segments ({', '.join(names)}); "
             f"use pp*vpp <= {len(names)}")
     segments = _segment_costs(gm, names, assignment)
-    pinned = _pinned(plan, names)
+    pinned = _pinned(plan, names) if ctx.stage_starts is None else _reused(ctx, names)
     try:
         cut = choose_cuts(segments, stages, pinned=pinned)
     except ValueError as error:
@@ -127,6 +127,22 @@ def _segment_costs(gm: fx.GraphModule, names: list[str],
         for boundary in range(assignment[value], last):
             crossing[boundary] += size
     return [Segment(name, compute[i], memory[i], crossing[i]) for i, name in enumerate(names)]
+
+
+def _reused(ctx: PassContext, names: list[str]) -> list[int]:
+    """The earlier program's cut as pins (one per stage after the first: the cut is fixed)."""
+    missing = [name for name in ctx.stage_starts if name not in names]
+    if missing or len(ctx.stage_starts) != ctx.plan.stages:
+        raise PassError(f"pipeline_split: this input shape gives segments {names}, which do not "
+                        f"hold the stage starts {list(ctx.stage_starts)} of the model's first "
+                        f"program")
+    return [names.index(name) for name in ctx.stage_starts[1:]]
+
+
+def stage_starts(gm: fx.GraphModule) -> tuple[str, ...]:
+    """The first segment of each stage, as pipeline_split chose them."""
+    segments, cut = gm.meta["pp.segments"], gm.meta["pp.cut"]
+    return tuple(segments[start].name for start in cut.bounds[:-1])
 
 
 def _pinned(plan, names: list[str]) -> list[int]:

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 
 _ACTIVE_MESH: ContextVar = ContextVar("partitioner_active_mesh", default=None)
+_GATHERED: ContextVar = ContextVar("partitioner_gathered_for_region", default=None)
 
 
 @contextlib.contextmanager
@@ -186,12 +188,90 @@ class _AllGatherToRegion(torch.autograd.Function):
         ctx.tensor_dim = tensor_dim
         group, size = group_of(dim)
         ctx.group, ctx.size = group, size  # backward runs outside bind_mesh
-        return _all_gather(x, group, size, tensor_dim)
+        out = _all_gather(x, group, size, tensor_dim)
+        registry = _GATHERED.get()
+        if registry is not None:  # inside save_gathered_as_shards: saved as the shard
+            key = out.untyped_storage().data_ptr()
+            registry[key] = (weakref.ref(out, lambda _: registry.pop(key, None)),
+                             _ShardSave(x.detach(), group, size, tensor_dim))
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         group, size = ctx.group, ctx.size
         return _reduce_scatter(grad, group, size, ctx.tensor_dim), None, None
+
+
+class _ShardSave:
+    """A gathered tensor as autograd keeps it: this rank's shard, gathered again the first time
+    backward reads it (and shared by every op that saved it, like q, k and v's linears)."""
+
+    def __init__(self, shard: torch.Tensor, group, size: int, dim: int) -> None:
+        self.shard, self.group, self.size, self.dim = shard, group, size, dim
+        self._outer = None  # (unpack, packed shard) once an enclosing hook has packed it
+        self._full: torch.Tensor | None = None
+
+    def pack(self, outer) -> None:
+        if outer is not None and self._outer is None:  # e.g. save_on_cpu around the model
+            self._outer, self.shard = (outer[1], outer[0](self.shard)), None
+
+    def full(self) -> torch.Tensor:
+        if self._full is None:
+            shard = self.shard if self._outer is None else self._outer[0](self._outer[1])
+            self._full = _all_gather(shard, self.group, self.size, self.dim)
+        return self._full
+
+
+class _Saved:
+    """What the hooks keep: a view of a _ShardSave's tensor, or an enclosing hook's package."""
+
+    def __init__(self, save=None, view=None, outer=None) -> None:
+        self.save, self.view, self.outer = save, view, outer
+
+
+def _enclosing_hooks():
+    """The saved-tensor hooks active around ours (they would be shadowed, so we chain them)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top(False) if top is not None else None
+
+
+def _pack(registry: dict, outer, tensor: torch.Tensor):
+    entry = registry.get(tensor.untyped_storage().data_ptr())
+    if entry is not None and entry[0]() is not None:
+        save = entry[1]
+        save.pack(outer)
+        return _Saved(save, (tensor.size(), tensor.stride(), tensor.storage_offset()))
+    return tensor if outer is None else _Saved(outer=(outer[1], outer[0](tensor)))
+
+
+def _unpack(packed):
+    if not isinstance(packed, _Saved):
+        return packed
+    if packed.save is not None:
+        return packed.save.full().as_strided(*packed.view)
+    unpack, value = packed.outer
+    return unpack(value)
+
+
+@contextlib.contextmanager
+def save_gathered_as_shards():
+    """While active, what `gather_for_region` gathers is saved for backward as this rank's
+    sequence shard and all-gathered again in backward (Megatron's sequence-parallel linears keep
+    their local input): the column linears' inputs cost 1/tp of the activation memory.
+
+    The gathered value is found by its storage, so views of it (linear's 2-d reshape) count
+    too; a registry entry dies with the gathered tensor, so a reused address never matches.
+    Saved-tensor hooks active around this block still see every tensor (the shard, for ours).
+    """
+    registry: dict = {}
+    outer = _enclosing_hooks()
+    token = _GATHERED.set(registry)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: _pack(registry, outer, t),
+                                                      _unpack):
+            yield
+    finally:
+        _GATHERED.reset(token)
 
 
 class _AllToAll(torch.autograd.Function):

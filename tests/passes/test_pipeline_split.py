@@ -58,6 +58,22 @@ def test_interleaved_virtual_stages_and_pinned_cuts():
     assert any(t.startswith("blocks.5.") for t in targets)
 
 
+def test_a_later_input_shape_keeps_the_first_programs_cut():
+    """The cut follows costs, which depend on the shape (here a tie broken differently at
+    batch 2 and 4); parameters must not move between the programs of one model, so a later
+    shape reuses the first program's stage starts."""
+    plan = Plan.parse("tp=2,pp=2,mb=2,sp=on").resolve(4)
+    model, (ids,) = tiny_llama(batch=4)
+    first = compile_rank(capture(model, (ids[:2],)), plan, 0, "meta")
+    starts = first.pipeline.stage_starts
+    assert starts == ("pre", "blocks.1")
+    own = compile_rank(capture(model, (ids,)), plan, 0, "meta")
+    assert own.pipeline.stage_starts != starts  # why the reuse matters
+    reused = compile_rank(capture(model, (ids,)), plan, 0, "meta", stage_starts=starts)
+    assert reused.pipeline.stage_starts == starts
+    assert reused.pipeline.stage_params == first.pipeline.stage_params
+
+
 def test_more_stages_than_segments_is_a_clear_error():
     captured = _captured(tiny)  # pre, 2 blocks, post
     with pytest.raises(PassError, match=r"pp\*vpp=4\*2=8 stages but the model has only 4"):
