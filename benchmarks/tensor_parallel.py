@@ -2,7 +2,8 @@
 
 Same Hugging Face LlamaForCausalLM (4 layers, hidden 256, batch 8 x 128), same 2 gloo ranks:
 DTensor with the usual Llama plan (q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, local
-outputs) against `parallelize(model, "tp=2")`. Each timed step is forward, mean cross-entropy
+outputs) against `parallelize(model, "tp=2")`; also ours with sp=on and with the embedding and LM
+head vocab-parallel (cross-entropy on the logit shards), for the record. Each timed step is forward, mean cross-entropy
 and backward; the runners alternate step by step so machine noise falls on both. Goal: ours at
 most 0.8x of DTensor. Prints a table and saves JSON.
 
@@ -65,14 +66,23 @@ def _dtensor_runner(args):
     return step
 
 
-def _our_runner(args):
+VARIANTS = {
+    "ours": "tp=2",
+    "ours_sp": "tp=2,sp=on",
+    "ours_vocab": "tp=2,rules=model.embed_tokens:vocab;lm_head:vocab",
+}
+"""Our plans: the one compared with DTensor's plan, then sequence parallelism, then the
+embedding and LM head vocab-parallel with the cross-entropy on logit shards."""
+
+
+def _our_runner(args, plan):
     import torch
 
     from partitioner import parallelize
 
     model, ids = _model(args)
     target = torch.roll(ids, -1, 1)
-    pm = parallelize(model, "tp=2", example_inputs=(ids,), loss_fn=_loss)
+    pm = parallelize(model, plan, example_inputs=(ids,), loss_fn=_loss)
 
     def step():
         for p in pm.parameters():
@@ -82,7 +92,8 @@ def _our_runner(args):
 
 
 def _rank_main(args):
-    runners = {"dtensor": _dtensor_runner(args), "ours": _our_runner(args)}
+    runners = {"dtensor": _dtensor_runner(args)}
+    runners.update({name: _our_runner(args, plan) for name, plan in VARIANTS.items()})
     return time_round_robin(runners, args.steps)
 
 
@@ -106,6 +117,9 @@ def main() -> None:
     print(f"  DTensor parallelize_module: {median['dtensor'] * 1e3:8.1f} ms/step")
     print(f"  partitioner tp=2:           {median['ours'] * 1e3:8.1f} ms/step  "
           f"({ratio:.2f}x DTensor; goal <= 0.8x)")
+    for name, plan in list(VARIANTS.items())[1:]:
+        print(f"  {'partitioner ' + name + ':':<28}{median[name] * 1e3:8.1f} ms/step  "
+              f"({median[name] / median['dtensor']:.2f}x DTensor)  {plan}")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"config": vars(args), "median_s": median, "ratio": ratio, "raw": per_rank},

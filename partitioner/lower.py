@@ -228,7 +228,7 @@ class RankProgram:
                   f"{sum(r['collective'] is not None for r in rows)} inserted collectives, "
                   f"{len([l for l in self.layouts.values() if not l.is_buffer])} parameters "
                   f"({self.local_numel():,} local elements)")
-        widths = (28, 14, 40, 20, 12, 6, 14)
+        widths = (28, 14, 40, 20, 12, 6, 16)
         title = ("node", "op", "target", "shape", "placement", "stage", "collective")
         lines = [header, _row(title, widths), _row(["-" * (w - 1) for w in widths], widths)]
         for r in rows:

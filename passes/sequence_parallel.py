@@ -8,8 +8,11 @@ sequence instead, so each rank computes and stores 1/tp of them:
 - a column region's `copy_to_region(x, "tp")` becomes `gather_for_region(x, "tp", seq)`
   (all-gather forward, reduce-scatter backward);
 - the *sequence zone* is every node connected to those collectives through token-wise ops
-  (elementwise, reductions and norms over features, dropout, embedding lookups, views that keep
-  or flatten the token dims); its values take their local shapes;
+  (elementwise, reductions and norms over features, dropout, views that keep or flatten the
+  token dims); its values take their local shapes. Embedding lookups stay whole on purpose: on
+  sequence shards their table's gradient would be partial and need an all-reduce of the whole
+  table (vocab x hidden) per microbatch, where scattering their output costs an all-gather of
+  one activation gradient (Megatron scatters the embedding output too);
 - where the zone reads a value that spans the sequence from outside (input ids, position ids,
   anything computed off the zone) `scatter` keeps this rank's slice; where a zone value leaves
   it (the LM head, the graph output, any op that mixes tokens) `all_gather` restores it;
@@ -154,13 +157,6 @@ def _softmax(node, split, tokens):  # softmax / log_softmax over a feature dim
     return {a: (split if a is x else None) for a in _tensor_args(node)}
 
 
-def _embedding(node, split, tokens):  # embedding(table, ids): the ids carry the tokens
-    table, ids = node.args[0], node.args[1]
-    if split.dim >= len(_shape(ids)):
-        raise _NotTokenwise("the split dim is the embedding's feature dim")
-    return {table: None, ids: split}
-
-
 def _getitem(node, split, tokens):  # an output of a multi-output zone op (native_layer_norm)
     return {node.args[0]: split}
 
@@ -211,7 +207,6 @@ def _rule_table():
         aten.softmax.int: _softmax,
         aten._log_softmax.default: _softmax,
         aten.log_softmax.int: _softmax,
-        aten.embedding.default: _embedding,
         operator.getitem: _getitem,
         aten.view.default: _view,
         aten.reshape.default: _view,
@@ -364,6 +359,7 @@ class _Rewriter:
     def __init__(self, gm: fx.GraphModule, tp: int, tokens: _Tokens, zone: dict) -> None:
         self.graph, self.tp, self.tokens, self.zone = gm.graph, tp, tokens, zone
         self.gathered: dict[fx.Node, fx.Node] = {}
+        self.scattered: dict[tuple, fx.Node] = {}
         layouts = gm.meta.get(LAYOUTS_KEY) or {}
         self.trainable = ({name for name, layout in layouts.items()
                            if not layout.is_buffer and layout.requires_grad} if layouts else
@@ -497,13 +493,14 @@ class _Rewriter:
                 continue
             if self.zone.get(arg) == want:
                 continue
-            full = self._gather(arg) if arg in self.zone else arg
-            shape = list(_shape(arg))
-            with self.graph.inserting_before(node):
-                part = self._collective(scatter, full, want,
-                                        (shape, self._local_shape(shape, want)), node,
-                                        ("R", str(want)))
-            node.replace_input_with(arg, part)
+            if (arg, want) not in self.scattered:  # one slice (one backward all-gather) per value
+                full = self._gather(arg) if arg in self.zone else arg
+                shape = list(_shape(arg))
+                with self.graph.inserting_before(node):
+                    self.scattered[arg, want] = self._collective(
+                        scatter, full, want, (shape, self._local_shape(shape, want)), node,
+                        ("R", str(want)))
+            node.replace_input_with(arg, self.scattered[arg, want])
 
     def _carries_grad(self, node: fx.Node) -> bool:
         """Whether a gradient can reach a trainable parameter through `node`."""
