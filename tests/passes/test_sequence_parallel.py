@@ -16,6 +16,7 @@ from partitioner.plan import Plan
 from passes import PassError
 from runtime import spawn
 from runtime.collectives import copy_to_region, scatter
+from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 
 aten = torch.ops.aten
@@ -100,23 +101,6 @@ def test_sp_off_leaves_the_tensor_parallel_graph_alone():
 
 # --- equivalence on gloo ranks --------------------------------------------------------------
 
-def _equivalence_worker(cases):
-    from partitioner.check import check_rank
-
-    reports = []
-    for name, factory, kwargs, plan, dtype in cases:
-        factory = getattr(models, factory) if isinstance(factory, str) else factory
-        reports.append((name, check_rank(factory, plan, dtype=dtype, factory_kwargs=kwargs)))
-    return reports
-
-
-def _assert_passed(results, cases):
-    assert [len(reports) for reports in results] == [len(cases)] * len(results)
-    failures = [f"{name}:\n{report}" for reports in results for name, report in reports
-                if not report.passed]
-    assert not failures, "\n".join(failures)
-
-
 def test_equivalence_two_ranks():
     f64 = torch.float64
     cases = [
@@ -135,7 +119,7 @@ def test_equivalence_two_ranks():
     else:
         cases += [("hf gpt2 tp=2 sp f64", hf_gpt2, {}, "tp=2,sp=on", f64),
                   ("hf llama tp=2 sp f32", hf_llama, {}, "tp=2,sp=on", torch.float32)]
-    _assert_passed(spawn(2, _equivalence_worker, cases, timeout=300), cases)
+    assert_passed(spawn(2, equivalence_worker, cases, timeout=300), cases)
 
 
 def test_equivalence_four_ranks():
@@ -144,6 +128,8 @@ def test_equivalence_four_ranks():
         ("llama tp=4 sp f64", "tiny_llama", dict(n_kv_head=4), "tp=4,sp=on", f64),
         ("gpt tp=4 sp f32", "tiny", {}, "tp=4,sp=on", torch.float32),
         ("gpt tp=2 x dp=2 sp f64", "tiny", {}, "tp=2,dp=2,sp=on", f64),
+        ("llama fused tp=2 x dp=2 sp f32", "tiny_llama",
+         dict(fused_qkv=True, fused_gate_up=True), "tp=2,dp=2,sp=on", torch.float32),
         ("llama tp=2 x pp=2 sp f64", "tiny_llama", {}, "tp=2,pp=2,mb=2,sp=on", f64),
     ]
     try:
@@ -158,7 +144,7 @@ def test_equivalence_four_ranks():
                    "tp=2,pp=2,mb=2,sp=on,zero=1,recompute=full", f64),
                   ("hf gpt2 tp=2 x dp=2 sp f32", hf_gpt2, {}, "tp=2,dp=2,sp=on",
                    torch.float32)]
-    _assert_passed(spawn(4, _equivalence_worker, cases, timeout=300), cases)
+    assert_passed(spawn(4, equivalence_worker, cases, timeout=300), cases)
 
 
 # --- activation memory ----------------------------------------------------------------------

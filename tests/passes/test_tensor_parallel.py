@@ -18,6 +18,7 @@ from partitioner.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
 from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
+from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 from runtime.collectives import copy_to_region
 
@@ -407,25 +408,6 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
 
 # --- equivalence on gloo ranks --------------------------------------------------------------
 
-def _equivalence_worker(cases):
-    from partitioner.check import check_rank
-
-    reports = []
-    for name, factory, kwargs, plan, dtype, *options in cases:
-        factory = getattr(models, factory) if isinstance(factory, str) else factory
-        report = check_rank(factory, plan, dtype=dtype, factory_kwargs=kwargs,
-                            **(options[0] if options else {}))
-        reports.append((name, report))
-    return reports
-
-
-def _assert_passed(results, cases):
-    assert [len(reports) for reports in results] == [len(cases)] * len(results)
-    failures = [f"{name}:\n{report}" for reports in results for name, report in reports
-                if not report.passed]
-    assert not failures, "\n".join(failures)
-
-
 def test_equivalence_two_ranks():
     f64 = torch.float64
     cases = [
@@ -460,7 +442,7 @@ def test_equivalence_two_ranks():
                    "tp=2,rules=transformer.wte:vocab;lm_head:vocab", f64),
                   ("hf llama embed_tokens + lm_head vocab tp=2 f64", hf_llama, {},
                    "tp=2,rules=model.embed_tokens:vocab;lm_head:vocab", f64)]
-    _assert_passed(spawn(2, _equivalence_worker, cases, timeout=300), cases)
+    assert_passed(spawn(2, equivalence_worker, cases, timeout=300), cases)
 
 
 def test_equivalence_four_ranks():
@@ -484,4 +466,4 @@ def test_equivalence_four_ranks():
                   ("hf llama mqa kv=1 tp=4 vocab padded 255 f32", hf_llama,
                    dict(num_key_value_heads=1, vocab_size=255),
                    "tp=4,rules=model.embed_tokens:vocab;lm_head:vocab", torch.float32)]
-    _assert_passed(spawn(4, _equivalence_worker, cases, timeout=600), cases)
+    assert_passed(spawn(4, equivalence_worker, cases, timeout=600), cases)
