@@ -13,14 +13,14 @@ import time
 import torch
 
 def default_plan(world_size: int) -> str:
-    """The richest plan the runtime runs on `world_size` ranks: tensor x pipeline parallel
-    (x data parallel with ZeRO-1 when there are ranks to spare), 1F1B over two microbatches,
-    selective recompute."""
+    """The richest plan the runtime runs on `world_size` ranks: tensor x sequence x pipeline
+    parallel (x data parallel with ZeRO-1 when there are ranks to spare), 1F1B over two
+    microbatches, selective recompute."""
     if world_size % 4 == 0:
         zero = ",zero=1" if world_size > 4 else ""
-        return f"tp=2,pp=2,mb=2,recompute=selective{zero}"
+        return f"tp=2,sp=on,pp=2,mb=2,recompute=selective{zero}"
     if world_size % 2 == 0:
-        return "tp=2,mb=2"
+        return "tp=2,sp=on,mb=2"
     return f"dp={world_size},zero=1,mb=2"
 
 
