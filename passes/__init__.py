@@ -1,6 +1,7 @@
 """fx rewrite passes: each a function `(GraphModule, PassContext) -> GraphModule`.
 
-`run_passes` applies them in the fixed order of DESIGN.md (tp -> sp -> cp -> ep -> pp_split) and
+`run_passes` applies them in the fixed order of DESIGN.md (tp -> sp -> cp -> ep -> pp_split),
+after folding constant causal masks into SDPA (passes.causal_mask), and
 names the failing pass, the passes that ran before it and the node, the way torch.fx's
 PassManager does. Passes are pure functions of the graph, the plan and this rank's coordinates:
 nothing here touches a process group.
@@ -46,7 +47,9 @@ def _not_available(feature: str, issue: str) -> Pass:
 
 def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
     """The passes this plan needs, in order; a strategy not built yet refuses clearly."""
-    passes: list[tuple[str, Pass]] = []
+    from passes.causal_mask import fold_causal_masks
+
+    passes: list[tuple[str, Pass]] = [("causal_mask", fold_causal_masks)]
     if plan.tp > 1:
         from passes.tensor_parallel import tensor_parallel  # imports runtime op names
 

@@ -58,20 +58,21 @@ def test_interleaved_virtual_stages_and_pinned_cuts():
     assert any(t.startswith("blocks.5.") for t in targets)
 
 
-def test_a_later_input_shape_keeps_the_first_programs_cut():
-    """The cut follows costs, which depend on the shape (here a tie broken differently at
-    batch 2 and 4); parameters must not move between the programs of one model, so a later
-    shape reuses the first program's stage starts."""
-    plan = Plan.parse("tp=2,pp=2,mb=2,sp=on").resolve(4)
-    model, (ids,) = tiny_llama(batch=4)
-    first = compile_rank(capture(model, (ids[:2],)), plan, 0, "meta")
-    starts = first.pipeline.stage_starts
-    assert starts == ("pre", "blocks.1")
-    own = compile_rank(capture(model, (ids,)), plan, 0, "meta")
-    assert own.pipeline.stage_starts != starts  # why the reuse matters
-    reused = compile_rank(capture(model, (ids,)), plan, 0, "meta", stage_starts=starts)
-    assert reused.pipeline.stage_starts == starts
-    assert reused.pipeline.stage_params == first.pipeline.stage_params
+def test_given_stage_starts_fix_the_cut():
+    """The cut follows costs, which depend on the input shape; parameters must not move between
+    the programs of one model, so ParallelModel compiles later shapes with the first program's
+    stage starts, which override the cost model's own choice."""
+    plan = Plan.parse("pp=2").resolve(2)
+    model, (ids,) = tiny_llama(n_layer=3)
+    captured = capture(model, (ids,))
+    own = compile_rank(captured, plan, 0, "meta").pipeline
+    assert own.stage_starts == ("pre", "blocks.2")
+    given = compile_rank(captured, plan, 0, "meta", stage_starts=("pre", "blocks.1")).pipeline
+    assert given.stage_starts == ("pre", "blocks.1")
+    assert any(name.startswith("blocks.1.") for name in given.stage_params[1])
+    assert not any(name.startswith("blocks.1.") for name in own.stage_params[1])
+    with pytest.raises(PassError, match="do not hold the stage starts"):
+        compile_rank(captured, plan, 0, "meta", stage_starts=("pre", "blocks.7"))
 
 
 def test_more_stages_than_segments_is_a_clear_error():
