@@ -124,9 +124,11 @@ def predict(plan_text: str, hw) -> dict:
     cluster = Cluster(hardware=hw, num_gpus=WORLD, gpus_per_node=WORLD)
     shape = TransformerShape.from_gpt_config(GPTConfig(**MODEL))
     plan = Plan.parse(plan_text).resolve(WORLD)
-    # the TP pass splits the embedding and LM head over the vocabulary only where rules say so
+    # the TP pass splits the embedding and LM head over the vocabulary only where rules say so;
+    # sequence parallelism runs as this runtime runs it
     est = estimate(shape, plan, cluster, BATCH, include_optimizer=False,
-                   vocab_parallel=any(rule.kind == "vocab" for rule in plan.rules))
+                   vocab_parallel=any(rule.kind == "vocab" for rule in plan.rules),
+                   sp_style="partitioner")
     return {"predicted_s": est.step_time_s, "critical_path_s": est.critical_path_s,
             "shared_cores_s": est.shared_cores_s}
 

@@ -73,6 +73,23 @@ class Hardware:
     reduce_scatter_is_all_reduce: bool = False
     """The collective library builds reduce-scatter from an all-reduce of the whole buffer and
     keeps this rank's chunk (gloo, PyTorch #118911): it costs a full all-reduce."""
+    attention_eff: float = 1.0
+    """Fused attention's throughput over the GEMM roofline of the same shape: 1 where flash
+    attention runs its two matmuls as tensor-core GEMMs (GPUs); on a CPU the kernel's online
+    softmax runs on the same vector units, and calibrate.py times it."""
+    math_rate: float | None = None
+    """Elements per second a kernel with per-element math (norm, GeLU, softmax) processes; such
+    a kernel takes the longer of its bytes over the memory bandwidth and its elements over this
+    rate. None: memory bound (GPUs, whose math outruns HBM); a CPU core's exp/erf/rsqrt are
+    slower than its memory, and calibrate.py times them."""
+    op_overhead: float = 0.0
+    """Seconds one node of the captured graph costs in forward beyond its kernels: the runtime's
+    Python, the dispatcher and autograd recording, paid per op however small the op. Hidden
+    behind asynchronous kernel launches on GPUs (0); on a CPU rank it runs on the core that does
+    the arithmetic, and calibrate.py times it on a tiny block. It is what makes many small
+    microbatches slower than a few large ones."""
+    op_overhead_bwd: float = 0.0
+    """The same per node in backward (autograd's engine and the backward formulas' ops)."""
 
     # --- roofline -------------------------------------------------------------------------
     def gemm_shape_eff(self, m, n, k):
@@ -91,6 +108,24 @@ class Hardware:
     def memory_time(self, nbytes, kernels=1):
         """A memory-bound kernel (norms, elementwise, softmax, optimizer) moving `nbytes`."""
         return nbytes / (self.hbm_bw * self.mem_eff) + kernels * self.kernel_latency
+
+    def math_time(self, nbytes, elements, kernels=1):
+        """An elementwise kernel with per-element math (norm, activation, softmax) moving
+        `nbytes` over `elements`: memory bound, unless the profile's math rate is slower."""
+        if self.math_rate is None:
+            return self.memory_time(nbytes, kernels)
+        return (_max(nbytes / (self.hbm_bw * self.mem_eff), elements / self.math_rate)
+                + kernels * self.kernel_latency)
+
+    def attention_time(self, flops, sq, sk, head_dim):
+        """Forward of fused (flash) attention executing `flops` over (sq x sk) scores of
+        `head_dim`: its matmuls at the GEMM shape efficiency, times the kernel's own."""
+        rate = self.peak_flops * self.attention_eff * self.gemm_shape_eff(sq, sk, head_dim)
+        return flops / rate + self.kernel_latency
+
+    def graph_ops_time(self, nodes):
+        """(forward, backward) framework seconds of `nodes` graph ops."""
+        return nodes * self.op_overhead, nodes * self.op_overhead_bwd
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

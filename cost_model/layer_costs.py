@@ -62,15 +62,48 @@ def _residual_bytes(shape: TransformerShape, hw: Hardware) -> int:
     return 3 * hw.elem_bytes + (1 if shape.dropout else 0)
 
 
-def _gemm(hw: Hardware, name, m, n, k, batch=1) -> Op:
+def _gemm(hw: Hardware, name, m, n, k, batch=1, nodes=1) -> Op:
+    """A (batched) matmul; `nodes`: the ops of the captured graph it takes (the linear, and the
+    views and splits around it), each paying the profile's per-op overhead."""
     fwd = hw.gemm_time(m, n, k, batch)
+    over_f, over_b = hw.graph_ops_time(nodes)
     # backward = dgrad (m,k,n) + wgrad (k,n,m): the same FLOPs and shape efficiency twice
-    return Op(name, fwd, 2 * fwd, 2 * batch * m * n * k)
+    return Op(name, fwd + over_f, 2 * fwd + over_b, 2 * batch * m * n * k)
 
 
-def _mem(hw: Hardware, name, nbytes, bwd_ratio, attention_core=False) -> Op:
-    return Op(name, hw.memory_time(nbytes), hw.memory_time(bwd_ratio * nbytes), sympy.Integer(0),
-              attention_core)
+def _mem(hw: Hardware, name, nbytes, bwd_ratio, attention_core=False, elements=None,
+         nodes=1) -> Op:
+    """A memory-bound kernel moving `nbytes` forward and `bwd_ratio` times that backward; with
+    `elements`, one doing per-element math over that many elements (and the same ratio of
+    them backward), bounded by the profile's math rate too."""
+    over_f, over_b = hw.graph_ops_time(nodes)
+    if elements is None:
+        fwd, bwd = hw.memory_time(nbytes), hw.memory_time(bwd_ratio * nbytes)
+    else:
+        fwd = hw.math_time(nbytes, elements)
+        bwd = hw.math_time(bwd_ratio * nbytes, bwd_ratio * elements)
+    return Op(name, fwd + over_f, bwd + over_b, sympy.Integer(0), attention_core)
+
+
+# Ops of the captured graph (torch.export of partitioner.models, after passes/kernels.py fuses
+# norms and swiglu) that each table op takes; they matter where the profile has an op overhead.
+_QKV_VIEWS = 6     # q, k, v: view to (B, S, heads, hd) and transpose to (B, heads, S, hd)
+_ROPE = 20         # q and k: chunk, 2 getitem, 3 cat, neg, 2 mul, add
+_ATTN_OUT = 2      # context: transpose back and reshape to (B, S, h)
+
+
+def _qkv_nodes(shape: TransformerShape) -> int:
+    """The projection (one linear, a split and 3 getitems; or 3 linears), the views, and the
+    repeat_interleave of k and v under grouped-query attention."""
+    project = 5 if shape.fused_qkv else 3
+    return project + _QKV_VIEWS + (2 if shape.n_kv < shape.heads else 0)
+
+
+def _mlp_in_nodes(shape: TransformerShape) -> int:
+    """up (GeLU MLP); gate and up (swiglu); one gate_up, a chunk and 2 getitems (fused)."""
+    if not shape.swiglu:
+        return 1
+    return 4 if shape.fused_gate_up else 2
 
 
 def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
@@ -80,29 +113,30 @@ def attention_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     rep = _rep()
     eb = hw.elem_bytes
     ops = [
-        _mem(hw, "norm_1", 2 * eb * T * h * rep, _BWD_NORM),
-        _gemm(hw, "qkv_proj", T, (h + 2 * shape.kv_dim) / t, h),
+        _mem(hw, "norm_1", 2 * eb * T * h * rep, _BWD_NORM, elements=T * h * rep),
+        _gemm(hw, "qkv_proj", T, (h + 2 * shape.kv_dim) / t, h, nodes=_qkv_nodes(shape)),
     ]
     if not shape.learned_positions:
-        ops.append(_mem(hw, "rope", 2 * eb * T * (h + shape.kv_dim) / t, 1.0))
+        ops.append(_mem(hw, "rope", 2 * eb * T * (h + shape.kv_dim) / t, 1.0, nodes=_ROPE))
     heads = b * a / t
     if shape.attention == "unfused":
         elems = heads * sl * s
         qk = _gemm(hw, "scores_bmm", sl, s, hd, heads)
-        av = _gemm(hw, "context_bmm", sl, hd, s, heads)
         ops += [
             Op(qk.name, qk.fwd, qk.bwd, qk.flops, True),
-            _mem(hw, "scale_mask_softmax", 2 * eb * elems, _BWD_SOFTMAX, True),
+            _mem(hw, "scale_mask_softmax", 2 * eb * elems, _BWD_SOFTMAX, True, elements=elems),
         ]
         if shape.dropout:
             ops.append(_mem(hw, "attention_dropout", (2 * eb + 1) * elems, 1.0, True))
+        av = _gemm(hw, "context_bmm", sl, hd, s, heads, nodes=1 + _ATTN_OUT)
         ops.append(Op(av.name, av.fwd, av.bwd, av.flops, True))
     else:
         # flash attention: QK^T and PV in one kernel, the causal half skipped, no s x s tensor;
         # backward recomputes the scores (2.5x forward FLOPs)
         flops = 4 * heads * sl * s * hd / 2
-        fwd = flops / (hw.peak_flops * hw.gemm_shape_eff(sl, s, hd)) + hw.kernel_latency
-        ops.append(Op("flash_attention", fwd, 2.5 * fwd, flops, True))
+        fwd = hw.attention_time(flops, sl, s, hd)
+        over_f, over_b = hw.graph_ops_time(1 + _ATTN_OUT)
+        ops.append(Op("flash_attention", fwd + over_f, 2.5 * fwd + over_b, flops, True))
     ops.append(_gemm(hw, "out_proj", T, h, h / t))
     ops.append(_mem(hw, "residual_1", _residual_bytes(shape, hw) * T * h * rep, 1.0))
     return ops
@@ -115,9 +149,9 @@ def mlp_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     eb = hw.elem_bytes
     n_in = 2 if shape.swiglu else 1
     return [
-        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM),
-        _gemm(hw, "mlp_in", T, n_in * f / t, h),
-        _mem(hw, "activation", (n_in + 1) * eb * T * f / t, _BWD_ACT),
+        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM, elements=T * h * rep),
+        _gemm(hw, "mlp_in", T, n_in * f / t, h, nodes=_mlp_in_nodes(shape)),
+        _mem(hw, "activation", (n_in + 1) * eb * T * f / t, _BWD_ACT, elements=T * f / t),
         _gemm(hw, "mlp_out", T, h, f / t),
         _mem(hw, "residual_2", _residual_bytes(shape, hw) * T * h * rep, 1.0),
     ]
@@ -136,11 +170,12 @@ def moe_ops(shape: TransformerShape, hw: Hardware) -> list[Op]:
     local = E / e
     eb = hw.elem_bytes
     return [
-        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM),
+        _mem(hw, "norm_2", 2 * eb * T * h * rep, _BWD_NORM, elements=T * h * rep),
         _gemm(hw, "router", Tm, E, h),
         _mem(hw, "permute", 2 * eb * Tm * k * h, 1.0),
         _gemm(hw, "experts_in", per_expert, n_in * f / et, h, local),
-        _mem(hw, "activation", (n_in + 1) * eb * Tm * k * f / et, _BWD_ACT),
+        _mem(hw, "activation", (n_in + 1) * eb * Tm * k * f / et, _BWD_ACT,
+             elements=Tm * k * f / et),
         _gemm(hw, "experts_out", per_expert, h, f / et, local),
         _mem(hw, "unpermute", 3 * eb * Tm * k * h, 1.0),
         _mem(hw, "residual_2", _residual_bytes(shape, hw) * T * h * rep, 1.0),
@@ -231,14 +266,21 @@ def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> Blo
 
 
 # --- the ends of the model (first and last stage) -----------------------------------------
+_ROPE_TABLES = 13  # cos/sin computed in the graph: aranges, div, pow, reciprocal, outer, casts
+_EMBED_LEARNED = 3  # position ids, the position table's lookup, the add
+_HEAD = 4          # final norm, LM head, and the loss: log-softmax and NLL
+
+
 def embedding_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
                    sp: bool) -> tuple[float, float]:
     """(forward, backward) seconds of the token (+position) embedding on the first stage."""
     T = mbs * shape.seq / cp
     out = hw.elem_bytes * T * shape.hidden * (1 / tp if sp else 1)
+    over_f, over_b = hw.graph_ops_time(
+        1 + (_EMBED_LEARNED if shape.learned_positions else _ROPE_TABLES))
     fwd = hw.memory_time(2 * out + hw.elem_bytes * T * shape.hidden, kernels=2)
     bwd = hw.memory_time(4 * out, kernels=2)  # scatter-add into the (vocab-parallel) table
-    return fwd, bwd
+    return fwd + over_f, bwd + over_b
 
 
 def head_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
@@ -247,6 +289,9 @@ def head_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
     T = mbs * shape.seq / cp
     v = shape.vocab / tp
     gemm = hw.gemm_time(T, v, shape.hidden)
-    norm = hw.memory_time(2 * hw.elem_bytes * T * shape.hidden * (1 / tp if sp else 1))
-    ce = hw.memory_time(T * v * (hw.elem_bytes + 4 + 4))  # logits read, fp32 softmax, grad
-    return gemm + norm + ce, 2 * gemm + 2 * norm + ce
+    norm_elements = T * shape.hidden * (1 / tp if sp else 1)
+    norm = hw.math_time(2 * hw.elem_bytes * norm_elements, norm_elements)
+    # logits read, fp32 softmax, grad; the exp and log of every logit
+    ce = hw.math_time(T * v * (hw.elem_bytes + 4 + 4), T * v)
+    over_f, over_b = hw.graph_ops_time(_HEAD)
+    return gemm + norm + ce + over_f, 2 * gemm + 2 * norm + ce + over_b

@@ -29,6 +29,11 @@ class TransformerShape:
     """MLP inner width; None means 4h."""
     swiglu: bool = False
     """Gated MLP (two input projections)."""
+    fused_qkv: bool = True
+    """q, k and v come from one projection (Megatron's linear_qkv) rather than three: the same
+    GEMM work, fewer ops of the captured graph."""
+    fused_gate_up: bool = True
+    """A gated MLP's gate and up come from one projection (with swiglu)."""
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     bias: bool = True
     tie_embeddings: bool = True
@@ -156,6 +161,8 @@ class TransformerShape:
             layers=cfg.n_layer, hidden=cfg.n_embd, heads=cfg.n_head, vocab=cfg.vocab_size,
             seq=seq or cfg.seq_len, kv_heads=getattr(cfg, "n_kv_head", None),
             ffn=getattr(cfg, "ffn_hidden", None), swiglu=bool(getattr(cfg, "swiglu", False)),
+            fused_qkv=bool(getattr(cfg, "fused_qkv", True)),
+            fused_gate_up=bool(getattr(cfg, "fused_gate_up", True)),
             norm=getattr(cfg, "norm", "layernorm"), bias=bool(getattr(cfg, "bias", True)),
             tie_embeddings=bool(getattr(cfg, "tie_embeddings", True)),
             learned_positions=getattr(cfg, "position", "learned") == "learned",

@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cost_model import memory as mem
 from cost_model.comm import (CollectiveCost, GroupPlacement, collective_parts, dense_dims,
                              group_placement)
 from cost_model.hardware import Cluster, GiB
 from cost_model.layer_costs import block_costs, embedding_time, head_time
+from cost_model.shared_cores import Action as SimAction
+from cost_model.shared_cores import Phases, schedule_orders, simulate
 from cost_model.shapes import TransformerShape
 
 PLAN_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
@@ -219,14 +222,23 @@ def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement
 
 def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
              seq: int | None = None, include_optimizer: bool = True,
-             vocab_parallel: bool = True) -> Estimate:
+             vocab_parallel: bool = True,
+             sp_style: Literal["megatron", "partitioner"] = "megatron") -> Estimate:
     """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule).
 
     `include_optimizer=False` leaves out the optimizer update: the part of a step that
     `ParallelModel.step` runs (forward, backward, gradient sync), the user's optimizer being
     outside it. `vocab_parallel=False` keeps the embedding, the LM head and the loss whole on
     every tensor-parallel rank, as the TP pass does for a model without `vocab` rules; True
-    splits them over the vocabulary (Megatron-Core's vocab-parallel layers)."""
+    splits them over the vocabulary (Megatron-Core's vocab-parallel layers).
+
+    `sp_style` says how sequence parallelism runs (sp=on only). "megatron": a column linear's
+    input, saved as its sequence shard, is gathered again in backward overlapped with the
+    input-gradient GEMM, and the gradients of norm weights and biases are summed once per step.
+    "partitioner" (passes/sequence_parallel.py, runtime/collectives.py): the gather runs before
+    backward needs it, exposed; every norm weight and bias read in the sequence zone all-reduces
+    its gradient over tp in backward, per microbatch; and a replicated LM head all-gathers the
+    sequence first."""
     p = PlanPoint.of(plan)
     seq = seq or shape.seq
     if seq != shape.seq:
@@ -271,6 +283,16 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
             a2a = collective_parts("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
             ep_f = ep_b = 2 * a2a.seconds
             ep_work = 2 * a2a.transfer  # per direction
+        if p.sp and p.tp > 1 and sp_style == "partitioner":
+            # backward: each column region's input gathered again (2 a block), and one small
+            # all-reduce per norm weight/bias and row-parallel bias gradient
+            regather = collective_parts("all_gather", tp_msg, groups["tp"], hw)
+            small = collective_parts("all_reduce", 4 * shape.hidden, groups["tp"], hw)
+            n_small = sp_param_reads(shape)
+            tp_b += 2 * regather.seconds + n_small * small.seconds
+            tp_work_b = tp_work + 2 * regather.transfer + n_small * small.transfer
+        else:
+            tp_work_b = tp_work
         rec = rec_work = 0.0
         if p.recompute == "selective":
             rec = rec_work = bc.recompute_selective(*args)
@@ -281,7 +303,9 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         full_act = bc.act_none(*args) if p.recompute == "full" else 0.0
         per_kind.append(dict(
             F=fwd + tp_f + cp_f + ep_f, B=bwd + tp_b + cp_b + ep_b + rec,
-            work=fwd + bwd + 2 * tp_work + cp_work_f + cp_work_b + 2 * ep_work + rec_work,
+            work_f=fwd + tp_work + cp_work_f + ep_work,
+            work_b=bwd + tp_work_b + cp_work_b + ep_work + rec_work,
+            work=fwd + bwd + tp_work + tp_work_b + cp_work_f + cp_work_b + 2 * ep_work + rec_work,
             comm_f=tp_f + cp_f + ep_f, comm_b=tp_b + cp_b + ep_b + (rec and tp_f + cp_f + ep_f
                                                                     if p.recompute == "full"
                                                                     else 0.0),
@@ -300,8 +324,26 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     # a vocab-parallel embedding sums the rank that holds each id; a whole one needs no sum
     vocab_ar = collective_parts("all_reduce", hw.elem_bytes * T * shape.hidden, groups["tp"],
                                 hw) if vocab_parallel else CollectiveCost(0.0, 0.0)
-    emb_work = emb_f + emb_b + vocab_ar.transfer * (1 if p.sp else 2)
-    head_work = head_f + head_b
+    emb_work_f, emb_work_b = emb_f + vocab_ar.transfer, emb_b + (0.0 if p.sp else
+                                                                  vocab_ar.transfer)
+    emb_work = emb_work_f + emb_work_b
+    if p.sp and p.tp > 1 and sp_style == "partitioner":
+        # the last norm's weight (and bias) gradients summed over tp; the head's input gathered
+        # over the sequence (its backward keeps this rank's slice, or reduce-scatters the
+        # gradient of a vocab-parallel head)
+        final = collective_parts("all_reduce", 4 * shape.hidden, groups["tp"], hw)
+        n_final = 2 if shape.norm == "layernorm" and shape.bias else 1
+        gather = collective_parts("all_gather", hw.elem_bytes * T * shape.hidden, groups["tp"],
+                                  hw)
+        back = collective_parts("reduce_scatter", hw.elem_bytes * T * shape.hidden,
+                                groups["tp"], hw) if vocab_parallel else CollectiveCost(0.0, 0.0)
+        head_f += gather.seconds
+        head_b += n_final * final.seconds + back.seconds
+        head_work_f = head_f - gather.latency
+        head_work_b = head_b - n_final * final.latency - back.latency
+    else:
+        head_work_f, head_work_b = head_f, head_b
+    head_work = head_work_f + head_work_b
     emb_f += vocab_ar.seconds  # vocab-parallel embedding output
     emb_b += vocab_ar.seconds if not p.sp else 0.0
 
@@ -329,6 +371,7 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
     times: dict[int, tuple[float, float]] = {}
     work: dict[int, float] = {}
+    phases: dict[int, dict[str, Phases]] = {}  # per microbatch and tail, for shared cores
     mems: dict[int, mem.MemoryBreakdown] = {}
     comm_mb: dict[int, dict] = {}
     opt_time = 0.0
@@ -337,12 +380,19 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         F = nd * dense["F"] + nm * moe_k["F"]
         B = nd * dense["B"] + nm * moe_k["B"]
         work_mb = nd * dense["work"] + nm * moe_k["work"]
+        work_f = nd * dense["work_f"] + nm * moe_k["work_f"]
+        work_b = nd * dense["work_b"] + nm * moe_k["work_b"]
         if r == 0:
             F, B = F + emb_f, B + emb_b
             work_mb += emb_work
+            work_f, work_b = work_f + emb_work_f, work_b + emb_work_b
         if r == pp - 1:
             F, B = F + head_f, B + head_b
             work_mb += head_work
+            work_f, work_b = work_f + head_work_f, work_b + head_work_b
+        # per microbatch: p2p latencies are the schedule's hops, not the rank's waits
+        phases[r] = {"F": Phases(work_f + v * p2p_one.transfer, F - work_f),
+                     "B": Phases(work_b + v * p2p_one.transfer, B - work_b)}
         if pp > 1:
             F, B = F + p2p_per_mb / 2, B + p2p_per_mb / 2
             work_mb += p2p_work_per_mb
@@ -388,6 +438,11 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         ends = r in (0, pp - 1)
         work[r] = (m * work_mb + sum(c.transfer for c in sync) + opt_r +
                    (emb_sync.transfer if ends else 0.0))
+        # the tail: the sync's bytes compete for the cores (no core is idle to hide them
+        # behind backward), the latency of the buckets before the last is hidden
+        phases[r]["S"] = Phases(
+            sum(c.transfer for c in sync) + opt_r + (emb_sync.transfer if ends else 0.0),
+            sum(c.latency for c in sync) / buckets + (emb_sync.latency if ends else 0.0))
 
     x = {r: f + b_ for r, (f, b_) in times.items()}
     full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
@@ -404,7 +459,10 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
 
     critical_path = pipeline + dp_exposed + emb_sync.seconds + opt_time
     stage_work = [_by_mix(work, ranks, full_times, r) for r in range(pp)]
-    shared = shared_core_seconds(stage_work, p, dp, cluster)
+    shared = 0.0
+    if ranks_per_core(cluster) > 1.0:
+        stage_phases = [_by_mix(phases, ranks, full_times, r) for r in range(pp)]
+        shared = shared_core_step(stage_phases, p, dp, cluster, p2p_one.latency)
     step = max(critical_path, shared)
     # a pipeline bubble is idle time only while the cores are not the bottleneck: on shared
     # cores the other ranks run in it
@@ -435,6 +493,13 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         critical_path_s=critical_path, shared_cores_s=shared, stage_work_s=tuple(stage_work))
 
 
+def sp_param_reads(shape: TransformerShape) -> int:
+    """Parameters a block reads in the sequence zone that broadcast over the tokens: each norm's
+    weight (and bias), and the bias a row-parallel linear adds after its reduce-scatter."""
+    per_norm = 2 if shape.norm == "layernorm" and shape.bias else 1
+    return 2 * per_norm + (2 if shape.bias else 0)
+
+
 def _tp_pair(p: PlanPoint, nbytes: float, group: GroupPlacement, hw) -> CollectiveCost:
     """One tensor-parallel f/g collective: an all-reduce, or with sequence parallelism its
     all-gather + reduce-scatter halves (the same ring traffic on NCCL; not on gloo)."""
@@ -453,6 +518,38 @@ def ranks_per_core(cluster: Cluster) -> float:
     if cores is None:
         return 1.0
     return min(cluster.num_gpus, cluster.gpus_per_node) / cores
+
+
+def node_load(p: PlanPoint, dp: int, cluster: Cluster) -> list[list[int]]:
+    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank order."""
+    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
+    stride = 1  # global rank g sits on pipeline stage (g // stride) % pp
+    for dim in dense_dims(p.order):
+        if dim == "pp":
+            break
+        stride *= sizes[dim]
+    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
+    load = [[0] * p.pp for _ in range(-(-cluster.num_gpus // per_node))]
+    for g in range(cluster.num_gpus):
+        load[g // per_node][(g // stride) % p.pp] += 1
+    return load
+
+
+def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: Cluster,
+                     hop_latency: float) -> float:
+    """The step of ranks sharing a node's cores: the schedule simulated on them (shared_cores.py)
+    with each pipeline rank's per-microbatch forward and backward and its tail ("F", "B", "S"
+    Phases, all its virtual stages together)."""
+    v = p.vpp
+    orders = schedule_orders(p.schedule, p.pp, p.microbatches, v)
+    orders = [acts + [SimAction("S", 0, r)] for r, acts in enumerate(orders)]
+
+    def cost(action: SimAction) -> Phases:
+        ph = stage_phases[action.stage % p.pp][action.kind]
+        return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
+
+    return simulate(orders, cost, hop_latency, node_load(p, dp, cluster),
+                    cluster.hardware.cores)
 
 
 def shared_core_seconds(stage_work: list[float], p: PlanPoint, dp: int,
