@@ -6,17 +6,25 @@
 Calibrates this machine (cost_model/calibrate.py, with the threads runtime.spawn gives a rank)
 unless --profile is given, predicts each plan's step time with that profile, measures `pm.step`
 through the public API under runtime.spawn, and reports the Spearman rank correlation (issue 5
-asks for >= 0.8) and the relative errors. Plans the runtime does not implement yet (NotImplementedError)
-are skipped and listed. Saves benchmarks/results/cost_model_accuracy.json.
+asks for >= 0.8) and the relative errors. Plans the runtime does not implement yet
+(NotImplementedError) are skipped and listed. Saves benchmarks/results/cost_model_accuracy.json.
 
 `pm.step` is forward, backward and gradient sync; the user's optimizer runs outside it, so the
-predictions leave the optimizer out too. The 4 ranks run on this one machine, however many cores
-it has: the profile's `cores` tells the cost model how many of them run at once.
+predictions leave the optimizer out too, and they are this package's runtime's (estimate's
+runtime="partitioner": autograd's gradient accumulation, the loss sum, its sequence-parallel
+collectives). The 4 ranks run on this one machine, however many cores it has: the profile's
+`cores` tells the cost model how many of them run at once.
 
 --rescore measures nothing: it predicts the plans again with the current cost model and scores
 them against the measured seconds saved in the results file (a quiet machine's measurement is
 minutes of every core; a cost-model change needs only the prediction). It prints the table and
-writes it only to --out.
+writes it only to --out. A profile calibrated before calibrate.py timed attention, per-element
+math and the per-op overhead leaves them out (neutral defaults); to score with them, calibrate
+the kernels again and keep the saved collectives:
+
+    python -m cost_model.calibrate --threads 1 \
+        --reuse-collectives benchmarks/results/cpu_profile.json --out kernels.json
+    python benchmarks/cost_model_accuracy.py --rescore --profile kernels.json
 """
 
 from __future__ import annotations
@@ -125,10 +133,10 @@ def predict(plan_text: str, hw) -> dict:
     shape = TransformerShape.from_gpt_config(GPTConfig(**MODEL))
     plan = Plan.parse(plan_text).resolve(WORLD)
     # the TP pass splits the embedding and LM head over the vocabulary only where rules say so;
-    # sequence parallelism runs as this runtime runs it
+    # the step runs on this package's runtime
     est = estimate(shape, plan, cluster, BATCH, include_optimizer=False,
                    vocab_parallel=any(rule.kind == "vocab" for rule in plan.rules),
-                   sp_style="partitioner")
+                   runtime="partitioner")
     return {"predicted_s": est.step_time_s, "critical_path_s": est.critical_path_s,
             "shared_cores_s": est.shared_cores_s}
 

@@ -8,6 +8,7 @@ Layout (one direction of imports, nothing here imports the passes, the runtime o
   graph_costs.py  per-fx-node FLOPs/bytes for captured graphs (used by the pipeline cut)
   memory.py       per-rank memory: weights, grads, AdamW/ZeRO-1, activations, buffers
   step_time.py    step time, bubble, exposed comm, TFLOP/s, MFU, HFU for one plan
+  shared_cores.py the schedule run on a node's cores where ranks outnumber them (CPU hosts)
   search.py       the plan search and `auto_plan`
   calibrate.py    measures this machine and writes a loadable hardware profile
 """

@@ -9,9 +9,11 @@ per-op overhead of a captured graph (a tiny transformer block, forward and backw
 bandwidth, and gloo all-reduce / all-gather / reduce-scatter between spawned processes on
 loopback (fits alpha, bus bandwidth and all-gather's share of it). The rates are one rank's
 with `threads` threads; the profile records how many such ranks the machine's cores run at once
-(`cores`), so the cost model can share the cores when a job runs more ranks than that. The profile is plain JSON of Hardware fields:
-`get_hardware("cpu_profile.json")` or `--cluster-file` use it; `profile_from_measurements` refits
-one from a profile's saved raw measurements without measuring again.
+(`cores`), so the cost model can share the cores when a job runs more ranks than that. The
+profile is plain JSON of Hardware fields: `get_hardware("cpu_profile.json")` or `--cluster-file`
+use it; `profile_from_measurements` refits one from a profile's saved raw measurements without
+measuring again, and `--reuse-collectives PROFILE` measures the single-core kernels again but
+keeps PROFILE's collective timings (minutes of every core of a quiet machine).
 This is the only module of cost_model/ that runs anything.
 """
 

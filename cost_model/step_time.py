@@ -10,11 +10,14 @@ which for equal stages is (m + p - 1) x (1F1B, GPipe) and m x (1 + (p-1)/(v m)) 
 the bubble fractions (p-1)/(m+p-1) and (p-1)/(v m) of published-runs.md.
 
 That is the step of ranks with a device (or core) each. Where a node runs more ranks than it has
-cores (`Hardware.cores`: CPU hosts), the ranks also share the cores, and the step is the larger
-of that critical path and the node's work over its cores:
-    step = max(critical path, sum over the node's ranks of work_r / cores)
-work_r being rank r's compute and collective transfers (the cores copy the bytes); its waits -
-bubbles, collective latencies - are not work, since the core runs another rank meanwhile.
+cores (`Hardware.cores`: CPU hosts), the ranks also share the cores: the schedule is run on them
+(shared_cores.py), each action's work - compute and collective transfers (the cores copy the
+bytes) - sharing the cores with the other ranks' work, its waits - collective latencies,
+p2p hops, bubbles - taking none. The result lies between the two lower bounds, the critical path
+and the node's work over its cores, and reaches the larger where the other never binds:
+    max(critical path, sum over the node's ranks of work_r / cores) <= step
+A latency every rank waits on at once (tensor-parallel collectives, in lockstep across the
+data-parallel replicas) adds to the work; a bubble another stage's work fills does not.
 
 FLOPs (DESIGN.md): model FLOPs = (6 x active parameters + 12 x layers x hidden x seq) per token;
 hardware FLOPs add what recomputation executes again. MFU and HFU are over the dense 16-bit peak.
@@ -109,8 +112,9 @@ class Estimate:
     """The slowest rank's step with a core or device of its own: pipeline with its bubble,
     exposed syncs, optimizer."""
     shared_cores_s: float = 0.0
-    """Where ranks outnumber a node's cores: the busiest node's work over its cores (0.0 where
-    every rank has its own core or device)."""
+    """Where ranks outnumber a node's cores: the step with the schedule run on the shared cores
+    (at least the busiest node's work over its cores); 0.0 where every rank has its own core or
+    device."""
     stage_work_s: tuple = ()
     """Per pipeline rank, seconds of work per step (compute and collective transfers, no
     waiting): what ranks sharing a core compete for."""
@@ -223,7 +227,7 @@ def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement
 def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
              seq: int | None = None, include_optimizer: bool = True,
              vocab_parallel: bool = True,
-             sp_style: Literal["megatron", "partitioner"] = "megatron") -> Estimate:
+             runtime: Literal["megatron", "partitioner"] = "megatron") -> Estimate:
     """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule).
 
     `include_optimizer=False` leaves out the optimizer update: the part of a step that
@@ -232,13 +236,16 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     every tensor-parallel rank, as the TP pass does for a model without `vocab` rules; True
     splits them over the vocabulary (Megatron-Core's vocab-parallel layers).
 
-    `sp_style` says how sequence parallelism runs (sp=on only). "megatron": a column linear's
-    input, saved as its sequence shard, is gathered again in backward overlapped with the
-    input-gradient GEMM, and the gradients of norm weights and biases are summed once per step.
-    "partitioner" (passes/sequence_parallel.py, runtime/collectives.py): the gather runs before
-    backward needs it, exposed; every norm weight and bias read in the sequence zone all-reduces
-    its gradient over tp in backward, per microbatch; and a replicated LM head all-gathers the
-    sequence first."""
+    `runtime` says whose runtime runs the plan where they differ. "megatron" (Megatron-Core):
+    weight gradients accumulate over microbatches inside the wgrad GEMM (gradient accumulation
+    fusion); with sequence parallelism a column linear's input, saved as its sequence shard, is
+    gathered again in backward overlapped with the input-gradient GEMM, and norm weight and bias
+    gradients are summed once per step. "partitioner" (this package's runtime/ and passes/):
+    autograd adds every microbatch's weight gradients after the first into `.grad`; the step
+    sums its loss over pp and dp (a latency-bound all-reduce every rank waits on); with sequence
+    parallelism the gather runs before backward needs it, exposed, every norm weight and bias
+    read in the sequence zone all-reduces its gradient over tp in backward, per microbatch, and
+    a replicated LM head all-gathers the sequence first."""
     p = PlanPoint.of(plan)
     seq = seq or shape.seq
     if seq != shape.seq:
@@ -283,7 +290,7 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
             a2a = collective_parts("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
             ep_f = ep_b = 2 * a2a.seconds
             ep_work = 2 * a2a.transfer  # per direction
-        if p.sp and p.tp > 1 and sp_style == "partitioner":
+        if p.sp and p.tp > 1 and runtime == "partitioner":
             # backward: each column region's input gathered again (2 a block), and one small
             # all-reduce per norm weight/bias and row-parallel bias gradient
             regather = collective_parts("all_gather", tp_msg, groups["tp"], hw)
@@ -327,7 +334,7 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     emb_work_f, emb_work_b = emb_f + vocab_ar.transfer, emb_b + (0.0 if p.sp else
                                                                   vocab_ar.transfer)
     emb_work = emb_work_f + emb_work_b
-    if p.sp and p.tp > 1 and sp_style == "partitioner":
+    if p.sp and p.tp > 1 and runtime == "partitioner":
         # the last norm's weight (and bias) gradients summed over tp; the head's input gathered
         # over the sequence (its backward keeps this rank's slice, or reduce-scatters the
         # gradient of a vocab-parallel head)
@@ -376,7 +383,18 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     comm_mb: dict[int, dict] = {}
     opt_time = 0.0
     dp_exposed = 0.0
+    # the loss of the step summed over pp and dp: a few bytes, every rank waits on it
+    loss_sync = CollectiveCost(0.0, 0.0)
+    if runtime == "partitioner":
+        for dim in ("pp", "dp"):
+            part = collective_parts("all_reduce", 24, groups[dim], hw)
+            loss_sync = CollectiveCost(loss_sync.latency + part.latency,
+                                       loss_sync.transfer + part.transfer)
     for r, nd, nm in ranks:
+        p_dense = nd * params_dense + (emb_params if r == 0 else 0.0) + (
+            head_params if r == pp - 1 else 0.0)
+        p_exp = nm * params_moe
+        p_local = p_dense + p_exp
         F = nd * dense["F"] + nm * moe_k["F"]
         B = nd * dense["B"] + nm * moe_k["B"]
         work_mb = nd * dense["work"] + nm * moe_k["work"]
@@ -390,9 +408,14 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
             F, B = F + head_f, B + head_b
             work_mb += head_work
             work_f, work_b = work_f + head_work_f, work_b + head_work_b
-        # per microbatch: p2p latencies are the schedule's hops, not the rank's waits
-        phases[r] = {"F": Phases(work_f + v * p2p_one.transfer, F - work_f),
-                     "B": Phases(work_b + v * p2p_one.transfer, B - work_b)}
+        if runtime == "partitioner" and m > 1:
+            # microbatches 2..m add their weight gradients into .grad: read both, write one
+            accumulate = hw.memory_time(3 * hw.elem_bytes * p_local) * (m - 1) / m
+            B, work_b, work_mb = B + accumulate, work_b + accumulate, work_mb + accumulate
+        # per microbatch: p2p latencies are the schedule's hops, not the rank's waits (a ring
+        # hidden behind attention can leave less exposed than its transfer: no wait then)
+        phases[r] = {"F": Phases(work_f + v * p2p_one.transfer, max(0.0, F - work_f)),
+                     "B": Phases(work_b + v * p2p_one.transfer, max(0.0, B - work_b))}
         if pp > 1:
             F, B = F + p2p_per_mb / 2, B + p2p_per_mb / 2
             work_mb += p2p_work_per_mb
@@ -400,10 +423,6 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         comm_mb[r] = {k: nd * dense[k] + nm * moe_k[k] for k in ("tp", "cp", "ep")}
         comm_mb[r]["pp"] = p2p_per_mb
 
-        p_dense = nd * params_dense + (emb_params if r == 0 else 0.0) + (
-            head_params if r == pp - 1 else 0.0)
-        p_exp = nm * params_moe
-        p_local = p_dense + p_exp
         weights = mem.PARAM_BYTES * p_local
         grads = mem.GRAD_BYTES * p_local
         optim = mem.ADAM_BYTES * (p_dense / (dense_shards if p.zero else 1) +
@@ -437,12 +456,14 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         dp_exposed = max(dp_exposed, max(sync_s / buckets, sync_s - B))
         ends = r in (0, pp - 1)
         work[r] = (m * work_mb + sum(c.transfer for c in sync) + opt_r +
-                   (emb_sync.transfer if ends else 0.0))
+                   (emb_sync.transfer if ends else 0.0) + loss_sync.transfer)
         # the tail: the sync's bytes compete for the cores (no core is idle to hide them
         # behind backward), the latency of the buckets before the last is hidden
         phases[r]["S"] = Phases(
-            sum(c.transfer for c in sync) + opt_r + (emb_sync.transfer if ends else 0.0),
-            sum(c.latency for c in sync) / buckets + (emb_sync.latency if ends else 0.0))
+            sum(c.transfer for c in sync) + opt_r + (emb_sync.transfer if ends else 0.0) +
+            loss_sync.transfer,
+            sum(c.latency for c in sync) / buckets + (emb_sync.latency if ends else 0.0) +
+            loss_sync.latency)
 
     x = {r: f + b_ for r, (f, b_) in times.items()}
     full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
@@ -457,12 +478,13 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     ideal = m * xsum / pp
     slowest = max(x, key=x.get)
 
-    critical_path = pipeline + dp_exposed + emb_sync.seconds + opt_time
+    critical_path = pipeline + dp_exposed + emb_sync.seconds + opt_time + loss_sync.seconds
     stage_work = [_by_mix(work, ranks, full_times, r) for r in range(pp)]
     shared = 0.0
     if ranks_per_core(cluster) > 1.0:
         stage_phases = [_by_mix(phases, ranks, full_times, r) for r in range(pp)]
-        shared = shared_core_step(stage_phases, p, dp, cluster, p2p_one.latency)
+        shared = max(shared_core_step(stage_phases, p, dp, cluster, p2p_one.latency),
+                     shared_core_seconds(stage_work, p, dp, cluster))
     step = max(critical_path, shared)
     # a pipeline bubble is idle time only while the cores are not the bottleneck: on shared
     # cores the other ranks run in it
@@ -553,28 +575,14 @@ def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: C
 
 
 def shared_core_seconds(stage_work: list[float], p: PlanPoint, dp: int,
-                         cluster: Cluster) -> float:
+                        cluster: Cluster) -> float:
     """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
-    (0.0 otherwise).
-
-    A rank cannot go faster than one core (the critical path bounds the step from below), and
-    a node cannot finish before its cores have done every co-located rank's work: the step is
-    the larger of the two (Brent's lower bounds). Time a rank spends waiting - a pipeline
-    bubble, a collective's latency - is not work: another rank runs on that core meanwhile."""
+    (0.0 otherwise): a lower bound of the step (Brent's), which shared_core_step reaches when
+    no core ever idles."""
     if ranks_per_core(cluster) <= 1.0:
         return 0.0
-    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
-    stride = 1  # global rank g sits on pipeline stage (g // stride) % pp
-    for dim in dense_dims(p.order):
-        if dim == "pp":
-            break
-        stride *= sizes[dim]
-    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
-    node_work: dict[int, float] = {}
-    for g in range(cluster.num_gpus):
-        node = g // per_node
-        node_work[node] = node_work.get(node, 0.0) + stage_work[(g // stride) % p.pp]
-    return max(node_work.values()) / cluster.hardware.cores
+    return max(sum(n * w for n, w in zip(node, stage_work, strict=True))
+               for node in node_load(p, dp, cluster)) / cluster.hardware.cores
 
 
 def _by_mix(values: dict, ranks, per_rank, r: int):

@@ -123,23 +123,42 @@ def test_shared_cores_fill_pipeline_bubbles():
     x = [f + b for f, b in zip(own.stage_fwd_s, own.stage_bwd_s, strict=True)]
     # (m + p - 1) x on own cores; m * sum(x) of work on 2 cores
     assert own.step_time_s == pytest.approx(m * max(x) + sum(x) - max(x))
-    assert shared.shared_cores_s == pytest.approx(m * sum(x) / 2)
-    assert shared.step_time_s == pytest.approx(max(own.step_time_s, m * sum(x) / 2))
+    work = m * sum(x) / 2
     # m sum(x) / 2 > (m - 1) max(x) + sum(x) here: the cores, not the bubble, bound the step,
-    # and another rank runs on the core while one waits in its bubble
-    assert own.bubble_s > 0 and shared.shared_cores_s > shared.critical_path_s
-    assert shared.bubble_s == 0.0
+    # and another rank runs on the core while one waits in its bubble ...
+    assert work > own.step_time_s and shared.bubble_s == 0.0
+    # ... except while the pipeline fills and drains, when fewer ranks than cores have work
+    assert work < shared.step_time_s < work + own.bubble_s
+    assert shared.shared_cores_s == shared.step_time_s > shared.critical_path_s
 
 
-def test_collective_transfer_is_work_and_latency_is_not():
+def test_collective_latency_every_rank_waits_on_adds_to_the_work():
     # no compute at all: the step is the gradient all-reduce of 4 bytes per parameter
     hw = cpu(peak_flops=FAST, intra_bw=1e9, intra_latency=1e-3, cores=2)
     est = estimate(SHAPE, PlanPoint(dp=4), on_one_host(hw), 16, include_optimizer=False)
     ar = comm.collective_parts("all_reduce", 4 * SHAPE.num_parameters(),
                                comm.GroupPlacement(4, 4), hw)
     assert est.critical_path_s == pytest.approx(ar.seconds)  # nothing to overlap it with
-    assert est.shared_cores_s == pytest.approx(4 * ar.transfer / 2)
-    assert est.step_time_s == pytest.approx(max(ar.seconds, 2 * ar.transfer))
+    # its bytes are work for the 2 cores; the latency of the last of its per-layer buckets is
+    # waited by every rank at once (the others overlap backward)
+    assert est.shared_cores_s == pytest.approx(4 * ar.transfer / 2 + ar.latency / SHAPE.layers)
+    assert est.step_time_s == pytest.approx(est.shared_cores_s)
+
+
+def test_tensor_parallel_latencies_in_lockstep_add_to_the_shared_work():
+    # tp=2 x dp=2 on 2 cores, collectives of latency only: the four ranks wait on their
+    # all-reduces together, so the step is the work twice over plus every wait
+    hw = cpu(intra_latency=1e-3, cores=2)
+    plan = PlanPoint(tp=2, dp=2)
+    alone = estimate(SHAPE, plan, on_one_host(cpu()), 16, include_optimizer=False,
+                     vocab_parallel=False)  # no latencies: the compute
+    shared = estimate(SHAPE, plan, on_one_host(hw), 16, include_optimizer=False,
+                      vocab_parallel=False)
+    ar = 2 * 1e-3  # all-reduce over 2 ranks: 2 (n - 1) steps of alpha
+    tp_waits = SHAPE.layers * 4 * ar  # 2 pairs forward, 2 backward
+    assert shared.comm_s["tp"] == pytest.approx(tp_waits)
+    assert shared.step_time_s == pytest.approx(
+        4 * alone.step_time_s / 2 + tp_waits + ar / SHAPE.layers, rel=1e-12)
 
 
 def test_optimizer_is_left_out_on_request():

@@ -1,0 +1,178 @@
+"""A step of ranks that share CPU cores: the pipeline schedule run on the node's cores.
+
+Where a node runs more ranks than it has cores (`Hardware.cores`), neither lower bound of the
+step is its time: not the critical path (a rank on it runs slower while other ranks compete for
+its core) and not the node's work over its cores (cores idle while every rank waits: a pipeline
+filling or draining, a collective all the ranks wait on at once). This module runs the schedule:
+
+- each pipeline rank's actions in the runtime's order (runtime/pipeline.py, Megatron-Core's);
+  the tensor/data-parallel replicas of a pipeline rank run the same program in lockstep, so one
+  simulated rank stands for all of them;
+- an action starts when its inputs exist (the producing action done, plus the p2p latency when
+  it ran on another rank), then does its work (compute and the bytes its collectives copy) and
+  then waits out its collectives' latencies;
+- work shares the cores fairly (processor sharing): while k ranks of a node have work and the
+  node has c cores, each advances at min(1, c / k) of a core; waiting takes no core.
+
+With a core per rank this is the critical path; with every rank busy throughout it is the work
+over the cores; in between it is both at once. A fluid simulation: one event per phase change,
+so a step of p ranks and m microbatches costs O((p m)^2) at most.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+_EPS = 1e-15
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    """"F" (forward), "B" (backward) or "S" (the step's tail: gradient sync, optimizer)."""
+    microbatch: int
+    stage: int
+
+
+def schedule_orders(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
+    """Per pipeline rank, its actions in the order the runtime runs them (the same orders as
+    runtime.pipeline.schedule: the cost model imports no runtime); stage s is on rank s % pp."""
+    m = microbatches
+    if name == "gpipe":
+        return [[Action("F", i, r + c * pp) for c in range(vpp) for i in range(m)]
+                + [Action("B", i, r + c * pp) for c in reversed(range(vpp))
+                   for i in reversed(range(m))] for r in range(pp)]
+    if name == "1f1b" and vpp == 1:
+        return [_one_f_one_b(r, pp, m) for r in range(pp)]
+    if name in ("1f1b", "interleaved-1f1b"):
+        return [_interleaved(r, pp, m, vpp) for r in range(pp)]
+    raise ValueError(f"unknown schedule {name!r}")
+
+
+def _one_f_one_b(rank: int, pp: int, m: int) -> list[Action]:
+    warmup = min(pp - rank - 1, m)
+    actions = [Action("F", i, rank) for i in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < m:  # steady state: one forward, one backward
+        actions += [Action("F", forward, rank), Action("B", backward, rank)]
+        forward, backward = forward + 1, backward + 1
+    return actions + [Action("B", i, rank) for i in range(backward, m)]
+
+
+def _interleaved(rank: int, pp: int, m: int, vpp: int) -> list[Action]:
+    total = m * vpp
+
+    def forward_of(k: int) -> Action:
+        chunk = (k // pp) % vpp
+        return Action("F", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
+
+    def backward_of(k: int) -> Action:
+        chunk = vpp - 1 - (k // pp) % vpp
+        return Action("B", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
+
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
+    actions = [forward_of(k) for k in range(warmup)]
+    forward, backward = warmup, 0
+    while forward < total:
+        actions += [forward_of(forward), backward_of(backward)]
+        forward, backward = forward + 1, backward + 1
+    return actions + [backward_of(k) for k in range(backward, total)]
+
+
+@dataclass(frozen=True)
+class Phases:
+    """Seconds one action takes on a core of its own, split by what uses the core."""
+
+    work: float
+    """Compute and collective transfers: needs a core."""
+    wait: float = 0.0
+    """Collective latencies, after the work: needs no core."""
+
+
+def simulate(orders: list[list[Action]], cost, hop_latency: float,
+             load: list[list[int]], cores: float) -> float:
+    """Seconds until every pipeline rank has run its actions.
+
+    `orders[r]`: rank r's actions (stage s on rank s % pp; an "S" action, the tail, needs only
+    the rank's previous actions). `cost(action)`: its Phases. `hop_latency`: the wait between an
+    action and one on another rank that needs its output. `load[n][r]`: how many ranks of
+    pipeline rank r node n runs (its lockstep replicas there); a rank advances at the pace of
+    its most crowded node."""
+    pp = len(orders)
+    stages = 1 + max((a.stage for acts in orders for a in acts if a.kind != "S"), default=0)
+    done: dict[tuple, float] = {}
+    position = [0] * pp
+    phase = [None] * pp  # None: not started; ("work"|"wait", seconds left)
+    now = 0.0
+
+    def ready_at(action: Action) -> float | None:
+        """When the action's inputs exist, or None while an input is still being computed."""
+        if action.kind == "S":
+            return now
+        deps = []
+        if action.kind == "F" and action.stage > 0:
+            deps.append(("F", action.microbatch, action.stage - 1))
+        if action.kind == "B":
+            deps.append(("F", action.microbatch, action.stage))
+            if action.stage < stages - 1:
+                deps.append(("B", action.microbatch, action.stage + 1))
+        t = now
+        for dep in deps:
+            if dep not in done:
+                return None
+            hop = hop_latency if dep[2] % pp != action.stage % pp else 0.0
+            t = max(t, done[dep] + hop)
+        return t
+
+    while True:
+        upcoming = []  # times at which a waiting action's inputs arrive
+        for r in range(pp):
+            while phase[r] is None and position[r] < len(orders[r]):
+                action = orders[r][position[r]]
+                t = ready_at(action)
+                if t is None:
+                    break
+                if t > now + _EPS:
+                    upcoming.append(t)
+                    break
+                ph = cost(action)
+                phase[r] = ("work", ph.work) if ph.work > 0 else ("wait", ph.wait)
+                if phase[r][1] <= 0:  # nothing to do: done at once
+                    done[(action.kind, action.microbatch, action.stage)] = now
+                    phase[r] = None
+                    position[r] += 1
+        active = [r for r in range(pp) if phase[r] is not None]
+        if not active:
+            if not upcoming:
+                break
+            now = min(upcoming)
+            continue
+        working = {r for r in active if phase[r][0] == "work"}
+        speed = {}
+        for r in working:
+            pace = 1.0
+            for node in load:
+                if node[r]:
+                    crowd = sum(node[q] for q in working)
+                    pace = min(pace, cores / crowd if crowd > cores else 1.0)
+            speed[r] = pace
+        step = min([phase[r][1] / speed[r] if r in working else phase[r][1] for r in active] +
+                   [t - now for t in upcoming])
+        now += step
+        for r in active:
+            kind, left = phase[r]
+            left -= step * speed[r] if kind == "work" else step
+            if left > _EPS * max(1.0, now):
+                phase[r] = (kind, left)
+                continue
+            action = orders[r][position[r]]
+            wait = cost(action).wait if kind == "work" else 0.0
+            if wait > 0:
+                phase[r] = ("wait", wait)
+                continue
+            done[(action.kind, action.microbatch, action.stage)] = now
+            phase[r] = None
+            position[r] += 1
+    if any(position[r] < len(orders[r]) for r in range(pp)):
+        raise ValueError("schedule deadlocks: an action waits on one that never runs")
+    return now
