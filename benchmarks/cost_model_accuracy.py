@@ -132,10 +132,10 @@ def predict(plan_text: str, hw) -> dict:
     cluster = Cluster(hardware=hw, num_gpus=WORLD, gpus_per_node=WORLD)
     shape = TransformerShape.from_gpt_config(GPTConfig(**MODEL))
     plan = Plan.parse(plan_text).resolve(WORLD)
-    # the TP pass splits the embedding and LM head over the vocabulary only where rules say so;
-    # the step runs on this package's runtime
+    # the TP pass splits the word embedding and LM head over the vocabulary unless rules say
+    # replicate; the step runs on this package's runtime
     est = estimate(shape, plan, cluster, BATCH, include_optimizer=False,
-                   vocab_parallel=any(rule.kind == "vocab" for rule in plan.rules),
+                   vocab_parallel=not any(rule.kind == "replicate" for rule in plan.rules),
                    runtime="partitioner")
     return {"predicted_s": est.step_time_s, "critical_path_s": est.critical_path_s,
             "shared_cores_s": est.shared_cores_s}

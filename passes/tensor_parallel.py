@@ -16,7 +16,9 @@ module path and the rule broken, before any collective runs.
 Rewrite (Megatron-Core's f/g pair): `copy_to_region(x, "tp")` before the column linears (identity
 forward, all-reduce backward); `linear(x, w)` -> `all_reduce(., "tp")` -> `+ bias` for the row
 linears. A `vocab` rule makes a linear column-parallel over its output features followed by
-`all_gather(., "tp", -1)`, so every rank sees the full output. A `vocab` rule on an embedding
+`all_gather(., "tp", -1)`, so every rank sees the full output. The word embedding and the LM
+head are `vocab` by default, as in Megatron-Core and torchtitan (`_default_vocab`; a
+`replicate` rule keeps them whole). A `vocab` rule on an embedding
 (Megatron's VocabParallelEmbedding) shards the table's rows: ids outside this rank's rows look up
 row 0, their outputs are zeroed, and `all_reduce(., "tp")` sums the one rank that had each id.
 A vocabulary tp does not divide is padded with zero rows (`ShardSpec.padded`). A table tied to
@@ -670,7 +672,13 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     projs = {n: p for n in graph.nodes if (p := _projection(n)) is not None}
     lookups = [n for n in graph.nodes if _is_lookup(n)]
     linears = list(projs)
-    rule_of = lambda node: ctx.plan.rule_for(module_path(node))  # noqa: E731
+    ruled = lambda node: ctx.plan.rule_for(module_path(node))  # noqa: E731
+    by_default = _default_vocab(graph, projs, lookups, ruled)
+
+    def rule_of(node: fx.Node):
+        kind = ruled(node)
+        return "vocab" if kind is None and node in by_default else kind
+
     problems: list[str] = []
 
     def problem(node: fx.Node, rule: str, fix: str | None = None) -> None:
@@ -780,6 +788,59 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph.lint()
     gm.recompile()
     return gm
+
+
+_PASS_THROUGH = (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                 aten.slice.Tensor, aten.alias.default, aten._to_copy.default, aten.to.dtype,
+                 aten.clone.default, aten.contiguous.default)
+"""Ops between token ids and their lookup, or between an LM head and the graph output, that do
+not change what the values are (layout, dtype, a slice of positions)."""
+
+
+def _default_vocab(graph: fx.Graph, projs: dict, lookups: list, ruled) -> set[fx.Node]:
+    """The word embedding and the LM head, vocab-parallel unless a rule says otherwise (as in
+    Megatron-Core and torchtitan: their tables are the largest tensors, the LM head's logits the
+    largest activation).
+
+    The word embedding is a lookup whose ids come straight from a model input (position
+    embeddings are indexed by aranges); the LM head is a linear whose output reaches the graph
+    output through layout ops only and whose output features are that embedding's rows. A
+    table whose uses would then disagree (one ruled otherwise, or a lookup that scales
+    gradients by frequency, which a rank cannot count over ids it does not hold) stays
+    replicated for every use.
+    """
+    def source(node):
+        while isinstance(node, fx.Node) and node.op == "call_function" and \
+                node.target in _PASS_THROUGH:
+            node = node.args[0]
+        return node
+
+    words = [n for n in lookups if isinstance(source(n.args[1]), fx.Node)
+             and source(n.args[1]).op == "placeholder"]
+    rows = {int(_shape(n.args[0])[0]) for n in words}
+    outputs = set(graph.find_nodes(op="output")[0].all_input_nodes)
+
+    def reaches_output(node) -> bool:
+        while node not in outputs:
+            if len(node.users) != 1:
+                return False
+            node = next(iter(node.users))
+            if node.op == "output":
+                return True
+            if node.target not in _PASS_THROUGH:
+                return False
+        return True
+
+    heads = [lin for lin, proj in projs.items() if reaches_output(lin)
+             and int(_shape(proj.weight)[proj.out_dim]) in rows]
+    chosen = {n for n in set(words) | set(heads) if ruled(n) is None}
+    tables = {n.args[0] if n in lookups else projs[n].weight for n in chosen}
+    for table in tables:
+        uses = list(table.users)
+        if any(u not in chosen and ruled(u) != "vocab" for u in uses) or any(
+                u in lookups and _lookup_arg(u, 3, "scale_grad_by_freq", False) for u in uses):
+            chosen -= set(uses)
+    return chosen
 
 
 def _is_lookup(node: fx.Node) -> bool:

@@ -48,7 +48,7 @@ def test_finds_padded_gathered_logits_and_the_shard_behind_them():
 
 
 def test_no_sharded_logits_without_the_vocab_rule_or_on_earlier_stages():
-    assert find_sharded_logits(_program("tp=2").stages[0].gm) == ()
+    assert find_sharded_logits(_program("tp=2,rules=lm_head:replicate").stages[0].gm) == ()
     first, last = (_program("tp=2,pp=2,rules=lm_head:vocab", rank=r) for r in (0, 2))
     assert find_sharded_logits(first.stages[-1].gm) == ()  # sends activations, no logits
     assert len(find_sharded_logits(last.stages[-1].gm)) == 1

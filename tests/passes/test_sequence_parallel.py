@@ -50,23 +50,27 @@ def test_llama_all_reduces_become_reduce_scatters_and_the_residual_stream_is_spl
     off = _program("tiny_llama", "tp=2")
     on = _program("tiny_llama", "tp=2,sp=on", rank=1)
     blocks = 2
-    assert _collectives(off) == Counter({"all_reduce": 2 * blocks})
-    # One reduce-scatter per row region, one all-gather per column region entry, and one
-    # all-gather before the replicated LM head.
-    assert _collectives(on) == Counter({"reduce_scatter": 2 * blocks,
-                                        "all_gather": 2 * blocks + 1})
+    # (the vocab-parallel word embedding's all-reduce and the LM head's logits all-gather)
+    assert _collectives(off) == Counter({"all_reduce": 2 * blocks + 1, "all_gather": 1})
+    # One reduce-scatter per row region and after the embedding, one all-gather per column
+    # region entry (the LM head's included) and the logits' all-gather over the vocabulary.
+    assert _collectives(on) == Counter({"reduce_scatter": 2 * blocks + 1,
+                                        "all_gather": 2 * blocks + 2})
     adds = _residual_adds(on)
     assert adds and all(tuple(n.meta["val"].shape) == (4, 8, 64) for n in adds)
     assert all(n.meta["tp.placement"] == "S(1)@tp" for n in adds)
     assert all(tuple(n.meta["val"].shape) == (4, 16, 64) for n in _residual_adds(off))
     # Norm weights broadcast over the tokens: read through copy_to_region so their gradients
     # are summed over the sequence shards.
-    copied = {n.args[0].target for _, n in on.nodes() if n.target is copy_to_region}
+    copied = {n.args[0].target for _, n in on.nodes() if n.target is copy_to_region
+              and n.args[0].op == "get_attr"}
     assert copied == {"ln_f.weight"} | {
         f"blocks.{i}.ln_{j}.weight" for i in range(blocks) for j in (1, 2)}
-    # The embedding runs whole (its table's gradient stays complete on every rank); its output
-    # is sliced locally, without communication, where the zone reads it.
-    scatters = [n for _, n in on.nodes() if n.target is scatter]
+    assert not any(n.target is scatter for _, n in on.nodes())
+    # A replicated embedding runs whole (its table's gradient stays complete on every rank);
+    # its output is sliced locally, without communication, where the zone reads it.
+    whole = _program("tiny_llama", "tp=2,sp=on,rules=wte:replicate;lm_head:replicate")
+    scatters = [n for _, n in whole.nodes() if n.target is scatter]
     assert [n.args[0].target for n in scatters] == [aten.embedding.default]
 
 
@@ -75,9 +79,10 @@ def test_gpt2_flattened_tokens_are_viewed_around_the_collectives():
     the sequence, and their collectives act on a (batch, seq, h) view."""
     program = _program(hf_gpt2, "tp=2,sp=on")
     kinds = _collectives(program)
-    assert kinds["reduce_scatter"] == 4 and "all_reduce" not in kinds
+    assert kinds["reduce_scatter"] == 4 + 1 and "all_reduce" not in kinds
     for _, node in program.nodes():
-        if collective_kind(node) in ("reduce_scatter", "all_gather"):
+        if collective_kind(node) in ("reduce_scatter", "all_gather") and node.args[2] != -1:
+            # (-1: the logits' all-gather over the vocabulary)
             assert node.args[2] == 1 and node.args[0].meta["val"].dim() == 3, node.name
     flat = [n for _, n in program.nodes() if n.op == "call_function"
             and n.meta.get("tp.placement") == "S(0)@tp"]

@@ -89,17 +89,19 @@ def test_gpt_regions_collectives_and_layouts():
     gm = program.stages[0].gm
     gm.graph.lint()
     layers = 2
-    # one all-reduce per row-parallel linear (attention out, MLP down), one copy per region
-    assert _collectives(program) == Counter({"all_reduce": 2 * layers})
-    assert _copies(program) == 2 * layers
+    # one all-reduce per row-parallel linear (attention out, MLP down), one copy per region;
+    # by default the word embedding (all-reduce) and the LM head (copy, all-gather) are
+    # vocab-parallel too
+    assert _collectives(program) == Counter({"all_reduce": 2 * layers + 1, "all_gather": 1})
+    assert _copies(program) == 2 * layers + 1
+    assert program.layouts["wte.weight"].shards == (ShardSpec(0, "tp"),)
     layouts = program.layouts
     assert layouts["blocks.0.attn.q_proj.weight"].shards == (ShardSpec(0, "tp"),)
     assert layouts["blocks.0.attn.q_proj.bias"].shards == (ShardSpec(0, "tp"),)
     assert layouts["blocks.0.attn.o_proj.weight"].shards == (ShardSpec(1, "tp"),)
     assert layouts["blocks.0.attn.o_proj.bias"].shards == ()  # added once, after the reduction
     assert layouts["blocks.1.mlp.up_proj.weight"].local_shape(program.sizes) == (128, 64)
-    # tied wte/lm_head: one placement, replicated, both names kept
-    assert layouts["wte.weight"].shards == ()
+    # tied wte/lm_head: one placement (the vocab row shard), both names kept
     assert "lm_head.weight" in layouts["wte.weight"].aliases
     # every view inside attention counts local heads
     views = [n for _, n in program.nodes() if n.target is torch.ops.aten.view.default]
@@ -123,7 +125,7 @@ def test_fused_qkv_gate_up_blocks_and_local_split_sizes():
     splits = [n for _, n in program.nodes()
               if n.target is torch.ops.aten.split_with_sizes.default]
     assert splits and all(list(n.args[1]) == [32, 16, 16] for n in splits)
-    assert _collectives(program) == Counter({"all_reduce": 4})
+    assert _collectives(program) == Counter({"all_reduce": 4 + 1, "all_gather": 1})
     sdpa = [n for _, n in program.nodes()
             if n.target is torch.ops.aten.scaled_dot_product_attention.default]
     assert all(tuple(n.meta["val"].shape) == (4, 2, 16, 16) for n in sdpa)
@@ -168,7 +170,19 @@ def test_replicate_rule_keeps_mlp_whole():
     program = _program("tiny", plan)
     assert program.layouts["blocks.0.mlp.up_proj.weight"].shards == ()
     assert program.layouts["blocks.0.mlp.down_proj.weight"].shards == ()
-    assert _collectives(program) == Counter({"all_reduce": 2})
+    assert _collectives(program) == Counter({"all_reduce": 2 + 1, "all_gather": 1})
+
+
+def test_replicate_rules_keep_the_embedding_and_lm_head_whole():
+    plan = Plan(tp=2, rules="wte:replicate;lm_head:replicate").resolve(2)
+    program = _program("tiny_llama", plan)
+    assert program.layouts["wte.weight"].shards == ()
+    assert program.layouts["lm_head.weight"].shards == ()
+    assert _collectives(program) == Counter({"all_reduce": 4})
+    # one replicate rule on a tied table keeps both of its uses whole
+    tied = _program("tiny", Plan(tp=2, rules="lm_head:replicate").resolve(2))
+    assert tied.layouts["wte.weight"].shards == ()
+    assert _collectives(tied) == Counter({"all_reduce": 4})
 
 
 def test_pipeline_wires_the_pass():
@@ -202,9 +216,11 @@ def test_gqa_kv_heads_replicated_when_they_divide_tp():
         assert len(narrows) == 4 * layers
         assert {(n.args[2], n.args[3]) for n in narrows} == {(rank // 2 * head_dim, head_dim)}
         assert {n.args[1] for n in narrows} == {0}
-        # the weight copies are the only extra copies; no extra forward collectives
-        assert _copies(program) == 2 * layers + 4 * layers
-        assert _collectives(program) == Counter({"all_reduce": 2 * layers})
+        # the weight copies are the only extra copies (besides the vocab-parallel LM head's);
+        # no extra forward collectives
+        assert _copies(program) == 2 * layers + 4 * layers + 1
+        assert _collectives(program) == Counter({"all_reduce": 2 * layers + 1,
+                                                 "all_gather": 1})
         # one kv head repeated once per local query head (4 heads / tp=4)
         repeats = _nodes(program, aten.repeat_interleave.self_int)
         assert repeats and all(n.args[1] == 1 for n in repeats)
@@ -311,10 +327,10 @@ def _hf_llama_model():
 
 def test_vocab_rule_on_one_use_of_a_tied_weight_is_an_error():
     with pytest.raises(PassError, match="tied") as info:
-        _program("tiny", Plan(tp=2, rules="lm_head:vocab").resolve(2))
+        _program("tiny", Plan(tp=2, rules="lm_head:vocab;wte:replicate").resolve(2))
     assert "rules=wte:vocab as well" in str(info.value)
     with pytest.raises(PassError, match="tied") as info:  # the other way round
-        _program("tiny", Plan(tp=2, rules="wte:vocab").resolve(2))
+        _program("tiny", Plan(tp=2, rules="wte:vocab;lm_head:replicate").resolve(2))
     message = str(info.value)
     assert "module 'wte'" in message and "rules=lm_head:vocab as well" in message
 
@@ -339,7 +355,7 @@ def test_vocab_embedding_masks_ids_and_all_reduces():
     (reduced,) = zeroed.users
     assert collective_kind(reduced) == "all_reduce"
     assert lookup.meta["tp.placement"] == "P(sum)@tp" and reduced.meta["tp.placement"] == "R"
-    assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2})
+    assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
 
 
 def test_tied_embedding_and_lm_head_share_one_row_shard():
@@ -397,7 +413,9 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
     assert layouts["transformer.h.0.mlp.c_proj.weight"].shards == (ShardSpec(0, "tp"),)
     assert layouts["transformer.h.0.mlp.c_proj.bias"].shards == ()
     assert "lm_head.weight" in layouts["transformer.wte.weight"].aliases
-    assert _collectives(program) == Counter({"all_reduce": 4})
+    # the tied wte/lm_head table: one vocab row shard by default
+    assert layouts["transformer.wte.weight"].shards == (ShardSpec(0, "tp"),)
+    assert _collectives(program) == Counter({"all_reduce": 4 + 1, "all_gather": 1})
     splits = [n for _, n in program.nodes() if n.target is torch.ops.aten.split.Tensor]
     assert splits and all(n.args[1] == 32 for n in splits)
     rows = [n for _, n in program.nodes() if n.target is torch.ops.aten.mm.default]
