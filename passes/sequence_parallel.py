@@ -1,10 +1,11 @@
 """Sequence parallelism (Korthikanti et al. 2022; Megatron-Core's `sequence_parallel=True`).
 
 Runs after tensor_parallel. Between tensor-parallel regions the activations (residual stream,
-norms, dropout, embeddings) are the same on every tp rank; SP keeps them split along the
-sequence instead, so each rank computes and stores 1/tp of them:
+norms, dropout) are the same on every tp rank; SP keeps them split along the sequence instead,
+so each rank computes and stores 1/tp of them:
 
-- a row region's `all_reduce(y, "tp")` becomes `reduce_scatter(y, "tp", seq)`;
+- a row region's `all_reduce(y, "tp")` becomes `reduce_scatter(y, "tp", seq)` (so does the
+  vocab-parallel embedding's);
 - a column region's `copy_to_region(x, "tp")` becomes `gather_for_region(x, "tp", seq)`
   (all-gather forward, reduce-scatter backward);
 - the *sequence zone* is every node connected to those collectives through token-wise ops
@@ -13,13 +14,14 @@ sequence instead, so each rank computes and stores 1/tp of them:
   sequence shards their table's gradient would be partial and need an all-reduce of the whole
   table (vocab x hidden) per microbatch, where scattering their output costs an all-gather of
   one activation gradient (Megatron scatters the embedding output too);
-- where the zone reads a value that spans the sequence from outside (input ids, position ids,
-  anything computed off the zone) `scatter` keeps this rank's slice; where a zone value leaves
-  it (the LM head, the graph output, any op that mixes tokens) `all_gather` restores it;
+- where the zone reads a value that spans the sequence from outside (a replicated embedding's
+  output, anything computed off the zone) `scatter` keeps this rank's slice; where a zone value
+  leaves it (a replicated LM head, the graph output, any op that mixes tokens) `all_gather`
+  restores it;
 - tensors the zone reads that broadcast over the sequence and carry gradients (norm weights,
-  biases, embedding tables) are read through `copy_to_region(., "tp")`: each rank's gradient
-  covers only its tokens and the all-reduce in backward sums them (Megatron's all-reduce of
-  sequence-parallel parameter gradients, done per use).
+  biases) are read through `copy_to_region(., "tp")`: each rank's gradient covers only its
+  tokens and the all-reduce in backward sums them (Megatron's all-reduce of sequence-parallel
+  parameter gradients, done per use).
 
 A zone value is split along one tensor dim (`SeqSplit`): the sequence dim of a (batch, seq, ...)
 tensor, or the flattened batch*seq dim of a (batch*seq, ...) tensor (Hugging Face Conv1D views
