@@ -4,9 +4,9 @@ Same Hugging Face LlamaForCausalLM (4 layers, hidden 256, batch 8 x 128), same 2
 DTensor with the usual Llama plan (q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, local
 outputs) against `parallelize` with the same placements (`tp=2` with the embedding and LM head
 ruled replicate); also, for the record, our default `tp=2` (vocab-parallel embedding and LM
-head, cross-entropy on the logit shards) and `tp=2,sp=on`. Each timed step is forward, mean cross-entropy
-and backward; the runners alternate step by step so machine noise falls on both. Goal: ours at
-most 0.8x of DTensor. Prints a table and saves JSON.
+head, cross-entropy on the logit shards) and `tp=2,sp=on`. Each timed step is forward, mean
+cross-entropy and backward; the runners alternate step by step so machine noise falls on all.
+Goal: ours at most 0.8x of DTensor. Prints a table and saves JSON.
 
     python benchmarks/tensor_parallel.py [--layers 4] [--hidden 256] [--steps 8]
 """

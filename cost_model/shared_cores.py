@@ -5,7 +5,7 @@ step is its time: not the critical path (a rank on it runs slower while other ra
 its core) and not the node's work over its cores (cores idle while every rank waits: a pipeline
 filling or draining, a collective all the ranks wait on at once). This module runs the schedule:
 
-- each pipeline rank's actions in the runtime's order (runtime/pipeline.py, Megatron-Core's);
+- each pipeline rank's actions in the runtime's order (runtime.pipeline.schedule, Megatron-Core's);
   the tensor/data-parallel replicas of a pipeline rank run the same program in lockstep, so one
   simulated rank stands for all of them;
 - an action starts when its inputs exist (the producing action done, plus the p2p latency when
@@ -35,48 +35,12 @@ class Action:
 
 
 def schedule_orders(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
-    """Per pipeline rank, its actions in the order the runtime runs them (the same orders as
-    runtime.pipeline.schedule: the cost model imports no runtime); stage s is on rank s % pp."""
-    m = microbatches
-    if name == "gpipe":
-        return [[Action("F", i, r + c * pp) for c in range(vpp) for i in range(m)]
-                + [Action("B", i, r + c * pp) for c in reversed(range(vpp))
-                   for i in reversed(range(m))] for r in range(pp)]
-    if name == "1f1b" and vpp == 1:
-        return [_one_f_one_b(r, pp, m) for r in range(pp)]
-    if name in ("1f1b", "interleaved-1f1b"):
-        return [_interleaved(r, pp, m, vpp) for r in range(pp)]
-    raise ValueError(f"unknown schedule {name!r}")
+    """Per pipeline rank, its actions in the order the runtime runs them (stage s is on rank
+    s % pp): runtime.pipeline's schedules, pure functions of the degrees."""
+    from runtime.pipeline import schedule
 
-
-def _one_f_one_b(rank: int, pp: int, m: int) -> list[Action]:
-    warmup = min(pp - rank - 1, m)
-    actions = [Action("F", i, rank) for i in range(warmup)]
-    forward, backward = warmup, 0
-    while forward < m:  # steady state: one forward, one backward
-        actions += [Action("F", forward, rank), Action("B", backward, rank)]
-        forward, backward = forward + 1, backward + 1
-    return actions + [Action("B", i, rank) for i in range(backward, m)]
-
-
-def _interleaved(rank: int, pp: int, m: int, vpp: int) -> list[Action]:
-    total = m * vpp
-
-    def forward_of(k: int) -> Action:
-        chunk = (k // pp) % vpp
-        return Action("F", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
-
-    def backward_of(k: int) -> Action:
-        chunk = vpp - 1 - (k // pp) % vpp
-        return Action("B", (k // (pp * vpp)) * pp + k % pp, rank + chunk * pp)
-
-    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-    actions = [forward_of(k) for k in range(warmup)]
-    forward, backward = warmup, 0
-    while forward < total:
-        actions += [forward_of(forward), backward_of(backward)]
-        forward, backward = forward + 1, backward + 1
-    return actions + [backward_of(k) for k in range(backward, total)]
+    return [[Action(a.kind, a.microbatch, a.stage) for a in actions]
+            for actions in schedule(name, pp, microbatches, vpp)]
 
 
 @dataclass(frozen=True)

@@ -72,17 +72,6 @@ def test_a_rank_goes_at_the_pace_of_its_most_crowded_node():
     assert simulate(orders, cost, 0.0, [[3, 0], [1, 1]], 1) == pytest.approx(3.0)
 
 
-@pytest.mark.parametrize("name,pp,m,vpp", [("gpipe", 3, 4, 1), ("1f1b", 4, 6, 1),
-                                           ("interleaved-1f1b", 2, 4, 2),
-                                           ("1f1b", 2, 4, 2)])
-def test_schedule_orders_are_the_runtimes(name, pp, m, vpp):
-    pipeline = pytest.importorskip("runtime.pipeline")
-    ours = schedule_orders(name, pp, m, vpp)
-    theirs = pipeline.schedule(name, pp, m, vpp)
-    assert [[(a.kind, a.microbatch, a.stage) for a in acts] for acts in ours] == \
-        [[(a.kind, a.microbatch, a.stage) for a in acts] for acts in theirs]
-
-
 def test_pipeline_on_shared_cores_lies_above_both_bounds():
     hw = cpu(peak_flops=50e9, intra_latency=1e-4, intra_bw=1e9, cores=2)
     est = estimate(SHAPE, PlanPoint(pp=4, microbatches=4), host(hw), 16,
