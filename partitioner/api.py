@@ -10,6 +10,7 @@ every rank instead of hanging.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -26,6 +27,7 @@ from partitioner.loss_trace import (LossPath, choose_loss_path, find_sharded_log
                                     local_logits_graph, output_leaves)
 from partitioner.lower import ParamLayout, RankProgram, Stage, compile_rank, unshard
 from partitioner.plan import Plan, PlanError, coerce_plan
+from passes.sequence_parallel import SequenceNotDivisible
 from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh, RankLayout, default_device
@@ -177,6 +179,8 @@ class ParallelModel(nn.Module):
         self._model_ref = [model]  # a list so nn.Module does not register it as a submodule
         self._model_is_meta = any(p.is_meta for p in model.parameters())
         self._programs: dict[tuple, RankProgram] = {}
+        self._forward_programs: dict[tuple, RankProgram] = {}
+        """Input key -> a forward-only program compiled without sp (sequence sp cannot split)."""
         self._loss_routes: dict[tuple, _LossRoute] = {}
         """(microbatch input key, target key) -> how step computes that loss."""
         self._local_logits_stages: dict[tuple, list] = {}
@@ -201,9 +205,13 @@ class ParallelModel(nn.Module):
         self.reducer = None if plan.zero else GradReducer(params, dp_group)
 
     # --- programs ------------------------------------------------------------------------
-    def _program_for(self, args: tuple, kwargs: dict) -> RankProgram:
+    def _program_for(self, args: tuple, kwargs: dict, forward_only: bool = False) -> RankProgram:
+        """The program for these input shapes, compiled at first use. A forward-only call whose
+        sequence sp cannot split (evaluation, generation) runs without sp: same parameters,
+        same numbers; `step` keeps the plan and its error."""
         key = input_key(args, kwargs)
-        program = self._programs.get(key)
+        program = self._programs.get(key) or (self._forward_programs.get(key)
+                                              if forward_only else None)
         if program is None:
             model = self._model_ref[0]
             capture_device = "meta" if self._model_is_meta else None
@@ -211,8 +219,16 @@ class ParallelModel(nn.Module):
                                                   if capture_device else (args, kwargs)))
             first = getattr(self, "program", None)  # later shapes keep the first one's cut
             starts = first.pipeline.stage_starts if first and first.pipeline else None
-            program = compile_rank(captured, self.plan, self.rank, self.device, starts)
-            self._programs[key] = program
+            try:
+                program = compile_rank(captured, self.plan, self.rank, self.device, starts)
+                self._programs[key] = program
+            except SequenceNotDivisible as error:
+                if not forward_only:
+                    raise
+                log.warning("rank %d: %s; this forward runs without sp", self.rank, error)
+                program = compile_rank(captured, dataclasses.replace(self.plan, sp=False),
+                                       self.rank, self.device, starts)
+                self._forward_programs[key] = program
             if hasattr(self, "store"):
                 self._bind(program)
         return program
@@ -262,7 +278,7 @@ class ParallelModel(nn.Module):
         args, kwargs = _on_device((args, kwargs), self.device)
         if self.zero is not None:
             self.zero.gather()
-        program = self._program_for(args, kwargs)
+        program = self._program_for(args, kwargs, forward_only=True)
         if program.pipeline is not None:
             return self._pipeline_forward(program, args, kwargs)
         return self._run(program.stages[0].gm, args, kwargs)

@@ -62,6 +62,10 @@ class SeqSplit:
         return f"S({self.dim})@{MESH_DIM}"
 
 
+class SequenceNotDivisible(PassError):
+    """The sequence length is not a multiple of tp (sp cannot split it)."""
+
+
 class _NotTokenwise(Exception):
     """The op mixes tokens (or its shapes do not show the token dims): not in the zone."""
 
@@ -338,9 +342,9 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise PassError(f"sequence_parallel (sp=on, tp={tp}): cannot tell the (batch, seq) of "
                         f"the model's tokens from its inputs; fix: sp=off")
     if tokens.seq % tp:
-        raise PassError(f"sequence_parallel splits the sequence over tp: sequence length "
-                        f"{tokens.seq} is not divisible by tp={tp}; fix: a sequence length that "
-                        f"is a multiple of {tp}, or sp=off")
+        raise SequenceNotDivisible(
+            f"sequence_parallel splits the sequence over tp: sequence length {tokens.seq} is not "
+            f"divisible by tp={tp}; fix: a sequence length that is a multiple of {tp}, or sp=off")
     reduces = {}
     for node in reduce_nodes:
         split = _boundary_split(node, tokens)

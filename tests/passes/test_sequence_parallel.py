@@ -183,3 +183,27 @@ def test_sequence_parallel_cuts_activation_memory():
     tp; with tp=2 the per-rank activations must fall well below tp alone."""
     for by_plan in spawn(2, _saved_activation_bytes, ["tp=2", "tp=2,sp=on"]):
         assert by_plan["tp=2,sp=on"] < 0.85 * by_plan["tp=2"], by_plan
+
+
+def _forward_of_any_length():
+    """`pm(ids)` of a length sp cannot split runs without sp (same numbers); `step` refuses."""
+    from partitioner import parallelize
+    from partitioner.check import lm_loss
+
+    torch.manual_seed(0)
+    model, (ids,) = models.tiny_llama(seq=16)
+    model = model.double()
+    pm = parallelize(model, "tp=2,sp=on", (ids,), loss_fn=lm_loss)
+    odd = ids[:, :15]
+    error = (pm(odd) - model(odd)).abs().max().item()
+    try:
+        pm.step(odd, target=odd)
+    except PassError as refused:
+        return error, str(refused)
+    return error, None
+
+
+def test_forward_of_a_length_sp_cannot_split_runs_without_sp():
+    for error, refused in spawn(2, _forward_of_any_length):
+        assert error < 1e-12
+        assert refused is not None and "sequence length 15 is not divisible by tp=2" in refused
