@@ -297,15 +297,16 @@ def default_global_batch(world_size: int) -> int:
 
 
 def auto_plan(shape: TransformerShape, world_size: int, hardware: str, global_batch: int,
-              seq: int) -> dict:
-    """The fastest plan that fits, as a dict of Plan fields (for `parallelize(model, "auto")`)."""
+              seq: int, fixed: dict | str | None = None) -> dict:
+    """The fastest plan that fits, as a dict of Plan fields (for `parallelize(model, "auto")`);
+    `fixed` pins degrees as `--fix` does (the runtime pins those it does not run yet)."""
     hw = get_hardware(hardware)
     # ranks on a host whose cores they share are processes of this one machine (runtime.spawn),
     # however few cores it has; GPUs come gpus_per_node to a node
     per_node = world_size if hw.cores is not None else min(hw.gpus_per_node, world_size)
     cluster = Cluster(hardware=dataclasses.replace(hw, gpus_per_node=per_node),
                       num_gpus=world_size, gpus_per_node=per_node)
-    result = search(shape, cluster, global_batch, seq, top_k=1)
+    result = search(shape, cluster, global_batch, seq, fixed=fixed, top_k=1)
     plan = result.chosen.plan.to_dict()
     log.info("auto plan for %s on %s: %s (%.3f s/step predicted)", shape, cluster,
              result.chosen.plan, result.chosen.step_time_s)
