@@ -287,7 +287,7 @@ def head_time(shape: TransformerShape, hw: Hardware, tp: int, cp: int, mbs: int,
               sp: bool) -> tuple[float, float]:
     """(forward, backward) seconds of final norm, LM head and vocab-parallel cross entropy."""
     T = mbs * shape.seq / cp
-    v = shape.vocab / tp
+    v = -(-shape.vocab // tp)  # a rank's columns of the vocabulary padded to a multiple of tp
     gemm = hw.gemm_time(T, v, shape.hidden)
     norm_elements = T * shape.hidden * (1 / tp if sp else 1)
     norm = hw.math_time(2 * hw.elem_bytes * norm_elements, norm_elements)

@@ -175,11 +175,13 @@ def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: 
     dp = p.dp if p.dp is not None else world // mp_
     if dp * mp_ != world:
         raise PlanRejected(f"tp*pp*cp*dp={mp_ * dp} != {world} GPUs")
-    if shape.heads % p.tp or shape.n_kv % p.tp and shape.n_kv >= p.tp:
-        raise PlanRejected(f"tp={p.tp} must divide heads={shape.heads} (and kv_heads="
-                           f"{shape.n_kv})")
-    if shape.ffn_dim % p.tp or shape.vocab % p.tp:
-        raise PlanRejected(f"tp={p.tp} must divide ffn={shape.ffn_dim} and vocab={shape.vocab}")
+    # kv heads tp does not divide are replicated on tp/kv ranks when they divide tp (as the TP
+    # pass does); a vocabulary tp does not divide is padded (the pass pads it too)
+    if shape.heads % p.tp or shape.n_kv % p.tp and p.tp % shape.n_kv:
+        raise PlanRejected(f"tp={p.tp} must divide heads={shape.heads}, and divide or be a "
+                           f"multiple of kv_heads={shape.n_kv}")
+    if shape.ffn_dim % p.tp:
+        raise PlanRejected(f"tp={p.tp} must divide ffn={shape.ffn_dim}")
     if seq % (p.cp * (2 if p.cp > 1 else 1)):
         raise PlanRejected(f"seq={seq} must divide into 2*cp={2 * p.cp} chunks "
                            f"(load-balanced causal context parallelism)")

@@ -162,6 +162,19 @@ def test_plan_rules_are_enforced():
         estimate(shape, PlanPoint(tp=2, microbatches=3), cl, 8)
 
 
+def test_plans_the_tensor_parallel_pass_runs_are_accepted():
+    """The pass pads a vocabulary tp does not divide (GPT-2's 50257) and replicates kv heads
+    that divide tp; kv heads neither dividing nor divided by tp are refused by both."""
+    cl = parse_cluster("8xA100-80G")
+    gpt2 = TransformerShape.megatron_gpt(layers=8, hidden=1024, heads=16, vocab=50257)
+    assert estimate(gpt2, PlanPoint(tp=8), cl, 8).step_time_s > 0
+    gqa = TransformerShape(layers=8, hidden=1024, heads=16, kv_heads=2, seq=2048, vocab=32000)
+    assert estimate(gqa, PlanPoint(tp=8), cl, 8).step_time_s > 0
+    odd = TransformerShape(layers=8, hidden=1536, heads=12, kv_heads=3, seq=2048, vocab=32000)
+    with pytest.raises(PlanRejected, match="kv_heads=3"):
+        estimate(odd, PlanPoint(tp=4), cl, 8)
+
+
 def test_cluster_parsing_and_errors(tmp_path):
     cl = parse_cluster("64xH100")
     assert cl.num_gpus == 64 and cl.nodes == 8 and cl.hardware.peak_flops == 989e12
