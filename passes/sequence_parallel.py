@@ -39,15 +39,14 @@ import torch
 from torch import fx
 
 from passes import PassContext, PassError
-from passes.tensor_parallel import PLACEMENT_KEY
+from passes.tensor_parallel import (ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, LAYOUTS_KEY, MESH_DIM,
+                                    PLACEMENT_KEY, aten_ops)
 from runtime.collectives import (all_gather, all_reduce, copy_to_region, gather_for_region,
                                  reduce_scatter, scatter)
 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
-MESH_DIM = "tp"
-LAYOUTS_KEY = "partitioner.layouts"
 
 
 @dataclass(frozen=True)
@@ -181,29 +180,19 @@ def _view(node, split, tokens):
     raise _NotTokenwise(f"view {src} -> {dst} moves the tokens")
 
 
-_UNARY = [
-    "gelu.default", "silu.default", "relu.default", "tanh.default", "sigmoid.default",
-    "neg.default", "exp.default", "rsqrt.default", "sqrt.default", "reciprocal.default",
-    "dropout.default", "native_dropout.default", "clone.default", "contiguous.default",
-    "alias.default", "_to_copy.default", "to.dtype", "to.dtype_layout", "to.device",
-    "pow.Tensor_Scalar", "mul.Scalar", "add.Scalar", "div.Scalar", "sub.Scalar",
-    "type_as.default", "detach.default", "gelu_.default", "abs.default", "square.default",
-]
-_BINARY = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
-           "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default", "minimum.default",
-           "pow.Tensor_Tensor"]
+# The tensor-parallel pass's elementwise ops, and a few more that norms and dropout between
+# regions are written with.
+_UNARY = ELEMENTWISE_UNARY + ["reciprocal.default", "native_dropout.default", "abs.default",
+                              "square.default"]
+_BINARY = ELEMENTWISE_BINARY + ["pow.Tensor_Tensor"]
 _REDUCTIONS = ["mean.dim", "sum.dim_IntList", "amax.default", "var.correction",
                "var_mean.correction", "var.dim"]
 
 
 def _rule_table():
-    table = {}
-    for names, rule in ((_UNARY, _same), (_BINARY, _broadcast), (_REDUCTIONS, _reduction)):
-        for name in names:
-            packet, _, overload = name.partition(".")
-            op = getattr(getattr(aten, packet, None), overload, None)
-            if op is not None:
-                table[op] = rule
+    table = {op: _same for op in aten_ops(_UNARY)}
+    table.update({op: _broadcast for op in aten_ops(_BINARY)})
+    table.update({op: _reduction for op in aten_ops(_REDUCTIONS)})
     for op in (aten.layer_norm.default, aten.native_layer_norm.default):
         table[op] = _normalization
     if hasattr(aten, "rms_norm"):
@@ -366,10 +355,9 @@ class _Rewriter:
         self.graph, self.tp, self.tokens, self.zone = gm.graph, tp, tokens, zone
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.scattered: dict[tuple, fx.Node] = {}
-        layouts = gm.meta.get(LAYOUTS_KEY) or {}
-        self.trainable = ({name for name, layout in layouts.items()
-                           if not layout.is_buffer and layout.requires_grad} if layouts else
-                          {name for name, p in gm.named_parameters() if p.requires_grad})
+        # tensor_parallel, which runs first, always leaves the layouts in the graph's meta
+        self.trainable = {name for name, layout in gm.meta[LAYOUTS_KEY].items()
+                          if not layout.is_buffer and layout.requires_grad}
         self._carries: dict[fx.Node, bool] = {}
 
     def run(self, reads: dict, copies: list[fx.Node]) -> None:

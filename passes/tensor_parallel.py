@@ -439,26 +439,33 @@ def _matmul(node, states, tp):  # batched matmul: split along a shared batch dim
     return Split(next(iter(dims)), sa.blocks, sa.replicas), None
 
 
-_UNARY = [
+ELEMENTWISE_UNARY = [
     "gelu.default", "silu.default", "relu.default", "tanh.default", "sigmoid.default",
     "neg.default", "exp.default", "rsqrt.default", "sqrt.default", "dropout.default",
     "clone.default", "contiguous.default", "alias.default", "_to_copy.default", "to.dtype",
     "to.dtype_layout", "to.device", "pow.Tensor_Scalar", "mul.Scalar", "add.Scalar",
     "div.Scalar", "sub.Scalar", "type_as.default", "detach.default", "gelu_.default",
 ]
-_BINARY = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
-           "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default", "minimum.default"]
+ELEMENTWISE_BINARY = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
+                      "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default",
+                      "minimum.default"]
+
+
+def aten_ops(names: list[str]) -> list:
+    """The aten overloads named "packet.overload" that this torch has."""
+    ops = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            ops.append(op)
+    return ops
 
 
 def _rule_table():
     """Op -> split rule: which ops can sit inside a tensor-parallel region."""
-    table = {}
-    for names, rule in ((_UNARY, _same), (_BINARY, _broadcast)):
-        for name in names:
-            packet, _, overload = name.partition(".")
-            op = getattr(getattr(aten, packet), overload, None)
-            if op is not None:
-                table[op] = rule
+    table = {op: _same for op in aten_ops(ELEMENTWISE_UNARY)}
+    table.update({op: _broadcast for op in aten_ops(ELEMENTWISE_BINARY)})
     table.update({
         aten.view.default: _reshape,             # (B,S,h) -> (B,S,nh/tp,hd) and back
         aten.reshape.default: _reshape,

@@ -4,6 +4,7 @@ the global gradient norm and the weights after AdamW steps (partitioner.check.ch
 import pytest
 import torch
 
+from equivalence import assert_passed
 from partitioner.check import check_rank
 from partitioner.models import tiny, tiny_llama
 from runtime import spawn
@@ -14,13 +15,6 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 def _run_cases(cases):
     return [(name, check_rank(factory, plan, dtype=DTYPES[dtype], **kw))
             for name, factory, plan, dtype, kw in cases]
-
-
-def _assert_all_passed(per_rank):
-    failures = [f"{name}:\n{report}" for reports in per_rank for name, report in reports
-                if not report.passed]
-    assert not failures, "\n".join(failures)
-    assert len(per_rank[0]) > 0
 
 
 IN_REPO = [
@@ -38,7 +32,7 @@ IN_REPO = [
 
 
 def test_in_repo_models_dp2_match_one_device():
-    _assert_all_passed(spawn(2, _run_cases, IN_REPO))
+    assert_passed(spawn(2, _run_cases, IN_REPO), IN_REPO)
 
 
 def _hf_cases():
@@ -56,7 +50,7 @@ def _run_hf():
 
 def test_hugging_face_models_dp2_match_one_device():
     pytest.importorskip("transformers")
-    _assert_all_passed(spawn(2, _run_hf))
+    assert_passed(spawn(2, _run_hf), _hf_cases())
 
 
 def _semantics():

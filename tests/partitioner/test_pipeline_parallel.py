@@ -4,6 +4,7 @@ gradient, float64), for every schedule, with dp, and with each recompute mode.""
 import pytest
 import torch
 
+from equivalence import assert_passed
 from partitioner.check import check_rank
 from runtime import spawn
 
@@ -13,12 +14,6 @@ def _run(cases):
     for name, factory, plan, kw in cases:
         reports.append((name, check_rank(factory, plan, dtype=torch.float64, steps=1, **kw)))
     return reports
-
-
-def _assert_passed(per_rank):
-    bad = [f"{name}:\n{report}" for reports in per_rank for name, report in reports
-           if not report.passed]
-    assert not bad, "\n".join(bad)
 
 
 GPT, LLAMA = "partitioner.models:tiny", "partitioner.models:tiny_llama"
@@ -38,7 +33,7 @@ TWO_RANKS = [
 
 
 def test_pp2_schedules_match_one_device():
-    _assert_passed(spawn(2, _run, TWO_RANKS))
+    assert_passed(spawn(2, _run, TWO_RANKS), TWO_RANKS)
 
 
 def _four_rank_cases():
@@ -65,7 +60,7 @@ def _run_four():
 
 def test_pp4_and_dp2_pp2_match_one_device():
     pytest.importorskip("transformers")
-    _assert_passed(spawn(4, _run_four))
+    assert_passed(spawn(4, _run_four), _four_rank_cases())
 
 
 def _recompute_is_exact_and_saves_memory():
