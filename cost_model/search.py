@@ -116,7 +116,7 @@ def parse_fix(text: str | dict | None) -> dict:
 def _validate_fix(fixed: dict) -> None:
     """Field-level rules of the Plan (sp needs tp>1, vpp needs interleaving, ...)."""
     try:
-        from partitioner.plan import Plan
+        from core.plan import Plan
     except ImportError:  # the plan module is optional for the pure cost model
         return
     fields = {k: v for k, v in fixed.items() if k != "mbs"}

@@ -5,7 +5,7 @@ step is its time: not the critical path (a rank on it runs slower while other ra
 its core) and not the node's work over its cores (cores idle while every rank waits: a pipeline
 filling or draining, a collective all the ranks wait on at once). This module runs the schedule:
 
-- each pipeline rank's actions in the runtime's order (runtime.pipeline.schedule, Megatron-Core's);
+- each pipeline rank's actions in the runtime's order (core.schedules.schedule, Megatron-Core's);
   the tensor/data-parallel replicas of a pipeline rank run the same program in lockstep, so one
   simulated rank stands for all of them;
 - an action starts when its inputs exist (the producing action done, plus the p2p latency when
@@ -37,7 +37,7 @@ class Action:
 def schedule_orders(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
     """Per pipeline rank, its actions in the order the runtime runs them (stage s is on rank
     s % pp): runtime.pipeline's schedules, pure functions of the degrees."""
-    from runtime.pipeline import schedule
+    from core.schedules import schedule
 
     return [[Action(a.kind, a.microbatch, a.stage) for a in actions]
             for actions in schedule(name, pp, microbatches, vpp)]

@@ -4,14 +4,14 @@
     pm = parallelize(model, Plan(tp=2, pp=2), example_inputs=(ids,))
 """
 
-from partitioner.plan import Plan, PlanError
+from core.plan import Plan, PlanError
 
 __all__ = ["Plan", "PlanError", "parallelize", "ParallelModel"]
 
 
 def __getattr__(name: str):
-    # The API pulls in passes and the runtime; import it on first use so that
-    # `partitioner.plan` stays importable from passes without a cycle.
+    # The API pulls in torch, the passes and the runtime; import it on first use so that
+    # `partitioner plan` (the cost model alone) starts without them.
     if name in ("parallelize", "ParallelModel"):
         from partitioner import api
 

@@ -25,13 +25,15 @@ from torch.utils import _pytree as pytree
 from partitioner.capture import Captured, capture, input_key
 from partitioner.loss_trace import (LossPath, choose_loss_path, find_sharded_logits,
                                     local_logits_graph, output_leaves)
-from partitioner.lower import ParamLayout, RankProgram, Stage, compile_rank, unshard
-from partitioner.plan import Plan, PlanError, coerce_plan
+from core.placement import ParamLayout, unshard
+from core.plan import Plan, PlanError, coerce_plan
+from partitioner.lower import RankProgram, Stage, compile_rank
 from passes.sequence_parallel import SequenceNotDivisible
 from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh, RankLayout, default_device
-from runtime.pipeline import Action, PipelineRunner, schedule, timeline
+from core.schedules import Action, schedule, timeline
+from runtime.pipeline import PipelineRunner
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,7 @@ def parallelize(model: nn.Module, plan: "Plan | str | dict", example_inputs: tup
     if isinstance(plan, str) and plan.strip() == "auto":
         plan = _auto_plan(model, world_size, example_inputs)
     plan = coerce_plan(plan).resolve(world_size)
+    plan.refuse_pending()
     return ParallelModel(model, plan, tuple(example_inputs), dict(example_kwargs or {}),
                          loss_fn, device=device)
 
@@ -70,7 +73,7 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
     # context and expert parallelism have no passes yet: the search must not pick them
     fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, _hardware_name(),
                        global_batch=batch, seq=seq, fixed={"cp": 1, "ep": 1, "etp": 1})
-    fields = {k: v for k, v in fields.items() if k != "dp"}
+    fields = {k: v for k, v in fields.items() if k not in ("dp", "etp")}  # etp follows tp
     return coerce_plan(fields)
 
 
@@ -524,7 +527,7 @@ class ParallelModel(nn.Module):
 
     def _replicas(self, layout: ParamLayout) -> int:
         """How many ranks hold exactly the same values as this rank's piece of `layout`."""
-        distinct = math.prod(self.program.sizes[s.mesh_dim] for s in layout.shards)
+        distinct = math.prod(self.program.sizes[dim] for dim, _ in layout.placements.splits())
         holders = (len(self.program.pipeline.holders(layout.name))
                    if self.program.pipeline is not None else self.mesh.size("pp"))
         return self.mesh.world_size // self.mesh.size("pp") * holders // distinct
@@ -561,11 +564,11 @@ class ParallelModel(nn.Module):
     # --- state dicts -----------------------------------------------------------------------
     def _gather_full(self, layout: ParamLayout, local: torch.Tensor) -> torch.Tensor:
         full = local
-        for spec in reversed(layout.shards):
-            group, size = self.mesh.group(spec.mesh_dim), self.mesh.size(spec.mesh_dim)
+        for mesh_dim, placement in reversed(list(layout.placements.splits())):
+            group, size = self.mesh.group(mesh_dim), self.mesh.size(mesh_dim)
             pieces = [torch.empty_like(full) for _ in range(size)]
             dist.all_gather(pieces, full.contiguous(), group=group)
-            full = unshard(pieces, spec, layout.full_shape[spec.dim])
+            full = unshard(pieces, placement, layout.full_shape[placement.dim])
         return full
 
     def _full_from_owner(self, layout: ParamLayout, local: torch.Tensor | None):

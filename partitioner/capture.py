@@ -49,20 +49,6 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), described)
 
 
-def module_path(node: fx.Node) -> str:
-    """The innermost module path of a node ('' for the root)."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    path = list(stack.values())[-1][0]
-    return _clean_path(path)
-
-
-def _clean_path(path: str) -> str:
-    # export spells submodules of ModuleList as "blocks.0" but sometimes as "L['self'].blocks[0]"
-    return path.replace("L['self'].", "").replace("[", ".").replace("]", "").strip(".")
-
-
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
     """Export `model(*args, **kwargs)` to one aten fx graph (inputs may be fake or meta)."""
     kwargs = dict(kwargs or {})

@@ -76,7 +76,7 @@ def _hf_from_config(path: str, *, batch: int, seq: int | None, device: str):
 
 def cmd_dump(args) -> int:
     from partitioner.api import rank_programs
-    from partitioner.plan import Plan
+    from core.plan import Plan
     from partitioner.report.graph import to_dot, to_json, to_text
 
     plan = Plan.parse(args.plan)
@@ -126,7 +126,7 @@ class _ModelFactory:
 
 
 def cmd_check(args) -> int:
-    from partitioner.plan import Plan
+    from core.plan import Plan
     from runtime import spawn
 
     plan = Plan.parse(args.plan)
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from partitioner.capture import CaptureError
-    from partitioner.plan import PlanError
+    from core.plan import PlanError
     from passes import PassError
 
     try:

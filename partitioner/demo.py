@@ -60,7 +60,7 @@ def _demo_rank(plan: str, steps: int):
 
 
 def run_demo(world_size: int = 4, plan: str | None = None, steps: int = 5) -> int:
-    from partitioner.plan import Plan
+    from core.plan import Plan
     from runtime import spawn
 
     plan = plan or default_plan(world_size)

@@ -9,94 +9,22 @@ collective, and the layout of every parameter this rank holds.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import fx
 
-from partitioner.capture import Captured, module_path
-from partitioner.plan import Plan
+from core.layout import mesh_sizes, rank_coords
+from core.placement import ParamLayout
+from core.plan import Plan
+from core.fx_utils import module_path
+from partitioner.capture import Captured
 from passes import PassContext, run_passes
 from passes.device import retarget_device
 from passes.kernels import use_kernels
 from passes.pipeline_split import stage_starts as starts_of_stages
 from runtime.collectives import COLLECTIVE_KINDS
-from runtime.mesh import RankLayout
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """A parameter split along tensor `dim` over mesh dimension `mesh_dim`.
-
-    `blocks` splits fused weights sub-block by sub-block (Megatron's stride: q|k|v each split
-    over tp, not the concatenation); `padded` is the full size after padding to a multiple of
-    the group (vocabulary padding), the padding rows being zeros that never leave the rank.
-    """
-
-    dim: int
-    mesh_dim: str
-    blocks: tuple[int, ...] | None = None
-    padded: int | None = None
-
-    def __str__(self) -> str:
-        return f"S({self.dim})@{self.mesh_dim}"
-
-
-@dataclass(frozen=True)
-class ParamLayout:
-    """Where one parameter (or buffer) lives on this rank."""
-
-    name: str
-    full_shape: tuple[int, ...]
-    dtype: torch.dtype
-    requires_grad: bool = True
-    shards: tuple[ShardSpec, ...] = ()
-    """Empty: every rank of the stage holds the full tensor (replicated)."""
-    aliases: tuple[str, ...] = ()
-    """Other state-dict names of the same (tied) tensor."""
-    is_buffer: bool = False
-    persistent: bool = True
-
-    @property
-    def placement(self) -> str:
-        return ",".join(str(s) for s in self.shards) or "R"
-
-    def local_shape(self, sizes: dict[str, int]) -> tuple[int, ...]:
-        shape = list(self.full_shape)
-        for spec in self.shards:
-            shape[spec.dim] = (spec.padded or shape[spec.dim]) // sizes[spec.mesh_dim]
-        return tuple(shape)
-
-    def shard(self, full: torch.Tensor, coords: dict[str, int], sizes: dict[str, int]):
-        """This rank's piece of the full tensor (a copy)."""
-        out = full
-        for spec in self.shards:
-            out = _take_shard(out, spec, coords[spec.mesh_dim], sizes[spec.mesh_dim])
-        return out.clone()
-
-
-def _take_shard(full: torch.Tensor, spec: ShardSpec, index: int, parts: int) -> torch.Tensor:
-    if spec.padded is not None and spec.padded > full.shape[spec.dim]:
-        pad = list(full.shape)
-        pad[spec.dim] = spec.padded - full.shape[spec.dim]
-        full = torch.cat([full, full.new_zeros(pad)], dim=spec.dim)
-    blocks = full.split(list(spec.blocks), dim=spec.dim) if spec.blocks else (full,)
-    return torch.cat([block.chunk(parts, dim=spec.dim)[index] for block in blocks], dim=spec.dim)
-
-
-def unshard(pieces: list[torch.Tensor], spec: ShardSpec, full_size: int) -> torch.Tensor:
-    """Inverse of `_take_shard`: every rank's piece (in group order) -> the full tensor."""
-    if spec.blocks:
-        parts = len(pieces)
-        local_blocks = [b // parts for b in spec.blocks]
-        split = [piece.split(local_blocks, dim=spec.dim) for piece in pieces]
-        full = torch.cat([torch.cat([split[r][b] for r in range(parts)], dim=spec.dim)
-                          for b in range(len(spec.blocks))], dim=spec.dim)
-    else:
-        full = torch.cat(pieces, dim=spec.dim)
-    return full.narrow(spec.dim, 0, full_size)
 
 
 @dataclass
@@ -241,8 +169,7 @@ class RankProgram:
         return "\n".join(lines)
 
     def local_numel(self) -> int:
-        return sum(math.prod(l.local_shape(self.sizes)) for l in self.layouts.values()
-                   if not l.is_buffer)
+        return sum(l.local_numel(self.sizes) for l in self.layouts.values() if not l.is_buffer)
 
 
 def _row(cells, widths) -> str:
@@ -265,7 +192,7 @@ def collective_kind(node: fx.Node) -> str | None:
 
 def node_placement(node: fx.Node, layouts: dict[str, ParamLayout]) -> str:
     if node.op == "get_attr" and node.target in layouts:
-        return layouts[node.target].placement
+        return str(layouts[node.target].placements)
     return node.meta.get("tp.placement", "R")
 
 
@@ -292,10 +219,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     `stage_starts` (an earlier program's `pipeline.stage_starts`) fixes the pipeline cut, so
     every input shape of one model keeps each parameter on the same stage.
     """
-    layout = RankLayout.dense(plan)
-    coords = layout.coords(rank)
-    coords.update({k: v for k, v in RankLayout.expert(plan).coords(rank).items()
-                   if k not in coords})
+    coords = rank_coords(plan, rank)
     with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         gm = copy.deepcopy(captured.gm)
@@ -306,8 +230,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     gm = use_kernels(gm)
     gm = retarget_device(gm, torch.device(device))
     all_layouts = gm.meta["partitioner.layouts"]
-    sizes = {dim: size for dim, size in RankLayout.dense(plan).sizes}
-    sizes.update(dict(RankLayout.expert(plan).sizes))
+    sizes = mesh_sizes(plan)
     if plan.stages == 1:
         return RankProgram(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
                            layouts=all_layouts, sizes=sizes, all_layouts=all_layouts)

@@ -14,7 +14,7 @@ from typing import Callable
 
 from torch import fx
 
-from partitioner.plan import Plan
+from core.plan import Plan
 
 
 @dataclass(frozen=True)
@@ -36,17 +36,9 @@ class PassError(ValueError):
 Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
 
 
-def _not_available(feature: str, issue: str) -> Pass:
-    def unavailable(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-        raise NotImplementedError(
-            f"{feature} is not available yet ({issue}); plan {ctx.plan} asks for it. "
-            f"Run with that degree at 1 until it lands.")
-    unavailable.__name__ = feature
-    return unavailable
-
-
 def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
-    """The passes this plan needs, in order; a strategy not built yet refuses clearly."""
+    """The passes this plan needs, in order (a strategy not built yet is refused before, by
+    `Plan.refuse_pending`)."""
     from passes.causal_mask import fold_causal_masks
 
     passes: list[tuple[str, Pass]] = [("causal_mask", fold_causal_masks)]
@@ -58,12 +50,6 @@ def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
             from passes.sequence_parallel import sequence_parallel
 
             passes.append(("sequence_parallel", sequence_parallel))
-    if plan.cp > 1:
-        passes.append(("context_parallel", _not_available("context parallelism (cp>1)",
-                                                          "no issue yet")))
-    if plan.ep > 1 or plan.etp > 1:
-        passes.append(("expert_parallel", _not_available("expert parallelism (ep/etp>1)",
-                                                          "no issue yet")))
     if plan.stages > 1:
         from passes.pipeline_split import pipeline_split  # reads the cost model
 
@@ -76,6 +62,7 @@ def pass_pipeline(plan: Plan) -> list[tuple[str, Pass]]:
 
 
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    ctx.plan.refuse_pending()
     done: list[str] = []
     for name, fn in pass_pipeline(ctx.plan):
         try:

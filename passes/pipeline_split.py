@@ -20,7 +20,7 @@ from collections import Counter
 from torch import fx
 
 from cost_model.graph_costs import node_cost
-from partitioner.capture import module_path
+from core.fx_utils import module_path
 from passes import PassContext, PassError
 from passes.stage_cut import Segment, choose_cuts
 

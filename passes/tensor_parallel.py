@@ -21,7 +21,7 @@ head are `vocab` by default, as in Megatron-Core and torchtitan (`_default_vocab
 `replicate` rule keeps them whole). A `vocab` rule on an embedding
 (Megatron's VocabParallelEmbedding) shards the table's rows: ids outside this rank's rows look up
 row 0, their outputs are zeroed, and `all_reduce(., "tp")` sums the one rank that had each id.
-A vocabulary tp does not divide is padded with zero rows (`ShardSpec.padded`). A table tied to
+A vocabulary tp does not divide is padded with zero rows (`Shard.padded`). A table tied to
 an LM head takes one row shard for both uses when both are ruled `vocab`.
 
 Grouped-query attention whose kv heads tp does not divide but which divide tp (kv=2, tp=4):
@@ -43,7 +43,8 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from partitioner.capture import module_path
+from core.placement import ParamLayout, Placements, Shard, local_size, split_placement
+from core.fx_utils import module_path
 from passes import PassContext, PassError
 from runtime.collectives import all_gather, all_reduce, copy_to_region
 
@@ -624,8 +625,6 @@ def _base_layouts(gm: fx.GraphModule) -> dict:
     one, preferring an embedding table (capture reads tied tensors through one canonical name).
     This guess is why compile_rank should seed the key from the capture.
     """
-    from partitioner.lower import ParamLayout
-
     seeded = gm.meta.get(LAYOUTS_KEY)
     if seeded:
         return dict(seeded)
@@ -668,8 +667,6 @@ def _replace(layout, **changes):
 
 def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Split column/row-parallel regions over the "tp" mesh dimension (see module docstring)."""
-    from partitioner.lower import ShardSpec
-
     tp = ctx.plan.tp
     layouts = _base_layouts(gm)
     if tp == 1:
@@ -789,7 +786,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise PassError(f"tensor_parallel (tp={tp}) cannot split this model: {problems[0]}"
                         f"{more}\n  - " + "\n  - ".join(problems))
 
-    rewriter = _Rewriter(gm, projs, states, layouts, tp, ctx.coords[MESH_DIM], ShardSpec)
+    rewriter = _Rewriter(gm, projs, states, layouts, tp, ctx.coords[MESH_DIM])
     rewriter.run(kept, rewrites, vocab, vocab_lookups)
     gm.meta[LAYOUTS_KEY] = layouts
     graph.lint()
@@ -977,9 +974,9 @@ class _Rewriter:
     """Applies the propagated splits to the graph: this rank's program (the rank picks the
     rows of a vocab shard and the kv head of a replicated projection)."""
 
-    def __init__(self, gm, projs, states, layouts, tp: int, rank: int, ShardSpec) -> None:
+    def __init__(self, gm, projs, states, layouts, tp: int, rank: int) -> None:
         self.gm, self.graph, self.projs, self.states = gm, gm.graph, projs, states
-        self.layouts, self.tp, self.rank, self.ShardSpec = layouts, tp, rank, ShardSpec
+        self.layouts, self.tp, self.rank = layouts, tp, rank
         self.copies: dict[fx.Node, fx.Node] = {}
         self.sharded: dict[str, object] = {}
 
@@ -1027,12 +1024,13 @@ class _Rewriter:
             return
         self.sharded[attr.target] = spec
         layout = self.layouts[attr.target]
-        self.layouts[attr.target] = _replace(layout, shards=(spec,))
-        attr.meta[PLACEMENT_KEY] = str(spec)
+        placements = Placements(((MESH_DIM, spec),))
+        self.layouts[attr.target] = _replace(layout, placements=placements)
+        attr.meta[PLACEMENT_KEY] = str(placements)
         val = _val(attr)
         if isinstance(val, torch.Tensor):
             local = list(val.shape)
-            local[spec.dim] = (spec.padded or local[spec.dim]) // self.tp
+            local[spec.dim] = local_size(spec, local[spec.dim], self.tp)
             attr.meta["val"] = torch.empty(local, dtype=val.dtype, device="meta")
 
     def apply(self, node: fx.Node, call: _Call) -> None:
@@ -1069,11 +1067,9 @@ class _Rewriter:
     def column(self, lin: fx.Node, blocks, padded: int | None = None) -> None:
         proj = self.projs[lin]
         blocks = tuple(blocks) if len(blocks) > 1 else None
-        ShardSpec = self.ShardSpec
-        self.shard_param(proj.weight, ShardSpec(proj.out_dim, MESH_DIM, blocks=blocks,
-                                                padded=padded))
+        self.shard_param(proj.weight, split_placement(proj.out_dim, blocks, padded))
         if proj.bias is not None:
-            self.shard_param(proj.bias, ShardSpec(0, MESH_DIM, blocks=blocks, padded=padded))
+            self.shard_param(proj.bias, split_placement(0, blocks, padded))
         self.enter(lin)
 
     def replicated_column(self, lin: fx.Node, split: Split) -> None:
@@ -1102,7 +1098,7 @@ class _Rewriter:
 
     def row(self, lin: fx.Node) -> None:  # g: linear(x, w) -> all_reduce -> + bias
         graph, proj = self.graph, self.projs[lin]
-        self.shard_param(proj.weight, self.ShardSpec(1 - proj.out_dim, MESH_DIM))
+        self.shard_param(proj.weight, Shard(1 - proj.out_dim))
         bias = proj.bias
         if lin.target is aten.addmm.default:  # b + x @ w -> x @ w
             lin.target = aten.mm.default
@@ -1152,8 +1148,7 @@ class _Rewriter:
         table, ids = lookup.args[0], lookup.args[1]
         rows = self.layouts[table.target].full_shape[0]  # a tied head may have sharded it
         padded = -(-rows // tp) * tp
-        self.shard_param(table, self.ShardSpec(0, MESH_DIM,
-                                               padded=padded if padded != rows else None))
+        self.shard_param(table, Shard(0, padded=padded if padded != rows else None))
         per_rank = padded // tp
         start, end = self.rank * per_rank, (self.rank + 1) * per_rank
         id_val, out_val = _val(ids), _val(lookup)
@@ -1187,7 +1182,7 @@ class _Rewriter:
         real shards by name; reports read these)."""
         for attr in self.graph.find_nodes(op="get_attr"):
             layout = self.layouts.get(attr.target)
-            if layout is None or not layout.shards:
+            if layout is None or layout.placements.replicated:
                 continue
             owner_path, _, leaf = attr.target.rpartition(".")
             owner = self.gm.get_submodule(owner_path) if owner_path else self.gm

@@ -1,79 +1,12 @@
-"""Rank layout and process groups for the plan's mesh.
-
-The layout follows Megatron-Core's two rank generators: dense layers over tp-cp-dp-pp and expert
-layers over etp-ep-edp-pp (edp = tp*cp*dp / (etp*ep)), both read from the plan's `order`, the
-first dimension varying fastest. `RankLayout` is pure arithmetic (the CLI's `dump` uses it for
-every rank in one process); `Mesh` adds the live torch.distributed groups.
-"""
+"""Process groups for the plan's mesh: `core.layout.RankLayout`'s groups made live."""
 
 from __future__ import annotations
-
-import math
-from dataclasses import dataclass
-from functools import cached_property
 
 import torch
 import torch.distributed as dist
 
-from partitioner.plan import Plan
-
-
-@dataclass(frozen=True)
-class RankLayout:
-    """Ranks on a grid of named dimensions; `order[0]` varies fastest."""
-
-    sizes: tuple[tuple[str, int], ...]
-    """(dimension, size) pairs in layout order, fastest first."""
-
-    @classmethod
-    def dense(cls, plan: Plan) -> "RankLayout":
-        order = [d for d in plan.order.split("-") if d != "ep"]
-        return cls(tuple((d, plan.degree(d)) for d in order))
-
-    @classmethod
-    def expert(cls, plan: Plan) -> "RankLayout":
-        edp = plan.tp * plan.cp * plan.degree("dp") // (plan.etp * plan.ep)
-        rename = {"tp": ("etp", plan.etp), "ep": ("ep", plan.ep), "dp": ("edp", edp),
-                  "pp": ("pp", plan.pp)}
-        return cls(tuple(rename[d] for d in plan.order.split("-") if d != "cp"))
-
-    @property
-    def world_size(self) -> int:
-        return math.prod(size for _, size in self.sizes)
-
-    @cached_property
-    def _strides(self) -> dict[str, int]:
-        strides, stride = {}, 1
-        for dim, size in self.sizes:
-            strides[dim] = stride
-            stride *= size
-        return strides
-
-    def size(self, dim: str) -> int:
-        return dict(self.sizes)[dim]
-
-    def coords(self, rank: int) -> dict[str, int]:
-        if not 0 <= rank < self.world_size:
-            raise ValueError(f"rank {rank} outside a world of {self.world_size}")
-        return {dim: rank // self._strides[dim] % size for dim, size in self.sizes}
-
-    def rank_of(self, coords: dict[str, int]) -> int:
-        return sum(coords[dim] * self._strides[dim] for dim, _ in self.sizes)
-
-    def group_ranks(self, dim: str, rank: int) -> list[int]:
-        """The ranks that share every coordinate of `rank` except `dim`, ordered along `dim`."""
-        base = self.coords(rank)
-        return [self.rank_of({**base, dim: i}) for i in range(self.size(dim))]
-
-    def partitions(self, dim: str) -> list[list[int]]:
-        """Every group along `dim` (each rank in exactly one), in a fixed order."""
-        seen, groups = set(), []
-        for rank in range(self.world_size):
-            if rank not in seen:
-                group = self.group_ranks(dim, rank)
-                seen.update(group)
-                groups.append(group)
-        return groups
+from core.layout import RankLayout
+from core.plan import Plan
 
 
 class Mesh:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 
 from partitioner.lower import RankProgram
-from partitioner.plan import Plan
-from runtime.pipeline import schedule, timeline
+from core.plan import Plan
+from core.schedules import schedule, timeline
 
 _STAGE_COLORS = ("#dbe9f6", "#fde2c8", "#d9f0d3", "#eadcf2", "#fbe3e8", "#f4f1c9")
 

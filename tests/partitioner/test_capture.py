@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from partitioner.capture import CaptureError, capture, module_path
+from core.fx_utils import module_path
+from partitioner.capture import CaptureError, capture
 from partitioner.models import GPTConfig, build, tiny, tiny_llama
 from model_zoo import hf_gpt2, hf_llama
 

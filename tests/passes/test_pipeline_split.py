@@ -4,7 +4,7 @@ import torch
 from partitioner.capture import capture
 from partitioner.lower import compile_rank
 from partitioner.models import tiny, tiny_llama
-from partitioner.plan import Plan
+from core.plan import Plan
 from passes import PassError
 from passes.pipeline_split import block_prefix, segment_of_nodes
 from model_zoo import hf_gpt2, hf_llama

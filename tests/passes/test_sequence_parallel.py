@@ -12,7 +12,7 @@ import torch
 from partitioner import models
 from partitioner.capture import capture
 from partitioner.lower import collective_kind, compile_rank
-from partitioner.plan import Plan
+from core.plan import Plan
 from passes import PassError
 from runtime import spawn
 from runtime.collectives import copy_to_region, scatter

@@ -13,8 +13,9 @@ from torch import nn
 
 from partitioner import models
 from partitioner.capture import capture
-from partitioner.lower import ShardSpec, collective_kind, compile_rank
-from partitioner.plan import Plan
+from core.placement import Placements, Shard, StridedShard
+from partitioner.lower import collective_kind, compile_rank
+from core.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
 from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
@@ -94,12 +95,12 @@ def test_gpt_regions_collectives_and_layouts():
     # vocab-parallel too
     assert _collectives(program) == Counter({"all_reduce": 2 * layers + 1, "all_gather": 1})
     assert _copies(program) == 2 * layers + 1
-    assert program.layouts["wte.weight"].shards == (ShardSpec(0, "tp"),)
+    assert program.layouts["wte.weight"].placements == Placements.of(tp=Shard(0))
     layouts = program.layouts
-    assert layouts["blocks.0.attn.q_proj.weight"].shards == (ShardSpec(0, "tp"),)
-    assert layouts["blocks.0.attn.q_proj.bias"].shards == (ShardSpec(0, "tp"),)
-    assert layouts["blocks.0.attn.o_proj.weight"].shards == (ShardSpec(1, "tp"),)
-    assert layouts["blocks.0.attn.o_proj.bias"].shards == ()  # added once, after the reduction
+    assert layouts["blocks.0.attn.q_proj.weight"].placements == Placements.of(tp=Shard(0))
+    assert layouts["blocks.0.attn.q_proj.bias"].placements == Placements.of(tp=Shard(0))
+    assert layouts["blocks.0.attn.o_proj.weight"].placements == Placements.of(tp=Shard(1))
+    assert layouts["blocks.0.attn.o_proj.bias"].placements.replicated  # added once, after the reduction
     assert layouts["blocks.1.mlp.up_proj.weight"].local_shape(program.sizes) == (128, 64)
     # tied wte/lm_head: one placement (the vocab row shard), both names kept
     assert "lm_head.weight" in layouts["wte.weight"].aliases
@@ -119,9 +120,9 @@ def test_fused_qkv_gate_up_blocks_and_local_split_sizes():
     program = _program("tiny_llama", Plan(tp=2).resolve(2), fused_qkv=True, fused_gate_up=True)
     program.stages[0].gm.graph.lint()
     qkv = program.layouts["blocks.0.attn.qkv_proj.weight"]
-    assert qkv.shards == (ShardSpec(0, "tp", blocks=(64, 32, 32)),)
+    assert qkv.placements == Placements.of(tp=StridedShard(0, (64, 32, 32)))
     gate_up = program.layouts["blocks.0.mlp.gate_up_proj.weight"]
-    assert gate_up.shards == (ShardSpec(0, "tp", blocks=(256, 256)),)
+    assert gate_up.placements == Placements.of(tp=StridedShard(0, (256, 256)))
     splits = [n for _, n in program.nodes()
               if n.target is torch.ops.aten.split_with_sizes.default]
     assert splits and all(list(n.args[1]) == [32, 16, 16] for n in splits)
@@ -144,7 +145,7 @@ def test_gqa_tp4_and_shards_cover_the_weight():
 def test_lm_head_vocab_rule_gathers_logits():
     plan = Plan(tp=2, rules="lm_head:vocab").resolve(2)
     program = _program("tiny_llama", plan)
-    assert program.layouts["lm_head.weight"].shards == (ShardSpec(0, "tp"),)
+    assert program.layouts["lm_head.weight"].placements == Placements.of(tp=Shard(0))
     assert _collectives(program)["all_gather"] == 1
     out = program.stages[0].gm.graph.find_nodes(op="output")[0]
     (logits,) = out.args[0]
@@ -157,7 +158,7 @@ def test_vocab_rule_pads_a_vocabulary_tp_does_not_divide():
     program = _program("tiny_llama", plan, vocab_size=511)
     program.stages[0].gm.graph.lint()
     head = program.layouts["lm_head.weight"]
-    assert head.shards == (ShardSpec(0, "tp", padded=512),)
+    assert head.placements == Placements.of(tp=Shard(0, padded=512))
     assert head.local_shape(program.sizes) == (256, 64)
     out = program.stages[0].gm.graph.find_nodes(op="output")[0]
     (logits,) = out.args[0]
@@ -168,20 +169,20 @@ def test_vocab_rule_pads_a_vocabulary_tp_does_not_divide():
 def test_replicate_rule_keeps_mlp_whole():
     plan = Plan(tp=2, rules="blocks.*.mlp.*:replicate").resolve(2)
     program = _program("tiny", plan)
-    assert program.layouts["blocks.0.mlp.up_proj.weight"].shards == ()
-    assert program.layouts["blocks.0.mlp.down_proj.weight"].shards == ()
+    assert program.layouts["blocks.0.mlp.up_proj.weight"].placements.replicated
+    assert program.layouts["blocks.0.mlp.down_proj.weight"].placements.replicated
     assert _collectives(program) == Counter({"all_reduce": 2 + 1, "all_gather": 1})
 
 
 def test_replicate_rules_keep_the_embedding_and_lm_head_whole():
     plan = Plan(tp=2, rules="wte:replicate;lm_head:replicate").resolve(2)
     program = _program("tiny_llama", plan)
-    assert program.layouts["wte.weight"].shards == ()
-    assert program.layouts["lm_head.weight"].shards == ()
+    assert program.layouts["wte.weight"].placements.replicated
+    assert program.layouts["lm_head.weight"].placements.replicated
     assert _collectives(program) == Counter({"all_reduce": 4})
     # one replicate rule on a tied table keeps both of its uses whole
     tied = _program("tiny", Plan(tp=2, rules="lm_head:replicate").resolve(2))
-    assert tied.layouts["wte.weight"].shards == ()
+    assert tied.layouts["wte.weight"].placements.replicated
     assert _collectives(tied) == Counter({"all_reduce": 4})
 
 
@@ -209,8 +210,8 @@ def test_gqa_kv_heads_replicated_when_they_divide_tp():
         program.stages[0].gm.graph.lint()
         layouts = program.layouts
         for name in ("k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"):
-            assert layouts[f"blocks.0.attn.{name}"].shards == ()  # whole on every rank
-        assert layouts["blocks.0.attn.q_proj.weight"].shards == (ShardSpec(0, "tp"),)
+            assert layouts[f"blocks.0.attn.{name}"].placements.replicated  # whole on every rank
+        assert layouts["blocks.0.attn.q_proj.weight"].placements == Placements.of(tp=Shard(0))
         # k/v weight and bias of every layer: this rank's kv head (rank // (tp / kv))
         narrows = _kv_narrows(program)
         assert len(narrows) == 4 * layers
@@ -242,7 +243,7 @@ def test_hf_llama_repeat_kv_narrows_the_expanded_copies():
     for rank in range(4):
         program = compile_rank(captured, Plan(tp=4).resolve(4), rank, "meta")
         program.stages[0].gm.graph.lint()
-        assert program.layouts["model.layers.0.self_attn.k_proj.weight"].shards == ()
+        assert program.layouts["model.layers.0.self_attn.k_proj.weight"].placements.replicated
         # (B, kv, n_rep, S, hd) expanded copies: keep the one copy of this rank's query head
         copies = [n for n in _nodes(program, aten.narrow.default)
                   if n.args[0].target is aten.expand.default]
@@ -340,7 +341,7 @@ def test_vocab_embedding_masks_ids_and_all_reduces():
     program = _program("tiny_llama", plan, rank=1, vocab_size=511)
     program.stages[0].gm.graph.lint()
     wte = program.layouts["wte.weight"]
-    assert wte.shards == (ShardSpec(0, "tp", padded=512),)  # one zero row pads 511 to 512
+    assert wte.placements == Placements.of(tp=Shard(0, padded=512))  # one zero row pads 511 to 512
     assert wte.local_shape(program.sizes) == (256, 64)
     (lookup,) = _nodes(program, aten.embedding.default)
     # rank 1 holds rows [256, 512): ids shifted by 256, the others looked up at row 0 ...
@@ -363,7 +364,7 @@ def test_tied_embedding_and_lm_head_share_one_row_shard():
     program = _program("tiny", plan, vocab_size=511)
     program.stages[0].gm.graph.lint()
     wte = program.layouts["wte.weight"]
-    assert wte.shards == (ShardSpec(0, "tp", padded=512),) and wte.aliases == ("lm_head.weight",)
+    assert wte.placements == Placements.of(tp=Shard(0, padded=512)) and wte.aliases == ("lm_head.weight",)
     table = [n for _, n in program.nodes() if n.op == "get_attr" and n.target == "wte.weight"]
     assert len(table) == 1 and tuple(table[0].meta["val"].shape) == (256, 64)
     users = {n.target for n in table[0].users}
@@ -377,8 +378,8 @@ def test_hf_tied_vocab_rules():
     plan = Plan(tp=2, rules="transformer.wte:vocab;lm_head:vocab").resolve(2)
     program = compile_rank(capture(model, (ids,)), plan, 0, "meta")
     wte = program.layouts["transformer.wte.weight"]
-    assert wte.shards == (ShardSpec(0, "tp"),) and "lm_head.weight" in wte.aliases
-    assert program.layouts["transformer.wpe.weight"].shards == ()
+    assert wte.placements == Placements.of(tp=Shard(0)) and "lm_head.weight" in wte.aliases
+    assert program.layouts["transformer.wpe.weight"].placements.replicated
     assert _collectives(program)["all_gather"] == 1
 
 
@@ -406,15 +407,13 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
     program.stages[0].gm.graph.lint()
     layouts = program.layouts
     # Conv1D weights are (in, out): column splits dim 1, row splits dim 0
-    assert layouts["transformer.h.0.attn.c_attn.weight"].shards == (
-        ShardSpec(1, "tp", blocks=(64, 64, 64)),)
-    assert layouts["transformer.h.0.attn.c_attn.bias"].shards == (
-        ShardSpec(0, "tp", blocks=(64, 64, 64)),)
-    assert layouts["transformer.h.0.mlp.c_proj.weight"].shards == (ShardSpec(0, "tp"),)
-    assert layouts["transformer.h.0.mlp.c_proj.bias"].shards == ()
+    assert layouts["transformer.h.0.attn.c_attn.weight"].placements == Placements.of(tp=StridedShard(1, (64, 64, 64)))
+    assert layouts["transformer.h.0.attn.c_attn.bias"].placements == Placements.of(tp=StridedShard(0, (64, 64, 64)))
+    assert layouts["transformer.h.0.mlp.c_proj.weight"].placements == Placements.of(tp=Shard(0))
+    assert layouts["transformer.h.0.mlp.c_proj.bias"].placements.replicated
     assert "lm_head.weight" in layouts["transformer.wte.weight"].aliases
     # the tied wte/lm_head table: one vocab row shard by default
-    assert layouts["transformer.wte.weight"].shards == (ShardSpec(0, "tp"),)
+    assert layouts["transformer.wte.weight"].placements == Placements.of(tp=Shard(0))
     assert _collectives(program) == Counter({"all_reduce": 4 + 1, "all_gather": 1})
     splits = [n for _, n in program.nodes() if n.target is torch.ops.aten.split.Tensor]
     assert splits and all(n.args[1] == 32 for n in splits)

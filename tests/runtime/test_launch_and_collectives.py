@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from partitioner.plan import Plan
+from core.plan import Plan
 from runtime import RankError, spawn
 from runtime import collectives as C
 from runtime.mesh import Mesh

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from partitioner.plan import Plan
+from core.plan import Plan
 from runtime import spawn
 from runtime.collectives import bind_mesh
 from runtime.mesh import Mesh

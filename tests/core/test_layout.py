@@ -1,7 +1,7 @@
 import pytest
 
-from partitioner.plan import Plan
-from runtime.mesh import RankLayout
+from core.plan import Plan
+from core.layout import RankLayout
 
 
 def test_dense_layout_is_megatron_order_tp_fastest():
@@ -22,7 +22,7 @@ def test_order_string_permutes_the_layout():
 
 
 def test_expert_layout_carves_ep_out_of_the_dense_ranks():
-    plan = Plan(tp=2, dp=2, ep=2).resolve(4)
+    plan = Plan(tp=2, dp=2, ep=2, etp=1).resolve(4)
     layout = RankLayout.expert(plan)
     assert dict(layout.sizes) == {"etp": 1, "ep": 2, "edp": 2, "pp": 1}
     assert layout.partitions("ep") == [[0, 1], [2, 3]]

@@ -1,6 +1,6 @@
 import pytest
 
-from runtime.pipeline import Action, schedule, timeline
+from core.schedules import Action, schedule, timeline
 
 
 @pytest.mark.parametrize("name, pp, m, vpp", [

@@ -1,0 +1,440 @@
+"""The parallel plan: which degrees, which schedule, which overrides.
+
+A `Plan` is a frozen, validated value, and this module is its only validation (the cost model's
+search builds Plans too). It knows nothing about models or process groups; checks that need the
+model (heads divisible by tp, experts by ep) run in the passes, and checks that need the world
+size run in `Plan.resolve(world_size)`. Fields whose strategy has not landed yet parse and
+validate here and are refused by `Plan.pending()` at `parallelize` time, so plan strings written
+for the next release already mean one thing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"]
+CpAlgo = Literal["ring", "a2a", "hybrid"]
+Dtype = Literal["bf16", "fp16", "fp32"]
+Recompute = Literal["none", "selective", "full"]
+RuleKind = Literal["colwise", "rowwise", "vocab", "replicate", "moe", "pp_split"]
+
+MESH_DIMS = ("tp", "cp", "ep", "dp", "pp")
+"""Names of the dense mesh dimensions that `order` permutes (ep is laid over cp*dp*tp ranks)."""
+
+_INT_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "microbatches", "vpp", "zero", "cp_a2a",
+               "seed")
+_OPTIONAL_INT_FIELDS = ("dp", "etp", "cp_a2a")
+_BOOL_FIELDS = ("sp", "cp_pad", "async_tp", "compile")
+_BOOL_WORDS = {"on": True, "true": True, "1": True, "off": False, "false": False, "0": False}
+
+
+class PlanError(ValueError):
+    """A plan that cannot be run, with every broken rule and its fix."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Module paths matching `pattern` (fnmatch glob) are handled as `kind`."""
+
+    pattern: str
+    kind: RuleKind
+
+    def matches(self, module_path: str) -> bool:
+        return fnmatch.fnmatchcase(module_path, self.pattern)
+
+    def __str__(self) -> str:
+        return f"{self.pattern}:{self.kind}"
+
+
+@dataclass(frozen=True)
+class Plan:
+    tp: int = 1
+    """Tensor-parallel degree (Megatron column/row-parallel linears)."""
+    pp: int = 1
+    """Pipeline stages (ranks); each rank may hold `vpp` virtual stages."""
+    cp: int = 1
+    """Context-parallel degree: the sequence split across ranks for attention."""
+    dp: int | None = None
+    """Data-parallel degree; None means world_size / (tp * pp * cp), which must divide."""
+    ep: int = 1
+    """Expert-parallel degree (experts split over ranks of the tp*cp*dp group)."""
+    etp: int | None = None
+    """Tensor-parallel degree inside each expert; None means tp (Megatron's default)."""
+    sp: bool = False
+    """Sequence parallelism: activations between TP regions stay split along the sequence."""
+    async_tp: bool = False
+    """Decompose the all-gather/reduce-scatter around column/row pairs and overlap them with
+    the matmuls (async TP)."""
+    microbatches: int = 1
+    """Microbatches per step (per data-parallel rank)."""
+    schedule: Schedule = "1f1b"
+    """Pipeline schedule."""
+    vpp: int = 1
+    """Virtual pipeline stages per rank (interleaved 1F1B only)."""
+    cp_algo: CpAlgo = "ring"
+    """Context-parallel attention: ring (send/recv of k/v blocks), a2a (Ulysses all-to-all) or
+    hybrid (a2a inside sub-groups of `cp_a2a` ranks, ring across them)."""
+    cp_a2a: int | None = None
+    """Size of the all-to-all sub-group of hybrid CP (Megatron's hierarchical CP sizes)."""
+    cp_pad: bool = True
+    """Pad a sequence the CP layout cannot split where that is exact; off refuses instead."""
+    capacity_factor: float | None = None
+    """Expert capacity as a multiple of the even share of tokens; None is dropless."""
+    stage_layers: tuple[int, ...] | None = None
+    """Layers per (virtual) pipeline stage, `stage_layers=7/8/8/7`; None lets the cost model
+    cut."""
+    zero: int = 0
+    """1 shards optimizer state over dp (Megatron's distributed optimizer / ZeRO-1)."""
+    recompute: Recompute = "none"
+    """Activation recomputation: none, selective (attention core) or full (each block)."""
+    order: str = "tp-cp-ep-dp-pp"
+    """Rank layout, fastest-varying first, as in Megatron-Core's RankGenerator."""
+    rules: tuple[Rule, ...] = field(default=())
+    """Overrides by module path, first match wins: `rules=glob:kind;glob:kind` in the string."""
+    param_dtype: Dtype | None = None
+    """Compute dtype of the parameter copies (mixed precision); None keeps the model's."""
+    reduce_dtype: Dtype = "fp32"
+    """Dtype gradients are reduced in under mixed precision."""
+    loss_scale: Literal["dynamic"] | None = None
+    """Dynamic loss scaling, for param_dtype=fp16."""
+    seed: int = 0
+    """Seed of the dropout generator (masks keyed by seed, node, microbatch and step)."""
+    compile: bool = False
+    """Compile each rank's graphs with inductor."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rules, str):
+            object.__setattr__(self, "rules", _parse_rules(self.rules))
+        elif not isinstance(self.rules, tuple):
+            object.__setattr__(self, "rules", tuple(self.rules))
+        if isinstance(self.stage_layers, str):
+            object.__setattr__(self, "stage_layers", _parse_stage_layers(self.stage_layers))
+        elif self.stage_layers is not None and not isinstance(self.stage_layers, tuple):
+            object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
+        problems = self._problems()
+        if problems:
+            raise PlanError(f"invalid plan {self}: " + "; ".join(problems))
+
+    def _problems(self) -> list[str]:
+        problems = []
+        problems = self._type_problems()
+        if problems:  # the rules below assume well-typed fields
+            return problems
+        if self.sp and self.tp == 1:
+            problems.append("sp=on needs tp>1 (sequence parallelism splits the TP region's "
+                            "activations); set tp>1 or sp=off")
+        if self.async_tp and self.tp == 1:
+            problems.append("async_tp=on needs tp>1 (it overlaps TP's collectives); set tp>1 "
+                            "or async_tp=off")
+        problems += self._pipeline_problems() + self._context_problems()
+        if self.loss_scale is not None and self.param_dtype != "fp16":
+            problems.append(f"loss_scale={self.loss_scale} is for param_dtype=fp16 (got "
+                            f"param_dtype={self.param_dtype}); drop loss_scale or compute in fp16")
+        order = self.order.split("-")
+        if sorted(order) != sorted(MESH_DIMS):
+            problems.append(f"order={self.order!r} must be a permutation of "
+                            f"{'-'.join(MESH_DIMS)}")
+        if self.dp is not None:
+            problems.extend(self._expert_problems(self.dp))
+        return problems
+
+    def _type_problems(self) -> list[str]:
+        problems = []
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_INT_FIELDS:
+                continue
+            low = 0 if name in ("zero", "seed") else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a non-negative" if low == 0 else "a positive"
+                problems.append(f"{name}={value!r} must be {kind} integer")
+        for name in _BOOL_FIELDS:
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be a bool (on/off)")
+        for name, choices in (("schedule", Schedule), ("cp_algo", CpAlgo),
+                              ("recompute", Recompute), ("reduce_dtype", Dtype)):
+            if getattr(self, name) not in get_args(choices):
+                problems.append(
+                    f"{name}={getattr(self, name)!r} is unknown; choose one of {get_args(choices)}")
+        if self.param_dtype is not None and self.param_dtype not in get_args(Dtype):
+            problems.append(f"param_dtype={self.param_dtype!r} is unknown; choose one of "
+                            f"{get_args(Dtype)} or leave it unset (the model's dtype)")
+        if self.loss_scale not in (None, "dynamic"):
+            problems.append(f"loss_scale={self.loss_scale!r} is unknown; the only scaling is "
+                            f"'dynamic'")
+        if self.zero not in (0, 1):
+            problems.append(f"zero={self.zero!r} must be 0 or 1 (ZeRO-1 shards optimizer state)")
+        factor = self.capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                                   or not factor > 0):
+            problems.append(f"capacity_factor={factor!r} must be a positive number (or unset "
+                            f"for dropless experts)")
+        if self.stage_layers is not None and not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                for n in self.stage_layers):
+            problems.append(f"stage_layers={self.stage_layers!r} must be non-negative layer "
+                            f"counts, one per stage (stage_layers=7/8/8/7)")
+        return problems
+
+    def _pipeline_problems(self) -> list[str]:
+        problems = []
+        if self.vpp > 1 and self.schedule not in ("interleaved-1f1b", "zb-v"):
+            problems.append(f"vpp={self.vpp} needs schedule=interleaved-1f1b "
+                            f"(got schedule={self.schedule})")
+        if self.schedule == "zb-v" and self.vpp != 2:
+            problems.append(f"schedule=zb-v places two stages per rank in a V: set vpp=2 "
+                            f"(got vpp={self.vpp})")
+        if self.schedule == "interleaved-1f1b" and self.microbatches % self.pp:
+            problems.append(f"interleaved-1f1b needs microbatches % pp == 0 "
+                            f"(microbatches={self.microbatches}, pp={self.pp}); "
+                            f"use mb={self.pp * max(1, round(self.microbatches / self.pp))}")
+        if self.stage_layers is not None:
+            if len(self.stage_layers) != self.stages:
+                problems.append(
+                    f"stage_layers has {len(self.stage_layers)} counts but the plan has "
+                    f"pp*vpp={self.pp}*{self.vpp}={self.stages} stages; give one count per stage")
+            elif not sum(self.stage_layers):
+                problems.append("stage_layers puts no layer on any stage")
+        return problems
+
+    def _context_problems(self) -> list[str]:
+        if self.cp_algo != "hybrid":
+            if self.cp_a2a is not None:
+                return [f"cp_a2a={self.cp_a2a} sizes hybrid CP's all-to-all sub-group; set "
+                        f"cp_algo=hybrid or drop cp_a2a"]
+            return []
+        if self.cp_a2a is None:
+            return ["cp_algo=hybrid needs cp_a2a, the all-to-all sub-group size (a divisor of "
+                    f"cp={self.cp} between 2 and {self.cp // 2})"]
+        if not 1 < self.cp_a2a < self.cp or self.cp % self.cp_a2a:
+            valid = ", ".join(map(str, proper_divisors(self.cp))) or "none for this cp"
+            return [f"cp_a2a={self.cp_a2a} must divide cp={self.cp} and lie strictly between "
+                    f"1 and cp (valid: {valid})"]
+        return []
+
+    def _expert_problems(self, dp: int) -> list[str]:
+        dense = self.tp * self.cp * dp
+        if dense % (self.expert_tp * self.ep):
+            return [f"etp*ep={self.expert_tp}*{self.ep}={self.expert_tp * self.ep} must divide "
+                    f"tp*cp*dp={self.tp}*{self.cp}*{dp}={dense} (experts are laid over the "
+                    f"dense ranks of one pipeline stage)"]
+        return []
+
+    @property
+    def expert_tp(self) -> int:
+        """Tensor-parallel degree inside each expert (etp, defaulting to tp)."""
+        return self.tp if self.etp is None else self.etp
+
+    # --- degrees over a world -------------------------------------------------------------
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def resolve(self, world_size: int) -> "Plan":
+        """This plan with dp filled in for `world_size` ranks; raises PlanError if it can't be."""
+        if world_size < 1:
+            raise PlanError(f"world_size={world_size} must be >= 1")
+        if self.dp is None:
+            if world_size % self.model_parallel:
+                raise PlanError(
+                    f"world size {world_size} is not divisible by tp*pp*cp="
+                    f"{self.tp}*{self.pp}*{self.cp}={self.model_parallel}; launch a multiple of "
+                    f"{self.model_parallel} ranks or change the degrees")
+            return dataclasses.replace(self, dp=world_size // self.model_parallel)
+        if self.world_size != world_size:
+            raise PlanError(
+                f"tp*pp*cp*dp={self.tp}*{self.pp}*{self.cp}*{self.dp}={self.world_size} != "
+                f"world size {world_size}; set dp={world_size // self.model_parallel} "
+                f"or omit dp" if world_size % self.model_parallel == 0 else
+                f"tp*pp*cp*dp={self.tp}*{self.pp}*{self.cp}*{self.dp}={self.world_size} != "
+                f"world size {world_size}; no dp fits: change tp, pp or cp")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        if self.dp is None:
+            raise PlanError("dp is not resolved yet: call plan.resolve(world_size)")
+        return self.model_parallel * self.dp
+
+    def degree(self, dim: str) -> int:
+        """Size of a dense mesh dimension ('tp', 'cp', 'ep', 'dp', 'pp'); ep is 1 on the dense
+        mesh because expert ranks are carved out of tp*cp*dp (see runtime/mesh.py)."""
+        if dim == "ep":
+            return 1
+        if dim == "etp":
+            return self.expert_tp
+        value = getattr(self, dim)
+        if value is None:
+            raise PlanError("dp is not resolved yet: call plan.resolve(world_size)")
+        return value
+
+    @property
+    def stages(self) -> int:
+        return self.pp * self.vpp
+
+    def pending(self) -> list[str]:
+        """What this plan asks for that has not landed yet: one message per field, each saying
+        how to run without it. `parallelize` refuses a plan with any (before any collective)."""
+        defaults = Plan()
+        asks = []
+        for name, (landed, what, unset) in _PENDING.items():
+            value = getattr(self, name)
+            if landed(self) or value == getattr(defaults, name):
+                continue
+            asks.append(f"{what} is not available yet (the plan asks {name}={_text(value)}); "
+                        f"{unset}")
+        return asks
+
+    def refuse_pending(self) -> None:
+        """Raise NotLanded naming every field of `pending()`; called before any collective."""
+        asks = self.pending()
+        if asks:
+            raise NotLanded(f"plan {self}: " + "; ".join(asks))
+
+    def rule_for(self, module_path: str) -> RuleKind | None:
+        for rule in self.rules:
+            if rule.matches(module_path):
+                return rule.kind
+        return None
+
+    # --- text form ------------------------------------------------------------------------
+    @classmethod
+    def parse(cls, text: str) -> "Plan":
+        """`tp=2,pp=2,sp=on,mb=8,schedule=1f1b,rules=blocks.*.mlp:replicate;lm_head:vocab`."""
+        fields: dict[str, object] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            key, value = key.strip(), value.strip()
+            key = "microbatches" if key == "mb" else key
+            if not sep:
+                raise PlanError(f"plan item {item!r} in {text!r} is not key=value")
+            if key not in known:
+                raise PlanError(f"unknown plan key {key!r} in {text!r}; known: "
+                                f"{', '.join(sorted(known | {'mb'}))}")
+            if key in fields:
+                raise PlanError(f"plan key {key!r} given twice in {text!r}")
+            fields[key] = _parse_value(key, value, text)
+        return cls(**fields)
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["rules"] = ";".join(str(rule) for rule in self.rules)
+        if self.stage_layers is not None:
+            out["stage_layers"] = list(self.stage_layers)
+        return out
+
+    def __str__(self) -> str:
+        defaults = Plan()
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value == getattr(defaults, f.name) and f.name not in ("tp", "pp"):
+                continue
+            parts.append(f"{f.name}={_text(value)}")
+        return ",".join(parts)
+
+
+# Fields whose strategy has not landed: (landed for this plan?, what it is, how to go without).
+_PENDING = {
+    "cp": (lambda plan: False, "context parallelism (cp>1)",
+           "run with cp=1 until context parallelism lands"),
+    "ep": (lambda plan: False, "expert parallelism (ep>1)",
+           "run with ep=1 until expert parallelism lands"),
+    "etp": (lambda plan: plan.etp == plan.tp, "expert tensor parallelism (etp != tp)",
+            "leave etp unset (it follows tp) until expert parallelism lands"),
+    "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",
+                        "leave capacity_factor unset (dropless) until expert parallelism lands"),
+    "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",
+                     "leave stage_layers unset: the cost model cuts the stages"),
+    "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),
+    "compile": (lambda plan: False, "compiled per-rank graphs (compile)", "set compile=off"),
+    "param_dtype": (lambda plan: False, "mixed precision (param_dtype)",
+                    "leave param_dtype unset and pass a model in the dtype to train in"),
+    "reduce_dtype": (lambda plan: False, "mixed precision (reduce_dtype)",
+                     "leave reduce_dtype unset (gradients reduce in the model's dtype)"),
+    "loss_scale": (lambda plan: False, "loss scaling (loss_scale)", "leave loss_scale unset"),
+    "seed": (lambda plan: False, "the dropout generator (seed)",
+             "leave seed unset (dropout under tp/sp/pp is not matched to one device yet)"),
+    "schedule": (lambda plan: plan.schedule not in ("zb-h1", "zb-v"),
+                 "zero-bubble pipeline schedules (zb-h1, zb-v)",
+                 "use schedule=1f1b or interleaved-1f1b"),
+}
+
+
+class NotLanded(PlanError, NotImplementedError):
+    """A valid plan asking for a strategy this version does not have yet."""
+
+
+def proper_divisors(n: int) -> list[int]:
+    """Divisors of n strictly between 1 and n (the sizes a sub-group of n ranks can take)."""
+    return [d for d in range(2, n) if n % d == 0]
+
+
+def _text(value) -> str:
+    """A field's value as the plan string writes it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, tuple) and value and isinstance(value[0], Rule):
+        return ";".join(str(rule) for rule in value)
+    if isinstance(value, tuple):
+        return "/".join(map(str, value))
+    return str(value)
+
+
+def _parse_value(key: str, value: str, text: str):
+    if key in _INT_FIELDS:
+        try:
+            return int(value)
+        except ValueError:
+            raise PlanError(f"{key}={value!r} in {text!r} must be an integer") from None
+    if key in _BOOL_FIELDS:
+        if value.lower() not in _BOOL_WORDS:
+            raise PlanError(f"{key}={value!r} in {text!r} must be on or off")
+        return _BOOL_WORDS[value.lower()]
+    if key == "capacity_factor":
+        try:
+            return float(value)
+        except ValueError:
+            raise PlanError(f"capacity_factor={value!r} in {text!r} must be a number") from None
+    if key == "stage_layers":
+        return _parse_stage_layers(value)
+    if key == "rules":
+        return _parse_rules(value)
+    return value
+
+
+def _parse_stage_layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split("/"))
+    except ValueError:
+        raise PlanError(f"stage_layers={text!r} must be layer counts joined by '/', one per "
+                        f"stage (stage_layers=7/8/8/7)") from None
+
+
+def _parse_rules(text: str) -> tuple[Rule, ...]:
+    rules = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        pattern, sep, kind = item.rpartition(":")
+        if not sep or not pattern:
+            raise PlanError(f"rule {item!r} must be glob:kind")
+        if kind not in get_args(RuleKind):
+            raise PlanError(f"rule {item!r}: kind {kind!r} is unknown; choose one of "
+                            f"{get_args(RuleKind)}")
+        rules.append(Rule(pattern, kind))
+    return tuple(rules)
+
+
+def coerce_plan(plan: "Plan | str | dict") -> "Plan":
+    """A Plan from a Plan, a plan string or a dict of fields ("auto" is resolved by the caller)."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, str):
+        return Plan.parse(plan)
+    if isinstance(plan, dict):
+        return Plan(**plan)
+    raise TypeError(f"plan must be a Plan, a plan string or a dict, not {type(plan).__name__}")
+

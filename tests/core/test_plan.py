@@ -1,0 +1,122 @@
+import pytest
+
+from core.plan import Plan, PlanError, Rule
+
+
+def test_defaults_match_the_design_card():
+    plan = Plan()
+    assert (plan.tp, plan.pp, plan.cp, plan.dp, plan.ep, plan.etp) == (1, 1, 1, None, 1, None)
+    assert Plan(tp=4).expert_tp == 4 and Plan(tp=4, etp=1).expert_tp == 1  # etp follows tp
+    assert (plan.cp_pad, plan.cp_a2a, plan.capacity_factor, plan.stage_layers) == (
+        True, None, None, None)
+    assert (plan.async_tp, plan.compile, plan.param_dtype, plan.reduce_dtype, plan.loss_scale,
+            plan.seed) == (False, False, None, "fp32", None, 0)
+    assert (plan.schedule, plan.microbatches, plan.vpp, plan.cp_algo) == ("1f1b", 1, 1, "ring")
+    assert (plan.zero, plan.recompute, plan.order, plan.sp) == (0, "none", "tp-cp-ep-dp-pp", False)
+
+
+def test_parse_round_trips_every_field():
+    text = ("tp=2,pp=2,cp=2,dp=1,ep=2,etp=1,sp=on,mb=8,schedule=interleaved-1f1b,vpp=2,"
+            "cp_algo=a2a,zero=1,recompute=selective,order=tp-cp-ep-dp-pp,"
+            "rules=blocks.*.mlp:replicate;lm_head:vocab")
+    plan = Plan.parse(text)
+    assert plan.microbatches == 8 and plan.sp is True and plan.vpp == 2
+    assert plan.rules == (Rule("blocks.*.mlp", "replicate"), Rule("lm_head", "vocab"))
+    assert Plan.parse(str(plan)) == plan
+    assert Plan(**{**plan.to_dict(), "rules": plan.to_dict()["rules"]}) == plan
+
+
+def test_rules_first_match_wins():
+    plan = Plan.parse("rules=blocks.0.*:replicate;blocks.*:colwise")
+    assert plan.rule_for("blocks.0.attn") == "replicate"
+    assert plan.rule_for("blocks.1.attn") == "colwise"
+    assert plan.rule_for("lm_head") is None
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("tp=0", "tp=0 must be a positive integer"),
+    ("pp=-1", "pp=-1 must be a positive integer"),
+    ("tp=two", "tp='two' in 'tp=two' must be an integer"),
+    ("foo=1", "unknown plan key 'foo'"),
+    ("tp=2,tp=4", "given twice"),
+    ("tp2", "is not key=value"),
+    ("sp=maybe", "sp='maybe' in 'sp=maybe' must be on or off"),
+    ("sp=on", "sp=on needs tp>1"),
+    ("vpp=2", "vpp=2 needs schedule=interleaved-1f1b"),
+    ("pp=4,mb=6,schedule=interleaved-1f1b", "microbatches % pp == 0"),
+    ("schedule=zigzag", "schedule='zigzag' is unknown"),
+    ("cp_algo=tree", "cp_algo='tree' is unknown"),
+    ("recompute=some", "recompute='some' is unknown"),
+    ("zero=3", "zero=3 must be 0 or 1"),
+    ("order=tp-dp-pp", "must be a permutation"),
+    ("rules=lm_head", "must be glob:kind"),
+    ("rules=lm_head:shard", "kind 'shard' is unknown"),
+    ("tp=2,dp=1,ep=4,etp=1", "etp*ep=1*4=4 must divide tp*cp*dp"),
+    ("tp=2,dp=1,ep=2", "etp*ep=2*2=4 must divide tp*cp*dp=2*1*1=2"),
+    ("cp=4,cp_algo=hybrid", "cp_algo=hybrid needs cp_a2a"),
+    ("cp=4,cp_algo=hybrid,cp_a2a=3", "cp_a2a=3 must divide cp=4 and lie strictly between 1 and cp "
+                                     "(valid: 2)"),
+    ("cp=2,cp_a2a=2", "set cp_algo=hybrid or drop cp_a2a"),
+    ("pp=2,stage_layers=1/2/3", "stage_layers has 3 counts but the plan has pp*vpp=2*1=2"),
+    ("pp=2,stage_layers=0/0", "puts no layer on any stage"),
+    ("pp=2,stage_layers=a/b", "must be layer counts joined by '/'"),
+    ("capacity_factor=-1", "capacity_factor=-1.0 must be a positive number"),
+    ("capacity_factor=lots", "capacity_factor='lots' in 'capacity_factor=lots' must be a number"),
+    ("pp=2,schedule=zb-v", "schedule=zb-v places two stages per rank in a V: set vpp=2"),
+    ("pp=2,vpp=2,schedule=zb-h1", "vpp=2 needs schedule=interleaved-1f1b"),
+    ("param_dtype=fp8", "param_dtype='fp8' is unknown"),
+    ("reduce_dtype=int8", "reduce_dtype='int8' is unknown"),
+    ("loss_scale=dynamic", "loss_scale=dynamic is for param_dtype=fp16"),
+    ("param_dtype=fp16,loss_scale=static", "loss_scale='static' is unknown"),
+    ("async_tp=on", "async_tp=on needs tp>1"),
+    ("compile=maybe", "compile='maybe' in 'compile=maybe' must be on or off"),
+    ("seed=-1", "seed=-1 must be a non-negative integer"),
+])
+def test_every_validation_rule_names_the_values(text, fragment):
+    with pytest.raises(PlanError) as info:
+        Plan.parse(text)
+    assert fragment in str(info.value)
+
+
+def test_resolve_fills_dp_and_checks_the_world():
+    assert Plan(tp=2, pp=2).resolve(8).dp == 2
+    assert Plan(tp=2, dp=2).resolve(4).world_size == 4
+    with pytest.raises(PlanError, match=r"world size 6 is not divisible by tp\*pp\*cp=2\*2\*1=4"):
+        Plan(tp=2, pp=2).resolve(6)
+    with pytest.raises(PlanError, match=r"tp\*pp\*cp\*dp=2\*1\*1\*2=4 != world size 8; set dp=4"):
+        Plan(tp=2, dp=2).resolve(8)
+    with pytest.raises(PlanError, match="etp\\*ep"):
+        Plan(tp=1, ep=4).resolve(2)
+
+
+def test_plan_is_frozen_and_hashable():
+    plan = Plan(tp=2)
+    with pytest.raises(Exception):
+        plan.tp = 4  # type: ignore[misc]
+    assert {plan: 1}[Plan(tp=2)] == 1
+
+
+def test_new_fields_round_trip_through_the_plan_string():
+    text = ("tp=2,pp=2,cp=4,cp_algo=hybrid,cp_a2a=2,cp_pad=off,ep=2,etp=1,capacity_factor=1.25,"
+            "stage_layers=3/5,async_tp=on,compile=on,param_dtype=fp16,reduce_dtype=bf16,"
+            "loss_scale=dynamic,seed=7")
+    plan = Plan.parse(text)
+    assert plan.stage_layers == (3, 5) and plan.capacity_factor == 1.25 and plan.cp_pad is False
+    assert Plan.parse(str(plan)) == plan
+    assert Plan(**plan.to_dict()) == plan
+    assert Plan.parse("pp=2,vpp=2,schedule=zb-v,mb=4").vpp == 2
+
+
+def test_fields_that_have_not_landed_are_refused_with_the_way_out():
+    from core.plan import NotLanded
+
+    assert Plan(tp=2, sp=True, pp=2, microbatches=2).pending() == []
+    assert Plan(tp=4, etp=4).pending() == []  # etp equal to tp is the default layout
+    asks = Plan.parse("tp=2,cp=2,ep=2,etp=1,compile=on,schedule=zb-h1,pp=2").pending()
+    assert [a.split(" is not available")[0] for a in asks] == [
+        "context parallelism (cp>1)", "expert parallelism (ep>1)",
+        "expert tensor parallelism (etp != tp)", "compiled per-rank graphs (compile)",
+        "zero-bubble pipeline schedules (zb-h1, zb-v)"]
+    assert "(the plan asks compile=on); set compile=off" in asks[3]
+    with pytest.raises(NotLanded, match="context parallelism"):
+        Plan(cp=2).refuse_pending()
