@@ -27,6 +27,14 @@ class PassContext:
     """The segment each pipeline stage starts with, from an earlier program of the same model:
     every input shape must put each parameter on the same stage, so later programs reuse the
     first program's cut instead of choosing one from their own costs."""
+    forward_only: bool = False
+    """The program serves forward calls only (`ParallelModel.__call__`), never `step`: a pass
+    whose split this input shape cannot take for training may step aside for it (sp on a
+    length tp does not divide) and say so in its record, instead of raising."""
+    group_names: dict[str, str] | None = None
+    """Mesh dimension -> the c10d name of this rank's process group along it (dimensions of
+    size > 1), given by the runtime when it lowers its own program; None (dump, reports)
+    leaves collectives naming their mesh dimension."""
 
 
 class PassError(ValueError):
