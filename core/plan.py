@@ -15,6 +15,8 @@ import fnmatch
 from dataclasses import dataclass, field
 from typing import Literal, get_args
 
+from core.divisibility import divisors, nearest_multiples, proper_divisors, words
+
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"]
 CpAlgo = Literal["ring", "a2a", "hybrid"]
 Dtype = Literal["bf16", "fp16", "fp32"]
@@ -210,7 +212,7 @@ class Plan:
             return ["cp_algo=hybrid needs cp_a2a, the all-to-all sub-group size (a divisor of "
                     f"cp={self.cp} between 2 and {self.cp // 2})"]
         if not 1 < self.cp_a2a < self.cp or self.cp % self.cp_a2a:
-            valid = ", ".join(map(str, proper_divisors(self.cp))) or "none for this cp"
+            valid = words(proper_divisors(self.cp)) or "none for this cp"
             return [f"cp_a2a={self.cp_a2a} must divide cp={self.cp} and lie strictly between "
                     f"1 and cp (valid: {valid})"]
         return []
@@ -218,9 +220,13 @@ class Plan:
     def _expert_problems(self, dp: int) -> list[str]:
         dense = self.tp * self.cp * dp
         if dense % (self.expert_tp * self.ep):
+            fits = [e for e in divisors(dense) if dense % (self.expert_tp * e) == 0]
+            fix = (f"ep values that fit with etp={self.expert_tp}: {words(fits)}" if fits else
+                   f"etp={self.expert_tp} itself does not divide it: set etp to one of "
+                   f"{words(divisors(dense))}")
             return [f"etp*ep={self.expert_tp}*{self.ep}={self.expert_tp * self.ep} must divide "
                     f"tp*cp*dp={self.tp}*{self.cp}*{dp}={dense} (experts are laid over the "
-                    f"dense ranks of one pipeline stage)"]
+                    f"dense ranks of one pipeline stage); {fix}"]
         return []
 
     @property
@@ -239,10 +245,12 @@ class Plan:
             raise PlanError(f"world_size={world_size} must be >= 1")
         if self.dp is None:
             if world_size % self.model_parallel:
+                below, above = nearest_multiples(world_size, self.model_parallel)
                 raise PlanError(
                     f"world size {world_size} is not divisible by tp*pp*cp="
                     f"{self.tp}*{self.pp}*{self.cp}={self.model_parallel}; launch a multiple of "
-                    f"{self.model_parallel} ranks or change the degrees")
+                    f"{self.model_parallel} ranks ({below} or {above}) or choose degrees whose "
+                    f"product divides {world_size} ({words(divisors(world_size))})")
             return dataclasses.replace(self, dp=world_size // self.model_parallel)
         if self.world_size != world_size:
             raise PlanError(
@@ -367,11 +375,6 @@ _PENDING = {
 
 class NotLanded(PlanError, NotImplementedError):
     """A valid plan asking for a strategy this version does not have yet."""
-
-
-def proper_divisors(n: int) -> list[int]:
-    """Divisors of n strictly between 1 and n (the sizes a sub-group of n ranks can take)."""
-    return [d for d in range(2, n) if n % d == 0]
 
 
 def _text(value) -> str:

@@ -17,6 +17,8 @@ import time
 import traceback
 from datetime import timedelta
 
+from runtime.failure import watch_failures
+
 
 class RankError(RuntimeError):
     """An exception raised on one of the spawned ranks."""
@@ -81,7 +83,9 @@ def _rank_main(rank, world_size, port, threads, timeout, fn, args, results):
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
-        result = fn(*args)
+        watch = watch_failures(on_exit=lambda message: _deliver(results, rank, message))
+        with watch.scope():
+            result = fn(*args)
         results.put((rank, True, result))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, False, traceback.format_exc()))
@@ -91,3 +95,11 @@ def _rank_main(rank, world_size, port, threads, timeout, fn, args, results):
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the result is already delivered
         pass
+
+
+def _deliver(results, rank: int, message: str) -> None:
+    """Hand a rank's last message to the parent before the process ends (a Queue's feeder
+    thread would otherwise die with it, message unsent)."""
+    results.put((rank, False, message))
+    results.close()
+    results.join_thread()
