@@ -1,6 +1,7 @@
 """Cost model: pure functions of model shapes, hardware and plan.
 
-Layout (one direction of imports, nothing here imports the passes, the runtime or the API):
+Layout (one direction of imports: core only; nothing here imports the passes, the runtime or
+the face, and nothing here runs anything: tools/calibrate.py measures, fit.py fits):
   shapes.py       TransformerShape: the model as a handful of integers
   hardware.py     GPU/CPU profiles (roofline + efficiency curves), clusters `NxGPU[-MEM]`
   comm.py         alpha-beta collective costs over the node hierarchy, rank placement by `order`
@@ -10,7 +11,7 @@ Layout (one direction of imports, nothing here imports the passes, the runtime o
   step_time.py    step time, bubble, exposed comm, TFLOP/s, MFU, HFU for one plan
   shared_cores.py the schedule run on a node's cores where ranks outnumber them (CPU hosts)
   search.py       the plan search and `auto_plan`
-  calibrate.py    measures this machine and writes a loadable hardware profile
+  fit.py          a hardware profile fitted to measured numbers (pure)
 """
 
 from cost_model.hardware import Cluster, Hardware, get_hardware, parse_cluster

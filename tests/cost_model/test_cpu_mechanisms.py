@@ -8,8 +8,8 @@ import math
 import pytest
 
 from cost_model import comm
-from cost_model.calibrate import (fit_attention_eff, fit_gemm, fit_math_rate, fit_op_overhead,
-                                  profile_from_measurements, tiny_block_shape)
+from cost_model.fit import (fit_attention_eff, fit_gemm, fit_math_rate, fit_op_overhead,
+                            profile_from_measurements, tiny_block_shape)
 from cost_model.hardware import Cluster, Hardware
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
@@ -207,7 +207,7 @@ def test_op_overhead_fit_makes_the_model_reproduce_the_tiny_block():
 
 def test_tiny_block_of_the_overhead_timing_is_the_models_block():
     pytest.importorskip("torch")
-    from cost_model.calibrate import measure_op_overhead
+    from tools.calibrate import measure_op_overhead
 
     measured = measure_op_overhead(repeat=1)
     block, _ = _ops(tiny_block_shape())
