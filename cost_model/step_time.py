@@ -29,13 +29,13 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from core.schedules import Action, schedule
 from cost_model import memory as mem
 from cost_model.comm import (CollectiveCost, GroupPlacement, collective_parts, dense_dims,
                              group_placement)
 from cost_model.hardware import Cluster, GiB
 from cost_model.layer_costs import block_costs, embedding_time, head_time
-from cost_model.shared_cores import Action as SimAction
-from cost_model.shared_cores import Phases, schedule_orders, simulate
+from cost_model.shared_cores import Phases, simulate
 from cost_model.shapes import TransformerShape
 
 PLAN_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
@@ -565,10 +565,10 @@ def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: C
     with each pipeline rank's per-microbatch forward and backward and its tail ("F", "B", "S"
     Phases, all its virtual stages together)."""
     v = p.vpp
-    orders = schedule_orders(p.schedule, p.pp, p.microbatches, v)
-    orders = [acts + [SimAction("S", 0, r)] for r, acts in enumerate(orders)]
+    orders = [acts + [Action("S", 0, r)]
+              for r, acts in enumerate(schedule(p.schedule, p.pp, p.microbatches, v))]
 
-    def cost(action: SimAction) -> Phases:
+    def cost(action: Action) -> Phases:
         ph = stage_phases[action.stage % p.pp][action.kind]
         return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
 

@@ -7,13 +7,14 @@ import math
 
 import pytest
 
+from core.schedules import Action, schedule
 from cost_model import comm
 from cost_model.fit import (fit_attention_eff, fit_gemm, fit_math_rate, fit_op_overhead,
                             profile_from_measurements, tiny_block_shape)
 from cost_model.hardware import Cluster, Hardware
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
-from cost_model.shared_cores import Action, Phases, schedule_orders, simulate
+from cost_model.shared_cores import Phases, simulate
 from cost_model.step_time import PlanPoint, estimate, sp_param_reads
 
 SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128, fused_qkv=False)
@@ -36,7 +37,7 @@ def host(hw: Hardware, ranks: int = 4) -> Cluster:
 
 # --- the schedule on shared cores ---------------------------------------------------------------
 def _two_stages(cores, load, hop=0.5):
-    orders = schedule_orders("1f1b", 2, 2)
+    orders = schedule("1f1b", 2, 2)
     cost = {"F": Phases(1.0), "B": Phases(2.0)}
     return simulate(orders, lambda a: cost[a.kind], hop, [load], cores)
 
