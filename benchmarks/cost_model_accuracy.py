@@ -123,10 +123,10 @@ def load_hardware(path: Path):
 def predict(plan_text: str, hw) -> dict:
     """The cost model's `pm.step` seconds for `plan_text` on WORLD ranks of this one machine,
     with the parts the step is the larger of."""
+    from core.plan import Plan
     from cost_model.hardware import Cluster
     from cost_model.shapes import TransformerShape
     from cost_model.step_time import estimate
-    from partitioner import Plan
     from partitioner.models import GPTConfig
 
     cluster = Cluster(hardware=hw, num_gpus=WORLD, gpus_per_node=WORLD)

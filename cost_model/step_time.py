@@ -29,63 +29,20 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from core.layout import RankLayout
+from core.plan import Plan, PlanError, coerce_plan
 from core.schedules import Action, schedule
 from cost_model import memory as mem
-from cost_model.comm import (CollectiveCost, GroupPlacement, collective_parts, dense_dims,
-                             group_placement)
+from cost_model.comm import CollectiveCost, GroupPlacement, collective_parts, group_placement
 from cost_model.hardware import Cluster, GiB
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shared_cores import Phases, simulate
 from cost_model.shapes import TransformerShape
 
-PLAN_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
-               "cp_algo", "zero", "recompute", "order")
-
-
-@dataclass(frozen=True)
-class PlanPoint:
-    """The Plan fields the cost model reads (a Plan, or anything with these attributes, works
-    too); cheap to build, so the search need not validate a full Plan per candidate."""
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int | None = None
-    ep: int = 1
-    etp: int = 1
-    sp: bool = False
-    microbatches: int = 1
-    schedule: str = "1f1b"
-    vpp: int = 1
-    cp_algo: str = "ring"
-    zero: int = 0
-    recompute: str = "none"
-    order: str = "tp-cp-ep-dp-pp"
-
-    @classmethod
-    def of(cls, plan) -> "PlanPoint":
-        if isinstance(plan, PlanPoint):
-            return plan
-        if isinstance(plan, dict):
-            return cls(**{k: v for k, v in plan.items() if k in PLAN_FIELDS})
-        return cls(**{k: getattr(plan, k) for k in PLAN_FIELDS if hasattr(plan, k)})
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["rules"] = ""
-        return out
-
-    def __str__(self) -> str:
-        d = dataclasses.asdict(self)
-        default = PlanPoint()
-        return ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}"
-                        for k, v in d.items() if k in ("tp", "pp", "cp", "dp") or
-                        v != getattr(default, k))
-
-
 @dataclass(frozen=True)
 class Estimate:
-    plan: PlanPoint
+    plan: Plan
+    """The plan estimated, with dp resolved for the cluster."""
     world_size: int
     global_batch: int
     seq: int
@@ -161,20 +118,21 @@ class Estimate:
                 "comm_breakdown_s": dict(self.comm_s)}
 
 
-class PlanRejected(ValueError):
-    """The plan breaks a divisibility rule for this model or cluster."""
+class PlanRejected(PlanError):
+    """The plan breaks a divisibility rule for this model or cluster (the plan's own rules are
+    core.plan's, whose PlanError this extends)."""
 
 
-def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: int,
-               seq: int) -> tuple[int, int]:
-    """(dp, micro-batch size), or PlanRejected naming the broken rule."""
-    mp_ = p.tp * p.pp * p.cp
-    if world % mp_:
-        raise PlanRejected(f"tp*pp*cp={p.tp}*{p.pp}*{p.cp}={mp_} does not divide "
-                           f"{world} GPUs")
-    dp = p.dp if p.dp is not None else world // mp_
-    if dp * mp_ != world:
-        raise PlanRejected(f"tp*pp*cp*dp={mp_ * dp} != {world} GPUs")
+def check_plan(shape: TransformerShape, plan: Plan, world: int, global_batch: int,
+               seq: int) -> tuple[Plan, int]:
+    """(the plan with dp resolved for `world`, micro-batch size), or PlanRejected naming the
+    broken rule. The plan's own rules (sp needs tp, vpp needs interleaving, etp*ep divides
+    tp*cp*dp, the degrees dividing the world) are core.plan's; these are the model's and the
+    batch's."""
+    try:
+        p = plan.resolve(world)
+    except PlanError as exc:
+        raise PlanRejected(str(exc)) from None
     # kv heads tp does not divide are replicated on tp/kv ranks when they divide tp (as the TP
     # pass does); a vocabulary tp does not divide is padded (the pass pads it too)
     if shape.heads % p.tp or shape.n_kv % p.tp and p.tp % shape.n_kv:
@@ -187,41 +145,29 @@ def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: 
                            f"(load-balanced causal context parallelism)")
     if p.cp_algo == "a2a" and shape.heads % (p.tp * p.cp):
         raise PlanRejected(f"cp_algo=a2a needs tp*cp={p.tp * p.cp} to divide heads")
-    if p.pp * p.vpp > shape.layers:
+    if p.stages > shape.layers:
         raise PlanRejected(f"pp*vpp={p.pp * p.vpp} exceeds {shape.layers} layers")
-    if p.sp and p.tp == 1:
-        raise PlanRejected("sp=on needs tp>1")
-    if p.ep > 1 or p.etp > 1:
-        if not shape.experts:
-            raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
-        if shape.experts % p.ep:
-            raise PlanRejected(f"ep={p.ep} must divide experts={shape.experts}")
-        if (p.tp * p.cp * dp) % (p.ep * p.etp):
-            raise PlanRejected(f"etp*ep={p.etp * p.ep} must divide tp*cp*dp={p.tp * p.cp * dp}")
-        if shape.expert_ffn_dim % p.etp:
-            raise PlanRejected(f"etp={p.etp} must divide expert ffn={shape.expert_ffn_dim}")
-    if p.schedule == "interleaved-1f1b" and p.microbatches % p.pp:
-        raise PlanRejected(f"interleaved-1f1b needs microbatches % pp == 0 "
-                           f"({p.microbatches} % {p.pp})")
-    if p.vpp > 1 and p.schedule != "interleaved-1f1b":
-        raise PlanRejected(f"vpp={p.vpp} needs schedule=interleaved-1f1b")
-    if global_batch % (dp * p.microbatches):
+    if p.ep > 1 and not shape.experts:
+        raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
+    if shape.experts and shape.experts % p.ep:
+        raise PlanRejected(f"ep={p.ep} must divide experts={shape.experts}")
+    if shape.experts and shape.expert_ffn_dim % p.expert_tp:
+        raise PlanRejected(f"etp={p.expert_tp} must divide expert ffn={shape.expert_ffn_dim}")
+    if global_batch % (p.dp * p.microbatches):
         raise PlanRejected(f"global batch {global_batch} is not divisible by dp*microbatches="
-                           f"{dp}*{p.microbatches}")
-    return dp, global_batch // (dp * p.microbatches)
+                           f"{p.dp}*{p.microbatches}")
+    return p, global_batch // (p.dp * p.microbatches)
 
 
-def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement]:
+def _groups(p: Plan, cluster: Cluster) -> dict[str, GroupPlacement]:
     g = cluster.gpus_per_node
-    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
-    edp = p.tp * p.cp * dp // (p.ep * p.etp)
-    esizes = {"etp": p.etp, "ep": p.ep, "edp": edp, "pp": p.pp}
-    out = {d: group_placement(p.order, sizes, d, g) for d in ("tp", "cp", "dp", "pp")}
-    out["ep"] = group_placement(p.order, esizes, "ep", g)
-    out["edp"] = group_placement(p.order, esizes, "edp", g)
+    dense, expert = RankLayout.dense(p), RankLayout.expert(p)
+    out = {d: group_placement(dense, d, g) for d in ("tp", "cp", "dp", "pp")}
+    out["ep"] = group_placement(expert, "ep", g)
+    out["edp"] = group_placement(expert, "edp", g)
     # gradients of dense weights are reduced over dp*cp: the cp ranks sit between tp and dp
-    dpcp = GroupPlacement(dp * p.cp, max(1, min(out["dp"].per_node * out["cp"].per_node,
-                                                dp * p.cp)))
+    dpcp = GroupPlacement(p.dp * p.cp, max(1, min(out["dp"].per_node * out["cp"].per_node,
+                                                  p.dp * p.cp)))
     out["dpcp"] = dpcp
     return out
 
@@ -248,17 +194,20 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     parallelism the gather runs before backward needs it, exposed, every norm weight and bias
     read in the sequence zone all-reduces its gradient over tp in backward, per microbatch, and
     a replicated LM head all-gathers the sequence first."""
-    p = PlanPoint.of(plan)
     seq = seq or shape.seq
     if seq != shape.seq:
         shape = shape.with_seq(seq)
     hw = cluster.hardware
     world = cluster.num_gpus
-    dp, mbs = check_plan(shape, p, world, global_batch, seq)
-    p = dataclasses.replace(p, dp=dp)
+    try:
+        plan = coerce_plan(plan)
+    except PlanError as exc:
+        raise PlanRejected(str(exc)) from None
+    p, mbs = check_plan(shape, plan, world, global_batch, seq)
+    dp = p.dp
     m, v, pp = p.microbatches, p.vpp, p.pp
-    groups = _groups(p, dp, cluster)
-    args = (p.tp, p.cp, mbs, 1 if p.sp else 0, p.ep, p.etp)
+    groups = _groups(p, cluster)
+    args = (p.tp, p.cp, mbs, 1 if p.sp else 0, p.ep, p.expert_tp)
     kinds = [(False, block_costs(shape, hw, False))]
     if shape.experts:
         kinds.append((True, block_costs(shape, hw, True)))
@@ -364,12 +313,12 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
 
     # --- per-rank microbatch time and memory --------------------------------------------------
     params_dense = shape.dense_block_params() / p.tp
-    params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.etp)
+    params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.expert_tp)
     emb_params = shape.embedding_params() / vocab_split
     head_params = shape.head_params() / vocab_split + (
         shape.vocab * shape.hidden / vocab_split if shape.tie_embeddings and pp > 1 else 0.0)
     dense_shards = dp * p.cp
-    edp = p.tp * p.cp * dp // (p.ep * p.etp)
+    edp = p.tp * p.cp * dp // (p.ep * p.expert_tp)
 
     emb_sync = CollectiveCost(0.0, 0.0)
     if pp > 1 and shape.tie_embeddings:
@@ -485,8 +434,8 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     shared = 0.0
     if ranks_per_core(cluster) > 1.0:
         stage_phases = [_by_mix(phases, ranks, full_times, r) for r in range(pp)]
-        shared = max(shared_core_step(stage_phases, p, dp, cluster, p2p_one.latency),
-                     shared_core_seconds(stage_work, p, dp, cluster))
+        shared = max(shared_core_step(stage_phases, p, cluster, p2p_one.latency),
+                     shared_core_seconds(stage_work, p, cluster))
     step = max(critical_path, shared)
     # a pipeline bubble is idle time only while the cores are not the bottleneck: on shared
     # cores the other ranks run in it
@@ -524,7 +473,7 @@ def sp_param_reads(shape: TransformerShape) -> int:
     return 2 * per_norm + (2 if shape.bias else 0)
 
 
-def _tp_pair(p: PlanPoint, nbytes: float, group: GroupPlacement, hw) -> CollectiveCost:
+def _tp_pair(p: Plan, nbytes: float, group: GroupPlacement, hw) -> CollectiveCost:
     """One tensor-parallel f/g collective: an all-reduce, or with sequence parallelism its
     all-gather + reduce-scatter halves (the same ring traffic on NCCL; not on gloo)."""
     if p.tp == 1:
@@ -544,14 +493,9 @@ def ranks_per_core(cluster: Cluster) -> float:
     return min(cluster.num_gpus, cluster.gpus_per_node) / cores
 
 
-def node_load(p: PlanPoint, dp: int, cluster: Cluster) -> list[list[int]]:
-    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank order."""
-    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
-    stride = 1  # global rank g sits on pipeline stage (g // stride) % pp
-    for dim in dense_dims(p.order):
-        if dim == "pp":
-            break
-        stride *= sizes[dim]
+def node_load(p: Plan, cluster: Cluster) -> list[list[int]]:
+    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank layout."""
+    stride = RankLayout.dense(p).stride("pp")  # rank g is on pipeline rank (g // stride) % pp
     per_node = min(cluster.num_gpus, cluster.gpus_per_node)
     load = [[0] * p.pp for _ in range(-(-cluster.num_gpus // per_node))]
     for g in range(cluster.num_gpus):
@@ -559,7 +503,7 @@ def node_load(p: PlanPoint, dp: int, cluster: Cluster) -> list[list[int]]:
     return load
 
 
-def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: Cluster,
+def shared_core_step(stage_phases: list[dict], p: Plan, cluster: Cluster,
                      hop_latency: float) -> float:
     """The step of ranks sharing a node's cores: the schedule simulated on them (shared_cores.py)
     with each pipeline rank's per-microbatch forward and backward and its tail ("F", "B", "S"
@@ -572,19 +516,18 @@ def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: C
         ph = stage_phases[action.stage % p.pp][action.kind]
         return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
 
-    return simulate(orders, cost, hop_latency, node_load(p, dp, cluster),
+    return simulate(orders, cost, hop_latency, node_load(p, cluster),
                     cluster.hardware.cores)
 
 
-def shared_core_seconds(stage_work: list[float], p: PlanPoint, dp: int,
-                        cluster: Cluster) -> float:
+def shared_core_seconds(stage_work: list[float], p: Plan, cluster: Cluster) -> float:
     """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
     (0.0 otherwise): a lower bound of the step (Brent's), which shared_core_step reaches when
     no core ever idles."""
     if ranks_per_core(cluster) <= 1.0:
         return 0.0
     return max(sum(n * w for n, w in zip(node, stage_work, strict=True))
-               for node in node_load(p, dp, cluster)) / cluster.hardware.cores
+               for node in node_load(p, cluster)) / cluster.hardware.cores
 
 
 def _by_mix(values: dict, ranks, per_rank, r: int):
