@@ -8,7 +8,9 @@ the face, and nothing here runs anything: tools/calibrate.py measures, fit.py fi
   layer_costs.py  one layer's forward/backward/recompute time as sympy expressions, lambdified
   graph_costs.py  per-fx-node FLOPs/bytes for captured graphs (used by the pipeline cut)
   memory.py       per-rank memory: weights, grads, AdamW/ZeRO-1, activations, buffers
-  step_time.py    step time, bubble, exposed comm, TFLOP/s, MFU, HFU for one plan
+  traits.py       what the time terms read: the plan on its cluster, its groups' placement
+  terms/          time terms per strategy: tp.py, cp.py, ep.py, pp.py, dp.py
+  step_time.py    step time, bubble, exposed comm, TFLOP/s, MFU, HFU for one plan (adds the terms)
   shared_cores.py the schedule run on a node's cores where ranks outnumber them (CPU hosts)
   search.py       the plan search and `auto_plan`
   fit.py          a hardware profile fitted to measured numbers (pure)

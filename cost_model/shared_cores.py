@@ -24,8 +24,12 @@ so a step of p ranks and m microbatches costs O((p m)^2) at most.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from core.schedules import Action, action_graph, dependencies, num_stages_of
+from core.layout import RankLayout
+from core.plan import Plan
+from core.schedules import Action, action_graph, dependencies, num_stages_of, schedule
+from cost_model.hardware import Cluster
 
 _EPS = 1e-15
 
@@ -38,6 +42,18 @@ class Phases:
     """Compute and collective transfers: needs a core."""
     wait: float = 0.0
     """Collective latencies, after the work: needs no core."""
+
+
+class RankPhases(NamedTuple):
+    """A pipeline rank's Phases: per microbatch (all its virtual stages together) forward and
+    backward, and its step tail."""
+
+    forward: Phases
+    backward: Phases
+    tail: Phases
+
+    def of(self, action: Action) -> Phases:
+        return {"F": self.forward, "B": self.backward, "S": self.tail}[action.kind]
 
 
 def simulate(orders: list[list[Action]], cost, hop_latency: float,
@@ -117,3 +133,47 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
             phase[r] = None
             position[r] += 1
     return now
+
+
+# --- a plan's ranks on a cluster's nodes ----------------------------------------------------
+def ranks_per_core(cluster: Cluster) -> float:
+    """Ranks each core of a node runs: above 1 only on hosts whose ranks share cores."""
+    cores = cluster.hardware.cores
+    if cores is None:
+        return 1.0
+    return min(cluster.num_gpus, cluster.gpus_per_node) / cores
+
+
+def node_load(p: Plan, cluster: Cluster) -> list[list[int]]:
+    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank layout."""
+    stride = RankLayout.dense(p).stride("pp")  # rank g is on pipeline rank (g // stride) % pp
+    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
+    load = [[0] * p.pp for _ in range(-(-cluster.num_gpus // per_node))]
+    for g in range(cluster.num_gpus):
+        load[g // per_node][(g // stride) % p.pp] += 1
+    return load
+
+
+def shared_core_step(stage_phases: list[RankPhases], p: Plan, cluster: Cluster,
+                     hop_latency: float) -> float:
+    """The step of ranks sharing a node's cores: the plan's schedule simulated on them, each
+    pipeline rank's actions costing its RankPhases."""
+    v = p.vpp
+    orders = [acts + [Action("S", 0, r)]
+              for r, acts in enumerate(schedule(p.schedule, p.pp, p.microbatches, v))]
+
+    def cost(action: Action) -> Phases:
+        ph = stage_phases[action.stage % p.pp].of(action)
+        return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
+
+    return simulate(orders, cost, hop_latency, node_load(p, cluster), cluster.hardware.cores)
+
+
+def shared_core_seconds(stage_work: list[float], p: Plan, cluster: Cluster) -> float:
+    """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
+    (0.0 otherwise): a lower bound of the step (Brent's), which shared_core_step reaches when
+    no core ever idles."""
+    if ranks_per_core(cluster) <= 1.0:
+        return 0.0
+    return max(sum(n * w for n, w in zip(node, stage_work, strict=True))
+               for node in node_load(p, cluster)) / cluster.hardware.cores

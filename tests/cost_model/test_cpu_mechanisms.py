@@ -16,7 +16,8 @@ from cost_model.hardware import Cluster, Hardware
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
 from cost_model.shared_cores import Phases, simulate
-from cost_model.step_time import estimate, sp_param_reads
+from cost_model.step_time import estimate
+from cost_model.terms.tp import sp_param_reads
 
 SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128, fused_qkv=False)
 FAST = 1e30

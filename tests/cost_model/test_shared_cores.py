@@ -11,7 +11,8 @@ from cost_model import comm
 from cost_model.hardware import PROFILES, Cluster, Hardware, available_cores, local_cpu
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
-from cost_model.step_time import estimate, ranks_per_core, shared_core_seconds
+from cost_model.shared_cores import ranks_per_core, shared_core_seconds
+from cost_model.step_time import estimate
 
 SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128)
 FAST = 1e30  # a rate so high that what it bounds costs nothing
