@@ -16,9 +16,9 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from core.plan import Plan, PlanError
 from cost_model.hardware import Cluster, GiB, get_hardware
 from cost_model.shapes import TransformerShape
-from core.plan import Plan, PlanError
 from cost_model.step_time import Estimate, PlanRejected, check_plan, estimate
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def parse_fix(text: str | dict | None) -> dict:
-    """`tp=8,pp=8,mb=16,sp=on` -> {field: value}; validated by core.plan's rules."""
+    """`tp=8,pp=8,mb=16,sp=on` -> {field: value} (core.plan's rules are checked by
+    `_validate_fix`, on dicts too)."""
     if not text:
         return {}
     if isinstance(text, dict):
@@ -110,7 +111,6 @@ def parse_fix(text: str | dict | None) -> dict:
                 out[key] = int(value)
             except ValueError:
                 raise ValueError(f"--fix {key}={value!r} must be an integer") from None
-    _validate_fix(out)
     return out
 
 
