@@ -8,6 +8,6 @@
   dp.py  data-parallel gradient sync (all-reduce or ZeRO-1's reduce-scatter + all-gather) and
          the loss sum
 
-step_time.py adds them to the blocks' compute. The context- and expert-parallel terms are the
-ones the planner ranks plans with today; their passes bring their own refinements.
+step_time.py adds them to the blocks' compute. cp.py and ep.py hold what the model has for
+context and expert parallelism today; their issues extend them there.
 """
