@@ -3,7 +3,7 @@
     python benchmarks/cost_model_accuracy.py [--profile cpu_profile.json] [--steps 3]
     python benchmarks/cost_model_accuracy.py --rescore [--out rescored.json]
 
-Calibrates this machine (cost_model/calibrate.py, with the threads runtime.spawn gives a rank)
+Calibrates this machine (tools/calibrate.py, with the threads runtime.spawn gives a rank)
 unless --profile is given, predicts each plan's step time with that profile, measures `pm.step`
 through the public API under runtime.spawn, and reports the Spearman rank correlation (issue 5
 asks for >= 0.8) and the relative errors. Plans the runtime does not implement yet
@@ -18,11 +18,11 @@ collectives). The 4 ranks run on this one machine, however many cores it has: th
 --rescore measures nothing: it predicts the plans again with the current cost model and scores
 them against the measured seconds saved in the results file (a quiet machine's measurement is
 minutes of every core; a cost-model change needs only the prediction). It prints the table and
-writes it only to --out. A profile calibrated before calibrate.py timed attention, per-element
-math and the per-op overhead leaves them out (neutral defaults); to score with them, calibrate
-the kernels again and keep the saved collectives:
+writes it only to --out. A profile calibrated before tools/calibrate.py timed attention,
+per-element math and the per-op overhead leaves them out (neutral defaults); to score with
+them, calibrate the kernels again and keep the saved collectives:
 
-    python -m cost_model.calibrate --threads 1 \
+    python tools/calibrate.py --threads 1 \
         --reuse-collectives benchmarks/results/cpu_profile.json --out kernels.json
     python benchmarks/cost_model_accuracy.py --rescore --profile kernels.json
 """
@@ -101,12 +101,12 @@ def spearman(xs: list[float], ys: list[float]) -> float:
 
 
 def load_hardware(path: Path):
-    """The profile at `path`. One written before calibrate.py recorded the cores it measured on
-    (no `cores` key) is fitted again from its saved raw measurements, which this benchmark took
+    """The profile at `path`. One written before tools/calibrate.py recorded the cores it measured
+    on (no `cores` key) is fitted again from its saved raw measurements, which this benchmark took
     with OLD_PROFILE_THREADS threads on this machine's cores. Its all-gather timings are left
     out: they timed dist.all_gather into a list of outputs, not all_gather_into_tensor, the call
     the runtime makes, so the ring model's all-gather stands in for them."""
-    from cost_model.calibrate import profile_from_measurements
+    from cost_model.fit import profile_from_measurements
     from cost_model.hardware import Hardware, available_cores, read_json
 
     data = read_json(path, "hardware profile")
@@ -123,10 +123,10 @@ def load_hardware(path: Path):
 def predict(plan_text: str, hw) -> dict:
     """The cost model's `pm.step` seconds for `plan_text` on WORLD ranks of this one machine,
     with the parts the step is the larger of."""
+    from core.plan import Plan
     from cost_model.hardware import Cluster
     from cost_model.shapes import TransformerShape
     from cost_model.step_time import estimate
-    from partitioner import Plan
     from partitioner.models import GPTConfig
 
     cluster = Cluster(hardware=hw, num_gpus=WORLD, gpus_per_node=WORLD)
@@ -187,7 +187,7 @@ def main(argv=None) -> int:
     if args.rescore:
         return rescore(args.results, Path(args.profile) if args.profile else PROFILE, args.out)
 
-    from cost_model.calibrate import calibrate
+    from tools.calibrate import calibrate
     from cost_model.step_time import PlanRejected
     try:
         from runtime import spawn

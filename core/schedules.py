@@ -3,19 +3,26 @@
 A schedule is a pure function: for each pp rank, the ordered list of actions
 `Action("F"|"B", microbatch, stage)` (stage s lives on rank s % pp, Megatron's interleaving).
 It can be printed as a timeline without running anything; the runtime's executor runs it and
-the cost model simulates it, both from this one definition.
+the cost model simulates it, both from this one definition. Which action needs which is written
+once, in `dependencies`; `action_graph` joins those data edges with each rank's order into one
+DAG, so a schedule whose orders wait on each other in a circle (a deadlock) is a cycle there,
+found before anything runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import networkx as nx
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b")
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: str  # "F" or "B"
+    kind: str
+    """"F" (forward) or "B" (backward); the cost model adds "S", a rank's step tail (gradient
+    sync, optimizer), which needs nothing of another rank."""
     microbatch: int
     stage: int
 
@@ -73,40 +80,66 @@ def _interleaved(rank: int, pp: int, m: int, vpp: int) -> list[Action]:
     return actions
 
 
+def dependencies(action: Action, num_stages: int) -> list[Action]:
+    """The actions whose outputs `action` reads: the forward of stage s needs the forward of
+    s-1 (its input activations); the backward of s needs the forward of s (its saved
+    activations) and the backward of s+1 (its output gradient)."""
+    if action.kind == "F":
+        return [Action("F", action.microbatch, action.stage - 1)] if action.stage else []
+    if action.kind == "B":
+        deps = [Action("F", action.microbatch, action.stage)]
+        if action.stage < num_stages - 1:
+            deps.append(Action("B", action.microbatch, action.stage + 1))
+        return deps
+    return []
+
+
+def num_stages_of(orders: list[list[Action]]) -> int:
+    """Stages of a schedule: one more than the highest stage of its forwards and backwards."""
+    return 1 + max((a.stage for actions in orders for a in actions if a.kind in "FB"),
+                   default=0)
+
+
+def action_graph(orders: list[list[Action]]) -> nx.DiGraph:
+    """Every action of the schedule, with an edge from each action to the ones that need its
+    output (`dependencies`) and to the next action of its rank. Raises ValueError when the
+    schedule deadlocks: an action needs one that no rank runs, or the orders wait in a cycle."""
+    stages = num_stages_of(orders)
+    graph = nx.DiGraph()
+    for actions in orders:
+        nx.add_path(graph, actions)  # a rank runs its actions one after the other
+    for actions in orders:
+        for action in actions:
+            for dep in dependencies(action, stages):
+                if dep not in graph:
+                    raise ValueError(f"schedule deadlocks: {action} waits on {dep}, which no "
+                                     f"rank runs")
+                graph.add_edge(dep, action)
+    if not nx.is_directed_acyclic_graph(graph):
+        cycle = [a for a, _ in nx.find_cycle(graph)]
+        cycle = " -> ".join(str(a) for a in cycle + cycle[:1])
+        raise ValueError(f"schedule deadlocks: the ranks' orders wait on each other ({cycle})")
+    return graph
+
+
 def timeline(plan_schedule: list[list[Action]]) -> str:
     """Which rank does which microbatch when, assuming unit-time F and B (2 units) per stage.
 
     Each action starts when its rank is free and its inputs exist; `.` is idle (the bubble).
     """
-    finish: dict[tuple, int] = {}
-    rank_time = [0] * len(plan_schedule)
+    graph = action_graph(plan_schedule)
+    finish: dict[Action, int] = {}
+    for action in nx.topological_sort(graph):  # the rank's previous action is a predecessor
+        start = max((finish[dep] for dep in graph.predecessors(action)), default=0)
+        finish[action] = start + (1 if action.kind == "F" else 2)
     cells: list[list[str]] = [[] for _ in plan_schedule]
-    positions = [0] * len(plan_schedule)
-    num_stages = 1 + max(a.stage for actions in plan_schedule for a in actions)
-    progress = True
-    while progress:
-        progress = False
-        for rank, actions in enumerate(plan_schedule):
-            if positions[rank] >= len(actions):
-                continue
-            action = actions[positions[rank]]
-            if action.kind == "F":
-                deps = [("F", action.microbatch, action.stage - 1)] if action.stage else []
-            else:
-                deps = [("F", action.microbatch, action.stage)]
-                if action.stage < num_stages - 1:
-                    deps.append(("B", action.microbatch, action.stage + 1))
-            if not all(d in finish for d in deps):
-                continue
-            start = max([rank_time[rank]] + [finish[d] for d in deps])
+    rank_time = [0] * len(plan_schedule)
+    for rank, actions in enumerate(plan_schedule):
+        for action in actions:
             length = 1 if action.kind == "F" else 2
+            start = finish[action] - length
             cells[rank] += ["."] * (start - rank_time[rank]) + [str(action)] * length
-            rank_time[rank] = start + length
-            finish[(action.kind, action.microbatch, action.stage)] = rank_time[rank]
-            positions[rank] += 1
-            progress = True
-    if any(p < len(a) for p, a in zip(positions, plan_schedule, strict=True)):
-        raise ValueError("schedule deadlocks: an action waits on one that never runs")
+            rank_time[rank] = finish[action]
     width = max(len(c) for row in cells for c in row)
     span = max(rank_time)
     lines = [f"rank {r}: " + " ".join(c.ljust(width) for c in row + ["."] * (span - len(row)))

@@ -4,7 +4,9 @@ Bandwidth terms follow NCCL's bus-bandwidth accounting (published-runs.md): for 
 bytes, all-reduce moves S 2(n-1)/n over the slowest link, reduce-scatter / all-gather / all-to-all
 S (n-1)/n, broadcast and send/recv S. Each ring step adds a latency alpha. A group that spans
 nodes runs hierarchically: the intra-node part over NVLink, the inter-node part over the per-GPU
-NICs (one rail per local rank, so k ranks of a node share the traffic k ways).
+NICs (one rail per local rank, so k ranks of a node share the traffic k ways). Which ranks of a
+group share a node is read from core.layout.RankLayout, the layout the runtime builds its
+process groups from.
 
 Libraries differ from the ring formulas where the profile says so: gloo builds reduce-scatter
 from a full all-reduce (`Hardware.reduce_scatter_is_all_reduce`) and moves all-gather at its own
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
+from core.layout import RankLayout
 from cost_model.hardware import Hardware
 
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "all_to_all", "broadcast", "send")
@@ -104,37 +107,15 @@ def ring_time(kind: str, nbytes: float, n: int, bw: float, alpha: float) -> floa
     return steps * alpha + nbytes / bw * factor
 
 
-# --- placement from the plan's rank order -------------------------------------------------
-def dense_dims(order: str) -> list[str]:
-    """Dense layout (tp-cp-dp-pp in the order's sequence; ep is carved out of tp*cp*dp)."""
-    return [d for d in order.split("-") if d != "ep"]
-
-
-def expert_dims(order: str) -> list[str]:
-    """Expert layout etp-ep-edp-pp, read from the same order (tp->etp, dp->edp, cp dropped)."""
-    rename = {"tp": "etp", "dp": "edp", "ep": "ep", "pp": "pp"}
-    return [rename[d] for d in order.split("-") if d in rename]
+# --- placement from the plan's rank layout ------------------------------------------------
+def group_placement(layout: RankLayout, dim: str, gpus_per_node: int) -> GroupPlacement:
+    """Where the group of mesh dimension `dim` lies: its ranks stride apart by the layout's
+    stride along `dim` (the group containing rank 0; every group of a dimension is laid out
+    alike)."""
+    return _placement(layout.size(dim), layout.stride(dim), gpus_per_node)
 
 
 @lru_cache(maxsize=65536)
-def _placement(dims: tuple[str, ...], sizes: tuple[int, ...], dim: str,
-               gpus_per_node: int) -> GroupPlacement:
-    size_of = dict(zip(dims, sizes, strict=True))
-    stride = 1
-    for d in dims:
-        if d == dim:
-            break
-        stride *= size_of[d]
-    n = size_of[dim]
-    nodes = len({(i * stride) // gpus_per_node for i in range(n)})
-    return GroupPlacement(size=n, per_node=max(1, n // nodes))
-
-
-def group_placement(order: str, sizes: dict[str, int], dim: str,
-                    gpus_per_node: int) -> GroupPlacement:
-    """Where the group of mesh dimension `dim` lies: ranks stride apart by the product of the
-    faster-varying dimensions in `order` (the group containing rank 0)."""
-    expert = dim in ("etp", "edp") or (dim == "ep" and "etp" in sizes)
-    dims = expert_dims(order) if expert else dense_dims(order)
-    return _placement(tuple(dims), tuple(int(sizes.get(d, 1)) for d in dims), dim,
-                      gpus_per_node)
+def _placement(size: int, stride: int, gpus_per_node: int) -> GroupPlacement:
+    nodes = len({(i * stride) // gpus_per_node for i in range(size)})
+    return GroupPlacement(size=size, per_node=max(1, size // nodes))

@@ -66,27 +66,28 @@ class Hardware:
     and a node running more ranks than cores shares them (step_time.py)."""
     elem_bytes: int = 2
     """Bytes of one activation or parameter element in the precision the job runs: 2 for 16-bit
-    mixed precision on GPUs, 4 for the float32 that CPU ranks train in and calibrate.py times."""
+    mixed precision on GPUs, 4 for the float32 that CPU ranks train in and tools/calibrate.py
+    times."""
     all_gather_eff: float = 1.0
     """All-gather bus bandwidth as a fraction of all-reduce's: 1 for NCCL's rings; gloo's two
-    are separate implementations, and calibrate.py fits the ratio from its timings."""
+    are separate implementations, and tools/calibrate.py fits the ratio from its timings."""
     reduce_scatter_is_all_reduce: bool = False
     """The collective library builds reduce-scatter from an all-reduce of the whole buffer and
     keeps this rank's chunk (gloo, PyTorch #118911): it costs a full all-reduce."""
     attention_eff: float = 1.0
     """Fused attention's throughput over the GEMM roofline of the same shape: 1 where flash
     attention runs its two matmuls as tensor-core GEMMs (GPUs); on a CPU the kernel's online
-    softmax runs on the same vector units, and calibrate.py times it."""
+    softmax runs on the same vector units, and tools/calibrate.py times it."""
     math_rate: float | None = None
     """Elements per second a kernel with per-element math (norm, GeLU, softmax) processes; such
     a kernel takes the longer of its bytes over the memory bandwidth and its elements over this
     rate. None: memory bound (GPUs, whose math outruns HBM); a CPU core's exp/erf/rsqrt are
-    slower than its memory, and calibrate.py times them."""
+    slower than its memory, and tools/calibrate.py times them."""
     op_overhead: float = 0.0
     """Seconds one node of the captured graph costs in forward beyond its kernels: the runtime's
     Python, the dispatcher and autograd recording, paid per op however small the op. Hidden
     behind asynchronous kernel launches on GPUs (0); on a CPU rank it runs on the core that does
-    the arithmetic, and calibrate.py times it on a tiny block. It is what makes many small
+    the arithmetic, and tools/calibrate.py times it on a tiny block. It is what makes many small
     microbatches slower than a few large ones."""
     op_overhead_bwd: float = 0.0
     """The same per node in backward (autograd's engine and the backward formulas' ops)."""
@@ -184,7 +185,7 @@ def available_cores() -> int:
 
 
 def local_cpu() -> Hardware:
-    """A rough profile of one core of this machine (replace it with `calibrate.py`'s
+    """A rough profile of one core of this machine (replace it with `tools/calibrate.py`'s
     measurement). Ranks run one per core; more ranks than cores share them."""
     cores = available_cores()
     try:
@@ -216,7 +217,7 @@ def get_hardware(name: str | Hardware) -> Hardware:
     if key.lower() in ("cpu", "local-cpu", "local"):
         return local_cpu()
     raise ValueError(f"unknown GPU {name!r}; known: {', '.join(known_gpus())} "
-                     f"(or a profile written by cost_model/calibrate.py, or --cluster-file)")
+                     f"(or a profile written by tools/calibrate.py, or --cluster-file)")
 
 
 def read_json(path: str | Path, what: str) -> dict:
@@ -230,7 +231,7 @@ def read_json(path: str | Path, what: str) -> dict:
 
 
 def load_profile(path: str | Path) -> Hardware:
-    """A profile JSON (`calibrate.py` output, or any dict of Hardware fields)."""
+    """A profile JSON (`tools/calibrate.py` output, or any dict of Hardware fields)."""
     data = read_json(path, "hardware profile")
     data = data.get("hardware", data)
     return Hardware.from_dict(data)

@@ -16,9 +16,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from core.plan import Plan, PlanError
 from cost_model.hardware import Cluster, GiB, get_hardware
 from cost_model.shapes import TransformerShape
-from cost_model.step_time import Estimate, PlanPoint, PlanRejected, check_plan, estimate
+from cost_model.step_time import Estimate, PlanRejected, check_plan, estimate
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def _divisors(n: int) -> list[int]:
 
 
 def parse_fix(text: str | dict | None) -> dict:
-    """`tp=8,pp=8,mb=16,sp=on` -> {field: value}; validated by partitioner.plan's rules."""
+    """`tp=8,pp=8,mb=16,sp=on` -> {field: value} (core.plan's rules are checked by
+    `_validate_fix`, on dicts too)."""
     if not text:
         return {}
     if isinstance(text, dict):
@@ -109,22 +111,18 @@ def parse_fix(text: str | dict | None) -> dict:
                 out[key] = int(value)
             except ValueError:
                 raise ValueError(f"--fix {key}={value!r} must be an integer") from None
-    _validate_fix(out)
     return out
 
 
-def _validate_fix(fixed: dict) -> None:
-    """Field-level rules of the Plan (sp needs tp>1, vpp needs interleaving, ...)."""
-    try:
-        from core.plan import Plan
-    except ImportError:  # the plan module is optional for the pure cost model
-        return
+def _validate_fix(fixed: dict) -> Plan:
+    """The plan of the fixed fields (the rest at their defaults), so that a fix breaking one of
+    the Plan's own rules (sp needs tp>1, vpp needs interleaving, ...) is refused up front."""
     fields = {k: v for k, v in fixed.items() if k != "mbs"}
     if fields.get("schedule") == "interleaved-1f1b" and "microbatches" not in fields:
         fields["microbatches"] = fields.get("pp", 1)
     try:
-        Plan(**fields)
-    except ValueError as exc:
+        return Plan(**fields)
+    except PlanError as exc:
         raise ValueError(f"--fix violates a plan rule: {exc}") from None
 
 
@@ -148,6 +146,7 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
     if seq != shape.seq:
         shape = shape.with_seq(seq)
     fixed = parse_fix(fixed)
+    fixed_plan = _validate_fix(fixed)
     hw, world = cluster.hardware, cluster.num_gpus
     if global_batch < 1:
         raise ValueError(f"global batch {global_batch} must be >= 1")
@@ -182,12 +181,16 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                             continue
                         families.append(Family(tp, pp, cp, ep, etp, dp))
 
+    def expert_tp(fam: Family) -> int | None:
+        """The Plan's etp: unset where it follows tp (Megatron's default; a model without
+        experts has nothing else)."""
+        return None if fam.etp == fam.tp or not shape.experts else fam.etp
+
     # with flash attention selective recomputation has nothing left to recompute: same plan
     recomputes = list(RECOMPUTE) if shape.attention == "unfused" else ["none", "full"]
     if not families and fixed:
-        probe = PlanPoint(**{k: v for k, v in fixed.items() if k in PlanPoint.__dataclass_fields__})
         try:
-            check_plan(shape, probe, world, global_batch, seq)
+            check_plan(shape, fixed_plan, world, global_batch, seq)
         except PlanRejected as exc:
             raise ValueError(f"--fix {_fix_str(fixed)} cannot be used for this model on "
                              f"{cluster}: {exc}") from None
@@ -230,15 +233,15 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                     for sp_ in choices("sp", [True, False] if fam.tp > 1 else [False]):
                         for rc in choices("recompute", recomputes):
                             for zero in choices("zero", [0, 1] if fam.dp * fam.cp > 1 else [0]):
-                                pt = PlanPoint(tp=fam.tp, pp=fam.pp, cp=fam.cp, dp=fam.dp,
-                                               ep=fam.ep, etp=fam.etp, sp=sp_, microbatches=m,
-                                               schedule=sched, vpp=vpp, zero=zero,
-                                               recompute=rc,
-                                               cp_algo=fixed.get("cp_algo", "ring"),
-                                               order=fixed.get("order", "tp-cp-ep-dp-pp"))
                                 try:
-                                    est = estimate(shape, pt, cluster, global_batch, seq)
-                                except PlanRejected as exc:
+                                    plan = Plan(tp=fam.tp, pp=fam.pp, cp=fam.cp, dp=fam.dp,
+                                                ep=fam.ep, etp=expert_tp(fam), sp=sp_,
+                                                microbatches=m, schedule=sched, vpp=vpp,
+                                                zero=zero, recompute=rc,
+                                                cp_algo=fixed.get("cp_algo", "ring"),
+                                                order=fixed.get("order", "tp-cp-ep-dp-pp"))
+                                    est = estimate(shape, plan, cluster, global_batch, seq)
+                                except PlanError as exc:  # PlanRejected too
                                     first_rule = first_rule or str(exc)
                                     continue
                                 evaluated += 1

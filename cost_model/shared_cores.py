@@ -5,7 +5,9 @@ step is its time: not the critical path (a rank on it runs slower while other ra
 its core) and not the node's work over its cores (cores idle while every rank waits: a pipeline
 filling or draining, a collective all the ranks wait on at once). This module runs the schedule:
 
-- each pipeline rank's actions in the runtime's order (core.schedules.schedule, Megatron-Core's);
+- each pipeline rank's actions in the runtime's order (core.schedules.schedule, Megatron-Core's),
+  each needing what core.schedules.dependencies says, plus a tail "S" (gradient sync,
+  optimizer) that needs only the rank's previous actions;
   the tensor/data-parallel replicas of a pipeline rank run the same program in lockstep, so one
   simulated rank stands for all of them;
 - an action starts when its inputs exist (the producing action done, plus the p2p latency when
@@ -22,25 +24,14 @@ so a step of p ranks and m microbatches costs O((p m)^2) at most.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
+
+from core.layout import RankLayout
+from core.plan import Plan
+from core.schedules import Action, action_graph, dependencies, num_stages_of, schedule
+from cost_model.hardware import Cluster
 
 _EPS = 1e-15
-
-
-@dataclass(frozen=True)
-class Action:
-    kind: str
-    """"F" (forward), "B" (backward) or "S" (the step's tail: gradient sync, optimizer)."""
-    microbatch: int
-    stage: int
-
-
-def schedule_orders(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
-    """Per pipeline rank, its actions in the order the runtime runs them (stage s is on rank
-    s % pp): runtime.pipeline's schedules, pure functions of the degrees."""
-    from core.schedules import schedule
-
-    return [[Action(a.kind, a.microbatch, a.stage) for a in actions]
-            for actions in schedule(name, pp, microbatches, vpp)]
 
 
 @dataclass(frozen=True)
@@ -53,6 +44,18 @@ class Phases:
     """Collective latencies, after the work: needs no core."""
 
 
+class RankPhases(NamedTuple):
+    """A pipeline rank's Phases: per microbatch (all its virtual stages together) forward and
+    backward, and its step tail."""
+
+    forward: Phases
+    backward: Phases
+    tail: Phases
+
+    def of(self, action: Action) -> Phases:
+        return {"F": self.forward, "B": self.backward, "S": self.tail}[action.kind]
+
+
 def simulate(orders: list[list[Action]], cost, hop_latency: float,
              load: list[list[int]], cores: float) -> float:
     """Seconds until every pipeline rank has run its actions.
@@ -62,29 +65,21 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
     action and one on another rank that needs its output. `load[n][r]`: how many ranks of
     pipeline rank r node n runs (its lockstep replicas there); a rank advances at the pace of
     its most crowded node."""
+    action_graph(orders)  # raises on a schedule that deadlocks, before simulating it
     pp = len(orders)
-    stages = 1 + max((a.stage for acts in orders for a in acts if a.kind != "S"), default=0)
-    done: dict[tuple, float] = {}
+    stages = num_stages_of(orders)
+    done: dict[Action, float] = {}
     position = [0] * pp
     phase = [None] * pp  # None: not started; ("work"|"wait", seconds left)
     now = 0.0
 
     def ready_at(action: Action) -> float | None:
         """When the action's inputs exist, or None while an input is still being computed."""
-        if action.kind == "S":
-            return now
-        deps = []
-        if action.kind == "F" and action.stage > 0:
-            deps.append(("F", action.microbatch, action.stage - 1))
-        if action.kind == "B":
-            deps.append(("F", action.microbatch, action.stage))
-            if action.stage < stages - 1:
-                deps.append(("B", action.microbatch, action.stage + 1))
         t = now
-        for dep in deps:
+        for dep in dependencies(action, stages):
             if dep not in done:
                 return None
-            hop = hop_latency if dep[2] % pp != action.stage % pp else 0.0
+            hop = hop_latency if dep.stage % pp != action.stage % pp else 0.0
             t = max(t, done[dep] + hop)
         return t
 
@@ -102,7 +97,7 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
                 ph = cost(action)
                 phase[r] = ("work", ph.work) if ph.work > 0 else ("wait", ph.wait)
                 if phase[r][1] <= 0:  # nothing to do: done at once
-                    done[(action.kind, action.microbatch, action.stage)] = now
+                    done[action] = now
                     phase[r] = None
                     position[r] += 1
         active = [r for r in range(pp) if phase[r] is not None]
@@ -134,9 +129,51 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
             if wait > 0:
                 phase[r] = ("wait", wait)
                 continue
-            done[(action.kind, action.microbatch, action.stage)] = now
+            done[action] = now
             phase[r] = None
             position[r] += 1
-    if any(position[r] < len(orders[r]) for r in range(pp)):
-        raise ValueError("schedule deadlocks: an action waits on one that never runs")
     return now
+
+
+# --- a plan's ranks on a cluster's nodes ----------------------------------------------------
+def ranks_per_core(cluster: Cluster) -> float:
+    """Ranks each core of a node runs: above 1 only on hosts whose ranks share cores."""
+    cores = cluster.hardware.cores
+    if cores is None:
+        return 1.0
+    return min(cluster.num_gpus, cluster.gpus_per_node) / cores
+
+
+def node_load(p: Plan, cluster: Cluster) -> list[list[int]]:
+    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank layout."""
+    stride = RankLayout.dense(p).stride("pp")  # rank g is on pipeline rank (g // stride) % pp
+    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
+    load = [[0] * p.pp for _ in range(-(-cluster.num_gpus // per_node))]
+    for g in range(cluster.num_gpus):
+        load[g // per_node][(g // stride) % p.pp] += 1
+    return load
+
+
+def shared_core_step(stage_phases: list[RankPhases], p: Plan, cluster: Cluster,
+                     hop_latency: float) -> float:
+    """The step of ranks sharing a node's cores: the plan's schedule simulated on them, each
+    pipeline rank's actions costing its RankPhases."""
+    v = p.vpp
+    orders = [acts + [Action("S", 0, r)]
+              for r, acts in enumerate(schedule(p.schedule, p.pp, p.microbatches, v))]
+
+    def cost(action: Action) -> Phases:
+        ph = stage_phases[action.stage % p.pp].of(action)
+        return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
+
+    return simulate(orders, cost, hop_latency, node_load(p, cluster), cluster.hardware.cores)
+
+
+def shared_core_seconds(stage_work: list[float], p: Plan, cluster: Cluster) -> float:
+    """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
+    (0.0 otherwise): a lower bound of the step (Brent's), which shared_core_step reaches when
+    no core ever idles."""
+    if ranks_per_core(cluster) <= 1.0:
+        return 0.0
+    return max(sum(n * w for n, w in zip(node, stage_work, strict=True))
+               for node in node_load(p, cluster)) / cluster.hardware.cores

@@ -3,11 +3,9 @@
 step = pipeline (per-rank compute + exposed TP/CP/EP comm + p2p, over the schedule with its
 bubble) + exposed data-parallel gradient sync + tied-embedding sync + optimizer.
 
-Pipeline time with per-rank microbatch time x_r = F_r + B_r (forward, backward incl.
-recomputation) over m microbatches and v virtual stages per rank:
-    T = m max_r x_r + (sum_r x_r - max_r x_r) / v
-which for equal stages is (m + p - 1) x (1F1B, GPipe) and m x (1 + (p-1)/(v m)) (interleaved):
-the bubble fractions (p-1)/(m+p-1) and (p-1)/(v m) of published-runs.md.
+Each strategy's time terms live in terms/ (tp, cp, ep, pp, dp), functions of one `Traits`; this
+module adds them up: a block of each kind (`block_time`), each pipeline rank of a distinct
+layer mix (`rank_time`), then the schedule's span (terms/pp.py) and the step.
 
 That is the step of ranks with a device (or core) each. Where a node runs more ranks than it has
 cores (`Hardware.cores`: CPU hosts), the ranks also share the cores: the schedule is run on them
@@ -25,67 +23,26 @@ hardware FLOPs add what recomputation executes again. MFU and HFU are over the d
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import NamedTuple
 
+from core.plan import Plan, PlanError, coerce_plan
 from cost_model import memory as mem
-from cost_model.comm import (CollectiveCost, GroupPlacement, collective_parts, dense_dims,
-                             group_placement)
+from cost_model.comm import CollectiveCost
 from cost_model.hardware import Cluster, GiB
-from cost_model.layer_costs import block_costs, embedding_time, head_time
-from cost_model.shared_cores import Action as SimAction
-from cost_model.shared_cores import Phases, schedule_orders, simulate
+from cost_model.layer_costs import BlockCosts, block_costs
 from cost_model.shapes import TransformerShape
-
-PLAN_FIELDS = ("tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
-               "cp_algo", "zero", "recompute", "order")
-
-
-@dataclass(frozen=True)
-class PlanPoint:
-    """The Plan fields the cost model reads (a Plan, or anything with these attributes, works
-    too); cheap to build, so the search need not validate a full Plan per candidate."""
-
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    dp: int | None = None
-    ep: int = 1
-    etp: int = 1
-    sp: bool = False
-    microbatches: int = 1
-    schedule: str = "1f1b"
-    vpp: int = 1
-    cp_algo: str = "ring"
-    zero: int = 0
-    recompute: str = "none"
-    order: str = "tp-cp-ep-dp-pp"
-
-    @classmethod
-    def of(cls, plan) -> "PlanPoint":
-        if isinstance(plan, PlanPoint):
-            return plan
-        if isinstance(plan, dict):
-            return cls(**{k: v for k, v in plan.items() if k in PLAN_FIELDS})
-        return cls(**{k: getattr(plan, k) for k in PLAN_FIELDS if hasattr(plan, k)})
-
-    def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        out["rules"] = ""
-        return out
-
-    def __str__(self) -> str:
-        d = dataclasses.asdict(self)
-        default = PlanPoint()
-        return ",".join(f"{k}={'on' if v is True else 'off' if v is False else v}"
-                        for k, v in d.items() if k in ("tp", "pp", "cp", "dp") or
-                        v != getattr(default, k))
+from cost_model.shared_cores import (Phases, RankPhases, ranks_per_core, shared_core_seconds,
+                                     shared_core_step)
+from cost_model.terms import cp, dp, ep, tp
+from cost_model.terms import pp as pipeline
+from cost_model.traits import Extra, Groups, Runtime, Traits
 
 
 @dataclass(frozen=True)
 class Estimate:
-    plan: PlanPoint
+    plan: Plan
+    """The plan estimated, with dp resolved for the cluster."""
     world_size: int
     global_batch: int
     seq: int
@@ -161,20 +118,21 @@ class Estimate:
                 "comm_breakdown_s": dict(self.comm_s)}
 
 
-class PlanRejected(ValueError):
-    """The plan breaks a divisibility rule for this model or cluster."""
+class PlanRejected(PlanError):
+    """The plan breaks a divisibility rule for this model or cluster (the plan's own rules are
+    core.plan's, whose PlanError this extends)."""
 
 
-def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: int,
-               seq: int) -> tuple[int, int]:
-    """(dp, micro-batch size), or PlanRejected naming the broken rule."""
-    mp_ = p.tp * p.pp * p.cp
-    if world % mp_:
-        raise PlanRejected(f"tp*pp*cp={p.tp}*{p.pp}*{p.cp}={mp_} does not divide "
-                           f"{world} GPUs")
-    dp = p.dp if p.dp is not None else world // mp_
-    if dp * mp_ != world:
-        raise PlanRejected(f"tp*pp*cp*dp={mp_ * dp} != {world} GPUs")
+def check_plan(shape: TransformerShape, plan: Plan, world: int, global_batch: int,
+               seq: int) -> tuple[Plan, int]:
+    """(the plan with dp resolved for `world`, micro-batch size), or PlanRejected naming the
+    broken rule. The plan's own rules (sp needs tp, vpp needs interleaving, etp*ep divides
+    tp*cp*dp, the degrees dividing the world) are core.plan's; these are the model's and the
+    batch's."""
+    try:
+        p = plan.resolve(world)
+    except PlanError as exc:
+        raise PlanRejected(str(exc)) from None
     # kv heads tp does not divide are replicated on tp/kv ranks when they divide tp (as the TP
     # pass does); a vocabulary tp does not divide is padded (the pass pads it too)
     if shape.heads % p.tp or shape.n_kv % p.tp and p.tp % shape.n_kv:
@@ -187,49 +145,203 @@ def check_plan(shape: TransformerShape, p: PlanPoint, world: int, global_batch: 
                            f"(load-balanced causal context parallelism)")
     if p.cp_algo == "a2a" and shape.heads % (p.tp * p.cp):
         raise PlanRejected(f"cp_algo=a2a needs tp*cp={p.tp * p.cp} to divide heads")
-    if p.pp * p.vpp > shape.layers:
+    if p.stages > shape.layers:
         raise PlanRejected(f"pp*vpp={p.pp * p.vpp} exceeds {shape.layers} layers")
-    if p.sp and p.tp == 1:
-        raise PlanRejected("sp=on needs tp>1")
-    if p.ep > 1 or p.etp > 1:
-        if not shape.experts:
-            raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
-        if shape.experts % p.ep:
-            raise PlanRejected(f"ep={p.ep} must divide experts={shape.experts}")
-        if (p.tp * p.cp * dp) % (p.ep * p.etp):
-            raise PlanRejected(f"etp*ep={p.etp * p.ep} must divide tp*cp*dp={p.tp * p.cp * dp}")
-        if shape.expert_ffn_dim % p.etp:
-            raise PlanRejected(f"etp={p.etp} must divide expert ffn={shape.expert_ffn_dim}")
-    if p.schedule == "interleaved-1f1b" and p.microbatches % p.pp:
-        raise PlanRejected(f"interleaved-1f1b needs microbatches % pp == 0 "
-                           f"({p.microbatches} % {p.pp})")
-    if p.vpp > 1 and p.schedule != "interleaved-1f1b":
-        raise PlanRejected(f"vpp={p.vpp} needs schedule=interleaved-1f1b")
-    if global_batch % (dp * p.microbatches):
+    if p.ep > 1 and not shape.experts:
+        raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
+    if shape.experts and shape.experts % p.ep:
+        raise PlanRejected(f"ep={p.ep} must divide experts={shape.experts}")
+    if shape.experts and shape.expert_ffn_dim % p.expert_tp:
+        raise PlanRejected(f"etp={p.expert_tp} must divide expert ffn={shape.expert_ffn_dim}")
+    if global_batch % (p.dp * p.microbatches):
         raise PlanRejected(f"global batch {global_batch} is not divisible by dp*microbatches="
-                           f"{dp}*{p.microbatches}")
-    return dp, global_batch // (dp * p.microbatches)
+                           f"{p.dp}*{p.microbatches}")
+    return p, global_batch // (p.dp * p.microbatches)
 
 
-def _groups(p: PlanPoint, dp: int, cluster: Cluster) -> dict[str, GroupPlacement]:
-    g = cluster.gpus_per_node
-    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
-    edp = p.tp * p.cp * dp // (p.ep * p.etp)
-    esizes = {"etp": p.etp, "ep": p.ep, "edp": edp, "pp": p.pp}
-    out = {d: group_placement(p.order, sizes, d, g) for d in ("tp", "cp", "dp", "pp")}
-    out["ep"] = group_placement(p.order, esizes, "ep", g)
-    out["edp"] = group_placement(p.order, esizes, "edp", g)
-    # gradients of dense weights are reduced over dp*cp: the cp ranks sit between tp and dp
-    dpcp = GroupPlacement(dp * p.cp, max(1, min(out["dp"].per_node * out["cp"].per_node,
-                                                dp * p.cp)))
-    out["dpcp"] = dpcp
-    return out
+@dataclass(frozen=True)
+class BlockTime:
+    """One block of a kind (dense or MoE) over one microbatch: compute plus the exposed
+    collectives of every strategy, and its activations."""
+
+    fwd: float
+    bwd: float
+    """Backward, with what recomputation runs again."""
+    work_fwd: float
+    """Of `fwd`, what keeps a core busy: compute and collective transfers (latencies are
+    waits). It matters only where ranks share cores (shared_cores.py)."""
+    work_bwd: float
+    work: float
+    """Forward and backward work together."""
+    tp: float
+    """Exposed tensor-parallel seconds, forward, backward and recomputed forward."""
+    cp: float
+    ep: float
+    act: float
+    """Activation bytes kept until backward."""
+    full_act: float
+    """Bytes of the block's activations while full recomputation rebuilds them (else 0)."""
 
 
-def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
-             seq: int | None = None, include_optimizer: bool = True,
-             vocab_parallel: bool = True,
-             runtime: Literal["megatron", "partitioner"] = "megatron") -> Estimate:
+def block_time(tr: Traits, bc: BlockCosts, moe: bool) -> BlockTime:
+    p, args = tr.plan, tr.args
+    fwd, bwd = bc.fwd(*args), bc.bwd(*args)
+    t, c, e = tp.block(tr, bc), cp.block(tr, bc), ep.block(tr, bc, moe)
+    full = p.recompute == "full"
+    rec = rec_work = 0.0
+    if p.recompute == "selective":
+        rec = rec_work = bc.recompute_selective(*args)
+    elif full:
+        rec = fwd + t.fwd + c.fwd + e.fwd
+        rec_work = fwd + t.work_fwd + c.work_fwd + e.work_fwd
+    return BlockTime(
+        fwd=fwd + t.fwd + c.fwd + e.fwd, bwd=bwd + t.bwd + c.bwd + e.bwd + rec,
+        work_fwd=fwd + t.work_fwd + c.work_fwd + e.work_fwd,
+        work_bwd=bwd + t.work_bwd + c.work_bwd + e.work_bwd + rec_work,
+        work=fwd + bwd + t.work_fwd + t.work_bwd + c.work_fwd + c.work_bwd +
+        (e.work_fwd + e.work_bwd) + rec_work,
+        tp=t.fwd + t.bwd + (t.fwd if full else 0.0), cp=c.fwd + c.bwd + (c.fwd if full else 0.0),
+        ep=e.fwd + e.bwd + (e.fwd if full else 0.0),
+        act=bc.activation(p.recompute, *args),
+        full_act=bc.act_none(*args) if full else 0.0)
+
+
+class StrategySeconds(NamedTuple):
+    """Exposed seconds by strategy (p2p hops for pp)."""
+
+    tp: float
+    cp: float
+    ep: float
+    pp: float
+
+
+@dataclass(frozen=True)
+class RankTime:
+    """One pipeline rank's share of the step."""
+
+    fwd: float
+    """Seconds of forward per microbatch, all its virtual stages and hops together."""
+    bwd: float
+    work: float
+    """Seconds of work per step (compute and collective transfers, no waiting): what ranks
+    sharing a core compete for."""
+    phases: RankPhases
+    comm: StrategySeconds
+    """Exposed seconds per microbatch by strategy."""
+    memory: mem.MemoryBreakdown
+    optimizer_s: float
+    dp_exposed_s: float
+
+
+@dataclass(frozen=True)
+class StepParts:
+    """What every pipeline rank's time is built from: the blocks, the stage ends and the
+    step-wide collectives."""
+
+    dense: BlockTime
+    moe: BlockTime
+    embedding: Extra
+    head: Extra
+    hop: CollectiveCost
+    tied_sync: CollectiveCost
+    loss_sync: CollectiveCost
+    include_optimizer: bool
+
+
+def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime:
+    """Pipeline rank r, holding nd dense and nm MoE blocks."""
+    p, hw, shape = tr.plan, tr.hw, tr.shape
+    m, v, pp = p.microbatches, p.vpp, p.pp
+    dense, moe = step.dense, step.moe
+    p_dense, p_exp = _rank_params(tr, r, nd, nm)
+    p_local = p_dense + p_exp
+    F = nd * dense.fwd + nm * moe.fwd
+    B = nd * dense.bwd + nm * moe.bwd
+    work_mb = nd * dense.work + nm * moe.work
+    work_f = nd * dense.work_fwd + nm * moe.work_fwd
+    work_b = nd * dense.work_bwd + nm * moe.work_bwd
+    for end in ([step.embedding] if r == 0 else []) + ([step.head] if r == pp - 1 else []):
+        F, B = F + end.fwd, B + end.bwd
+        work_mb += end.work
+        work_f, work_b = work_f + end.work_fwd, work_b + end.work_bwd
+    if tr.runtime == "partitioner" and m > 1:
+        # microbatches 2..m add their weight gradients into .grad: read both, write one
+        accumulate = hw.memory_time(3 * hw.elem_bytes * p_local) * (m - 1) / m
+        B, work_b, work_mb = B + accumulate, work_b + accumulate, work_mb + accumulate
+    # per microbatch: p2p latencies are the schedule's hops, not the rank's waits (a ring
+    # hidden behind attention can leave less exposed than its transfer: no wait then)
+    forward = Phases(work_f + v * step.hop.transfer, max(0.0, F - work_f))
+    backward = Phases(work_b + v * step.hop.transfer, max(0.0, B - work_b))
+    p2p, p2p_work = pipeline.per_microbatch(tr, step.hop)
+    if pp > 1:
+        F, B = F + p2p / 2, B + p2p / 2
+        work_mb += p2p_work
+    comm = StrategySeconds(tp=nd * dense.tp + nm * moe.tp, cp=nd * dense.cp + nm * moe.cp,
+                           ep=nd * dense.ep + nm * moe.ep, pp=p2p)
+
+    # optimizer (fused AdamW reads grad, master, m, v and writes master, m, v, param) plus
+    # grad-norm read and zeroing, over this rank's shard
+    shard = _optimizer_shard(p, p_dense, p_exp)
+    opt = hw.memory_time(30 * shard + 8 * p_local, kernels=4) if step.include_optimizer else 0.0
+    # data-parallel gradient sync, overlapped with the last microbatch's backward
+    sync = dp.gradient_sync(tr, p_dense, p_exp)
+    sync_s = sum(c.seconds for c in sync)
+    buckets = max(1, nd + nm)
+    ends = r in (0, pp - 1)
+    tied, loss = step.tied_sync, step.loss_sync
+    work = (m * work_mb + sum(c.transfer for c in sync) + opt +
+            (tied.transfer if ends else 0.0) + loss.transfer)
+    # the tail: the sync's bytes compete for the cores (no core is idle to hide them behind
+    # backward), the latency of the buckets before the last is hidden
+    tail = Phases(
+        sum(c.transfer for c in sync) + opt + (tied.transfer if ends else 0.0) + loss.transfer,
+        sum(c.latency for c in sync) / buckets + (tied.latency if ends else 0.0) + loss.latency)
+    return RankTime(fwd=F, bwd=B, work=work, phases=RankPhases(forward, backward, tail),
+                    comm=comm, memory=_rank_memory(tr, step, r, nd, nm, p_dense, p_exp),
+                    optimizer_s=opt, dp_exposed_s=dp.exposed(sync_s, buckets, B))
+
+
+def _optimizer_shard(p: Plan, p_dense: float, p_exp: float) -> float:
+    """Parameters whose optimizer state a rank holds: all its own, or under ZeRO-1 its share
+    over dp x cp (dense) and over the expert data-parallel ranks (experts)."""
+    if not p.zero:
+        return p_dense + p_exp
+    edp = p.tp * p.cp * p.dp // (p.ep * p.expert_tp)
+    return p_dense / (p.dp * p.cp) + p_exp / edp
+
+
+def _rank_params(tr: Traits, r: int, nd: int, nm: int) -> tuple[float, float]:
+    """(dense, expert) parameters held by pipeline rank r: its blocks' shards, the embedding
+    on the first rank, the head (and a tied embedding's copy) on the last."""
+    p, shape, split = tr.plan, tr.shape, tr.vocab_split
+    head = shape.head_params() / split + (
+        shape.vocab * shape.hidden / split if shape.tie_embeddings and p.pp > 1 else 0.0)
+    p_dense = nd * (shape.dense_block_params() / p.tp) + (
+        shape.embedding_params() / split if r == 0 else 0.0) + (head if r == p.pp - 1 else 0.0)
+    params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.expert_tp)
+    return p_dense, nm * params_moe
+
+
+def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense: float,
+                 p_exp: float) -> mem.MemoryBreakdown:
+    p, shape, T = tr.plan, tr.shape, tr.tokens
+    p_local = p_dense + p_exp
+    optim = mem.ADAM_BYTES * _optimizer_shard(p, p_dense, p_exp)
+    flight = mem.in_flight(p.schedule, r, p.pp, p.microbatches, p.vpp)
+    act = flight * (nd * step.dense.act + nm * step.moe.act)
+    temp = max(step.dense.full_act, step.moe.full_act)
+    temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
+    if r == p.pp - 1:
+        temp += T * shape.vocab / tr.vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
+    if r == 0 and p.pp > 1:
+        act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
+    return mem.MemoryBreakdown(r, mem.PARAM_BYTES * p_local, mem.GRAD_BYTES * p_local, optim,
+                               act, temp, tr.hw.reserved_bytes)
+
+
+def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
+             global_batch: int, seq: int | None = None, include_optimizer: bool = True,
+             vocab_parallel: bool = True, runtime: Runtime = "megatron") -> Estimate:
     """Predict one training step of `plan` on `cluster` (raises PlanRejected on a rule).
 
     `include_optimizer=False` leaves out the optimizer update: the part of a step that
@@ -248,253 +360,59 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
     parallelism the gather runs before backward needs it, exposed, every norm weight and bias
     read in the sequence zone all-reduces its gradient over tp in backward, per microbatch, and
     a replicated LM head all-gathers the sequence first."""
-    p = PlanPoint.of(plan)
     seq = seq or shape.seq
     if seq != shape.seq:
         shape = shape.with_seq(seq)
     hw = cluster.hardware
     world = cluster.num_gpus
-    dp, mbs = check_plan(shape, p, world, global_batch, seq)
-    p = dataclasses.replace(p, dp=dp)
+    try:
+        plan = coerce_plan(plan)
+    except PlanError as exc:
+        raise PlanRejected(str(exc)) from None
+    p, mbs = check_plan(shape, plan, world, global_batch, seq)
     m, v, pp = p.microbatches, p.vpp, p.pp
-    groups = _groups(p, dp, cluster)
-    args = (p.tp, p.cp, mbs, 1 if p.sp else 0, p.ep, p.etp)
-    kinds = [(False, block_costs(shape, hw, False))]
-    if shape.experts:
-        kinds.append((True, block_costs(shape, hw, True)))
+    tr = Traits(shape=shape, hw=hw, plan=p, mbs=mbs, groups=Groups.of(p, cluster),
+                runtime=runtime, vocab_parallel=vocab_parallel)
+    dense = block_time(tr, block_costs(shape, hw, False), False)
+    step = StepParts(dense=dense,
+                 moe=block_time(tr, block_costs(shape, hw, True), True) if shape.experts
+                 else dense,
+                 embedding=tp.embedding(tr), head=tp.head(tr), hop=pipeline.hop(tr),
+                 tied_sync=pipeline.tied_embedding_sync(tr), loss_sync=dp.loss_sum(tr),
+                 include_optimizer=include_optimizer)
 
-    # --- one block of each kind: compute, exposed comm, activations --------------------------
-    # "work" is what keeps a core busy: compute, and the transfer part of every collective (on a
-    # CPU host the cores copy the bytes); latencies are waits. It matters only where ranks
-    # share cores (see shared_core_seconds).
-    per_kind = []
-    for moe, bc in kinds:
-        fwd, bwd = bc.fwd(*args), bc.bwd(*args)
-        tp_msg = bc.tp_bytes(*args)
-        tp_one = _tp_pair(p, tp_msg, groups["tp"], hw)
-        tp_f = tp_b = 2 * tp_one.seconds
-        tp_work = 2 * tp_one.transfer  # per direction
-        cp_f = cp_b = cp_work_f = cp_work_b = 0.0
-        if p.cp > 1:
-            if p.cp_algo == "ring":
-                hop = collective_parts("send", bc.cp_bytes(*args), groups["cp"], hw)
-                ring = (p.cp - 1) * hop.seconds
-                attn = bc.attention_fwd(*args)
-                cp_f = max(0.0, ring - attn)
-                cp_b = max(0.0, 2 * ring - 2.5 * attn)
-                cp_work_f, cp_work_b = (p.cp - 1) * hop.transfer, 2 * (p.cp - 1) * hop.transfer
-            else:
-                a2a = collective_parts("all_to_all", 2 * tp_msg / p.tp, groups["cp"], hw)
-                cp_f = cp_b = 4 * a2a.seconds
-                cp_work_f = cp_work_b = 4 * a2a.transfer
-        ep_f = ep_b = ep_work = 0.0
-        if moe and p.ep > 1:
-            a2a = collective_parts("all_to_all", bc.ep_bytes(*args), groups["ep"], hw)
-            ep_f = ep_b = 2 * a2a.seconds
-            ep_work = 2 * a2a.transfer  # per direction
-        if p.sp and p.tp > 1 and runtime == "partitioner":
-            # backward: each column region's input gathered again (2 a block), and one small
-            # all-reduce per norm weight/bias and row-parallel bias gradient
-            regather = collective_parts("all_gather", tp_msg, groups["tp"], hw)
-            small = collective_parts("all_reduce", 4 * shape.hidden, groups["tp"], hw)
-            n_small = sp_param_reads(shape)
-            tp_b += 2 * regather.seconds + n_small * small.seconds
-            tp_work_b = tp_work + 2 * regather.transfer + n_small * small.transfer
-        else:
-            tp_work_b = tp_work
-        rec = rec_work = 0.0
-        if p.recompute == "selective":
-            rec = rec_work = bc.recompute_selective(*args)
-        elif p.recompute == "full":
-            rec = fwd + tp_f + cp_f + ep_f
-            rec_work = fwd + tp_work + cp_work_f + ep_work
-        act = bc.activation(p.recompute, *args)
-        full_act = bc.act_none(*args) if p.recompute == "full" else 0.0
-        per_kind.append(dict(
-            F=fwd + tp_f + cp_f + ep_f, B=bwd + tp_b + cp_b + ep_b + rec,
-            work_f=fwd + tp_work + cp_work_f + ep_work,
-            work_b=bwd + tp_work_b + cp_work_b + ep_work + rec_work,
-            work=fwd + bwd + tp_work + tp_work_b + cp_work_f + cp_work_b + 2 * ep_work + rec_work,
-            comm_f=tp_f + cp_f + ep_f, comm_b=tp_b + cp_b + ep_b + (rec and tp_f + cp_f + ep_f
-                                                                    if p.recompute == "full"
-                                                                    else 0.0),
-            tp=(tp_f + tp_b + (tp_f if p.recompute == "full" else 0.0)),
-            cp=cp_f + cp_b + (cp_f if p.recompute == "full" else 0.0),
-            ep=ep_f + ep_b + (ep_f if p.recompute == "full" else 0.0),
-            act=act, full_act=full_act, flops=bc.flops_fwd(*args),
-            attn_flops=4 * mbs * seq * seq * shape.hidden / (p.tp * p.cp)))
-    dense = per_kind[0]
-    moe_k = per_kind[1] if len(per_kind) > 1 else per_kind[0]
-
-    vocab_split = p.tp if vocab_parallel else 1  # ways the embedding and LM head are split
-    emb_f, emb_b = embedding_time(shape, hw, vocab_split, p.cp, mbs, p.sp)
-    head_f, head_b = head_time(shape, hw, vocab_split, p.cp, mbs, p.sp)
-    T = mbs * seq / p.cp
-    # a vocab-parallel embedding sums the rank that holds each id; a whole one needs no sum
-    vocab_ar = collective_parts("all_reduce", hw.elem_bytes * T * shape.hidden, groups["tp"],
-                                hw) if vocab_parallel else CollectiveCost(0.0, 0.0)
-    emb_work_f, emb_work_b = emb_f + vocab_ar.transfer, emb_b + (0.0 if p.sp else
-                                                                  vocab_ar.transfer)
-    emb_work = emb_work_f + emb_work_b
-    if p.sp and p.tp > 1 and runtime == "partitioner":
-        # the last norm's weight (and bias) gradients summed over tp; the head's input gathered
-        # over the sequence (its backward keeps this rank's slice, or reduce-scatters the
-        # gradient of a vocab-parallel head)
-        final = collective_parts("all_reduce", 4 * shape.hidden, groups["tp"], hw)
-        n_final = 2 if shape.norm == "layernorm" and shape.bias else 1
-        gather = collective_parts("all_gather", hw.elem_bytes * T * shape.hidden, groups["tp"],
-                                  hw)
-        back = collective_parts("reduce_scatter", hw.elem_bytes * T * shape.hidden,
-                                groups["tp"], hw) if vocab_parallel else CollectiveCost(0.0, 0.0)
-        head_f += gather.seconds
-        head_b += n_final * final.seconds + back.seconds
-        head_work_f = head_f - gather.latency
-        head_work_b = head_b - n_final * final.latency - back.latency
-    else:
-        head_work_f, head_work_b = head_f, head_b
-    head_work = head_work_f + head_work_b
-    emb_f += vocab_ar.seconds  # vocab-parallel embedding output
-    emb_b += vocab_ar.seconds if not p.sp else 0.0
-
-    # pipeline p2p: activations (scattered over tp, as Megatron's scatter-gather) each way
-    p2p_one = collective_parts("send", hw.elem_bytes * T * shape.hidden / p.tp, groups["pp"],
-                               hw) if pp > 1 else CollectiveCost(0.0, 0.0)
-    p2p_per_mb = 2 * v * p2p_one.seconds * (1 - hw.p2p_overlap)
-    p2p_work_per_mb = 2 * v * p2p_one.transfer  # overlapped or not, the bytes are copied
-
-    # --- per-rank microbatch time and memory --------------------------------------------------
-    params_dense = shape.dense_block_params() / p.tp
-    params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.etp)
-    emb_params = shape.embedding_params() / vocab_split
-    head_params = shape.head_params() / vocab_split + (
-        shape.vocab * shape.hidden / vocab_split if shape.tie_embeddings and pp > 1 else 0.0)
-    dense_shards = dp * p.cp
-    edp = p.tp * p.cp * dp // (p.ep * p.etp)
-
-    emb_sync = CollectiveCost(0.0, 0.0)
-    if pp > 1 and shape.tie_embeddings:
-        pair = GroupPlacement(2, 1 if not groups["pp"].intra_node else 2)
-        emb_sync = collective_parts("all_reduce", 4 * shape.vocab * shape.hidden / vocab_split,
-                                    pair, hw)
-
+    # ranks of distinct layer mixes are computed; the others copy the one with the same mix
     ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
-    times: dict[int, tuple[float, float]] = {}
-    work: dict[int, float] = {}
-    phases: dict[int, dict[str, Phases]] = {}  # per microbatch and tail, for shared cores
-    mems: dict[int, mem.MemoryBreakdown] = {}
-    comm_mb: dict[int, dict] = {}
-    opt_time = 0.0
-    dp_exposed = 0.0
-    # the loss of the step summed over pp and dp: a few bytes, every rank waits on it
-    loss_sync = CollectiveCost(0.0, 0.0)
-    if runtime == "partitioner":
-        for dim in ("pp", "dp"):
-            part = collective_parts("all_reduce", 24, groups[dim], hw)
-            loss_sync = CollectiveCost(loss_sync.latency + part.latency,
-                                       loss_sync.transfer + part.transfer)
-    for r, nd, nm in ranks:
-        p_dense = nd * params_dense + (emb_params if r == 0 else 0.0) + (
-            head_params if r == pp - 1 else 0.0)
-        p_exp = nm * params_moe
-        p_local = p_dense + p_exp
-        F = nd * dense["F"] + nm * moe_k["F"]
-        B = nd * dense["B"] + nm * moe_k["B"]
-        work_mb = nd * dense["work"] + nm * moe_k["work"]
-        work_f = nd * dense["work_f"] + nm * moe_k["work_f"]
-        work_b = nd * dense["work_b"] + nm * moe_k["work_b"]
-        if r == 0:
-            F, B = F + emb_f, B + emb_b
-            work_mb += emb_work
-            work_f, work_b = work_f + emb_work_f, work_b + emb_work_b
-        if r == pp - 1:
-            F, B = F + head_f, B + head_b
-            work_mb += head_work
-            work_f, work_b = work_f + head_work_f, work_b + head_work_b
-        if runtime == "partitioner" and m > 1:
-            # microbatches 2..m add their weight gradients into .grad: read both, write one
-            accumulate = hw.memory_time(3 * hw.elem_bytes * p_local) * (m - 1) / m
-            B, work_b, work_mb = B + accumulate, work_b + accumulate, work_mb + accumulate
-        # per microbatch: p2p latencies are the schedule's hops, not the rank's waits (a ring
-        # hidden behind attention can leave less exposed than its transfer: no wait then)
-        phases[r] = {"F": Phases(work_f + v * p2p_one.transfer, max(0.0, F - work_f)),
-                     "B": Phases(work_b + v * p2p_one.transfer, max(0.0, B - work_b))}
-        if pp > 1:
-            F, B = F + p2p_per_mb / 2, B + p2p_per_mb / 2
-            work_mb += p2p_work_per_mb
-        times[r] = (F, B)
-        comm_mb[r] = {k: nd * dense[k] + nm * moe_k[k] for k in ("tp", "cp", "ep")}
-        comm_mb[r]["pp"] = p2p_per_mb
-
-        weights = mem.PARAM_BYTES * p_local
-        grads = mem.GRAD_BYTES * p_local
-        optim = mem.ADAM_BYTES * (p_dense / (dense_shards if p.zero else 1) +
-                                  p_exp / (edp if p.zero else 1))
-        flight = mem.in_flight(p.schedule, r, pp, m, v)
-        act = flight * (nd * dense["act"] + nm * moe_k["act"])
-        temp = max(dense["full_act"], moe_k["full_act"])
-        temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
-        if r == pp - 1:
-            temp += T * shape.vocab / vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
-        if r == 0 and pp > 1:
-            act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
-        mems[r] = mem.MemoryBreakdown(r, weights, grads, optim, act, temp, hw.reserved_bytes)
-
-        # optimizer (fused AdamW reads grad, master, m, v and writes master, m, v, param) plus
-        # grad-norm read and zeroing, over this rank's shard
-        shard = p_dense / (dense_shards if p.zero else 1) + p_exp / (edp if p.zero else 1)
-        opt_r = hw.memory_time(30 * shard + 8 * p_local, kernels=4) if include_optimizer else 0.0
-        opt_time = max(opt_time, opt_r)
-        # data-parallel gradient sync, overlapped with the last microbatch's backward
-        if p.zero:
-            sync = (collective_parts("reduce_scatter", 4 * p_dense, groups["dpcp"], hw),
-                    collective_parts("all_gather", hw.elem_bytes * p_dense, groups["dpcp"], hw),
-                    collective_parts("reduce_scatter", 4 * p_exp, groups["edp"], hw),
-                    collective_parts("all_gather", hw.elem_bytes * p_exp, groups["edp"], hw))
-        else:
-            sync = (collective_parts("all_reduce", 4 * p_dense, groups["dpcp"], hw),
-                    collective_parts("all_reduce", 4 * p_exp, groups["edp"], hw))
-        sync_s = sum(c.seconds for c in sync)
-        buckets = max(1, nd + nm)
-        dp_exposed = max(dp_exposed, max(sync_s / buckets, sync_s - B))
-        ends = r in (0, pp - 1)
-        work[r] = (m * work_mb + sum(c.transfer for c in sync) + opt_r +
-                   (emb_sync.transfer if ends else 0.0) + loss_sync.transfer)
-        # the tail: the sync's bytes compete for the cores (no core is idle to hide them
-        # behind backward), the latency of the buckets before the last is hidden
-        phases[r]["S"] = Phases(
-            sum(c.transfer for c in sync) + opt_r + (emb_sync.transfer if ends else 0.0) +
-            loss_sync.transfer,
-            sum(c.latency for c in sync) / buckets + (emb_sync.latency if ends else 0.0) +
-            loss_sync.latency)
-
-    x = {r: f + b_ for r, (f, b_) in times.items()}
+    computed = {r: rank_time(tr, step, r, nd, nm) for r, nd, nm in ranks}
     full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
-    # every rank's time, from the computed rank with the same layer mix
+    x = {r: rt.fwd + rt.bwd for r, rt in computed.items()}
     mix_time = {}
     for r, nd, nm in ranks:
         if 0 < r < pp - 1:
             mix_time.setdefault((nd, nm), x[r])
     all_x = [x.get(r, mix_time.get(mix, 0.0)) for r, mix in enumerate(full_times)]
-    xmax, xsum = max(all_x), sum(all_x)
-    pipeline = m * xmax + (xsum - xmax) / v
-    ideal = m * xsum / pp
-    slowest = max(x, key=x.get)
+    span = pipeline.span(all_x, m, v)
+    ideal = m * sum(all_x) / pp
+    slowest = computed[max(x, key=x.get)]
+    per_rank = [_by_mix(computed, ranks, full_times, r) for r in range(pp)]
 
-    critical_path = pipeline + dp_exposed + emb_sync.seconds + opt_time + loss_sync.seconds
-    stage_work = [_by_mix(work, ranks, full_times, r) for r in range(pp)]
+    dp_exposed = max([0.0] + [rt.dp_exposed_s for rt in computed.values()])
+    opt_time = max([0.0] + [rt.optimizer_s for rt in computed.values()])
+    tied, loss = step.tied_sync, step.loss_sync
+    critical_path = span + dp_exposed + tied.seconds + opt_time + loss.seconds
     shared = 0.0
     if ranks_per_core(cluster) > 1.0:
-        stage_phases = [_by_mix(phases, ranks, full_times, r) for r in range(pp)]
-        shared = max(shared_core_step(stage_phases, p, dp, cluster, p2p_one.latency),
-                     shared_core_seconds(stage_work, p, dp, cluster))
-    step = max(critical_path, shared)
+        shared = max(shared_core_step([rt.phases for rt in per_rank], p, cluster,
+                                      step.hop.latency),
+                     shared_core_seconds([rt.work for rt in per_rank], p, cluster))
+    step_s = max(critical_path, shared)
     # a pipeline bubble is idle time only while the cores are not the bottleneck: on shared
     # cores the other ranks run in it
-    bubble = max(0.0, pipeline - ideal) if critical_path >= shared else 0.0
+    bubble = max(0.0, span - ideal) if critical_path >= shared else 0.0
 
-    comm = {k: m * comm_mb[slowest][k] for k in ("tp", "cp", "ep", "pp")}
+    comm = {k: m * seconds for k, seconds in slowest.comm._asdict().items()}
     comm["dp"] = dp_exposed
-    comm["embedding"] = emb_sync.seconds
+    comm["embedding"] = tied.seconds
 
     tokens = global_batch * seq
     model_flops = shape.model_flops_per_token(seq) * tokens
@@ -504,87 +422,18 @@ def estimate(shape: TransformerShape, plan, cluster: Cluster, global_batch: int,
         extra = 4 * shape.layers * global_batch * seq * seq * shape.hidden
     else:
         extra = 0.0
-    worst = max(mems.values(), key=lambda mb: mb.total)
-    stage_mem = tuple(_by_mix(mems, ranks, full_times, r).total for r in range(pp))
+    worst = max((rt.memory for rt in computed.values()), key=lambda mb: mb.total)
     return Estimate(
         plan=p, world_size=world, global_batch=global_batch, seq=seq, micro_batch_size=mbs,
-        step_time_s=step, pipeline_s=pipeline, bubble_s=bubble,
+        step_time_s=step_s, pipeline_s=span, bubble_s=bubble,
         dp_exposed_s=dp_exposed, optimizer_s=opt_time, comm_s=comm,
-        stage_fwd_s=tuple(_by_mix(times, ranks, full_times, r)[0] for r in range(pp)),
-        stage_bwd_s=tuple(_by_mix(times, ranks, full_times, r)[1] for r in range(pp)),
-        stage_memory=stage_mem, memory=worst, device_memory_bytes=hw.memory_bytes,
-        model_flops=model_flops, hardware_flops=model_flops + extra, peak_flops=hw.peak_flops,
-        critical_path_s=critical_path, shared_cores_s=shared, stage_work_s=tuple(stage_work))
-
-
-def sp_param_reads(shape: TransformerShape) -> int:
-    """Parameters a block reads in the sequence zone that broadcast over the tokens: each norm's
-    weight (and bias), and the bias a row-parallel linear adds after its reduce-scatter."""
-    per_norm = 2 if shape.norm == "layernorm" and shape.bias else 1
-    return 2 * per_norm + (2 if shape.bias else 0)
-
-
-def _tp_pair(p: PlanPoint, nbytes: float, group: GroupPlacement, hw) -> CollectiveCost:
-    """One tensor-parallel f/g collective: an all-reduce, or with sequence parallelism its
-    all-gather + reduce-scatter halves (the same ring traffic on NCCL; not on gloo)."""
-    if p.tp == 1:
-        return CollectiveCost(0.0, 0.0)
-    if not p.sp:
-        return collective_parts("all_reduce", nbytes, group, hw)
-    gather = collective_parts("all_gather", nbytes, group, hw)
-    scatter = collective_parts("reduce_scatter", nbytes, group, hw)
-    return CollectiveCost(gather.latency + scatter.latency, gather.transfer + scatter.transfer)
-
-
-def ranks_per_core(cluster: Cluster) -> float:
-    """Ranks each core of a node runs: above 1 only on hosts whose ranks share cores."""
-    cores = cluster.hardware.cores
-    if cores is None:
-        return 1.0
-    return min(cluster.num_gpus, cluster.gpus_per_node) / cores
-
-
-def node_load(p: PlanPoint, dp: int, cluster: Cluster) -> list[list[int]]:
-    """load[n][r]: how many ranks of pipeline rank r node n runs, from the rank order."""
-    sizes = {"tp": p.tp, "cp": p.cp, "dp": dp, "pp": p.pp}
-    stride = 1  # global rank g sits on pipeline stage (g // stride) % pp
-    for dim in dense_dims(p.order):
-        if dim == "pp":
-            break
-        stride *= sizes[dim]
-    per_node = min(cluster.num_gpus, cluster.gpus_per_node)
-    load = [[0] * p.pp for _ in range(-(-cluster.num_gpus // per_node))]
-    for g in range(cluster.num_gpus):
-        load[g // per_node][(g // stride) % p.pp] += 1
-    return load
-
-
-def shared_core_step(stage_phases: list[dict], p: PlanPoint, dp: int, cluster: Cluster,
-                     hop_latency: float) -> float:
-    """The step of ranks sharing a node's cores: the schedule simulated on them (shared_cores.py)
-    with each pipeline rank's per-microbatch forward and backward and its tail ("F", "B", "S"
-    Phases, all its virtual stages together)."""
-    v = p.vpp
-    orders = schedule_orders(p.schedule, p.pp, p.microbatches, v)
-    orders = [acts + [SimAction("S", 0, r)] for r, acts in enumerate(orders)]
-
-    def cost(action: SimAction) -> Phases:
-        ph = stage_phases[action.stage % p.pp][action.kind]
-        return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
-
-    return simulate(orders, cost, hop_latency, node_load(p, dp, cluster),
-                    cluster.hardware.cores)
-
-
-def shared_core_seconds(stage_work: list[float], p: PlanPoint, dp: int,
-                        cluster: Cluster) -> float:
-    """Seconds the busiest node's cores need for its ranks' work, when ranks outnumber cores
-    (0.0 otherwise): a lower bound of the step (Brent's), which shared_core_step reaches when
-    no core ever idles."""
-    if ranks_per_core(cluster) <= 1.0:
-        return 0.0
-    return max(sum(n * w for n, w in zip(node, stage_work, strict=True))
-               for node in node_load(p, dp, cluster)) / cluster.hardware.cores
+        stage_fwd_s=tuple(rt.fwd for rt in per_rank),
+        stage_bwd_s=tuple(rt.bwd for rt in per_rank),
+        stage_memory=tuple(rt.memory.total for rt in per_rank), memory=worst,
+        device_memory_bytes=hw.memory_bytes, model_flops=model_flops,
+        hardware_flops=model_flops + extra, peak_flops=hw.peak_flops,
+        critical_path_s=critical_path, shared_cores_s=shared,
+        stage_work_s=tuple(rt.work for rt in per_rank))
 
 
 def _by_mix(values: dict, ranks, per_rank, r: int):

@@ -1,6 +1,6 @@
 import pytest
 
-from core.schedules import Action, schedule, timeline
+from core.schedules import Action, action_graph, dependencies, schedule, timeline
 
 
 @pytest.mark.parametrize("name, pp, m, vpp", [
@@ -49,3 +49,31 @@ def test_interleaving_shrinks_the_bubble():
 def test_unknown_schedule():
     with pytest.raises(ValueError, match="unknown schedule 'zigzag'"):
         schedule("zigzag", 2, 2)
+
+
+def test_dependencies_are_the_activation_and_gradient_edges():
+    assert dependencies(Action("F", 3, 0), 4) == []
+    assert dependencies(Action("F", 3, 2), 4) == [Action("F", 3, 1)]
+    assert dependencies(Action("B", 3, 2), 4) == [Action("F", 3, 2), Action("B", 3, 3)]
+    assert dependencies(Action("B", 3, 3), 4) == [Action("F", 3, 3)]  # the last stage
+    assert dependencies(Action("S", 0, 1), 4) == []  # the cost model's step tail
+
+
+def test_action_graph_orders_every_action_after_its_inputs():
+    orders = schedule("interleaved-1f1b", 2, 4, 2)
+    graph = action_graph(orders)
+    assert graph.number_of_nodes() == sum(len(actions) for actions in orders)
+    assert graph.has_edge(Action("F", 1, 0), Action("F", 1, 1))  # data, across ranks
+    assert graph.has_edge(orders[0][0], orders[0][1])  # the rank's own order
+
+
+def test_a_deadlocking_schedule_is_refused_before_anything_runs():
+    # rank 0 waits for the backward of stage 1 before running the forward stage 1 needs
+    crossed = [[Action("B", 0, 0), Action("F", 0, 0)], [Action("F", 0, 1), Action("B", 0, 1)]]
+    with pytest.raises(ValueError, match="schedule deadlocks: the ranks' orders wait"):
+        action_graph(crossed)
+    with pytest.raises(ValueError, match="schedule deadlocks"):
+        timeline(crossed)
+    missing = [[Action("F", 0, 0), Action("B", 0, 0)], [Action("B", 0, 1)]]  # no F of stage 1
+    with pytest.raises(ValueError, match="F0.1, which no rank runs"):
+        action_graph(missing)

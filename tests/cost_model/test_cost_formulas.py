@@ -5,11 +5,13 @@ import math
 import pytest
 import sympy
 
+from core.layout import RankLayout
+from core.plan import Plan
 from cost_model import comm, memory
 from cost_model.hardware import GiB, Hardware, get_hardware, load_cluster_file, parse_cluster
 from cost_model.layer_costs import activation_bytes, b, c, e, et, sp, t
 from cost_model.shapes import TransformerShape
-from cost_model.step_time import PlanPoint, PlanRejected, estimate
+from cost_model.step_time import PlanRejected, estimate
 
 GPT = TransformerShape.megatron_gpt(layers=4, hidden=1024, heads=16, seq=2048)
 
@@ -55,14 +57,17 @@ def test_hierarchical_all_reduce_and_latency():
 
 
 def test_placement_follows_rank_order():
-    sizes = {"tp": 8, "cp": 1, "dp": 4, "pp": 2}
-    order = "tp-cp-ep-dp-pp"
-    assert comm.group_placement(order, sizes, "tp", 8) == comm.GroupPlacement(8, 8)
-    assert comm.group_placement(order, sizes, "dp", 8) == comm.GroupPlacement(4, 1)
+    layout = RankLayout.dense(Plan(tp=8, dp=4, pp=2, order="tp-cp-ep-dp-pp"))
+    assert comm.group_placement(layout, "tp", 8) == comm.GroupPlacement(8, 8)
+    assert comm.group_placement(layout, "dp", 8) == comm.GroupPlacement(4, 1)
     # dp fastest: the dp group is inside a node, tp spans nodes
-    swapped = "dp-cp-ep-tp-pp"
-    assert comm.group_placement(swapped, sizes, "dp", 8) == comm.GroupPlacement(4, 4)
-    assert comm.group_placement(swapped, sizes, "tp", 8).nodes == 4
+    swapped = RankLayout.dense(Plan(tp=8, dp=4, pp=2, order="dp-cp-ep-tp-pp"))
+    assert comm.group_placement(swapped, "dp", 8) == comm.GroupPlacement(4, 4)
+    assert comm.group_placement(swapped, "tp", 8).nodes == 4
+    # experts over etp-ep-edp-pp from the same order: ep=4 strides over etp=2
+    experts = RankLayout.expert(Plan(tp=2, ep=4, dp=8))
+    assert comm.group_placement(experts, "ep", 8) == comm.GroupPlacement(4, 4)
+    assert comm.group_placement(experts, "edp", 8) == comm.GroupPlacement(2, 1)
 
 
 @pytest.mark.parametrize("tp,use_sp,rc", [(1, False, "none"), (8, False, "none"),
@@ -126,7 +131,7 @@ def test_bubble_matches_published_formula_for_equal_stages():
     shape = TransformerShape.megatron_gpt(layers=16, hidden=1024, heads=16, vocab=1024)
     cl = parse_cluster("8xA100-80G")
     for sched, v, m in (("1f1b", 1, 16), ("interleaved-1f1b", 2, 16)):
-        est = estimate(shape, PlanPoint(pp=8, microbatches=m, schedule=sched, vpp=v), cl, m)
+        est = estimate(shape, Plan(pp=8, microbatches=m, schedule=sched, vpp=v), cl, m)
         p = 8
         x = [f + bw for f, bw in zip(est.stage_fwd_s, est.stage_bwd_s, strict=True)]
         mid = x[3]
@@ -143,10 +148,10 @@ def test_bubble_matches_published_formula_for_equal_stages():
 def test_recompute_and_sp_move_memory_the_right_way():
     shape = TransformerShape.megatron_gpt(layers=8, hidden=4096, heads=32)
     cl = parse_cluster("8xA100-80G")
-    mem = {rc: estimate(shape, PlanPoint(tp=8, sp=True, recompute=rc), cl, 8).memory.activations
+    mem = {rc: estimate(shape, Plan(tp=8, sp=True, recompute=rc), cl, 8).memory.activations
            for rc in ("none", "selective", "full")}
     assert mem["none"] > mem["selective"] > mem["full"]
-    times = {rc: estimate(shape, PlanPoint(tp=8, sp=True, recompute=rc), cl, 8).step_time_s
+    times = {rc: estimate(shape, Plan(tp=8, sp=True, recompute=rc), cl, 8).step_time_s
              for rc in ("none", "selective", "full")}
     assert times["none"] < times["selective"] < times["full"]
 
@@ -154,12 +159,12 @@ def test_recompute_and_sp_move_memory_the_right_way():
 def test_plan_rules_are_enforced():
     shape = TransformerShape.megatron_gpt(layers=8, hidden=1024, heads=16)
     cl = parse_cluster("8xA100-80G")
-    with pytest.raises(PlanRejected, match="does not divide"):
-        estimate(shape, PlanPoint(tp=3), cl, 8)
+    with pytest.raises(PlanRejected, match=r"not divisible by tp\*pp\*cp=3\*1\*1=3"):
+        estimate(shape, Plan(tp=3), cl, 8)
     with pytest.raises(PlanRejected, match="without MoE"):
-        estimate(shape, PlanPoint(ep=2), cl, 8)
+        estimate(shape, Plan(ep=2), cl, 8)
     with pytest.raises(PlanRejected, match="global batch"):
-        estimate(shape, PlanPoint(tp=2, microbatches=3), cl, 8)
+        estimate(shape, Plan(tp=2, microbatches=3), cl, 8)
 
 
 def test_plans_the_tensor_parallel_pass_runs_are_accepted():
@@ -167,12 +172,12 @@ def test_plans_the_tensor_parallel_pass_runs_are_accepted():
     that divide tp; kv heads neither dividing nor divided by tp are refused by both."""
     cl = parse_cluster("8xA100-80G")
     gpt2 = TransformerShape.megatron_gpt(layers=8, hidden=1024, heads=16, vocab=50257)
-    assert estimate(gpt2, PlanPoint(tp=8), cl, 8).step_time_s > 0
+    assert estimate(gpt2, Plan(tp=8), cl, 8).step_time_s > 0
     gqa = TransformerShape(layers=8, hidden=1024, heads=16, kv_heads=2, seq=2048, vocab=32000)
-    assert estimate(gqa, PlanPoint(tp=8), cl, 8).step_time_s > 0
+    assert estimate(gqa, Plan(tp=8), cl, 8).step_time_s > 0
     odd = TransformerShape(layers=8, hidden=1536, heads=12, kv_heads=3, seq=2048, vocab=32000)
     with pytest.raises(PlanRejected, match="kv_heads=3"):
-        estimate(odd, PlanPoint(tp=4), cl, 8)
+        estimate(odd, Plan(tp=4), cl, 8)
 
 
 def test_cluster_parsing_and_errors(tmp_path):

@@ -2,9 +2,10 @@
 
 import pytest
 
+from core.plan import Plan
 from cost_model.hardware import parse_cluster
 from cost_model.shapes import TransformerShape
-from cost_model.step_time import PlanPoint, estimate
+from cost_model.step_time import estimate
 
 # model, heads, hidden, layers, tp, pp, GPUs, batch, full s/iter, sp+selective s/iter, MFU, HFU
 RUNS = [
@@ -21,9 +22,9 @@ def test_korthikanti_runs_within_10_percent(run):
     shape = TransformerShape.megatron_gpt(layers=L, hidden=h, heads=a)
     cluster = parse_cluster(f"{gpus}xA100-80G")
     m = batch if pp > 1 else 1  # micro-batch size 1 with pipelining, the whole batch without
-    ours = estimate(shape, PlanPoint(tp=tp, pp=pp, sp=True, recompute="selective",
+    ours = estimate(shape, Plan(tp=tp, pp=pp, sp=True, recompute="selective",
                                      microbatches=m), cluster, batch)
-    base = estimate(shape, PlanPoint(tp=tp, pp=pp, sp=False, recompute="full", microbatches=m),
+    base = estimate(shape, Plan(tp=tp, pp=pp, sp=False, recompute="full", microbatches=m),
                     cluster, batch)
     assert ours.step_time_s == pytest.approx(sel, rel=0.10)
     assert base.step_time_s == pytest.approx(full, rel=0.10)

@@ -7,14 +7,17 @@ import math
 
 import pytest
 
+from core.plan import Plan
+from core.schedules import Action, schedule
 from cost_model import comm
-from cost_model.calibrate import (fit_attention_eff, fit_gemm, fit_math_rate, fit_op_overhead,
-                                  profile_from_measurements, tiny_block_shape)
+from cost_model.fit import (fit_attention_eff, fit_gemm, fit_math_rate, fit_op_overhead,
+                            profile_from_measurements, tiny_block_shape)
 from cost_model.hardware import Cluster, Hardware
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
-from cost_model.shared_cores import Action, Phases, schedule_orders, simulate
-from cost_model.step_time import PlanPoint, estimate, sp_param_reads
+from cost_model.shared_cores import Phases, simulate
+from cost_model.step_time import estimate
+from cost_model.terms.tp import sp_param_reads
 
 SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128, fused_qkv=False)
 FAST = 1e30
@@ -36,7 +39,7 @@ def host(hw: Hardware, ranks: int = 4) -> Cluster:
 
 # --- the schedule on shared cores ---------------------------------------------------------------
 def _two_stages(cores, load, hop=0.5):
-    orders = schedule_orders("1f1b", 2, 2)
+    orders = schedule("1f1b", 2, 2)
     cost = {"F": Phases(1.0), "B": Phases(2.0)}
     return simulate(orders, lambda a: cost[a.kind], hop, [load], cores)
 
@@ -74,7 +77,7 @@ def test_a_rank_goes_at_the_pace_of_its_most_crowded_node():
 
 def test_pipeline_on_shared_cores_lies_above_both_bounds():
     hw = cpu(peak_flops=50e9, intra_latency=1e-4, intra_bw=1e9, cores=2)
-    est = estimate(SHAPE, PlanPoint(pp=4, microbatches=4), host(hw), 16,
+    est = estimate(SHAPE, Plan(pp=4, microbatches=4), host(hw), 16,
                    include_optimizer=False)
     work = sum(est.stage_work_s) / 2
     assert est.step_time_s >= max(work, est.critical_path_s)
@@ -121,7 +124,7 @@ def test_op_overhead_is_paid_forward_and_backward_per_op():
     assert gpt.fwd(*ARGS) == pytest.approx(20 * 3e-6)  # 20 ops a GPT block
     assert gpt.bwd(*ARGS) == pytest.approx(20 * 5e-6)
     # many small microbatches pay it once each: dp=1 on one core, 4 microbatches
-    one, four = (estimate(SHAPE, PlanPoint(microbatches=m), host(hw, 1), 4,
+    one, four = (estimate(SHAPE, Plan(microbatches=m), host(hw, 1), 4,
                           include_optimizer=False).step_time_s for m in (1, 4))
     per_microbatch = (4 * 20 + 4 + 4) * 8e-6  # blocks, embedding (4 ops), head and loss (4)
     assert four - one == pytest.approx(3 * per_microbatch)
@@ -207,7 +210,7 @@ def test_op_overhead_fit_makes_the_model_reproduce_the_tiny_block():
 
 def test_tiny_block_of_the_overhead_timing_is_the_models_block():
     pytest.importorskip("torch")
-    from cost_model.calibrate import measure_op_overhead
+    from tools.calibrate import measure_op_overhead
 
     measured = measure_op_overhead(repeat=1)
     block, _ = _ops(tiny_block_shape())
@@ -234,7 +237,7 @@ def test_profile_fits_the_new_measurements_and_keeps_defaults_without_them():
 def test_partitioner_sequence_parallelism_regathers_and_sums_norm_gradients():
     hw = cpu(intra_bw=1e9, intra_latency=1e-4, reduce_scatter_is_all_reduce=True,
              all_gather_eff=0.5)
-    plan = PlanPoint(tp=2, dp=2, sp=True)
+    plan = Plan(tp=2, dp=2, sp=True)
     ours, megatron = (estimate(SHAPE, plan, host(hw), 16, include_optimizer=False,
                                vocab_parallel=False, runtime=r) for r in ("partitioner",
                                                                           "megatron"))
@@ -257,7 +260,7 @@ def test_partitioner_accumulates_weight_gradients_after_the_first_microbatch():
     cluster = host(hw, 1)
     params = SHAPE.num_parameters()
     for m in (1, 4):
-        ours, megatron = (estimate(SHAPE, PlanPoint(microbatches=m), cluster, 4,
+        ours, megatron = (estimate(SHAPE, Plan(microbatches=m), cluster, 4,
                                    include_optimizer=False, runtime=r).step_time_s
                           for r in ("partitioner", "megatron"))
         assert ours - megatron == pytest.approx((m - 1) * 3 * 4 * params / 1e10)
@@ -265,7 +268,7 @@ def test_partitioner_accumulates_weight_gradients_after_the_first_microbatch():
 
 def test_partitioner_step_waits_on_the_loss_sum_over_pp_and_dp():
     hw = cpu(intra_latency=1e-3)
-    plan = PlanPoint(pp=2, dp=2, microbatches=2)
+    plan = Plan(pp=2, dp=2, microbatches=2)
     ours, megatron = (estimate(SHAPE, plan, host(hw), 16, include_optimizer=False,
                                runtime=r) for r in ("partitioner", "megatron"))
     # 2 (n - 1) alpha over pp=2, then over dp=2

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from core.plan import Plan
 from cost_model.hardware import parse_cluster
 from cost_model.search import auto_plan, search
 from cost_model.shapes import TransformerShape
@@ -51,11 +52,11 @@ def test_moe_search_uses_expert_parallelism():
 
 
 def test_auto_plan_is_a_valid_plan():
-    plan_mod = pytest.importorskip("partitioner.plan")
     shape = TransformerShape(layers=4, hidden=256, heads=8, vocab=1024, seq=128)
     fields = auto_plan(shape, 4, "cpu", global_batch=8, seq=128)
-    plan = plan_mod.Plan(**fields).resolve(4)
+    plan = Plan(**fields).resolve(4)
     assert plan.world_size == 4
+    assert not plan.pending()  # nothing parallelize would refuse (etp follows tp)
 
 
 def _cli(argv):

@@ -6,11 +6,13 @@ import os
 
 import pytest
 
+from core.plan import Plan
 from cost_model import comm
 from cost_model.hardware import PROFILES, Cluster, Hardware, available_cores, local_cpu
 from cost_model.layer_costs import block_costs, embedding_time, head_time
 from cost_model.shapes import TransformerShape
-from cost_model.step_time import PlanPoint, estimate, ranks_per_core, shared_core_seconds
+from cost_model.shared_cores import ranks_per_core, shared_core_seconds
+from cost_model.step_time import estimate
 
 SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128)
 FAST = 1e30  # a rate so high that what it bounds costs nothing
@@ -57,7 +59,7 @@ def test_gloo_reduce_scatter_costs_an_all_reduce_and_all_gather_its_own_bandwidt
 def test_sequence_parallel_pair_costs_what_its_collectives_cost():
     # one tp f/g pair is an all-reduce, or all-gather + reduce-scatter with sp: the same time
     # on NCCL's rings, an all-reduce plus a slow all-gather on gloo
-    plans = PlanPoint(tp=2, dp=2), PlanPoint(tp=2, dp=2, sp=True)
+    plans = Plan(tp=2, dp=2), Plan(tp=2, dp=2, sp=True)
     msg = 4 * 8 * SHAPE.seq * SHAPE.hidden  # float32 [microbatch 16 / dp, seq, hidden]
     group = comm.GroupPlacement(2, 2)
     for hw, sp_over_plain in (
@@ -95,18 +97,18 @@ def test_shared_cores_follow_the_rank_layout():
     cluster = Cluster(hardware=hw, num_gpus=8, gpus_per_node=4)
     stage_work = [1.0, 3.0]
     # pp slowest (default order): ranks 0-3 are stage 0, ranks 4-7 stage 1, a node each
-    assert shared_core_seconds(stage_work, PlanPoint(pp=2, dp=4), 4, cluster) == \
+    assert shared_core_seconds(stage_work, Plan(pp=2, dp=4), cluster) == \
         pytest.approx(4 * 3.0 / 2)
     # pp fastest: every node holds two ranks of each stage
-    mixed = PlanPoint(pp=2, dp=4, order="pp-tp-cp-ep-dp")
-    assert shared_core_seconds(stage_work, mixed, 4, cluster) == \
+    mixed = Plan(pp=2, dp=4, order="pp-tp-cp-ep-dp")
+    assert shared_core_seconds(stage_work, mixed, cluster) == \
         pytest.approx((2 * 1.0 + 2 * 3.0) / 2)
-    assert shared_core_seconds(stage_work, PlanPoint(pp=2, dp=4), 4,
+    assert shared_core_seconds(stage_work, Plan(pp=2, dp=4),
                                Cluster(dataclasses.replace(hw, cores=4), 8, 4)) == 0.0
 
 
 def test_data_parallel_ranks_on_half_the_cores_take_twice_as_long():
-    plan = PlanPoint(dp=4)
+    plan = Plan(dp=4)
     own = estimate(SHAPE, plan, on_one_host(cpu(cores=None)), 16, include_optimizer=False)
     shared = estimate(SHAPE, plan, on_one_host(cpu(cores=2)), 16, include_optimizer=False)
     enough = estimate(SHAPE, plan, on_one_host(cpu(cores=4)), 16, include_optimizer=False)
@@ -117,7 +119,7 @@ def test_data_parallel_ranks_on_half_the_cores_take_twice_as_long():
 
 def test_shared_cores_fill_pipeline_bubbles():
     m = 8
-    plan = PlanPoint(pp=4, microbatches=m)
+    plan = Plan(pp=4, microbatches=m)
     own = estimate(SHAPE, plan, on_one_host(cpu(cores=None)), 16, include_optimizer=False)
     shared = estimate(SHAPE, plan, on_one_host(cpu(cores=2)), 16, include_optimizer=False)
     x = [f + b for f, b in zip(own.stage_fwd_s, own.stage_bwd_s, strict=True)]
@@ -135,7 +137,7 @@ def test_shared_cores_fill_pipeline_bubbles():
 def test_collective_latency_every_rank_waits_on_adds_to_the_work():
     # no compute at all: the step is the gradient all-reduce of 4 bytes per parameter
     hw = cpu(peak_flops=FAST, intra_bw=1e9, intra_latency=1e-3, cores=2)
-    est = estimate(SHAPE, PlanPoint(dp=4), on_one_host(hw), 16, include_optimizer=False)
+    est = estimate(SHAPE, Plan(dp=4), on_one_host(hw), 16, include_optimizer=False)
     ar = comm.collective_parts("all_reduce", 4 * SHAPE.num_parameters(),
                                comm.GroupPlacement(4, 4), hw)
     assert est.critical_path_s == pytest.approx(ar.seconds)  # nothing to overlap it with
@@ -149,7 +151,7 @@ def test_tensor_parallel_latencies_in_lockstep_add_to_the_shared_work():
     # tp=2 x dp=2 on 2 cores, collectives of latency only: the four ranks wait on their
     # all-reduces together, so the step is the work twice over plus every wait
     hw = cpu(intra_latency=1e-3, cores=2)
-    plan = PlanPoint(tp=2, dp=2)
+    plan = Plan(tp=2, dp=2)
     alone = estimate(SHAPE, plan, on_one_host(cpu()), 16, include_optimizer=False,
                      vocab_parallel=False)  # no latencies: the compute
     shared = estimate(SHAPE, plan, on_one_host(hw), 16, include_optimizer=False,
@@ -166,7 +168,7 @@ def test_optimizer_is_left_out_on_request():
 
     cluster = parse_cluster("8xA100-80G")
     shape = TransformerShape.megatron_gpt(layers=8, hidden=2048, heads=16)
-    plan = PlanPoint(tp=2, pp=2, microbatches=4)
+    plan = Plan(tp=2, pp=2, microbatches=4)
     full = estimate(shape, plan, cluster, 16)
     step_only = estimate(shape, plan, cluster, 16, include_optimizer=False)
     assert full.optimizer_s > 0 and step_only.optimizer_s == 0.0
@@ -175,7 +177,7 @@ def test_optimizer_is_left_out_on_request():
 
 def test_replicated_vocabulary_ends_cost_the_whole_head_on_every_rank():
     hw = cpu(intra_bw=1e9, intra_latency=1e-4, hbm_bw=2e10)
-    plan = PlanPoint(tp=4)
+    plan = Plan(tp=4)
     split = estimate(SHAPE, plan, on_one_host(hw), 16)
     whole = estimate(SHAPE, plan, on_one_host(hw), 16, vocab_parallel=False)
     mbs = 16

@@ -1,8 +1,8 @@
-"""Fits of calibrate.py on synthetic measurements (the measuring itself runs in benchmarks)."""
+"""The fits of cost_model/fit.py on synthetic measurements (tools/calibrate.py measures)."""
 
 import pytest
 
-from cost_model.calibrate import fit_alpha_beta, fit_all_gather_eff, fit_gemm, \
+from cost_model.fit import fit_alpha_beta, fit_all_gather_eff, fit_gemm, \
     profile_from_measurements
 
 

@@ -1,0 +1,98 @@
+"""The time terms per strategy (cost_model/terms/), each against its closed form."""
+
+import pytest
+
+from core.plan import Plan
+from cost_model import comm
+from cost_model.hardware import Cluster, Hardware
+from cost_model.layer_costs import block_costs
+from cost_model.shapes import TransformerShape
+from cost_model.terms import cp, dp, ep, pp, tp
+from cost_model.traits import CommTerm, Groups, Traits
+
+SHAPE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128)
+MOE = TransformerShape(layers=4, hidden=256, heads=8, vocab=2048, seq=128, experts=4, topk=2)
+FAST = 1e30
+HW = Hardware(name="test", peak_flops=50e9, memory_bytes=64e9, hbm_bw=FAST, intra_bw=1e9,
+              inter_bw=1e8, gemm_eff=1.0, gemm_half=0.0, mem_eff=1.0, intra_eff=1.0,
+              inter_eff=1.0, intra_latency=1e-4, inter_latency=1e-3, kernel_latency=0.0,
+              reserved_bytes=0.0, elem_bytes=4)
+
+
+def traits(plan: Plan, shape=SHAPE, runtime="megatron", mbs=2, gpus_per_node=8) -> Traits:
+    world = plan.tp * plan.cp * plan.pp * (plan.dp or 1)
+    plan = plan.resolve(world)
+    cluster = Cluster(hardware=HW, num_gpus=world, gpus_per_node=gpus_per_node)
+    return Traits(shape=shape, hw=HW, plan=plan, mbs=mbs, groups=Groups.of(plan, cluster),
+                  runtime=runtime, vocab_parallel=True)
+
+
+def test_groups_follow_the_rank_layout():
+    groups = traits(Plan(tp=4, dp=4), gpus_per_node=4).groups
+    assert groups.tp == comm.GroupPlacement(4, 4)  # tp fastest: one node
+    assert groups.dp == comm.GroupPlacement(4, 1)  # dp strides over tp: a node each
+    assert groups.dpcp == groups.dp
+
+
+def test_tensor_parallel_block_is_two_all_reduces_each_way():
+    tr = traits(Plan(tp=4))
+    bc = block_costs(SHAPE, HW)
+    ar = comm.collective_parts("all_reduce", bc.tp_bytes(*tr.args), tr.groups.tp, HW)
+    assert tp.block(tr, bc) == pytest.approx(
+        (2 * ar.seconds, 2 * ar.seconds, 2 * ar.transfer, 2 * ar.transfer))
+    assert tp.block(traits(Plan()), bc) == CommTerm()
+
+
+def test_partitioner_sequence_parallelism_regathers_in_backward():
+    tr = traits(Plan(tp=4, sp=True), runtime="partitioner")
+    bc = block_costs(SHAPE, HW)
+    msg = bc.tp_bytes(*tr.args)
+    megatron = tp.block(traits(Plan(tp=4, sp=True)), bc)
+    regather = comm.collective_parts("all_gather", msg, tr.groups.tp, HW)
+    small = comm.collective_parts("all_reduce", 4 * SHAPE.hidden, tr.groups.tp, HW)
+    ours = tp.block(tr, bc)
+    assert ours.fwd == megatron.fwd
+    assert ours.bwd - megatron.bwd == pytest.approx(
+        2 * regather.seconds + tp.sp_param_reads(SHAPE) * small.seconds)
+
+
+def test_ring_context_parallelism_hides_behind_attention():
+    bc = block_costs(SHAPE, HW)
+    tr = traits(Plan(cp=4))
+    hop = comm.collective_parts("send", bc.cp_bytes(*tr.args), tr.groups.cp, HW)
+    attention = bc.attention_fwd(*tr.args)
+    term = cp.block(tr, bc)
+    assert term.fwd == pytest.approx(max(0.0, 3 * hop.seconds - attention))
+    assert term.work_bwd == pytest.approx(2 * 3 * hop.transfer)
+    assert cp.block(traits(Plan()), bc) == CommTerm()
+
+
+def test_expert_all_to_alls_only_on_moe_blocks():
+    tr = traits(Plan(ep=4, dp=4), shape=MOE)
+    bc = block_costs(MOE, HW, True)
+    a2a = comm.collective_parts("all_to_all", bc.ep_bytes(*tr.args), tr.groups.ep, HW)
+    assert ep.block(tr, bc, moe=True) == pytest.approx(
+        (2 * a2a.seconds, 2 * a2a.seconds, 2 * a2a.transfer, 2 * a2a.transfer))
+    assert ep.block(tr, bc, moe=False) == CommTerm()
+
+
+def test_pipeline_span_is_the_published_formula():
+    # equal stages: (m + p - 1) x for 1F1B; the interleaved bubble shrinks by v
+    assert pp.span([1.0] * 4, 8, 1) == pytest.approx((8 + 4 - 1) * 1.0)
+    assert pp.span([1.0] * 4, 8, 2) == pytest.approx(8 * (1 + 3 / (2 * 8)))
+    assert pp.hop(traits(Plan())) == (0.0, 0.0)
+    assert pp.tied_embedding_sync(traits(Plan())) == (0.0, 0.0)
+
+
+def test_data_parallel_sync_and_the_loss_sum():
+    tr = traits(Plan(dp=4))
+    ar = comm.collective_parts("all_reduce", 4 * 1e6, tr.groups.dpcp, HW)
+    assert dp.gradient_sync(tr, 1e6, 0.0)[0] == ar
+    zero = traits(Plan(dp=4, zero=1))
+    scatter, gather = dp.gradient_sync(zero, 1e6, 0.0)[:2]
+    assert scatter == comm.collective_parts("reduce_scatter", 4e6, zero.groups.dpcp, HW)
+    assert gather == comm.collective_parts("all_gather", 4 * 1e6, zero.groups.dpcp, HW)
+    assert dp.exposed(4.0, 4, 10.0) == 1.0 and dp.exposed(4.0, 4, 2.0) == 2.0
+    assert dp.loss_sum(tr) == (0.0, 0.0)  # Megatron-Core sums no loss over dp
+    ours = dp.loss_sum(traits(Plan(dp=4), runtime="partitioner"))
+    assert ours == comm.collective_parts("all_reduce", 24, tr.groups.dp, HW)
