@@ -75,9 +75,9 @@ def _hf_from_config(path: str, *, batch: int, seq: int | None, device: str):
 # --- dump ----------------------------------------------------------------------------------
 
 def cmd_dump(args) -> int:
-    from partitioner.api import rank_programs
     from core.plan import Plan
-    from partitioner.report.graph import to_dot, to_json, to_text
+    from partitioner.compiler import rank_programs
+    from partitioner.report.graph import passes_text, to_dot, to_json, to_text
 
     plan = Plan.parse(args.plan)
     world = args.world_size or (plan.model_parallel * (plan.dp or 1))
@@ -94,7 +94,8 @@ def cmd_dump(args) -> int:
         if not 0 <= ranks[0] < world:
             raise CliError(f"--rank {ranks[0]} is outside a world of {world} ranks")
     programs = rank_programs(model, plan, inputs, ranks=ranks)
-    render = {"text": to_text, "json": to_json, "dot": to_dot}[args.format]
+    render = passes_text if args.passes else {"text": to_text, "json": to_json,
+                                              "dot": to_dot}[args.format]
     text = render(plan, world, programs)
     if args.out:
         with open(args.out, "w") as f:
@@ -171,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--format", choices=("text", "dot", "json"), default="text")
     dump.add_argument("--out", default=None)
     dump.add_argument("--seq", type=int, default=None, help="sequence length of the example")
+    dump.add_argument("--passes", action="store_true",
+                      help="print the ordered pass pipeline and what each pass recorded")
     dump.set_defaults(func=cmd_dump)
 
     plan = sub.add_parser("plan", help="pick a plan for a cluster with the cost model")
