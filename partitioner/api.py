@@ -88,7 +88,6 @@ class ParallelModel(nn.Module):
                  loss_fn: LossFn | None, device=None) -> None:
         super().__init__()
         self.plan = plan
-        self.loss_fn = loss_fn
         self.device = torch.device(device) if device is not None else default_device()
         self.rank = dist.get_rank()
 
@@ -118,6 +117,15 @@ class ParallelModel(nn.Module):
         of `parameters()` as `loss.backward()` would.
         """
         return self.executor.step(args, kwargs, target, lambda: list(self.parameters()))
+
+    @property
+    def loss_fn(self) -> LossFn | None:
+        """The user's loss_fn (step chooses its vocab-parallel rewrite per program)."""
+        return self.losses.loss_fn
+
+    @loss_fn.setter
+    def loss_fn(self, loss_fn: LossFn | None) -> None:
+        self.losses.loss_fn = loss_fn
 
     @property
     def last_pipeline_stats(self) -> dict[str, float]:

@@ -72,6 +72,11 @@ def _hf_from_config(path: str, *, batch: int, seq: int | None, device: str):
     return model, (ids,)
 
 
+def _world_size(plan, given: int | None) -> int:
+    """--world-size, or the plan's product with dp=1 when the plan leaves dp unset."""
+    return given or plan.model_parallel * (plan.dp or 1)
+
+
 # --- dump ----------------------------------------------------------------------------------
 
 def cmd_dump(args) -> int:
@@ -80,7 +85,7 @@ def cmd_dump(args) -> int:
     from partitioner.report.graph import passes_text, to_dot, to_json, to_text
 
     plan = Plan.parse(args.plan)
-    world = args.world_size or (plan.model_parallel * (plan.dp or 1))
+    world = _world_size(plan, args.world_size)
     plan = plan.resolve(world)
     model, inputs = resolve_model(args.model, batch=plan.degree("dp") * plan.microbatches,
                                   seq=args.seq)
@@ -131,7 +136,7 @@ def cmd_check(args) -> int:
     from runtime import spawn
 
     plan = Plan.parse(args.plan)
-    world = args.world_size or plan.model_parallel * (plan.dp or 1)
+    world = _world_size(plan, args.world_size)
     plan.resolve(world)  # reject a bad plan before starting ranks
     reports = spawn(world, _check_worker, args.model, args.plan, args.dtype, args.steps)
     for report in reports:

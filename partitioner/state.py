@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from core.layout import RankLayout
 from core.placement import ParamLayout, unshard
 from passes.lowering.program import RankProgram
 from runtime.data_parallel import GradReducer, ZeroShards
@@ -131,11 +132,12 @@ class LocalState:
             self.reducer.arm()
 
     def _replicas(self, layout: ParamLayout) -> int:
-        """How many ranks hold exactly the same values as this rank's piece of `layout`."""
-        distinct = math.prod(self.program.sizes[dim] for dim, _ in layout.placements.splits())
+        """How many ranks hold exactly the same values as this rank's piece of `layout`: the
+        copies within a pipeline rank's dense dims, times the pp ranks holding it."""
+        within = tuple(dim for dim, _ in RankLayout.dense(self.program.plan).sizes if dim != "pp")
         holders = (len(self.program.pipeline.holders(layout.name))
                    if self.program.pipeline is not None else self.mesh.size("pp"))
-        return self.mesh.world_size // self.mesh.size("pp") * holders // distinct
+        return layout.replicas(self.program.sizes, within) * holders
 
     @torch.no_grad()
     def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
