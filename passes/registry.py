@@ -141,7 +141,7 @@ def planned(plan: Plan) -> list[PassEntry]:
     return [entry for entry in PIPELINE if entry.run is not None and entry.applies(plan)]
 
 
-def summarize(record) -> str:
+def summarize(record: Record | str | None) -> str:
     """A record's one line (a `Record`, a str, or nothing recorded)."""
     if record is None:
         return "(no record)"
