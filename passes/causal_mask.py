@@ -43,9 +43,11 @@ class CausalMaskRecord:
     """Masks left as they are (built from an input, or not causal)."""
 
     def summary(self) -> str:
-        return (f"{self.folded_calls} of {self.attention_calls} attention calls given "
-                f"is_causal ({self.folded_masks} constant mask(s) folded, {self.kept_masks} "
-                f"kept)")
+        if not self.folded_masks and not self.kept_masks:
+            return f"no attention mask to fold ({self.attention_calls} attention calls)"
+        return (f"{self.folded_masks} constant causal mask(s) folded: {self.folded_calls} of "
+                f"{self.attention_calls} attention calls run is_causal; {self.kept_masks} "
+                f"mask(s) kept")
 
 
 def fold_causal_masks(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.GraphModule:

@@ -79,8 +79,8 @@ class RecomputeRecord:
 
     def summary(self) -> str:
         what = "attention cores recomputed in backward" if self.mode == "selective" else \
-            "blocks checkpointed (only their inputs kept)"
-        return f"{self.regions} {what} ({self.mode})"
+            "blocks checkpointed, only their inputs kept"
+        return f"{self.mode}: {self.regions} {what}"
 
 
 @dataclass(frozen=True)
