@@ -22,7 +22,18 @@ KERNEL = "kernel"
 
 LAYOUTS = "partitioner.layouts"
 """graph: canonical name -> core.placement.ParamLayout, for every parameter and buffer."""
-PP_SEGMENTS = "pp.segments"
-"""graph: the pipeline split's segment names in graph order."""
-PP_CUT = "pp.cut"
-"""graph: the stage cut the pipeline split chose."""
+PASS_LOG = "passes.log"
+"""graph: what the pass registry ran, in order (a tuple of passes.registry.PassOutcome)."""
+
+# Each pass's result record (graph keys): a value with `summary() -> str` (or a str) that the
+# passes after it read and `dump --passes` prints.
+CAUSAL_MASK_RECORD = "causal_mask.record"
+TP_RECORD = "tp.record"
+SP_RECORD = "sp.record"
+PP_SPLIT_RECORD = "pp.split"
+"""graph: the pipeline split's segments and the stage cut it chose."""
+RECOMPUTE_RECORD = "recompute.record"
+KERNELS_RECORD = "kernels.record"
+DEVICE_RECORD = "device.record"
+PIPELINE_RECORD = "lowering.pipeline"
+"""graph: the lowered pipeline (who makes and who reads each value crossing a stage)."""

@@ -82,10 +82,11 @@ def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
 def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
     """Drop export's guards and metadata asserts; read tied tensors through one name."""
     graph = gm.graph
+    assert_metadata = torch.ops.aten._assert_tensor_metadata.default
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
             graph.erase_node(node)
-        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+        elif node.op == "call_function" and node.target is assert_metadata:
             graph.erase_node(node)
     # One get_attr per canonical tensor: merge aliases into the first read of that tensor.
     seen: dict[str, fx.Node] = {}

@@ -72,15 +72,20 @@ def _hf_from_config(path: str, *, batch: int, seq: int | None, device: str):
     return model, (ids,)
 
 
+def _world_size(plan, given: int | None) -> int:
+    """--world-size, or the plan's product with dp=1 when the plan leaves dp unset."""
+    return given or plan.model_parallel * (plan.dp or 1)
+
+
 # --- dump ----------------------------------------------------------------------------------
 
 def cmd_dump(args) -> int:
-    from partitioner.api import rank_programs
     from core.plan import Plan
-    from partitioner.report.graph import to_dot, to_json, to_text
+    from partitioner.compiler import rank_programs
+    from partitioner.report.graph import passes_text, to_dot, to_json, to_text
 
     plan = Plan.parse(args.plan)
-    world = args.world_size or (plan.model_parallel * (plan.dp or 1))
+    world = _world_size(plan, args.world_size)
     plan = plan.resolve(world)
     model, inputs = resolve_model(args.model, batch=plan.degree("dp") * plan.microbatches,
                                   seq=args.seq)
@@ -94,7 +99,8 @@ def cmd_dump(args) -> int:
         if not 0 <= ranks[0] < world:
             raise CliError(f"--rank {ranks[0]} is outside a world of {world} ranks")
     programs = rank_programs(model, plan, inputs, ranks=ranks)
-    render = {"text": to_text, "json": to_json, "dot": to_dot}[args.format]
+    render = passes_text if args.passes else {"text": to_text, "json": to_json,
+                                              "dot": to_dot}[args.format]
     text = render(plan, world, programs)
     if args.out:
         with open(args.out, "w") as f:
@@ -130,7 +136,7 @@ def cmd_check(args) -> int:
     from runtime import spawn
 
     plan = Plan.parse(args.plan)
-    world = args.world_size or plan.model_parallel * (plan.dp or 1)
+    world = _world_size(plan, args.world_size)
     plan.resolve(world)  # reject a bad plan before starting ranks
     reports = spawn(world, _check_worker, args.model, args.plan, args.dtype, args.steps)
     for report in reports:
@@ -171,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--format", choices=("text", "dot", "json"), default="text")
     dump.add_argument("--out", default=None)
     dump.add_argument("--seq", type=int, default=None, help="sequence length of the example")
+    dump.add_argument("--passes", action="store_true",
+                      help="print the ordered pass pipeline and what each pass recorded")
     dump.set_defaults(func=cmd_dump)
 
     plan = sub.add_parser("plan", help="pick a plan for a cluster with the cost model")

@@ -13,10 +13,12 @@ A mask built from an input (padding, documents) is left alone.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 from torch import fx
 
+from core import meta
 from passes import PassContext
 
 log = logging.getLogger(__name__)
@@ -29,12 +31,33 @@ MAX_EVALUATED = 1 << 26
 """Largest mask (elements) evaluated at compile time; bigger ones are kept as they are."""
 
 
+@dataclass(frozen=True)
+class CausalMaskRecord:
+    attention_calls: int
+    """SDPA calls in the graph."""
+    folded_calls: int
+    """Calls that now run `is_causal=True` without a mask."""
+    folded_masks: int
+    """Distinct constant causal masks removed from the graph."""
+    kept_masks: int
+    """Masks left as they are (built from an input, or not causal)."""
+
+    def summary(self) -> str:
+        if not self.folded_masks and not self.kept_masks:
+            return f"no attention mask to fold ({self.attention_calls} attention calls)"
+        return (f"{self.folded_masks} constant causal mask(s) folded: {self.folded_calls} of "
+                f"{self.attention_calls} attention calls run is_causal; {self.kept_masks} "
+                f"mask(s) kept")
+
+
 def fold_causal_masks(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.GraphModule:
     """Give SDPA `is_causal=True` in place of every constant mask that is causal."""
     folded: dict[fx.Node, bool] = {}  # mask node -> is it causal (evaluated once, shared)
+    calls = folded_calls = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not _SDPA:
             continue
+        calls += 1
         call = dict(zip(_SDPA_ARGS, node.args)) | dict(node.kwargs)
         mask = call.get("attn_mask")
         if not isinstance(mask, fx.Node) or call.get("is_causal"):
@@ -42,12 +65,16 @@ def fold_causal_masks(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.
         if mask not in folded:
             folded[mask] = _is_causal(mask, node)
         if folded[mask]:
+            folded_calls += 1
             call.update(attn_mask=None, is_causal=True)
             node.args = (call.pop("query"), call.pop("key"), call.pop("value"))
             node.kwargs = {k: v for k, v in call.items() if k != "attn_mask"}
     for mask, causal in folded.items():
         if causal:
             _erase_unused(gm.graph, mask)
+    causal = sum(folded.values())
+    gm.meta[meta.CAUSAL_MASK_RECORD] = CausalMaskRecord(calls, folded_calls, causal,
+                                                        len(folded) - causal)
     gm.graph.lint()
     gm.recompile()
     return gm

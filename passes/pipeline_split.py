@@ -7,27 +7,50 @@ and the part after the last block (final norm, head). A cut never falls inside a
 TP region or attention is ever split. Cuts are chosen by `passes.stage_cut.choose_cuts` from the
 cost model's per-node costs; `Plan.rules` entries of kind `pp_split` pin a cut before a module.
 
-The pass only annotates: `node.meta["pp.stage"]` for every computing node, and
-`gm.meta["pp.segments"]` / `gm.meta["pp.cut"]` for reports. `lower.split_stages` builds the
-stage graphs.
+The pass only annotates: `node.meta["pp.stage"]` for every computing node, and a
+`PipelineCut` record (the segments and the cut) in `gm.meta["pp.split"]`. The lowering pass
+(`passes.lowering.stages`) builds the stage graphs at the end of the pipeline, once every other
+pass has rewritten the one flat graph.
 """
 
 from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 
 from torch import fx
 
-from cost_model.graph_costs import node_cost
+from core import meta
 from core.fx_utils import module_path
+from cost_model.graph_costs import node_cost
 from passes import PassContext, PassError
-from passes.stage_cut import Segment, choose_cuts
+from passes.stage_cut import Segment, StageCut, choose_cuts
 
 _INDEXED = re.compile(r"^(?P<prefix>.+?)\.(?P<index>\d+)(?:\.|$)")
 
 NOMINAL_FLOPS = 1e12
 """Any positive rate: the cut minimizes the slowest stage, which does not depend on it."""
+
+
+@dataclass(frozen=True)
+class PipelineCut:
+    """What the pipeline split chose: the model's segments and where the stages start."""
+
+    segments: tuple[Segment, ...]
+    cut: StageCut
+
+    @property
+    def stage_starts(self) -> tuple[str, ...]:
+        """The first segment of each stage."""
+        return tuple(self.segments[start].name for start in self.cut.bounds[:-1])
+
+    def summary(self) -> str:
+        stages = [f"{self.segments[a].name}..{self.segments[b - 1].name}" if b - a > 1
+                  else self.segments[a].name
+                  for a, b in zip(self.cut.bounds[:-1], self.cut.bounds[1:], strict=True)]
+        return (f"{len(self.segments)} segments -> {self.cut.stages} stages: "
+                f"{' | '.join(stages)}")
 
 
 def block_prefix(gm: fx.GraphModule) -> str | None:
@@ -93,9 +116,8 @@ def pipeline_split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     except ValueError as error:
         raise PassError(f"pipeline_split: {error}") from None
     for node, segment in assignment.items():
-        node.meta["pp.stage"] = cut.stage_of(segment)
-    gm.meta["pp.segments"] = segments
-    gm.meta["pp.cut"] = cut
+        node.meta[meta.PP_STAGE] = cut.stage_of(segment)
+    gm.meta[meta.PP_SPLIT_RECORD] = PipelineCut(tuple(segments), cut)
     return gm
 
 
@@ -137,12 +159,6 @@ def _reused(ctx: PassContext, names: list[str]) -> list[int]:
                         f"hold the stage starts {list(ctx.stage_starts)} of the model's first "
                         f"program")
     return [names.index(name) for name in ctx.stage_starts[1:]]
-
-
-def stage_starts(gm: fx.GraphModule) -> tuple[str, ...]:
-    """The first segment of each stage, as pipeline_split chose them."""
-    segments, cut = gm.meta["pp.segments"], gm.meta["pp.cut"]
-    return tuple(segments[start].name for start in cut.bounds[:-1])
 
 
 def _pinned(plan, names: list[str]) -> list[int]:

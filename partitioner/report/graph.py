@@ -1,15 +1,17 @@
 """Renderings of rank programs for `partitioner dump`: a text table, JSON, Graphviz DOT.
 
-They only read `RankProgram`s (lower.py); nothing here recomputes the partitioning.
+They only read `RankProgram`s (passes/lowering/program.py); nothing here recomputes the
+partitioning.
 """
 
 from __future__ import annotations
 
 import json
 
-from partitioner.lower import RankProgram
 from core.plan import Plan
 from core.schedules import schedule, timeline
+from partitioner.report.program import explain, node_rows, pass_log
+from passes.lowering.program import RankProgram
 
 _STAGE_COLORS = ("#dbe9f6", "#fde2c8", "#d9f0d3", "#eadcf2", "#fbe3e8", "#f4f1c9")
 
@@ -18,7 +20,7 @@ def to_json(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
     ranks = []
     for program in programs:
         stages: dict[int, list[dict]] = {s.index: [] for s in program.stages}
-        for row in program.node_rows():
+        for row in node_rows(program):
             stages[row["stage"]].append({key: row[key] for key in (
                 "name", "op", "target", "shape", "placement", "collective")})
         ranks.append({"rank": program.rank, "coords": program.coords,
@@ -28,13 +30,18 @@ def to_json(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
 
 
 def to_text(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
-    text = "\n\n".join(program.explain() for program in programs) + "\n"
+    text = "\n\n".join(explain(program) for program in programs) + "\n"
     if programs and programs[0].pipeline is not None:
         text += (f"\n{plan.schedule} timeline, {plan.microbatches} microbatches "
                  f"(F<mb>.<stage>, B = backward):\n"
                  + timeline(schedule(plan.schedule, plan.pp, plan.microbatches, plan.vpp))
                  + "\n")
     return text
+
+
+def passes_text(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
+    """`dump --passes`: the ordered pass pipeline of each rank and what each pass recorded."""
+    return "\n\n".join(pass_log(program) for program in programs) + "\n"
 
 
 def to_dot(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
@@ -48,7 +55,7 @@ def to_dot(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
             color = _STAGE_COLORS[stage.index % len(_STAGE_COLORS)]
             lines.append(f"    subgraph cluster_rank{program.rank}_stage{stage.index} {{")
             lines.append(f'      label="stage {stage.index}"; style=filled; color="{color}";')
-            rows = {r["name"]: r for r in program.node_rows() if r["stage"] == stage.index}
+            rows = {r["name"]: r for r in node_rows(program) if r["stage"] == stage.index}
             for node in stage.gm.graph.nodes:
                 row = rows[node.name]
                 ident = _ident(program.rank, stage.index, node.name)

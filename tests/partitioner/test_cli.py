@@ -42,6 +42,21 @@ def test_dump_text_and_dot(capsys, tmp_path):
     assert "cluster_rank0_stage0" in text and "->" in text
 
 
+def test_dump_passes_prints_the_ordered_pipeline_with_each_record(capsys):
+    code, out, _ = _run(capsys, "dump", "partitioner.models:tiny", "--plan",
+                        "pp=2,mb=2,recompute=selective", "--passes")
+    assert code == 0
+    names = [line.split()[1] for line in out.splitlines()[2:]]
+    assert names == ["causal_mask", "tensor_parallel", "sequence_parallel", "context_parallel",
+                     "expert_parallel", "pipeline_split", "recompute", "kernels", "device",
+                     "lowering"]
+    rows = {line.split()[1]: line for line in out.splitlines()[2:]}
+    assert "skipped" in rows["tensor_parallel"] and "not landed" in rows["context_parallel"]
+    assert "4 segments -> 2 stages: pre..blocks.0 | blocks.1..post" in rows["pipeline_split"]
+    assert "2 attention cores recomputed" in rows["recompute"]
+    assert "2 stage submodules on 2 pp ranks" in rows["lowering"]
+
+
 def test_dump_hugging_face_config_json(capsys, tmp_path):
     pytest.importorskip("transformers")
     from transformers import LlamaConfig

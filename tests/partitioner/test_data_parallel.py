@@ -84,7 +84,7 @@ def _semantics():
         list(model.parameters()))
     odd = ids[:3, :7]  # any batch >= 1, any length: captured again and cached
     out["call_any_shape"] = (pm(odd) - reference(odd)).abs().max().item()
-    out["programs_cached"] = len(pm._programs)
+    out["programs_cached"] = len(pm.executor.programs.training)
 
     zero = parallelize(copy.deepcopy(reference), "dp=2,zero=1", example_inputs=(ids,),
                        loss_fn=lm_loss)

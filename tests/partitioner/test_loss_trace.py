@@ -16,7 +16,8 @@ from partitioner.capture import capture
 from partitioner.check import lm_loss, lm_loss_sum
 from partitioner.loss_trace import (ShardedLogits, choose_loss_path, find_sharded_logits,
                                     local_logits_graph, output_leaves)
-from partitioner.lower import collective_kind, compile_rank
+from partitioner.compiler import compile_rank
+from partitioner.report.program import collective_kind
 from core.plan import Plan
 from runtime.collectives import all_gather, bind_mesh
 from runtime.mesh import Mesh

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import meta
 from partitioner.capture import capture
 from passes.causal_mask import fold_causal_masks
 
@@ -69,3 +70,12 @@ def test_hugging_face_masks_fold():
         calls = _sdpa_calls(gm)
         assert calls and all(c.kwargs.get("is_causal") and len(c.args) == 3 for c in calls)
         assert not any(n.target is aten.cumsum.default for n in gm.graph.nodes)
+
+
+def test_the_record_counts_folded_and_kept_masks():
+    folded = fold_causal_masks(capture(_Masked("causal"), (torch.randn(2, 6, 8),)).gm)
+    record = folded.meta[meta.CAUSAL_MASK_RECORD]
+    assert (record.attention_calls, record.folded_calls, record.folded_masks,
+            record.kept_masks) == (1, 1, 1, 0)
+    kept = fold_causal_masks(capture(_Masked("window"), (torch.randn(2, 6, 8),)).gm)
+    assert kept.meta[meta.CAUSAL_MASK_RECORD].summary().endswith("1 mask(s) kept")

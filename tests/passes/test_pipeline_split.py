@@ -1,11 +1,17 @@
+import copy
+
 import pytest
 import torch
 
-from partitioner.capture import capture
-from partitioner.lower import compile_rank
-from partitioner.models import tiny, tiny_llama
+from core import meta
+from core.layout import rank_coords
 from core.plan import Plan
-from passes import PassError
+from partitioner.capture import capture
+from partitioner.compiler import compile_rank, layouts_from_capture
+from partitioner.models import tiny, tiny_llama
+from partitioner.state import set_tensor
+from passes import PassContext, PassError
+from passes.registry import run_passes
 from passes.pipeline_split import block_prefix, segment_of_nodes
 from model_zoo import hf_gpt2, hf_llama
 
@@ -93,3 +99,30 @@ def test_full_recompute_wraps_each_block():
     program = compile_rank(captured, Plan(recompute="selective").resolve(1), 0, "meta")
     assert sum(n.meta.get("recompute") == "selective"
                for n in program.stages[0].gm.graph.nodes) == 3
+
+
+def test_lowering_returns_a_parent_with_one_submodule_per_stage_that_runs_like_the_model():
+    """The lowered graph has split_module's shape: the parent calls stage_0, stage_1 and keeps
+    the model's calling convention, so with real weights bound it equals the model."""
+    torch.manual_seed(0)
+    model, (ids,) = tiny(n_layer=4)
+    captured = capture(model, (ids,))
+    gm = copy.deepcopy(captured.gm)
+    gm.meta[meta.LAYOUTS] = layouts_from_capture(captured)
+    plan = Plan(pp=2).resolve(2)
+    parent = run_passes(gm, PassContext(plan=plan, coords=rank_coords(plan, 0)))
+    assert [name for name, _ in parent.named_children()] == ["stage_0", "stage_1"]
+    assert [n.target for n in parent.graph.find_nodes(op="call_module")] == ["stage_0",
+                                                                             "stage_1"]
+    pipeline = parent.meta[meta.PIPELINE_RECORD]
+    assert pipeline.stage_starts == parent.meta[meta.PP_SPLIT_RECORD].stage_starts
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for stage in parent.children():
+        for node in stage.graph.find_nodes(op="get_attr"):
+            set_tensor(stage, node.target, tensors[node.target], node.target not in
+                       dict(model.named_parameters()))
+    with torch.no_grad():
+        torch.testing.assert_close(parent(ids), model(ids), rtol=0, atol=0)
+    log = {outcome.name: outcome.status for outcome in parent.meta[meta.PASS_LOG]}
+    assert log["pipeline_split"] == log["lowering"] == "ran"
+    assert log["tensor_parallel"] == "skipped" and log["context_parallel"] == "not landed"

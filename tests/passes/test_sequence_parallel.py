@@ -11,7 +11,8 @@ import torch
 
 from partitioner import models
 from partitioner.capture import capture
-from partitioner.lower import collective_kind, compile_rank
+from partitioner.compiler import compile_rank
+from partitioner.report.program import collective_kind
 from core.plan import Plan
 from passes import PassError
 from runtime import spawn

@@ -14,9 +14,11 @@ from torch import nn
 from partitioner import models
 from partitioner.capture import capture
 from core.placement import Placements, Shard, StridedShard
-from partitioner.lower import collective_kind, compile_rank
+from partitioner.compiler import compile_rank
+from partitioner.report.program import collective_kind
 from core.plan import Plan
-from passes import PassContext, PassError, pass_pipeline
+from passes import PassContext, PassError
+from passes.registry import planned
 from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
 from equivalence import assert_passed, equivalence_worker
@@ -187,11 +189,11 @@ def test_replicate_rules_keep_the_embedding_and_lm_head_whole():
 
 
 def test_pipeline_wires_the_pass():
-    names = [name for name, _ in pass_pipeline(Plan(tp=2).resolve(2))]
-    assert names == ["causal_mask", "tensor_parallel"]  # masks folded before the tp regions
+    names = [entry.name for entry in planned(Plan(tp=2).resolve(2))]
+    assert names == ["causal_mask", "tensor_parallel", "kernels", "device"]  # masks first
     # sequence parallelism runs after the tp pass, on its collectives
-    names = [name for name, _ in pass_pipeline(Plan(tp=2, sp=True).resolve(2))]
-    assert names == ["causal_mask", "tensor_parallel", "sequence_parallel"]
+    names = [entry.name for entry in planned(Plan(tp=2, sp=True).resolve(2))]
+    assert names[:3] == ["causal_mask", "tensor_parallel", "sequence_parallel"]
 
 
 # --- grouped-query attention: kv heads replicated when they divide tp -----------------------

@@ -1,0 +1,241 @@
+"""The executor: compiles a program per input shape and runs it for `__call__` and `step`.
+
+`Programs` compiles and caches this rank's program for each input shape (pure, before any
+collective for the first one). `Executor` runs them: one stage as a plain call, several stages
+through `runtime.pipeline.PipelineRunner` with the plan's schedule, microbatches and the loss
+route; gradients are reduced by the state afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from core.plan import Plan
+from core.schedules import Action, schedule
+from partitioner.batches import batch_size, input_leaves, on_device, split_batch
+from partitioner.capture import Captured, capture, input_key
+from partitioner.compiler import compile_rank
+from partitioner.loss_route import LossFn, LossRouter, microbatch_loss
+from partitioner.state import LocalState
+from passes.lowering.program import RankProgram
+from passes.sequence_parallel import SequenceNotDivisible
+from runtime.collectives import bind_mesh, save_gathered_as_shards
+from runtime.mesh import Mesh
+from runtime.pipeline import PipelineRunner
+
+log = logging.getLogger("partitioner.api")
+
+
+class Programs:
+    """This rank's compiled programs, one per input shape; later shapes keep the first
+    program's pipeline cut, so every parameter stays on its stage."""
+
+    def __init__(self, model: nn.Module, plan: Plan, rank: int, device: torch.device) -> None:
+        self._model_ref = [model]  # a list so nn.Module owners do not register it
+        self.model_is_meta = any(p.is_meta for p in model.parameters())
+        self.plan = plan
+        self.rank = rank
+        self.device = device
+        self.first: RankProgram | None = None
+        self.training: dict[tuple, RankProgram] = {}
+        """Input key -> the plan's program (serves step and forward calls)."""
+        self.forward_only: dict[tuple, RankProgram] = {}
+        """Input key -> a forward-only program compiled without sp (sequence sp cannot split)."""
+        self.on_compile: Callable[[RankProgram], None] | None = None
+        """Called with each program compiled after the first (binds the local tensors)."""
+
+    def get(self, args: tuple, kwargs: dict, forward_only: bool = False) -> RankProgram:
+        """The program for these input shapes, compiled at first use. A forward-only call whose
+        sequence sp cannot split (evaluation, generation) runs without sp: same parameters,
+        same numbers; `step` keeps the plan and its error."""
+        key = input_key(args, kwargs)
+        program = self.training.get(key) or (self.forward_only.get(key)
+                                             if forward_only else None)
+        if program is not None:
+            return program
+        model = self._model_ref[0]
+        capture_device = "meta" if self.model_is_meta else None
+        captured: Captured = capture(model, *(on_device((args, kwargs), capture_device)
+                                              if capture_device else (args, kwargs)))
+        starts = (self.first.pipeline.stage_starts
+                  if self.first is not None and self.first.pipeline else None)
+        try:
+            program = compile_rank(captured, self.plan, self.rank, self.device, starts)
+            self.training[key] = program
+        except SequenceNotDivisible as error:
+            if not forward_only:
+                raise
+            log.warning("rank %d: %s; this forward runs without sp", self.rank, error)
+            program = compile_rank(captured, dataclasses.replace(self.plan, sp=False),
+                                   self.rank, self.device, starts)
+            self.forward_only[key] = program
+        if self.first is None:
+            self.first = program
+        elif self.on_compile is not None:
+            self.on_compile(program)
+        return program
+
+
+class Executor:
+    """Runs this rank's programs for forward calls and training steps."""
+
+    def __init__(self, plan: Plan, mesh: Mesh, device: torch.device, programs: Programs,
+                 state: LocalState, losses: LossRouter) -> None:
+        self.plan = plan
+        self.mesh = mesh
+        self.device = device
+        self.programs = programs
+        self.state = state
+        self.losses = losses
+        self.last_pipeline_stats: dict[str, float] = {}
+        """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
+
+    @contextlib.contextmanager
+    def _running(self):
+        """Collectives resolve to this model's mesh; with sp, gathered sequence shards are saved
+        for backward as shards."""
+        with bind_mesh(self.mesh), (save_gathered_as_shards() if self.plan.sp
+                                    else contextlib.nullcontext()):
+            yield
+
+    def _run(self, gm, args: tuple, kwargs: dict):
+        with self._running():
+            return gm(*args, **kwargs)
+
+    def _run_stage(self, stage, inputs: list[torch.Tensor]):
+        with self._running():
+            return stage.gm(*inputs)
+
+    def _runner(self, program: RankProgram, stages: list | None = None) -> PipelineRunner:
+        return PipelineRunner(program.pipeline, stages or program.stages, self.mesh.group("pp"),
+                              self.mesh.ranks("pp"), self._run_stage, self.device)
+
+    # --- forward ---------------------------------------------------------------------------
+    def forward(self, args: tuple, kwargs: dict):
+        """The model's own output for any batch >= 1, on every rank (differentiable)."""
+        args, kwargs = on_device((args, kwargs), self.device)
+        self.state.gather()
+        program = self.programs.get(args, kwargs, forward_only=True)
+        if program.pipeline is not None:
+            return self._pipeline_forward(program, args, kwargs)
+        return self._run(program.stages[0].gm, args, kwargs)
+
+    def _pipeline_forward(self, program: RankProgram, args: tuple, kwargs: dict):
+        """Forward only, one microbatch; the last stage's output broadcast over pp."""
+        pipeline = program.pipeline
+        actions = [Action("F", 0, stage.index) for stage in program.stages]
+        with torch.no_grad():
+            results = self._runner(program).run(
+                actions, [input_leaves(args, kwargs)], None, None)
+        last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
+        leaves = []
+        for index, meta in enumerate(pipeline.output_meta):
+            if meta is None:
+                leaves.append(pipeline.output_names[index])
+                continue
+            if results:
+                tensor = results[0][index].contiguous()
+            else:
+                tensor = torch.empty(meta[0], dtype=meta[1], device=self.device)
+            dist.broadcast(tensor, src=last_rank, group=self.mesh.group("pp"))
+            leaves.append(tensor)
+        return pytree.tree_unflatten(leaves, pipeline.out_spec)
+
+    # --- step ------------------------------------------------------------------------------
+    def step(self, args: tuple, kwargs: dict, target,
+             parameters: Callable[[], list]) -> torch.Tensor:
+        """Forward and backward over the global batch; returns its loss on every rank.
+
+        Gradients equal the single-device gradients of that loss and accumulate into `.grad`
+        of `parameters()` (the tensors the user sees) as `loss.backward()` would.
+        """
+        args, kwargs, target = on_device((args, kwargs, target), self.device)
+        plan = self.plan
+        dp, micro = plan.degree("dp"), plan.microbatches
+        batch = batch_size(args, kwargs)
+        if batch is None or batch % (dp * micro):
+            raise ValueError(f"step needs a global batch divisible by dp*microbatches={dp}*"
+                             f"{micro}={dp * micro}; got batch {batch}")
+        ours = split_batch((args, kwargs, target), dp, batch)[self.mesh.coord("dp")]
+        microbatches = split_batch(ours, micro, batch // dp)
+        self.state.gather()
+        visible = parameters()
+        stashed = [p.grad for p in visible]
+        for p in visible:
+            p.grad = None
+
+        zeros = torch.zeros(3, dtype=torch.float64, device=self.device)
+        totals = {"summary": zeros}  # [loss, tokens, token-weighted?] summed over microbatches
+
+        program = self.programs.get(*microbatches[0][:2])
+        route = self.losses.route(program, microbatches[0])
+        loss_fn = route.loss_fn(self.losses.loss_fn, self.mesh)
+
+        def scaled_loss(index: int, output) -> torch.Tensor:
+            loss, tokens = microbatch_loss(output, microbatches[index][2], loss_fn)
+            scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
+            row = torch.stack([loss.detach().double() * scale,
+                               torch.as_tensor(0 if tokens is None else tokens,
+                                               device=self.device).double(),
+                               torch.tensor(float(tokens is not None), dtype=torch.float64,
+                                            device=self.device)])
+            totals["summary"] = totals["summary"] + row
+            return loss * scale
+
+        if program.pipeline is None:
+            for index, (mb_args, mb_kwargs, _) in enumerate(microbatches):
+                output = self._run(route.stages[0].gm, mb_args, mb_kwargs)
+                loss = scaled_loss(index, output)
+                if index == len(microbatches) - 1:
+                    self.state.arm_reducer()  # reduce buckets as backward fills them
+                loss.backward()
+        else:
+            actions = schedule(plan.schedule, plan.pp, micro, plan.vpp)[self.mesh.coord("pp")]
+            leaves = [input_leaves(a, k) for a, k, _ in microbatches]
+            runner = self._runner(program, route.stages)
+            start = time.perf_counter()
+            runner.run(
+                actions, leaves, loss_of=lambda index, outputs: scaled_loss(
+                    index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)),
+                backward_of=lambda loss: loss.backward())
+            self.last_pipeline_stats = {"busy_s": runner.busy_s,
+                                        "wall_s": time.perf_counter() - start}
+        self.state.reduce_gradients(program)
+
+        summary = totals["summary"]
+        for dim in ("pp", "dp"):  # only last stages hold losses; every dp rank its own share
+            if self.mesh.group(dim) is not None:
+                dist.all_reduce(summary, group=self.mesh.group(dim))
+        loss = summary[0]
+        if summary[2] > 0:  # token-weighted: divide by the tokens of the whole global batch
+            count = summary[1]
+            if count <= 0:
+                raise ValueError("loss_fn reported no tokens in the whole batch")
+            loss = loss / count
+            for p in visible:
+                if p.grad is not None:
+                    p.grad.div_(count.to(p.grad.dtype))
+        for p, old in zip(visible, stashed, strict=True):
+            if old is not None:
+                p.grad = old if p.grad is None else p.grad.add_(old)
+        return loss.to(_output_dtype(program))
+
+
+def _output_dtype(program: RankProgram) -> torch.dtype:
+    """The dtype `step` returns its loss in: the model output's floating dtype."""
+    metas = (program.pipeline.output_meta if program.pipeline is not None else
+             [(None, n.meta["val"].dtype) for n in program.stages[0].gm.graph.nodes
+              if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)])
+    for meta in metas:
+        if meta is not None and meta[1].is_floating_point:
+            return meta[1]
+    return torch.float32

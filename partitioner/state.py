@@ -1,0 +1,268 @@
+"""One rank's parameter and optimizer state: its local tensors and what is collective on them.
+
+`LocalState` materializes this rank's shards (or empty tensors for a meta model), binds them
+into every program's stage graphs, reduces gradients after a step (tied across pipeline ranks,
+then over dp, bucketed or ZeRO-1), and answers the collective questions about them: the global
+gradient norm, full state and gradient dicts, loading full tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import fx, nn
+
+from core.layout import RankLayout
+from core.placement import ParamLayout, unshard
+from passes.lowering.program import RankProgram
+from runtime.data_parallel import GradReducer, ZeroShards
+from runtime.mesh import Mesh
+
+
+def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_buffer: bool) -> None:
+    """root.<name> = tensor, creating empty container modules along the path if needed."""
+    *path, leaf = name.split(".")
+    owner = root
+    for part in path:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner._modules[part] = child
+        owner = child
+    for table in (owner._parameters, owner._buffers):
+        table.pop(leaf, None)
+    if is_buffer:
+        owner._buffers[leaf] = tensor
+    else:
+        owner._parameters[leaf] = tensor
+
+
+class LocalState:
+    """This rank's tensors (`store`, an nn.Module keyed by canonical names) and their
+    gradient reduction; `program` is the first program, whose layouts every later one shares."""
+
+    def __init__(self, program: RankProgram, mesh: Mesh, model: nn.Module, model_is_meta: bool,
+                 device: torch.device, zero: bool) -> None:
+        self.program = program
+        self.mesh = mesh
+        self.device = device
+        self.store = nn.Module()
+        self._materialize(model, model_is_meta)
+        self.bind(program)
+        params = list(self.store.parameters())
+        dp_group = mesh.group("dp")
+        self.zero = (ZeroShards(params, dp_group, mesh.coord("dp"), mesh.size("dp"))
+                     if zero else None)
+        self.reducer = None if zero else GradReducer(params, dp_group)
+
+    def _materialize(self, model: nn.Module, model_is_meta: bool) -> None:
+        sizes, coords = self.program.sizes, self.program.coords
+        for name, layout in self.program.layouts.items():
+            if model_is_meta:
+                local = torch.empty(layout.local_shape(sizes), dtype=layout.dtype,
+                                    device=self.device)
+            else:
+                full = (model.get_buffer(name) if layout.is_buffer else model.get_parameter(name))
+                local = layout.shard(full.detach().to(self.device), coords, sizes)
+            tensor = local if layout.is_buffer else nn.Parameter(
+                local, requires_grad=layout.requires_grad)
+            set_tensor(self.store, name, tensor, layout.is_buffer)
+
+    def local(self, name: str) -> torch.Tensor:
+        layout = self.program.layouts[name]
+        return self.store.get_buffer(name) if layout.is_buffer else self.store.get_parameter(name)
+
+    def bind(self, program: RankProgram) -> None:
+        """Point every stage graph of `program` at this rank's tensors."""
+        for stage in program.stages:
+            self.bind_graph(stage.gm, program)
+
+    def bind_graph(self, gm: fx.GraphModule, program: RankProgram) -> None:
+        for node in gm.graph.find_nodes(op="get_attr"):
+            if node.target in program.layouts:
+                set_tensor(gm, node.target, self.local(node.target),
+                           program.layouts[node.target].is_buffer)
+
+    def gather(self) -> None:
+        """ZeRO-1: the updated shards all-gathered into the full local tensors."""
+        if self.zero is not None:
+            self.zero.gather()
+
+    # --- parameters ------------------------------------------------------------------------
+    def parameters(self):
+        """Each local tensor once; with zero=1 this rank's flat 1/dp shards."""
+        if self.zero is not None:
+            yield from self.zero.shard_parameters()
+        else:
+            yield from self.store.parameters()
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True):
+        if self.zero is not None:
+            for dtype, shard in self.zero.shards.items():
+                yield f"{prefix}zero_shard.{str(dtype).removeprefix('torch.')}", shard
+        else:
+            yield from self.store.named_parameters(prefix=prefix, recurse=recurse)
+
+    # --- gradients -------------------------------------------------------------------------
+    def reduce_gradients(self, program: RankProgram) -> None:
+        """Sum the gradients of parameters tied across pipeline ranks, then over dp."""
+        if program.pipeline is not None and self.mesh.group("pp") is not None:
+            for name in _tied_across_pp(program):
+                layout = program.all_layouts[name]
+                if name in program.layouts:
+                    local = self.local(name)
+                    buffer = local.grad if local.grad is not None else torch.zeros_like(local)
+                else:
+                    buffer = torch.zeros(layout.local_shape(program.sizes), dtype=layout.dtype,
+                                         device=self.device)
+                dist.all_reduce(buffer, group=self.mesh.group("pp"))
+                if name in program.layouts:
+                    self.local(name).grad = buffer
+        if self.zero is not None:
+            self.zero.reduce_grads()
+        else:
+            self.reducer.finish()
+
+    def arm_reducer(self) -> None:
+        """Bucketed dp all-reduce: reduce buckets as the next backward fills them."""
+        if self.reducer is not None:
+            self.reducer.arm()
+
+    def _replicas(self, layout: ParamLayout) -> int:
+        """How many ranks hold exactly the same values as this rank's piece of `layout`: the
+        copies within a pipeline rank's dense dims, times the pp ranks holding it."""
+        within = tuple(dim for dim, _ in RankLayout.dense(self.program.plan).sizes if dim != "pp")
+        holders = (len(self.program.pipeline.holders(layout.name))
+                   if self.program.pipeline is not None else self.mesh.size("pp"))
+        return layout.replicas(self.program.sizes, within) * holders
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Scale gradients so their global norm (every shard, replicas once) is <= max_norm."""
+        norm_type = float(norm_type)
+        replicas = {id(self.local(name)): self._replicas(layout)
+                    for name, layout in self.program.layouts.items() if not layout.is_buffer}
+        if self.zero is not None:
+            # Each element's master copy lives on one dp rank of the replicas.
+            pieces = [(grad, replicas[id(p)] // self.mesh.size("dp"))
+                      for p, grad in self.zero.owned_pieces()]
+        else:
+            pieces = [(p.grad, replicas[id(p)]) for p in self.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        if norm_type == math.inf:
+            for grad, _ in pieces:
+                total = torch.maximum(total, grad.abs().max().double())
+            dist.all_reduce(total, op=dist.ReduceOp.MAX)
+        else:
+            for grad, copies in pieces:
+                total += grad.double().abs().pow(norm_type).sum() / copies
+            dist.all_reduce(total)
+            total = total.pow(1.0 / norm_type)
+        coef = max_norm / (total + 1e-6)
+        if coef < 1:
+            for grad in grads:
+                grad.mul_(coef.to(grad.dtype))
+        return total
+
+    # --- full tensors ----------------------------------------------------------------------
+    def _gather_full(self, layout: ParamLayout, local: torch.Tensor) -> torch.Tensor:
+        full = local
+        for mesh_dim, placement in reversed(list(layout.placements.splits())):
+            group, size = self.mesh.group(mesh_dim), self.mesh.size(mesh_dim)
+            pieces = [torch.empty_like(full) for _ in range(size)]
+            dist.all_gather(pieces, full.contiguous(), group=group)
+            full = unshard(pieces, placement, layout.full_shape[placement.dim])
+        return full
+
+    def _full_from_owner(self, layout: ParamLayout, local: torch.Tensor | None):
+        """The full tensor on every rank: gathered over its shards on the pipeline rank that
+        holds it, then broadcast over pp (without pipelining every rank holds everything)."""
+        pipeline = self.program.pipeline
+        if pipeline is None:
+            return self._gather_full(layout, local)
+        owner = pipeline.holders(layout.name)[0]
+        if self.mesh.coord("pp") == owner:
+            full = self._gather_full(layout, local).contiguous()
+        else:
+            full = torch.empty(layout.full_shape, dtype=layout.dtype, device=self.device)
+        if self.mesh.group("pp") is not None:
+            dist.broadcast(full, src=self.mesh.ranks("pp")[owner], group=self.mesh.group("pp"))
+        return full
+
+    @torch.no_grad()
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every parameter and persistent buffer, full, keyed as model.state_dict()."""
+        self.gather()
+        out = {}
+        for name, layout in self.program.all_layouts.items():
+            if layout.is_buffer and not layout.persistent:
+                continue
+            local = self.local(name) if name in self.program.layouts else None
+            full = self._full_from_owner(layout, local).detach().clone()
+            for key in (name, *layout.aliases):
+                out[key] = full
+        return out
+
+    @torch.no_grad()
+    def full_grad_dict(self) -> dict[str, torch.Tensor]:
+        """Collective: every parameter's full gradient, keyed as model.named_parameters()."""
+        zero_grads = self.zero.full_grads() if self.zero is not None else None
+        out = {}
+        for name, layout in self.program.all_layouts.items():
+            if layout.is_buffer or not layout.requires_grad:
+                continue
+            grad = None
+            if name in self.program.layouts:
+                local = self.local(name)
+                grad = zero_grads[id(local)] if zero_grads is not None else local.grad
+                if grad is None:
+                    grad = torch.zeros_like(local)
+            out[name] = self._full_from_owner(layout, grad)
+        return out
+
+    @torch.no_grad()
+    def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
+        """Fill local shards from full tensors (model.state_dict() as is, tied names included)."""
+        missing, used = [], set()
+        for name, layout in self.program.all_layouts.items():
+            key = next((k for k in (name, *layout.aliases) if k in state_dict), None)
+            if key is None:
+                if layout.persistent:
+                    missing.append(name)
+                continue
+            used.update(k for k in (name, *layout.aliases) if k in state_dict)
+            if name not in self.program.layouts:
+                continue  # another pipeline rank holds it
+            full = state_dict[key]
+            if tuple(full.shape) != layout.full_shape:
+                raise ValueError(f"state dict entry {key!r} has shape {tuple(full.shape)}, "
+                                 f"the model expects {layout.full_shape}")
+            self.local(name).copy_(layout.shard(full.to(self.device), self.program.coords,
+                                                self.program.sizes))
+        unexpected = sorted(set(state_dict) - used)
+        if strict and (missing or unexpected):
+            raise KeyError(f"load_full_state_dict: missing keys {missing}, unexpected keys "
+                           f"{unexpected}")
+        if self.zero is not None:
+            self.zero.refresh_shards()
+
+    @torch.no_grad()
+    def init_weights(self, fn: Callable[[str, torch.Tensor], None]) -> None:
+        """`fn(name, full_tensor)` fills each full-size parameter/buffer in place; this rank
+        keeps its shard. Ranks draw the same numbers if `fn` is deterministic (seeded)."""
+        for name, layout in self.program.layouts.items():
+            full = torch.zeros(layout.full_shape, dtype=layout.dtype, device=self.device)
+            fn(name, full)
+            self.local(name).copy_(layout.shard(full, self.program.coords, self.program.sizes))
+        if self.zero is not None:
+            self.zero.refresh_shards()
+
+
+def _tied_across_pp(program: RankProgram) -> list[str]:
+    return [name for name, layout in program.all_layouts.items()
+            if not layout.is_buffer and layout.requires_grad
+            and len(program.pipeline.holders(name)) > 1]

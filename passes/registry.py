@@ -1,0 +1,178 @@
+"""The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
+
+causal-mask fold -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
+lowering. Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
+under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
+entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
+it read that record instead of re-deriving it from the graph, and `run_passes` logs one
+`PassOutcome` per entry in `gm.meta["passes.log"]`.
+
+A failing pass is named with the passes that ran before it, the way torch.fx's PassManager
+does; a `PassError` (every broken rule and its fix) and a `NotImplementedError` pass through as
+they are. Strategies whose pass has not landed (cp, ep) are listed with no function: plans
+asking for them are refused by `Plan.refuse_pending` before any pass runs.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from torch import fx
+
+from core import meta
+from core.plan import Plan
+from passes import Pass, PassContext, PassError
+from passes.causal_mask import fold_causal_masks
+from passes.device import retarget_device
+from passes.kernels import use_kernels
+from passes.lowering.stages import lower_stages
+from passes.pipeline_split import pipeline_split
+from passes.recompute import recompute
+from passes.sequence_parallel import sequence_parallel
+from passes.tensor_parallel import tensor_parallel
+
+
+class Record(Protocol):
+    """What a pass leaves in `gm.meta` for the passes after it and for `dump --passes`."""
+
+    def summary(self) -> str:
+        """One line: what the pass did (e.g. "14 params sharded, 5 regions, 9 collectives")."""
+
+
+@dataclass(frozen=True)
+class PassEntry:
+    name: str
+    run: Pass | None
+    """The pass; None while its strategy has not landed."""
+    applies: Callable[[Plan], bool]
+    """Whether a plan needs this pass."""
+    when: str
+    """`applies` in words, for the printed pipeline."""
+    record: str | None = None
+    """The `gm.meta` key (core.meta) the pass writes its record under."""
+
+
+@dataclass(frozen=True)
+class PassOutcome:
+    """What one registry entry did for one rank's program."""
+
+    name: str
+    status: str
+    """"ran", "skipped" (the plan does not need it) or "not landed"."""
+    summary: str
+
+    def __str__(self) -> str:
+        return f"{self.name:<18} {self.status:<10} {self.summary}"
+
+
+# --- adapters for passes that leave only node metadata ---------------------------------------
+# recompute and kernels mark the nodes they rewrite (meta["recompute"], meta["kernel"]); until
+# they write their own records, these adapters read those marks into one.
+
+@dataclass(frozen=True)
+class RecomputeRecord:
+    mode: str
+    regions: int
+    """Attention calls recomputed (selective) or checkpointed blocks (full)."""
+
+    def summary(self) -> str:
+        what = "attention cores recomputed in backward" if self.mode == "selective" else \
+            "blocks checkpointed, only their inputs kept"
+        return f"{self.mode}: {self.regions} {what}"
+
+
+@dataclass(frozen=True)
+class KernelsRecord:
+    kernels: tuple[tuple[str, int], ...]
+    """(runtime kernel, nodes pointed at it), most used first."""
+
+    def summary(self) -> str:
+        total = sum(count for _, count in self.kernels)
+        uses = ", ".join(f"{name} x{count}" for name, count in self.kernels)
+        return f"{total} ops pointed at runtime kernels" + (f": {uses}" if uses else "")
+
+
+def _recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    gm = recompute(gm, ctx)
+    mode = ctx.plan.recompute
+    regions = sum(node.meta.get(meta.RECOMPUTE) == mode for node in gm.graph.nodes)
+    gm.meta[meta.RECOMPUTE_RECORD] = RecomputeRecord(mode, regions)
+    return gm
+
+
+def _kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    gm = use_kernels(gm)
+    used = Counter(node.meta[meta.KERNEL] for module in gm.modules()
+                   if isinstance(module, fx.GraphModule)
+                   for node in module.graph.nodes if meta.KERNEL in node.meta)
+    gm.meta[meta.KERNELS_RECORD] = KernelsRecord(tuple(used.most_common()))
+    return gm
+
+
+def _always(plan: Plan) -> bool:
+    return True
+
+
+PIPELINE: tuple[PassEntry, ...] = (
+    PassEntry("causal_mask", fold_causal_masks, _always, "always",
+              meta.CAUSAL_MASK_RECORD),
+    PassEntry("tensor_parallel", tensor_parallel, lambda plan: plan.tp > 1, "tp > 1",
+              meta.TP_RECORD),
+    PassEntry("sequence_parallel", sequence_parallel, lambda plan: plan.sp, "sp=on",
+              meta.SP_RECORD),
+    PassEntry("context_parallel", None, lambda plan: plan.cp > 1, "cp > 1"),
+    PassEntry("expert_parallel", None, lambda plan: plan.ep > 1, "ep > 1"),
+    PassEntry("pipeline_split", pipeline_split, lambda plan: plan.stages > 1, "pp*vpp > 1",
+              meta.PP_SPLIT_RECORD),
+    PassEntry("recompute", _recompute, lambda plan: plan.recompute != "none",
+              "recompute != none", meta.RECOMPUTE_RECORD),
+    PassEntry("kernels", _kernels, _always, "always", meta.KERNELS_RECORD),
+    PassEntry("device", retarget_device, _always, "always", meta.DEVICE_RECORD),
+    PassEntry("lowering", lower_stages, lambda plan: plan.stages > 1, "pp*vpp > 1",
+              meta.PIPELINE_RECORD),
+)
+"""The whole pipeline, in order."""
+
+
+def planned(plan: Plan) -> list[PassEntry]:
+    """The entries `plan` runs, in order."""
+    return [entry for entry in PIPELINE if entry.run is not None and entry.applies(plan)]
+
+
+def summarize(record: Record | str | None) -> str:
+    """A record's one line (a `Record`, a str, or nothing recorded)."""
+    if record is None:
+        return "(no record)"
+    if isinstance(record, str):
+        return record
+    return record.summary()
+
+
+def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    """Every entry the plan needs, in order; one PassOutcome per entry in gm.meta."""
+    ctx.plan.refuse_pending()
+    outcomes: list[PassOutcome] = []
+    done: list[str] = []
+    for entry in PIPELINE:
+        if entry.run is None:
+            outcomes.append(PassOutcome(entry.name, "not landed", f"({entry.when} is refused "
+                                                                  f"by the plan until it lands)"))
+            continue
+        if not entry.applies(ctx.plan):
+            outcomes.append(PassOutcome(entry.name, "skipped", f"(runs when {entry.when})"))
+            continue
+        try:
+            gm = entry.run(gm, ctx)
+        except (PassError, NotImplementedError):
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised with the pass named
+            after = f" after {', '.join(done)}" if done else ""
+            raise PassError(f"An error occurred when running the {entry.name!r} pass{after}: "
+                            f"{type(error).__name__}: {error}") from error
+        done.append(entry.name)
+        record = gm.meta.get(entry.record) if entry.record else None
+        outcomes.append(PassOutcome(entry.name, "ran", summarize(record)))
+    gm.meta[meta.PASS_LOG] = tuple(outcomes)
+    return gm

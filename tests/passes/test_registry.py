@@ -1,0 +1,84 @@
+"""The pass registry: one ordered pipeline, a record per pass, failures named like PassManager."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from core import meta
+from core.layout import rank_coords
+from core.plan import NotLanded, Plan
+from partitioner.capture import capture
+from partitioner.models import tiny
+from passes import PassContext, PassError
+from passes import registry
+from passes.registry import PIPELINE, PassEntry, planned, run_passes
+
+
+def _graph():
+    with torch.device("meta"):
+        model, (ids,) = tiny()
+    return capture(model, (ids,)).gm
+
+
+def _context(plan: Plan) -> PassContext:
+    return PassContext(plan=plan, coords=rank_coords(plan, 0), device=torch.device("meta"))
+
+
+def test_the_pipeline_is_one_ordered_list_of_the_design_card():
+    assert [entry.name for entry in PIPELINE] == [
+        "causal_mask", "tensor_parallel", "sequence_parallel", "context_parallel",
+        "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "lowering"]
+    assert [entry.name for entry in PIPELINE if entry.run is None] == [
+        "context_parallel", "expert_parallel"]
+    assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
+        "causal_mask", "pipeline_split", "recompute", "kernels", "device", "lowering"]
+
+
+def test_every_entry_is_logged_with_its_record():
+    gm = run_passes(_graph(), _context(Plan().resolve(1)))
+    log = {outcome.name: outcome for outcome in gm.meta[meta.PASS_LOG]}
+    assert list(log) == [entry.name for entry in PIPELINE]
+    assert log["causal_mask"].status == "ran" and "attention calls" in log["causal_mask"].summary
+    assert log["device"].summary.startswith("device arguments set to meta")
+    assert log["pipeline_split"].status == "skipped" and "pp*vpp > 1" in \
+        log["pipeline_split"].summary
+    assert log["expert_parallel"].status == "not landed"
+
+
+def _replace(name: str, run) -> tuple[PassEntry, ...]:
+    return tuple(dataclasses.replace(entry, run=run) if entry.name == name else entry
+                 for entry in PIPELINE)
+
+
+def test_a_failing_pass_is_named_with_the_passes_before_it(monkeypatch):
+    def broken(gm, ctx):
+        raise RuntimeError("no such op")
+
+    monkeypatch.setattr(registry, "PIPELINE", _replace("kernels", broken))
+    with pytest.raises(PassError, match=r"An error occurred when running the 'kernels' pass "
+                                        r"after causal_mask: RuntimeError: no such op"):
+        run_passes(_graph(), _context(Plan().resolve(1)))
+
+
+def test_pass_errors_pass_through_and_records_may_be_strings(monkeypatch):
+    def refusing(gm, ctx):
+        raise PassError("device: rule x does not apply; use rules=...")
+
+    monkeypatch.setattr(registry, "PIPELINE", _replace("device", refusing))
+    with pytest.raises(PassError, match=r"^device: rule x does not apply"):
+        run_passes(_graph(), _context(Plan().resolve(1)))
+
+    def noting(gm, ctx):
+        gm.meta[meta.DEVICE_RECORD] = "nothing to move"
+        return gm
+
+    monkeypatch.setattr(registry, "PIPELINE", _replace("device", noting))
+    gm = run_passes(_graph(), _context(Plan().resolve(1)))
+    assert [o.summary for o in gm.meta[meta.PASS_LOG] if o.name == "device"] == [
+        "nothing to move"]
+
+
+def test_plans_asking_for_passes_not_landed_are_refused_before_any_pass():
+    with pytest.raises(NotLanded, match="context parallelism"):
+        run_passes(_graph(), _context(Plan(cp=2).resolve(2)))
