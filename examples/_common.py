@@ -38,8 +38,6 @@ DEGREES = ("tp", "pp", "cp", "ep", "etp")
 """Plan degrees the examples scale (dp is what is left of the world)."""
 _HALVING_ORDER = ("tp", "etp", "ep", "cp", "pp")
 """Which degree gives way first when two are equally large."""
-EXAMPLE_ONLY_KEYS = ("cp_pad",)
-"""Plan keys the examples read themselves while Plan does not know them yet."""
 
 
 @dataclass(frozen=True)
@@ -340,7 +338,7 @@ class Job:
 def build_job(example: Example, args, pinned: dict[str, str], world: int,
               launcher: str) -> Job:
     """The plan and the numbers for this command line; raises UsageError with every problem."""
-    from partitioner.plan import Plan, PlanError
+    from core.plan import Plan, PlanError
 
     items = {**pinned, **parse_items(args.plan)}
     fixed = {k: _integer(k, v) for k, v in items.items() if k in DEGREES}
@@ -363,10 +361,6 @@ def build_job(example: Example, args, pinned: dict[str, str], world: int,
     if found:
         raise UsageError("; ".join(render(p, example, launcher) for p in found))
     fields["microbatches"] = str(numbers.resolved_microbatches())
-    known = {f.name for f in dataclasses.fields(Plan)}
-    for key in EXAMPLE_ONLY_KEYS:  # read above from the plain numbers; Plan does not know it
-        if key not in known:
-            fields.pop(key, None)
     try:
         plan = Plan.parse(",".join(f"{k}={v}" for k, v in fields.items())).resolve(world)
     except PlanError as error:
@@ -618,7 +612,7 @@ def _getters_match_layout(pm) -> bool:
     import torch.distributed as dist
 
     from partitioner import parallel_state
-    from runtime.mesh import RankLayout
+    from core.layout import RankLayout
 
     rank = dist.get_rank()
     layouts = (RankLayout.dense(pm.plan), RankLayout.expert(pm.plan))

@@ -13,6 +13,7 @@ reduction, norms, state dicts) and the loss route (partitioner/loss_route.py).
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
@@ -21,11 +22,13 @@ from torch import nn
 
 from core.plan import Plan, PlanError, coerce_plan
 from core.schedules import schedule, timeline
+from partitioner import checkpoint, parallel_state
 from partitioner.batches import batch_size, first_microbatch
 from partitioner.executor import Executor, Programs
 from partitioner.loss_route import LossFn, LossRouter
 from partitioner.report.program import explain
 from partitioner.state import LocalState
+from runtime.failure import watch_failures
 from runtime.mesh import Mesh, default_device
 
 
@@ -61,8 +64,8 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
     batch, seq = batch_size(example_inputs, {}), example_inputs[0].shape[-1]
     # context and expert parallelism have no passes yet: the search must not pick them
     fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, _hardware_name(),
-                       global_batch=batch, seq=seq, fixed={"cp": 1, "ep": 1, "etp": 1})
-    fields = {k: v for k, v in fields.items() if k not in ("dp", "etp")}  # etp follows tp
+                       global_batch=batch, seq=seq, fixed={"cp": 1, "ep": 1})
+    fields = {k: v for k, v in fields.items() if k != "dp"}
     return coerce_plan(fields)
 
 
@@ -78,7 +81,7 @@ def _hardware_name() -> str:
         memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
         return "A100-80G" if memory_gib > 50 else "A100-40G"
     raise PlanError(f"plan='auto' has no cost profile for {name!r}; write one with "
-                    f"`python -m cost_model.calibrate` or pass a Plan")
+                    f"`python tools/calibrate.py` or pass a Plan")
 
 
 class ParallelModel(nn.Module):
@@ -95,8 +98,11 @@ class ParallelModel(nn.Module):
         programs = Programs(model, plan, self.rank, self.device)
         self.program = programs.get(*first_microbatch(plan, example_inputs, example_kwargs))
 
-        # 4: process groups (collective).
+        # 4: process groups (collective); Megatron-style getters describe them from now on.
         self.mesh = Mesh(plan, self.rank)
+        parallel_state.install(self.mesh)
+        # A failure on this rank from now on ends every rank (runtime/failure.py).
+        self.failures = watch_failures()
         # 5-6: this rank's tensors, bound into the program (and every later one).
         self.state = LocalState(self.program, self.mesh, model, programs.model_is_meta,
                                 self.device, zero=bool(plan.zero))
@@ -104,7 +110,7 @@ class ParallelModel(nn.Module):
         programs.on_compile = self.state.bind
         self.losses = LossRouter(loss_fn, self.mesh, self.state, self.rank, self.device)
         self.executor = Executor(plan, self.mesh, self.device, programs, self.state,
-                                 self.losses)
+                                 self.losses, self.failures)
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
@@ -155,6 +161,23 @@ class ParallelModel(nn.Module):
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True):
         """Fill local shards from full tensors (model.state_dict() as is, tied names included)."""
         self.state.load_full_state_dict(state_dict, strict)
+
+    def save(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective: a sharded checkpoint (DCP) of the model and optimizer at `path`, which
+        any plan loads (partitioner/checkpoint.py)."""
+        checkpoint.save(self.state, path, optimizer)
+
+    def load(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Collective: read a checkpoint saved by `save` under any plan, or a file written by
+        `torch.save(model.state_dict())` (model state only)."""
+        if os.path.isfile(path):
+            if optimizer is not None:
+                raise checkpoint.CheckpointError(
+                    f"{path} is a plain state dict (torch.save): it holds no optimizer state; "
+                    f"load it without optimizer=")
+            self.load_full_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        else:
+            checkpoint.load(self.state, path, optimizer)
 
     def init_weights(self, fn: Callable[[str, torch.Tensor], None]) -> None:
         """`fn(name, full_tensor)` fills each full-size parameter/buffer in place; this rank

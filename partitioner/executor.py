@@ -29,6 +29,7 @@ from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
 from passes.sequence_parallel import SequenceNotDivisible
 from runtime.collectives import bind_mesh, save_gathered_as_shards
+from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
 from runtime.pipeline import PipelineRunner
 
@@ -89,8 +90,11 @@ class Executor:
     """Runs this rank's programs for forward calls and training steps."""
 
     def __init__(self, plan: Plan, mesh: Mesh, device: torch.device, programs: Programs,
-                 state: LocalState, losses: LossRouter) -> None:
+                 state: LocalState, losses: LossRouter, failures: FailureWatch) -> None:
         self.plan = plan
+        self.failures = failures
+        """Reports a failure while graphs run (after which peers may wait in a collective);
+        checks that fail alike on every rank before any collective are not reported."""
         self.mesh = mesh
         self.device = device
         self.programs = programs
@@ -102,9 +106,9 @@ class Executor:
     @contextlib.contextmanager
     def _running(self):
         """Collectives resolve to this model's mesh; with sp, gathered sequence shards are saved
-        for backward as shards."""
-        with bind_mesh(self.mesh), (save_gathered_as_shards() if self.plan.sp
-                                    else contextlib.nullcontext()):
+        for backward as shards; a failure ends every rank."""
+        with self.failures.scope(), bind_mesh(self.mesh), (
+                save_gathered_as_shards() if self.plan.sp else contextlib.nullcontext()):
             yield
 
     def _run(self, gm, args: tuple, kwargs: dict):

@@ -5,7 +5,7 @@ group of each parallel dimension: `get_tensor_model_parallel_rank()`,
 `get_pipeline_model_parallel_world_size()`, `get_context_parallel_group()`,
 `get_data_parallel_group(with_context_parallel=True)`, `get_expert_model_parallel_rank()`, ...
 This module answers those calls under the same names. It computes nothing itself: every rank
-list comes from `runtime.mesh.RankLayout` (the dense tp-cp-dp-pp and expert etp-ep-edp-pp
+list comes from `core.layout.RankLayout` (the dense tp-cp-dp-pp and expert etp-ep-edp-pp
 generators the passes use, read from the plan's `order` exactly as Megatron-Core's
 RankGenerator reads it) and every group from the `runtime.mesh.Mesh` that runs the model.
 
@@ -28,7 +28,7 @@ import math
 
 import torch.distributed as dist
 
-from partitioner.plan import Plan
+from core.plan import Plan
 from runtime.mesh import Mesh
 
 _LAYOUT_DIMS = ("tp", "cp", "dp", "pp", "etp", "ep", "edp")

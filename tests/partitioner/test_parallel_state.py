@@ -15,7 +15,7 @@ import example_scripts
 import pytest
 
 from partitioner import parallel_state
-from partitioner.plan import Plan
+from core.plan import Plan
 from runtime import spawn
 
 
@@ -45,8 +45,8 @@ def megatron_groups(plan: Plan) -> dict[str, list[list[int]]]:
     """Megatron's groups for a resolved plan, under our dimension names."""
     world = plan.world_size
     dense = {"tp": plan.tp, "cp": plan.cp, "dp": plan.dp, "pp": plan.pp, "ep": 1}
-    edp = world // (plan.etp * plan.ep * plan.pp)
-    expert = {"tp": plan.etp, "cp": 1, "dp": edp, "pp": plan.pp, "ep": plan.ep}
+    edp = world // (plan.expert_tp * plan.ep * plan.pp)
+    expert = {"tp": plan.expert_tp, "cp": 1, "dp": edp, "pp": plan.pp, "ep": plan.ep}
     return {
         **{dim: megatron_get_ranks(dense, plan.order, dim) for dim in ("tp", "cp", "dp", "pp")},
         "dp-cp": megatron_get_ranks(dense, plan.order, "dp-cp"),
