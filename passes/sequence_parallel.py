@@ -38,11 +38,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from core.meta import LAYOUTS, TP_PLACEMENT
 from passes import PassContext, PassError
-from passes.tensor_parallel import (ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, LAYOUTS_KEY, MESH_DIM,
-                                    PLACEMENT_KEY, aten_ops)
-from runtime.collectives import (all_gather, all_reduce, copy_to_region, gather_for_region,
-                                 reduce_scatter, scatter)
+from passes.collective_targets import (all_gather, all_reduce, copy_to_region, gather_for_region,
+                                       reduce_scatter, scatter)
+from passes.tensor_parallel.rules import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, MESH_DIM, aten_ops
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ RULES = _rule_table()
 def _eligible(node: fx.Node) -> bool:
     """A replicated op of the tensor-parallel graph that may run on sequence shards."""
     return (node.op == "call_function" and node.target in RULES
-            and node.meta.get(PLACEMENT_KEY, "R") == "R")
+            and node.meta.get(TP_PLACEMENT, "R") == "R")
 
 
 def _input_splits(node, split, tokens) -> dict:
@@ -356,7 +356,7 @@ class _Rewriter:
         self.gathered: dict[fx.Node, fx.Node] = {}
         self.scattered: dict[tuple, fx.Node] = {}
         # tensor_parallel, which runs first, always leaves the layouts in the graph's meta
-        self.trainable = {name for name, layout in gm.meta[LAYOUTS_KEY].items()
+        self.trainable = {name for name, layout in gm.meta[LAYOUTS].items()
                           if not layout.is_buffer and layout.requires_grad}
         self._carries: dict[fx.Node, bool] = {}
 
@@ -392,7 +392,7 @@ class _Rewriter:
     @staticmethod
     def _meta(node: fx.Node, like: fx.Node, shape, dtype, placement: str) -> fx.Node:
         node.meta.update({"val": torch.empty(list(shape), dtype=dtype, device="meta"),
-                          PLACEMENT_KEY: placement,
+                          TP_PLACEMENT: placement,
                           "nn_module_stack": like.meta.get("nn_module_stack", {})})
         return node
 
@@ -409,7 +409,7 @@ class _Rewriter:
         val = _val(node)
         node.meta["val"] = type(val)(local(v) for v in val) if isinstance(
             val, (list, tuple)) else local(val)
-        node.meta[PLACEMENT_KEY] = str(split)
+        node.meta[TP_PLACEMENT] = str(split)
         if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
             node.args = (node.args[0], list(node.meta["val"].shape))
 

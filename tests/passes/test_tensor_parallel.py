@@ -14,7 +14,8 @@ from torch import nn
 from partitioner import models
 from partitioner.capture import capture
 from core.placement import Placements, Shard, StridedShard
-from partitioner.lower import collective_kind, compile_rank
+from core.meta import LAYOUTS
+from partitioner.lower import collective_kind, compile_rank, layouts_from_capture
 from core.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
 from passes.tensor_parallel import tensor_parallel
@@ -35,6 +36,12 @@ def _captured(factory: str, **overrides):
 def _program(factory: str, plan: Plan, rank: int = 0, **overrides):
     captured = _captured(factory, **overrides)
     return compile_rank(captured, plan, rank, "meta")
+
+
+def _seeded(captured) -> torch.fx.GraphModule:
+    """The captured graph with the layouts compile_rank seeds, for running the pass alone."""
+    captured.gm.meta[LAYOUTS] = layouts_from_capture(captured)
+    return captured.gm
 
 
 def _collectives(program) -> Counter:
@@ -306,9 +313,15 @@ def test_no_region_is_an_error():
             return self.proj(x).softmax(-1)
 
     captured = capture(Head(), (torch.randn(2, 8),))
-    gm = captured.gm
     with pytest.raises(PassError, match="no column/row-parallel region"):
-        tensor_parallel(gm, PassContext(plan=Plan(tp=2).resolve(2), coords={"tp": 0}))
+        tensor_parallel(_seeded(captured), PassContext(plan=Plan(tp=2).resolve(2),
+                                                       coords={"tp": 0}))
+
+
+def test_the_pass_needs_the_layouts_seeded_from_the_capture():
+    captured = capture(*models.tiny())
+    with pytest.raises(PassError, match="layouts seeded from the capture"):
+        tensor_parallel(captured.gm, PassContext(plan=Plan(tp=2).resolve(2), coords={"tp": 0}))
 
 
 def test_rule_matching_no_module_is_an_error():
@@ -396,7 +409,7 @@ def test_vocab_embedding_refuses_gradient_scaling_by_frequency():
     captured = capture(Scaled(), (torch.randint(0, 16, (2, 4)),))
     plan = Plan(tp=2, rules="emb:vocab").resolve(2)
     with pytest.raises(PassError, match="frequency") as info:
-        tensor_parallel(captured.gm, PassContext(plan=plan, coords={"tp": 0}))
+        tensor_parallel(_seeded(captured), PassContext(plan=plan, coords={"tp": 0}))
     assert "rules=emb:replicate" in str(info.value)
 
 

@@ -1,0 +1,412 @@
+"""The per-op split rules: how each op inside a tensor-parallel region carries the split and
+which of its constants (view sizes, split sizes, slice bounds, expand sizes, repeat counts)
+become local counts. One rule per op family, in the table at the bottom (`RULES`); a rule
+raises `Broken` when the op cannot carry the split. `propagate` runs the table over a region.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from core.fx_utils import norm_dim, val_of
+
+aten = torch.ops.aten
+MESH_DIM = "tp"
+
+
+@dataclass(frozen=True)
+class Split:
+    """A value split over tp along tensor dim `dim`; `blocks` are the full sizes of the
+    sub-blocks along it (fused projections: each block is split, Megatron's stride)."""
+
+    dim: int
+    blocks: tuple[int, ...]
+    replicas: int = 1
+    """Ranks holding the same piece: 1 for a plain split (tp pieces); tp/kv for grouped-query kv
+    heads replicated on consecutive ranks (tp/replicas pieces, rank r holds r // replicas)."""
+
+    def parts(self, tp: int) -> int:
+        return tp // self.replicas
+
+    def __str__(self) -> str:
+        # tp/2: split into tp/2 pieces (each held by 2 ranks)
+        more = f"/{self.replicas}" if self.replicas > 1 else ""
+        return f"S({self.dim})@{MESH_DIM}{more}"
+
+
+class Broken(Exception):
+    """An op cannot carry the split. `structural`: the region is not one (replicate it);
+    otherwise a count does not divide by tp (the model and plan disagree: refuse)."""
+
+    def __init__(self, rule: str, structural: bool = False, heads: int | None = None) -> None:
+        super().__init__(rule)
+        self.rule = rule
+        self.structural = structural
+        self.heads = heads  # a head count tp does not divide (kv heads may be replicated)
+
+
+@dataclass(frozen=True)
+class Call:
+    """A rule's rewritten args when its kwargs change too (a plain tuple otherwise)."""
+
+    args: tuple
+    kwargs: dict
+
+
+@dataclass(frozen=True)
+class Narrow:
+    """A rewritten argument: `node` narrowed along `dim` to the `length` slice this rank takes
+    among the `replicas` ranks that hold the same piece (the rank is known only at rewrite)."""
+
+    node: fx.Node
+    dim: int
+    length: int
+    replicas: int
+
+
+# --- helpers on node metadata --------------------------------------------------------------
+
+def full_shape(node) -> tuple[int, ...]:
+    val = val_of(node)
+    if not isinstance(val, torch.Tensor):
+        raise Broken(f"{getattr(node, 'name', node)} has no tensor shape in meta['val']",
+                     structural=True)
+    return tuple(int(s) for s in val.shape)
+
+
+def ndim(node) -> int:
+    return len(full_shape(node))
+
+
+def local_shape(shape, split: Split, tp: int) -> tuple[int, ...]:
+    out = list(shape)
+    out[split.dim] //= split.parts(tp)
+    return tuple(out)
+
+
+# --- per-op split rules: (node, state of each arg node, tp) -> (output state, new args) -----
+# A rule returns the output's state (a Split, None for replicated, or a list for multi-output
+# ops) and the node's rewritten args (None: unchanged), or raises Broken.
+
+def _split_of(states, node) -> Split | None:
+    return states.get(node) if isinstance(node, fx.Node) else None
+
+
+def _same(node, states, tp):  # unary / dtype / copy ops: the split passes through
+    return _split_of(states, node.args[0]), None
+
+
+def _softmax(node, states, tp):  # softmax over a dim other than the split one
+    split = _split_of(states, node.args[0])
+    if split and norm_dim(node.args[1], ndim(node)) == split.dim:
+        raise Broken("softmax over the split dimension", structural=True)
+    return split, None
+
+
+def _broadcast(node, states, tp):  # elementwise ops with broadcasting
+    out_ndim = ndim(node)
+    tensors = [a for a in node.args if isinstance(a, fx.Node) and isinstance(val_of(a), torch.Tensor)]
+    splits = {(s.dim + out_ndim - ndim(a), s.blocks, s.replicas) for a in tensors
+              if (s := _split_of(states, a)) is not None}
+    if len(splits) != 1:
+        raise Broken("operands split along different dimensions or into different pieces",
+                     structural=True)
+    dim, blocks, replicas = next(iter(splits))
+    for a in tensors:
+        if _split_of(states, a) is None:
+            pos = dim - (out_ndim - ndim(a))
+            if pos >= 0 and full_shape(a)[pos] != 1:
+                raise Broken(f"replicated operand {a.name} {full_shape(a)} spans the split "
+                             f"dimension {dim}", structural=True)
+    return Split(dim, blocks, replicas), None
+
+
+def _reshape(node, states, tp):  # view/reshape: follow the split into the new shape
+    split = states[node.args[0]]
+    src, dst = full_shape(node.args[0]), full_shape(node)
+    outer = math.prod(src[:split.dim])
+    dims = [e for e in range(len(dst)) if math.prod(dst[:e]) == outer and dst[e] != 1]
+    if split.parts(tp) == 1 and len(dst) > len(src) and dst[split.dim] == 1:
+        dims = [split.dim]  # one kv head on every rank (MQA): (.., hd) -> (.., 1 head, hd)
+    if not dims:
+        raise Broken(f"view/reshape {src} -> {dst} mixes the split dimension {split.dim} "
+                     f"with the dimensions before it", structural=True)
+    e = dims[0]
+    if len(split.blocks) > 1 and dst[e] != src[split.dim]:
+        raise Broken("view/reshape splits a fused (multi-block) projection output",
+                     structural=True)
+    if split.replicas > 1 and dst[e] > src[split.dim]:
+        return _merge_kv_copies(node, split, src, dst, e, tp)
+    if dst[e] % split.parts(tp):
+        raise Broken(f"view/reshape {src} -> {dst} puts the split on dim {e} of size "
+                     f"{dst[e]}, which tp={tp} does not divide (attention heads must be "
+                     f"multiples of tp; kv heads multiples of tp, or divisors of tp when "
+                     f"k and v have projections of their own)", heads=dst[e])
+    local = list(dst)
+    local[e] //= split.parts(tp)
+    blocks = split.blocks if len(split.blocks) > 1 else (dst[e],)
+    return Split(e, blocks, split.replicas), (node.args[0], local, *node.args[2:])
+
+
+def _merge_kv_copies(node, split: Split, src, dst, e: int, tp: int):
+    """reshape (B, kv, n_rep, S, hd) -> (B, heads, S, hd) of replicated kv heads (HF's
+    repeat_kv after unsqueeze/expand). This rank holds one kv head (one local entry along the
+    kv dim); of its n_rep copies it keeps the n_rep/replicas that line up with its own query
+    heads, so the merged heads are a plain tp split: rank r's local heads are
+    [r*heads/tp, (r+1)*heads/tp), all copies of kv head r // replicas, as its queries need.
+    Narrowing the expanded copies is a view, so only the local heads are ever materialized."""
+    d = split.dim
+    rep = src[d + 1] if d + 1 < len(src) else 0
+    if src[d] != split.parts(tp) or dst[e] != src[d] * rep or rep % split.replicas:
+        raise Broken(f"view/reshape {src} -> {dst} merges kv heads replicated on "
+                     f"{split.replicas} ranks with something other than their copies "
+                     f"(expected (.., kv, n_rep, ..) -> (.., kv*n_rep, ..))")
+    local = list(dst)
+    local[e] //= tp
+    x = Narrow(node.args[0], d + 1, rep // split.replicas, split.replicas)
+    return Split(e, (dst[e],)), (x, local, *node.args[2:])
+
+
+def _moved(split: Split, dim: int) -> Split:
+    return Split(dim, split.blocks, split.replicas)
+
+
+def _transpose(node, states, tp):
+    split = states[node.args[0]]
+    nd = ndim(node)
+    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
+    dim = {a: b, b: a}.get(split.dim, split.dim)
+    return _moved(split, dim), None
+
+
+def _permute(node, states, tp):
+    split = states[node.args[0]]
+    order = [norm_dim(d, ndim(node)) for d in node.args[1]]
+    return _moved(split, order.index(split.dim)), None
+
+
+def _unsqueeze(node, states, tp):
+    split = states[node.args[0]]
+    d = norm_dim(node.args[1], ndim(node))
+    return _moved(split, split.dim + (d <= split.dim)), None
+
+
+def _squeeze(node, states, tp):
+    split = states[node.args[0]]
+    src = full_shape(node.args[0])
+    dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(src) if s == 1]
+    dims = [dims] if isinstance(dims, int) else dims
+    dims = {norm_dim(d, len(src)) for d in dims if src[norm_dim(d, len(src))] == 1}
+    return _moved(split, split.dim - sum(d < split.dim for d in dims)), None
+
+
+def _pieces(node, sizes: list[int], split: Split, tp: int) -> list[int]:
+    """Split sizes along the split dim must be the fused blocks; -> their local sizes."""
+    if tuple(sizes) != split.blocks:
+        raise Broken(f"split sizes {list(sizes)} along the split dimension do not match the "
+                     f"projection's blocks {list(split.blocks)}", structural=True)
+    return [s // split.parts(tp) for s in sizes]
+
+
+def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
+    split = states[node.args[0]]
+    src = full_shape(node.args[0])
+    # split_with_sizes(x, sizes, dim) / split.Tensor(x, size, dim) / chunk(x, n, dim)
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = norm_dim(dim, len(src))
+    outs = [tuple(int(s) for s in v.shape) for v in val_of(node)]
+    if dim != split.dim:
+        return [split] * len(outs), None
+    sizes = [o[dim] for o in outs]
+    local = _pieces(node, sizes, split, tp)
+    states_out = [Split(dim, (s,), split.replicas) for s in sizes]
+    if node.target is aten.split_with_sizes.default:
+        return states_out, (node.args[0], local, *node.args[2:])
+    if node.target is aten.chunk.default:
+        return states_out, None
+    if len(set(local)) != 1:
+        raise Broken("split with a ragged last piece along the split dimension", structural=True)
+    return states_out, (node.args[0], local[0], *node.args[2:])
+
+
+def _getitem(node, states, tp):
+    parts = states.get(node.args[0])
+    return (parts[node.args[1]] if parts is not None else None), None
+
+
+def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow(x, dim, start, n)
+    split = states[node.args[0]]
+    src = full_shape(node.args[0])
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src))
+    if dim != split.dim:
+        return split, None
+    if node.target is aten.narrow.default:
+        start, end, step = node.args[2], node.args[2] + node.args[3], 1
+    else:
+        start = node.args[2] if len(node.args) > 2 and node.args[2] is not None else 0
+        end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else src[dim]
+        step = node.args[4] if len(node.args) > 4 else 1
+        end = min(end, src[dim])
+    bounds = [0]
+    for block in split.blocks:
+        bounds.append(bounds[-1] + block)
+    if step != 1 or start not in bounds or end not in bounds or end <= start:
+        raise Broken(f"slice [{start}:{end}:{step}] along the split dimension does not follow "
+                     f"the projection's blocks {list(split.blocks)}", structural=True)
+    first, last = bounds.index(start), bounds.index(end)
+    blocks = split.blocks[first:last]
+    parts = split.parts(tp)
+    lstart, lend = bounds[first] // parts, bounds[last] // parts
+    out = Split(dim, blocks, split.replicas)
+    if node.target is aten.narrow.default:
+        return out, (node.args[0], node.args[1], lstart, lend - lstart)
+    return out, (node.args[0], node.args[1], lstart, lend, *node.args[4:])
+
+
+def _expand(node, states, tp):
+    split = states[node.args[0]]
+    nd = ndim(node)
+    dim = split.dim + nd - ndim(node.args[0])
+    sizes = list(node.args[1])
+    if sizes[dim] != -1:
+        sizes[dim] //= split.parts(tp)
+    return _moved(split, dim), (node.args[0], sizes, *node.args[2:])
+
+
+def _cat(node, states, tp):
+    tensors = node.args[0]
+    nd = ndim(node)
+    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
+    splits = {_split_of(states, t) for t in tensors}
+    if len(splits) != 1 or None in splits:
+        raise Broken("cat of split and replicated tensors", structural=True)
+    split = next(iter(splits))
+    if split.dim == dim:
+        raise Broken("cat along the split dimension", structural=True)
+    return split, None
+
+
+def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
+    q, k, v = node.args[:3]
+    nd = ndim(node)
+    heads = nd - 3
+    for t in (q, k, v):
+        split = _split_of(states, t)
+        if split is None or split.dim != ndim(t) - 3:
+            raise Broken(f"attention input {t.name} is not split along its heads",
+                         structural=True)
+        if split.replicas == 1:
+            continue
+        # A replicated kv head (one per rank) serves all this rank's query heads: right for
+        # SDPA's own grouping (enable_gqa), wrong for anything that pairs heads one to one.
+        if t is q or not node.kwargs.get("enable_gqa") or \
+                local_shape(full_shape(t), split, tp)[split.dim] != 1:
+            raise Broken(f"attention input {t.name} holds kv heads replicated on "
+                         f"{split.replicas} ranks but reaches attention without a kv-head "
+                         f"repeat the pass can rewrite (repeat_interleave, unsqueeze/expand/"
+                         f"reshape, or enable_gqa=True)")
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    if isinstance(mask, fx.Node):
+        if _split_of(states, mask) is not None:
+            raise Broken("split attention mask", structural=True)
+        pos = heads - (nd - ndim(mask))
+        if pos >= 0 and full_shape(mask)[pos] != 1:
+            raise Broken("attention mask spans the heads dimension", structural=True)
+    return Split(heads, (full_shape(node)[heads],)), None
+
+
+def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query heads
+    x = node.args[0]
+    split = states[x]
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if dim is None or norm_dim(dim, ndim(node)) != split.dim:
+        return Split(split.dim, (full_shape(node)[split.dim],), split.replicas), None
+    out = full_shape(node)[split.dim]
+    args, kwargs = list(node.args), dict(node.kwargs)
+    if split.replicas > 1:
+        # This rank's one kv head, repeated once per query head this rank holds (all of them
+        # map to it): a plain tp split of the repeated heads.
+        if local_shape(full_shape(x), split, tp)[split.dim] != 1 or not isinstance(args[1], int):
+            raise Broken(f"repeat_interleave of kv heads replicated on {split.replicas} ranks "
+                         f"holds more than one kv head per rank")
+        args[1] = out // tp
+    if kwargs.get("output_size") is not None:
+        kwargs["output_size"] = out // tp
+    return Split(split.dim, (out,)), Call(tuple(args), kwargs)
+
+
+def _matmul(node, states, tp):  # batched matmul: split along a shared batch dimension only
+    a, b = node.args[:2]
+    sa, sb = _split_of(states, a), _split_of(states, b)
+    nd = ndim(node)
+    dims = {s.dim + nd - ndim(t) for s, t in ((sa, a), (sb, b)) if s is not None}
+    if sa is None or sb is None or len(dims) != 1 or next(iter(dims)) >= nd - 2:
+        raise Broken("matmul contracts or mixes the split dimension", structural=True)
+    if sa.replicas != sb.replicas:
+        raise Broken(f"matmul pairs heads split into different pieces ({sa} and {sb}): kv "
+                     f"heads replicated over ranks need a kv-head repeat before they meet "
+                     f"the query heads")
+    return Split(next(iter(dims)), sa.blocks, sa.replicas), None
+
+
+ELEMENTWISE_UNARY = [
+    "gelu.default", "silu.default", "relu.default", "tanh.default", "sigmoid.default",
+    "neg.default", "exp.default", "rsqrt.default", "sqrt.default", "dropout.default",
+    "clone.default", "contiguous.default", "alias.default", "_to_copy.default", "to.dtype",
+    "to.dtype_layout", "to.device", "pow.Tensor_Scalar", "mul.Scalar", "add.Scalar",
+    "div.Scalar", "sub.Scalar", "type_as.default", "detach.default", "gelu_.default",
+]
+ELEMENTWISE_BINARY = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
+                      "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default",
+                      "minimum.default"]
+
+
+def aten_ops(names: list[str]) -> list:
+    """The aten overloads named "packet.overload" that this torch has."""
+    ops = []
+    for name in names:
+        packet, _, overload = name.partition(".")
+        op = getattr(getattr(aten, packet, None), overload, None)
+        if op is not None:
+            ops.append(op)
+    return ops
+
+
+def _rule_table():
+    """Op -> split rule: which ops can sit inside a tensor-parallel region."""
+    table = {op: _same for op in aten_ops(ELEMENTWISE_UNARY)}
+    table.update({op: _broadcast for op in aten_ops(ELEMENTWISE_BINARY)})
+    table.update({
+        aten.view.default: _reshape,             # (B,S,h) -> (B,S,nh/tp,hd) and back
+        aten.reshape.default: _reshape,
+        aten._unsafe_view.default: _reshape,
+        aten.transpose.int: _transpose,          # the split dim moves with the axes
+        aten.permute.default: _permute,
+        aten.t.default: _transpose,
+        aten.unsqueeze.default: _unsqueeze,
+        aten.squeeze.dim: _squeeze,
+        aten.squeeze.dims: _squeeze,
+        aten.split_with_sizes.default: _split_sizes,  # fused q|k|v sizes -> local sizes
+        aten.split.Tensor: _split_sizes,
+        aten.chunk.default: _split_sizes,        # fused gate|up: equal blocks, args unchanged
+        operator.getitem: _getitem,
+        aten.slice.Tensor: _slice,               # [..., :q_size] -> [..., :q_size/tp]
+        aten.narrow.default: _slice,
+        aten.expand.default: _expand,
+        aten.cat.default: _cat,
+        aten.scaled_dot_product_attention.default: _attention,
+        aten.repeat_interleave.self_int: _repeat_interleave,
+        aten.matmul.default: _matmul,
+        aten.bmm.default: _matmul,
+        aten.softmax.int: _softmax,
+        aten._softmax.default: _softmax,
+    })
+    return table
+
+
+RULES = _rule_table()
