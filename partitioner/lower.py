@@ -193,7 +193,7 @@ def collective_kind(node: fx.Node) -> str | None:
 def node_placement(node: fx.Node, layouts: dict[str, ParamLayout]) -> str:
     if node.op == "get_attr" and node.target in layouts:
         return str(layouts[node.target].placements)
-    return node.meta.get("tp.placement", "R")
+    return str(node.meta.get("tp.placement", "R"))  # a core.placement.Placements
 
 
 def layouts_from_capture(captured: Captured) -> dict[str, ParamLayout]:

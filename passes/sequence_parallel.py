@@ -39,6 +39,7 @@ import torch
 from torch import fx
 
 from core.meta import LAYOUTS, TP_PLACEMENT
+from core.placement import Partial, Placements, Shard
 from passes import PassContext, PassError
 from passes.collective_targets import (all_gather, all_reduce, copy_to_region, gather_for_region,
                                        reduce_scatter, scatter)
@@ -47,6 +48,8 @@ from passes.tensor_parallel.rules import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, 
 log = logging.getLogger(__name__)
 
 aten = torch.ops.aten
+REPLICATED = Placements()
+PARTIAL = Placements.of(**{MESH_DIM: Partial()})
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,9 @@ class SeqSplit:
     dim: int
     flat: bool = False
 
-    def __str__(self) -> str:
-        return f"S({self.dim})@{MESH_DIM}"
+    @property
+    def placements(self) -> Placements:
+        return Placements.of(**{MESH_DIM: Shard(self.dim)})
 
 
 class SequenceNotDivisible(PassError):
@@ -216,7 +220,7 @@ RULES = _rule_table()
 def _eligible(node: fx.Node) -> bool:
     """A replicated op of the tensor-parallel graph that may run on sequence shards."""
     return (node.op == "call_function" and node.target in RULES
-            and node.meta.get(TP_PLACEMENT, "R") == "R")
+            and node.meta.get(TP_PLACEMENT, REPLICATED).replicated)
 
 
 def _input_splits(node, split, tokens) -> dict:
@@ -390,7 +394,7 @@ class _Rewriter:
         return local
 
     @staticmethod
-    def _meta(node: fx.Node, like: fx.Node, shape, dtype, placement: str) -> fx.Node:
+    def _meta(node: fx.Node, like: fx.Node, shape, dtype, placement: Placements) -> fx.Node:
         node.meta.update({"val": torch.empty(list(shape), dtype=dtype, device="meta"),
                           TP_PLACEMENT: placement,
                           "nn_module_stack": like.meta.get("nn_module_stack", {})})
@@ -409,13 +413,13 @@ class _Rewriter:
         val = _val(node)
         node.meta["val"] = type(val)(local(v) for v in val) if isinstance(
             val, (list, tuple)) else local(val)
-        node.meta[TP_PLACEMENT] = str(split)
+        node.meta[TP_PLACEMENT] = split.placements
         if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
             node.args = (node.args[0], list(node.meta["val"].shape))
 
     # --- boundaries -----------------------------------------------------------------------
     def _collective(self, fn, x: fx.Node, split: SeqSplit, shapes: tuple, like: fx.Node,
-                    placements: tuple[str, str]) -> fx.Node:
+                    placements: tuple[Placements, Placements]) -> fx.Node:
         """`fn(x, "tp", dim)` along the sequence, from shape `shapes[0]` to `shapes[1]`. A
         flattened (batch*seq, ...) value is viewed as (batch, seq, ...) around it, so the
         collective moves whole sequence chunks of every batch row."""
@@ -429,11 +433,13 @@ class _Rewriter:
         def unflat(shape):
             return list(shape[:d]) + [batch, shape[d] // batch] + list(shape[d + 1:])
 
-        seq = str(SeqSplit(d + 1))
+        seq = SeqSplit(d + 1).placements
         viewed = self._meta(graph.call_function(aten.view.default, (x, unflat(src))), like,
-                            unflat(src), dtype, seq if before.startswith("S") else before)
+                            unflat(src), dtype,
+                            seq if isinstance(before.on(MESH_DIM), Shard) else before)
         moved = self._meta(graph.call_function(fn, (viewed, MESH_DIM, d + 1)), like,
-                           unflat(dst), dtype, seq if after != "R" else "R")
+                           unflat(dst), dtype,
+                           after if after.replicated else seq)
         return self._meta(graph.call_function(aten.view.default, (moved, list(dst))), like,
                           dst, dtype, after)
 
@@ -444,7 +450,7 @@ class _Rewriter:
         with self.graph.inserting_before(node):
             out = self._collective(reduce_scatter, y, split,
                                    (full, self._local_shape(full, split)), node,
-                                   ("P(sum)@tp", str(split)))
+                                   (PARTIAL, split.placements))
         out.meta["val"] = node.meta["val"]  # full, as every zone value before _localize
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
@@ -459,7 +465,7 @@ class _Rewriter:
         with self.graph.inserting_before(copy):
             out = self._collective(gather_for_region, x, self.zone[x],
                                    (self._local_shape(full, self.zone[x]), full), copy,
-                                   (str(self.zone[x]), "R"))
+                                   (self.zone[x].placements, REPLICATED))
         copy.replace_all_uses_with(out)
         self.graph.erase_node(copy)
 
@@ -470,7 +476,7 @@ class _Rewriter:
             with self.graph.inserting_after(node):
                 self.gathered[node] = self._collective(
                     all_gather, node, split, (self._local_shape(full, split), full), node,
-                    (str(split), "R"))
+                    (split.placements, REPLICATED))
         return self.gathered[node]
 
     def _read_operands(self, node: fx.Node, splits: dict) -> None:
@@ -482,7 +488,7 @@ class _Rewriter:
                     with self.graph.inserting_before(node):
                         copy = self._meta(self.graph.call_function(copy_to_region,
                                                                    (arg, MESH_DIM)),
-                                          node, val.shape, val.dtype, "R")
+                                          node, val.shape, val.dtype, REPLICATED)
                     node.replace_input_with(arg, copy)
                 continue
             if self.zone.get(arg) == want:
@@ -493,7 +499,7 @@ class _Rewriter:
                 with self.graph.inserting_before(node):
                     self.scattered[arg, want] = self._collective(
                         scatter, full, want, (shape, self._local_shape(shape, want)), node,
-                        ("R", str(want)))
+                        (REPLICATED, want.placements))
             node.replace_input_with(arg, self.scattered[arg, want])
 
     def _carries_grad(self, node: fx.Node) -> bool:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from torch import fx
 
 from passes.tensor_parallel.projections import Projection, fused_blocks
-from passes.tensor_parallel.rules import RULES, Broken, Call, Split, ndim
+from core.placement import StridedShard
+from passes.tensor_parallel.rules import RULES, Broken, Call, ndim, parts, tp_split
 
 @dataclass
 class Region:
@@ -123,8 +124,8 @@ def split_region(region: Region, projs: dict, order: dict, tp: int, replicas: di
         try:
             if node in columns:
                 blocks = fused_blocks(node)
-                split = Split(ndim(node) - 1, blocks, replicas.get(node, 1))
-                bad = [b for b in blocks if b % split.parts(tp)]
+                split = tp_split(ndim(node) - 1, blocks, replicas.get(node, 1))
+                bad = [b for b in blocks if b % parts(split, tp)]
                 if bad:
                     raise Broken(f"output features {list(blocks)} of the column-parallel "
                                  f"linear do not divide by tp={tp}")
@@ -133,7 +134,7 @@ def split_region(region: Region, projs: dict, order: dict, tp: int, replicas: di
                 x = projs[node].x
                 split = states.get(x)
                 if split is None or split.dim != ndim(x) - 1 or \
-                        len(split.blocks) > 1 or split.replicas > 1:
+                        isinstance(split, StridedShard) or split.replicas > 1:
                     raise Broken("the row-parallel linear's input is not split along its "
                                  "features", structural=True)
             elif node in region.nodes:

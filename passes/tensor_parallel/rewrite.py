@@ -17,18 +17,23 @@ from torch import fx
 
 from core.fx_utils import val_of
 from core.meta import TP_PLACEMENT
-from core.placement import Placements, Shard, local_size, split_placement
+from core.placement import (Partial, Placements, Shard, StridedShard, local_size,
+                            split_placement)
 from passes import PassError
 from passes.collective_targets import all_gather, all_reduce, copy_to_region
 from passes.tensor_parallel.projections import lookup_arg
-from passes.tensor_parallel.rules import MESH_DIM, Call, Narrow, Split, full_shape, local_shape
+from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, blocks_of, full_shape,
+                                          local_shape, parts, replicas_of)
 
 aten = torch.ops.aten
+REPLICATED = Placements()
+PARTIAL = Placements.of(**{MESH_DIM: Partial()})
+"""Each rank holds a partial sum (a row projection's output, before its all-reduce)."""
 
 
 def _set_val(node: fx.Node, state, tp: int) -> None:
     val = val_of(node)
-    if isinstance(state, Split) and isinstance(val, torch.Tensor):
+    if isinstance(state, (Shard, StridedShard)) and isinstance(val, torch.Tensor):
         node.meta["val"] = torch.empty(local_shape(val.shape, state, tp), dtype=val.dtype,
                                        device="meta")
     elif isinstance(state, list) and isinstance(val, (list, tuple)):
@@ -51,20 +56,20 @@ class Rewriter:
         # In graph order, so each shared copy_to_region lands before its first user.
         for lin in sorted((c for r in regions for c in r.columns), key=order.__getitem__):
             split = self.states[lin]
-            if split.replicas > 1:
+            if replicas_of(split) > 1:
                 self.replicated_column(lin, split)
             else:
-                self.column(lin, split.blocks)
+                self.column(lin, blocks_of(split, full_shape(lin)[split.dim]))
         for region in regions:
             for node in region.nodes:  # every arg rewrite reads full shapes: before _set_val
                 if node in rewrites:
                     self.apply(node, rewrites[node])
             for node in list(region.nodes) + region.columns:
                 state = self.states.get(node)
-                if isinstance(state, Split):
-                    node.meta[TP_PLACEMENT] = str(state)
-                elif isinstance(state, list):
-                    node.meta[TP_PLACEMENT] = ",".join(map(str, state))
+                if isinstance(state, list):  # split's pieces: every one split the same way
+                    state = state[0]
+                if state is not None:
+                    node.meta[TP_PLACEMENT] = Placements.of(**{MESH_DIM: state})
                 _set_val(node, state, self.tp)
             for lin in region.rows:
                 self.row(lin)
@@ -75,7 +80,7 @@ class Rewriter:
         self.local_tensors()
 
     # --- helpers ---------------------------------------------------------------------------
-    def call(self, target, args, like: fx.Node, val, placement: str) -> fx.Node:
+    def call(self, target, args, like: fx.Node, val, placement: Placements) -> fx.Node:
         """A new node at the current insert point, with meta taken from `like`."""
         node = self.graph.call_function(target, args)
         node.meta.update({"val": val, TP_PLACEMENT: placement,
@@ -92,7 +97,7 @@ class Rewriter:
         layout = self.layouts[attr.target]
         placements = Placements(((MESH_DIM, spec),))
         self.layouts[attr.target] = dataclasses.replace(layout, placements=placements)
-        attr.meta[TP_PLACEMENT] = str(placements)
+        attr.meta[TP_PLACEMENT] = placements
         val = val_of(attr)
         if isinstance(val, torch.Tensor):
             local = list(val.shape)
@@ -120,14 +125,16 @@ class Rewriter:
         with self.graph.inserting_before(user):
             return self.call(aten.narrow.default, (x, marker.dim, start, marker.length), user,
                              torch.empty(local, dtype=val_of(x).dtype, device="meta"),
-                             f"S({split.dim},{marker.dim})@{MESH_DIM}")
+                             # (and narrowed along marker.dim to this rank's kv copies, which
+                             # the merging reshape after it makes a plain split of heads)
+                             Placements.of(**{MESH_DIM: split}))
 
     # --- column, row and vocab rewrites ----------------------------------------------------
     def enter(self, lin: fx.Node) -> None:  # f: identity forward, all-reduce backward
         x = self.projs[lin].x
         if x not in self.copies:  # one copy per input, shared by the region's column linears
             with self.graph.inserting_before(lin):
-                self.copies[x] = self.call(copy_to_region, (x, MESH_DIM), lin, val_of(x), "R")
+                self.copies[x] = self.call(copy_to_region, (x, MESH_DIM), lin, val_of(x), REPLICATED)
         lin.replace_input_with(x, self.copies[x])
 
     def column(self, lin: fx.Node, blocks, padded: int | None = None) -> None:
@@ -146,7 +153,7 @@ class Rewriter:
         needs. The input gradient needs nothing more: the k/v projections read the region's
         shared copy_to_region(x), whose backward sums every rank's part."""
         proj = self.projs[lin]
-        size = full_shape(lin)[-1] // split.parts(self.tp)
+        size = full_shape(lin)[-1] // parts(split, self.tp)
         start = self.rank // split.replicas * size
         for param, dim in ((proj.weight, proj.out_dim), (proj.bias, 0)):
             if param is None:
@@ -155,10 +162,10 @@ class Rewriter:
             local = list(val.shape)
             local[dim] = size
             with self.graph.inserting_before(lin):
-                copy = self.call(copy_to_region, (param, MESH_DIM), lin, val, "R")
+                copy = self.call(copy_to_region, (param, MESH_DIM), lin, val, REPLICATED)
                 piece = self.call(aten.narrow.default, (copy, dim, start, size), lin,
                                   torch.empty(local, dtype=val.dtype, device="meta"),
-                                  str(Split(dim, (val.shape[dim],), split.replicas)))
+                                  Placements.of(tp=Shard(dim, replicas=split.replicas)))
             lin.replace_input_with(param, piece)
         self.enter(lin)
 
@@ -171,13 +178,13 @@ class Rewriter:
         lin.args = (lin.args[0], lin.args[1]) if lin.target is aten.linear.default else (
             proj.x, proj.weight)
         lin.kwargs = {}
-        lin.meta[TP_PLACEMENT] = f"P(sum)@{MESH_DIM}"
+        lin.meta[TP_PLACEMENT] = PARTIAL
         users = list(lin.users)
         with graph.inserting_after(lin):
-            out = reduced = self.call(all_reduce, (lin, MESH_DIM), lin, val_of(lin), "R")
+            out = reduced = self.call(all_reduce, (lin, MESH_DIM), lin, val_of(lin), REPLICATED)
         if bias is not None:
             with graph.inserting_after(reduced):
-                out = self.call(aten.add.Tensor, (reduced, bias), lin, val_of(lin), "R")
+                out = self.call(aten.add.Tensor, (reduced, bias), lin, val_of(lin), REPLICATED)
         for user in users:
             user.replace_input_with(lin, out)
 
@@ -190,7 +197,8 @@ class Rewriter:
         # of tp; the padded logits are sliced off after the gather.
         padded = -(-vocab_size // tp) * tp
         self.column(lin, (vocab_size,), padded if padded != vocab_size else None)
-        lin.meta[TP_PLACEMENT] = f"S({full.dim() - 1})@{MESH_DIM}"
+        lin.meta[TP_PLACEMENT] = Placements.of(**{MESH_DIM: Shard(
+            full.dim() - 1, padded=padded if padded != vocab_size else None)})
         local = list(full.shape)
         local[-1] = padded // tp
         lin.meta["val"] = torch.empty(local, dtype=full.dtype, device="meta")
@@ -198,10 +206,10 @@ class Rewriter:
         with graph.inserting_after(lin):
             out = self.call(all_gather, (lin, MESH_DIM, -1), lin,
                             torch.empty(local[:-1] + [padded], dtype=full.dtype,
-                                        device="meta"), "R")
+                                        device="meta"), REPLICATED)
         if padded != vocab_size:
             with graph.inserting_after(out):
-                out = self.call(aten.slice.Tensor, (out, -1, 0, vocab_size), lin, full, "R")
+                out = self.call(aten.slice.Tensor, (out, -1, 0, vocab_size), lin, full, REPLICATED)
         for user in users:
             user.replace_input_with(lin, out)
 
@@ -220,26 +228,26 @@ class Rewriter:
         id_val, out_val = val_of(ids), val_of(lookup)
         flags = torch.empty(id_val.shape, dtype=torch.bool, device="meta")
         with graph.inserting_before(lookup):
-            below = self.call(aten.lt.Scalar, (ids, start), lookup, flags, "R")
-            above = self.call(aten.ge.Scalar, (ids, end), lookup, flags, "R")
-            outside = self.call(aten.bitwise_or.Tensor, (below, above), lookup, flags, "R")
-            shifted = self.call(aten.sub.Scalar, (ids, start), lookup, id_val, "R")
+            below = self.call(aten.lt.Scalar, (ids, start), lookup, flags, REPLICATED)
+            above = self.call(aten.ge.Scalar, (ids, end), lookup, flags, REPLICATED)
+            outside = self.call(aten.bitwise_or.Tensor, (below, above), lookup, flags, REPLICATED)
+            shifted = self.call(aten.sub.Scalar, (ids, start), lookup, id_val, REPLICATED)
             local_ids = self.call(aten.masked_fill.Scalar, (shifted, outside, 0), lookup,
-                                  id_val, "R")
+                                  id_val, REPLICATED)
         pad = lookup_arg(lookup, 2, "padding_idx", -1)
         # padding_idx only stops that row's gradient; it lives on one rank
         local_pad = pad - start if pad is not None and start <= pad < end else -1
         lookup.args = (table, local_ids, local_pad, *lookup.args[3:])
         lookup.kwargs = {k: v for k, v in lookup.kwargs.items() if k != "padding_idx"}
-        lookup.meta[TP_PLACEMENT] = f"P(sum)@{MESH_DIM}"
+        lookup.meta[TP_PLACEMENT] = PARTIAL
         users = list(lookup.users)
         with graph.inserting_before(lookup.next):
             keep = self.call(aten.unsqueeze.default, (outside, -1), lookup,
                              torch.empty(tuple(id_val.shape) + (1,), dtype=torch.bool,
-                                         device="meta"), "R")
+                                         device="meta"), REPLICATED)
             zeroed = self.call(aten.masked_fill.Scalar, (lookup, keep, 0.0), lookup, out_val,
-                               f"P(sum)@{MESH_DIM}")
-            out = self.call(all_reduce, (zeroed, MESH_DIM), lookup, out_val, "R")
+                               PARTIAL)
+            out = self.call(all_reduce, (zeroed, MESH_DIM), lookup, out_val, REPLICATED)
         for user in users:
             user.replace_input_with(lookup, out)
 

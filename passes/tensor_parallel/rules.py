@@ -6,6 +6,7 @@ raises `Broken` when the op cannot carry the split. `propagate` runs the table o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -14,29 +15,42 @@ import torch
 from torch import fx
 
 from core.fx_utils import norm_dim, val_of
+from core.placement import Shard, SplitPlacement, StridedShard
 
 aten = torch.ops.aten
 MESH_DIM = "tp"
 
 
-@dataclass(frozen=True)
-class Split:
-    """A value split over tp along tensor dim `dim`; `blocks` are the full sizes of the
-    sub-blocks along it (fused projections: each block is split, Megatron's stride)."""
+Split = SplitPlacement
+"""How a value inside a region is laid over tp: `Shard(dim)` (kv heads held by `replicas`
+consecutive ranks where there are fewer than tp), or `StridedShard(dim, blocks)` for a fused
+projection's output, each of its sub-blocks split (Megatron's stride)."""
 
-    dim: int
-    blocks: tuple[int, ...]
-    replicas: int = 1
-    """Ranks holding the same piece: 1 for a plain split (tp pieces); tp/kv for grouped-query kv
-    heads replicated on consecutive ranks (tp/replicas pieces, rank r holds r // replicas)."""
 
-    def parts(self, tp: int) -> int:
-        return tp // self.replicas
+def tp_split(dim: int, blocks: tuple[int, ...] = (), replicas: int = 1) -> Split:
+    """The split along `dim` of a value with these sub-blocks (one block: a plain Shard)."""
+    if len(blocks) > 1:
+        return StridedShard(dim, tuple(blocks))
+    return Shard(dim, replicas=replicas)
 
-    def __str__(self) -> str:
-        # tp/2: split into tp/2 pieces (each held by 2 ranks)
-        more = f"/{self.replicas}" if self.replicas > 1 else ""
-        return f"S({self.dim})@{MESH_DIM}{more}"
+
+def parts(split: Split, tp: int) -> int:
+    """How many distinct pieces tp ranks hold."""
+    return tp // replicas_of(split)
+
+
+def replicas_of(split: Split) -> int:
+    return split.replicas if isinstance(split, Shard) else 1
+
+
+def blocks_of(split: Split, size: int) -> tuple[int, ...]:
+    """The full sizes of the sub-blocks along the split dim (`size`: the dim's full size)."""
+    return split.blocks if isinstance(split, StridedShard) else (size,)
+
+
+def moved(split: Split, dim: int) -> Split:
+    """The same split, now along `dim` (the op moved the axes)."""
+    return dataclasses.replace(split, dim=dim)
 
 
 class Broken(Exception):
@@ -85,7 +99,7 @@ def ndim(node) -> int:
 
 def local_shape(shape, split: Split, tp: int) -> tuple[int, ...]:
     out = list(shape)
-    out[split.dim] //= split.parts(tp)
+    out[split.dim] //= parts(split, tp)
     return tuple(out)
 
 
@@ -111,19 +125,20 @@ def _softmax(node, states, tp):  # softmax over a dim other than the split one
 def _broadcast(node, states, tp):  # elementwise ops with broadcasting
     out_ndim = ndim(node)
     tensors = [a for a in node.args if isinstance(a, fx.Node) and isinstance(val_of(a), torch.Tensor)]
-    splits = {(s.dim + out_ndim - ndim(a), s.blocks, s.replicas) for a in tensors
+    splits = {moved(s, s.dim + out_ndim - ndim(a)) for a in tensors
               if (s := _split_of(states, a)) is not None}
     if len(splits) != 1:
         raise Broken("operands split along different dimensions or into different pieces",
                      structural=True)
-    dim, blocks, replicas = next(iter(splits))
+    split = next(iter(splits))
+    dim = split.dim
     for a in tensors:
         if _split_of(states, a) is None:
             pos = dim - (out_ndim - ndim(a))
             if pos >= 0 and full_shape(a)[pos] != 1:
                 raise Broken(f"replicated operand {a.name} {full_shape(a)} spans the split "
                              f"dimension {dim}", structural=True)
-    return Split(dim, blocks, replicas), None
+    return split, None
 
 
 def _reshape(node, states, tp):  # view/reshape: follow the split into the new shape
@@ -131,26 +146,25 @@ def _reshape(node, states, tp):  # view/reshape: follow the split into the new s
     src, dst = full_shape(node.args[0]), full_shape(node)
     outer = math.prod(src[:split.dim])
     dims = [e for e in range(len(dst)) if math.prod(dst[:e]) == outer and dst[e] != 1]
-    if split.parts(tp) == 1 and len(dst) > len(src) and dst[split.dim] == 1:
+    if parts(split, tp) == 1 and len(dst) > len(src) and dst[split.dim] == 1:
         dims = [split.dim]  # one kv head on every rank (MQA): (.., hd) -> (.., 1 head, hd)
     if not dims:
         raise Broken(f"view/reshape {src} -> {dst} mixes the split dimension {split.dim} "
                      f"with the dimensions before it", structural=True)
     e = dims[0]
-    if len(split.blocks) > 1 and dst[e] != src[split.dim]:
+    if isinstance(split, StridedShard) and dst[e] != src[split.dim]:
         raise Broken("view/reshape splits a fused (multi-block) projection output",
                      structural=True)
-    if split.replicas > 1 and dst[e] > src[split.dim]:
+    if replicas_of(split) > 1 and dst[e] > src[split.dim]:
         return _merge_kv_copies(node, split, src, dst, e, tp)
-    if dst[e] % split.parts(tp):
+    if dst[e] % parts(split, tp):
         raise Broken(f"view/reshape {src} -> {dst} puts the split on dim {e} of size "
                      f"{dst[e]}, which tp={tp} does not divide (attention heads must be "
                      f"multiples of tp; kv heads multiples of tp, or divisors of tp when "
                      f"k and v have projections of their own)", heads=dst[e])
     local = list(dst)
-    local[e] //= split.parts(tp)
-    blocks = split.blocks if len(split.blocks) > 1 else (dst[e],)
-    return Split(e, blocks, split.replicas), (node.args[0], local, *node.args[2:])
+    local[e] //= parts(split, tp)
+    return moved(split, e), (node.args[0], local, *node.args[2:])
 
 
 def _merge_kv_copies(node, split: Split, src, dst, e: int, tp: int):
@@ -162,18 +176,14 @@ def _merge_kv_copies(node, split: Split, src, dst, e: int, tp: int):
     Narrowing the expanded copies is a view, so only the local heads are ever materialized."""
     d = split.dim
     rep = src[d + 1] if d + 1 < len(src) else 0
-    if src[d] != split.parts(tp) or dst[e] != src[d] * rep or rep % split.replicas:
+    if src[d] != parts(split, tp) or dst[e] != src[d] * rep or rep % split.replicas:
         raise Broken(f"view/reshape {src} -> {dst} merges kv heads replicated on "
                      f"{split.replicas} ranks with something other than their copies "
                      f"(expected (.., kv, n_rep, ..) -> (.., kv*n_rep, ..))")
     local = list(dst)
     local[e] //= tp
     x = Narrow(node.args[0], d + 1, rep // split.replicas, split.replicas)
-    return Split(e, (dst[e],)), (x, local, *node.args[2:])
-
-
-def _moved(split: Split, dim: int) -> Split:
-    return Split(dim, split.blocks, split.replicas)
+    return Shard(e), (x, local, *node.args[2:])
 
 
 def _transpose(node, states, tp):
@@ -181,19 +191,19 @@ def _transpose(node, states, tp):
     nd = ndim(node)
     a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
     dim = {a: b, b: a}.get(split.dim, split.dim)
-    return _moved(split, dim), None
+    return moved(split, dim), None
 
 
 def _permute(node, states, tp):
     split = states[node.args[0]]
     order = [norm_dim(d, ndim(node)) for d in node.args[1]]
-    return _moved(split, order.index(split.dim)), None
+    return moved(split, order.index(split.dim)), None
 
 
 def _unsqueeze(node, states, tp):
     split = states[node.args[0]]
     d = norm_dim(node.args[1], ndim(node))
-    return _moved(split, split.dim + (d <= split.dim)), None
+    return moved(split, split.dim + (d <= split.dim)), None
 
 
 def _squeeze(node, states, tp):
@@ -202,15 +212,16 @@ def _squeeze(node, states, tp):
     dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(src) if s == 1]
     dims = [dims] if isinstance(dims, int) else dims
     dims = {norm_dim(d, len(src)) for d in dims if src[norm_dim(d, len(src))] == 1}
-    return _moved(split, split.dim - sum(d < split.dim for d in dims)), None
+    return moved(split, split.dim - sum(d < split.dim for d in dims)), None
 
 
 def _pieces(node, sizes: list[int], split: Split, tp: int) -> list[int]:
     """Split sizes along the split dim must be the fused blocks; -> their local sizes."""
-    if tuple(sizes) != split.blocks:
+    fused = blocks_of(split, sum(sizes))
+    if tuple(sizes) != fused:
         raise Broken(f"split sizes {list(sizes)} along the split dimension do not match the "
-                     f"projection's blocks {list(split.blocks)}", structural=True)
-    return [s // split.parts(tp) for s in sizes]
+                     f"projection's blocks {list(fused)}", structural=True)
+    return [s // parts(split, tp) for s in sizes]
 
 
 def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
@@ -224,7 +235,7 @@ def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
         return [split] * len(outs), None
     sizes = [o[dim] for o in outs]
     local = _pieces(node, sizes, split, tp)
-    states_out = [Split(dim, (s,), split.replicas) for s in sizes]
+    states_out = [Shard(dim, replicas=replicas_of(split)) for _ in sizes]
     if node.target is aten.split_with_sizes.default:
         return states_out, (node.args[0], local, *node.args[2:])
     if node.target is aten.chunk.default:
@@ -235,8 +246,8 @@ def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
 
 
 def _getitem(node, states, tp):
-    parts = states.get(node.args[0])
-    return (parts[node.args[1]] if parts is not None else None), None
+    outs = states.get(node.args[0])
+    return (outs[node.args[1]] if outs is not None else None), None
 
 
 def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow(x, dim, start, n)
@@ -252,17 +263,17 @@ def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow
         end = node.args[3] if len(node.args) > 3 and node.args[3] is not None else src[dim]
         step = node.args[4] if len(node.args) > 4 else 1
         end = min(end, src[dim])
+    fused = blocks_of(split, src[dim])
     bounds = [0]
-    for block in split.blocks:
+    for block in fused:
         bounds.append(bounds[-1] + block)
     if step != 1 or start not in bounds or end not in bounds or end <= start:
         raise Broken(f"slice [{start}:{end}:{step}] along the split dimension does not follow "
-                     f"the projection's blocks {list(split.blocks)}", structural=True)
+                     f"the projection's blocks {list(fused)}", structural=True)
     first, last = bounds.index(start), bounds.index(end)
-    blocks = split.blocks[first:last]
-    parts = split.parts(tp)
-    lstart, lend = bounds[first] // parts, bounds[last] // parts
-    out = Split(dim, blocks, split.replicas)
+    pieces = parts(split, tp)
+    lstart, lend = bounds[first] // pieces, bounds[last] // pieces
+    out = tp_split(dim, fused[first:last], replicas_of(split))
     if node.target is aten.narrow.default:
         return out, (node.args[0], node.args[1], lstart, lend - lstart)
     return out, (node.args[0], node.args[1], lstart, lend, *node.args[4:])
@@ -274,8 +285,8 @@ def _expand(node, states, tp):
     dim = split.dim + nd - ndim(node.args[0])
     sizes = list(node.args[1])
     if sizes[dim] != -1:
-        sizes[dim] //= split.parts(tp)
-    return _moved(split, dim), (node.args[0], sizes, *node.args[2:])
+        sizes[dim] //= parts(split, tp)
+    return moved(split, dim), (node.args[0], sizes, *node.args[2:])
 
 
 def _cat(node, states, tp):
@@ -300,7 +311,7 @@ def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
         if split is None or split.dim != ndim(t) - 3:
             raise Broken(f"attention input {t.name} is not split along its heads",
                          structural=True)
-        if split.replicas == 1:
+        if replicas_of(split) == 1:
             continue
         # A replicated kv head (one per rank) serves all this rank's query heads: right for
         # SDPA's own grouping (enable_gqa), wrong for anything that pairs heads one to one.
@@ -317,7 +328,7 @@ def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
         pos = heads - (nd - ndim(mask))
         if pos >= 0 and full_shape(mask)[pos] != 1:
             raise Broken("attention mask spans the heads dimension", structural=True)
-    return Split(heads, (full_shape(node)[heads],)), None
+    return Shard(heads), None
 
 
 def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query heads
@@ -325,10 +336,10 @@ def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query
     split = states[x]
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if dim is None or norm_dim(dim, ndim(node)) != split.dim:
-        return Split(split.dim, (full_shape(node)[split.dim],), split.replicas), None
+        return Shard(split.dim, replicas=replicas_of(split)), None
     out = full_shape(node)[split.dim]
     args, kwargs = list(node.args), dict(node.kwargs)
-    if split.replicas > 1:
+    if replicas_of(split) > 1:
         # This rank's one kv head, repeated once per query head this rank holds (all of them
         # map to it): a plain tp split of the repeated heads.
         if local_shape(full_shape(x), split, tp)[split.dim] != 1 or not isinstance(args[1], int):
@@ -337,7 +348,7 @@ def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query
         args[1] = out // tp
     if kwargs.get("output_size") is not None:
         kwargs["output_size"] = out // tp
-    return Split(split.dim, (out,)), Call(tuple(args), kwargs)
+    return Shard(split.dim), Call(tuple(args), kwargs)
 
 
 def _matmul(node, states, tp):  # batched matmul: split along a shared batch dimension only
@@ -347,11 +358,11 @@ def _matmul(node, states, tp):  # batched matmul: split along a shared batch dim
     dims = {s.dim + nd - ndim(t) for s, t in ((sa, a), (sb, b)) if s is not None}
     if sa is None or sb is None or len(dims) != 1 or next(iter(dims)) >= nd - 2:
         raise Broken("matmul contracts or mixes the split dimension", structural=True)
-    if sa.replicas != sb.replicas:
+    if replicas_of(sa) != replicas_of(sb):
         raise Broken(f"matmul pairs heads split into different pieces ({sa} and {sb}): kv "
                      f"heads replicated over ranks need a kv-head repeat before they meet "
                      f"the query heads")
-    return Split(next(iter(dims)), sa.blocks, sa.replicas), None
+    return moved(sa, next(iter(dims))), None
 
 
 ELEMENTWISE_UNARY = [

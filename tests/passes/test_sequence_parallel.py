@@ -12,6 +12,8 @@ import torch
 from partitioner import models
 from partitioner.capture import capture
 from partitioner.lower import collective_kind, compile_rank
+from core.meta import TP_PLACEMENT
+from core.placement import Placements, Shard
 from core.plan import Plan
 from passes import PassError
 from runtime import spawn
@@ -58,7 +60,7 @@ def test_llama_all_reduces_become_reduce_scatters_and_the_residual_stream_is_spl
                                         "all_gather": 2 * blocks + 2})
     adds = _residual_adds(on)
     assert adds and all(tuple(n.meta["val"].shape) == (4, 8, 64) for n in adds)
-    assert all(n.meta["tp.placement"] == "S(1)@tp" for n in adds)
+    assert all(n.meta[TP_PLACEMENT] == Placements.of(tp=Shard(1)) for n in adds)
     assert all(tuple(n.meta["val"].shape) == (4, 16, 64) for n in _residual_adds(off))
     # Norm weights broadcast over the tokens: read through copy_to_region so their gradients
     # are summed over the sequence shards.
@@ -85,7 +87,7 @@ def test_gpt2_flattened_tokens_are_viewed_around_the_collectives():
             # (-1: the logits' all-gather over the vocabulary)
             assert node.args[2] == 1 and node.args[0].meta["val"].dim() == 3, node.name
     flat = [n for _, n in program.nodes() if n.op == "call_function"
-            and n.meta.get("tp.placement") == "S(0)@tp"]
+            and n.meta.get(TP_PLACEMENT) == Placements.of(tp=Shard(0))]
     assert flat and all(n.meta["val"].shape[0] == 4 * 16 // 2 for n in flat)
 
 

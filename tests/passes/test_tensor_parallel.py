@@ -13,8 +13,8 @@ from torch import nn
 
 from partitioner import models
 from partitioner.capture import capture
-from core.placement import Placements, Shard, StridedShard
-from core.meta import LAYOUTS
+from core.placement import Partial, Placements, Shard, StridedShard
+from core.meta import LAYOUTS, TP_PLACEMENT
 from partitioner.lower import collective_kind, compile_rank, layouts_from_capture
 from core.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
@@ -114,8 +114,9 @@ def test_gpt_regions_collectives_and_layouts():
     # every view inside attention counts local heads
     views = [n for _, n in program.nodes() if n.target is torch.ops.aten.view.default]
     assert views and all(list(n.args[1])[2] == 2 for n in views)
-    placements = {n.meta.get("tp.placement") for _, n in program.nodes()}
-    assert {"S(2)@tp", "S(1)@tp", "P(sum)@tp", "R"} <= placements
+    placements = {n.meta.get(TP_PLACEMENT, Placements()) for _, n in program.nodes()}
+    assert {Placements.of(tp=Shard(2)), Placements.of(tp=Shard(1)),
+            Placements.of(tp=Partial()), Placements()} <= placements
     # the row bias is added after the all-reduce
     for _, node in program.nodes():
         if collective_kind(node) == "all_reduce":
@@ -239,7 +240,8 @@ def test_gqa_kv_heads_replicated_when_they_divide_tp():
             x = lin.args[0]
             assert lin.target is aten.linear.default and x.target is copy_to_region
             assert len(x.users) == 3
-            assert lin.meta["tp.placement"] == "S(2)@tp/2"  # 2 pieces over 4 ranks
+            # 2 pieces over 4 ranks
+            assert lin.meta[TP_PLACEMENT] == Placements.of(tp=Shard(2, replicas=2))
             assert tuple(lin.meta["val"].shape) == (4, 16, head_dim)
 
 
@@ -368,7 +370,8 @@ def test_vocab_embedding_masks_ids_and_all_reduces():
     assert zeroed.target is aten.masked_fill.Scalar
     (reduced,) = zeroed.users
     assert collective_kind(reduced) == "all_reduce"
-    assert lookup.meta["tp.placement"] == "P(sum)@tp" and reduced.meta["tp.placement"] == "R"
+    assert lookup.meta[TP_PLACEMENT] == Placements.of(tp=Partial())
+    assert reduced.meta[TP_PLACEMENT] == Placements()
     assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
 
 
@@ -433,7 +436,8 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
     rows = [n for _, n in program.nodes() if n.target is torch.ops.aten.mm.default]
     assert len(rows) == 4  # addmm(b, x, w) -> mm(x, w) -> all_reduce -> + b
     assert not any(n.target is torch.ops.aten.addmm.default
-                   and n.meta.get("tp.placement") == "P(sum)@tp" for _, n in program.nodes())
+                   and n.meta.get(TP_PLACEMENT) == Placements.of(tp=Partial())
+                   for _, n in program.nodes())
 
 
 # --- equivalence on gloo ranks --------------------------------------------------------------
