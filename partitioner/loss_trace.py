@@ -4,7 +4,8 @@ logits that stay sharded over the vocabulary.
 Two graphs meet here.
 - The model's graph (the last pipeline stage's). passes.tensor_parallel's `vocab` rule ends the
   LM head with `all_gather(x, "tp", -1)` (+ `slice` back to the unpadded vocabulary) and returns
-  the gathered logits. `find_sharded_logits` recognizes such output leaves and
+  the gathered logits; its record (`TensorParallelRecord.logits`) names those output leaves,
+  their shard `x`, the vocabulary size and padding. `find_sharded_logits` reads the record and
   `local_logits_graph` copies the graph so that they return this rank's shard `x` instead:
   the gather never runs.
 - The user's `loss_fn(output, target)`, traced once at the aten level on fake tensors with the
@@ -25,93 +26,34 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from runtime.collectives import all_gather
+from core.fx_utils import tensor_of
+from core.meta import TP_RECORD
+from passes.tensor_parallel.record import ShardedLogits
 from runtime.vocab_parallel import REDUCTIONS, reduce_nll, vocab_parallel_log_softmax_stats
 
 aten = torch.ops.aten
 
 
-# --- the model's side: which output leaves are gathered logits ---------------------------------
-
-@dataclass(frozen=True)
-class ShardedLogits:
-    """An output leaf that is logits gathered over the vocabulary, and the shard behind it."""
-
-    leaf: int
-    """Position among the graph output's flat leaves."""
-    shard: str
-    """Node holding this rank's columns (the LM head's local output)."""
-    gathered: tuple[str, ...]
-    """The nodes that rebuild the full logits from the shard (all_gather, then slice)."""
-    mesh_dim: str
-    dim: int
-    """The vocabulary dim (non-negative)."""
-    vocab_size: int
-    padded_vocab: int
-    local_vocab: int
-    """Columns per rank: padded_vocab / group size."""
-
-    def __str__(self) -> str:
-        padding = (f", vocabulary {self.vocab_size} padded to {self.padded_vocab}"
-                   if self.padded_vocab != self.vocab_size else "")
-        return (f"output leaf {self.leaf} stays sharded over {self.mesh_dim} "
-                f"({self.local_vocab} of {self.padded_vocab} columns a rank{padding})")
-
-
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _gathered_logits(leaf: fx.Node) -> ShardedLogits | None:
-    """`all_gather(x, dim, d)` or `slice(all_gather(x, dim, d), d, 0, vocab)` read only by the
-    graph output; None when `leaf` is something else."""
-    out = _val(leaf)
-    if out is None or out.dim() == 0:
-        return None
-    gather, chain = leaf, [leaf.name]
-    if leaf.target is aten.slice.Tensor:
-        gather = leaf.args[0]
-        if not isinstance(gather, fx.Node) or len(gather.users) != 1:
-            return None
-        chain.insert(0, gather.name)
-    if gather.op != "call_function" or gather.target is not all_gather or gather.kwargs:
-        return None
-    shard, mesh_dim, tensor_dim = gather.args
-    full, local = _val(gather), _val(shard)
-    if full is None or local is None:
-        return None
-    dim = tensor_dim % full.dim()
-    if gather is not leaf:  # the padding slice: [0, vocab) along the gathered dim, step 1
-        _, slice_dim, start, end, *step = leaf.args
-        if (slice_dim % full.dim() != dim or start not in (0, None) or step not in ([], [1])
-                or end != out.shape[dim]):
-            return None
-    # leaf=-1: the caller knows the leaf's position
-    return ShardedLogits(leaf=-1, shard=shard.name, gathered=tuple(chain), mesh_dim=mesh_dim,
-                         dim=dim, vocab_size=out.shape[dim], padded_vocab=full.shape[dim],
-                         local_vocab=local.shape[dim])
-
+# --- the model's side: which output leaves are vocab-parallel logits --------------------------
 
 def find_sharded_logits(gm: fx.GraphModule) -> tuple[ShardedLogits, ...]:
-    """The output leaves of `gm` that are vocab-parallel logits gathered only to be returned."""
-    output = gm.graph.find_nodes(op="output")[0]
-    leaves = list(output.args[0])
-    found = []
-    for index, leaf in enumerate(leaves):
-        if not isinstance(leaf, fx.Node) or leaves.count(leaf) != 1 or len(leaf.users) != 1:
-            continue  # read inside the model too: the full logits are needed anyway
-        match = _gathered_logits(leaf)
-        if match is not None:
-            found.append(replace(match, leaf=index))
-    return tuple(found)
+    """The output leaves of `gm` that the tensor-parallel pass recorded as vocab-parallel logits
+    gathered only to be returned (none on a pipeline stage that does not return the model's
+    output, or without the pass)."""
+    record = gm.meta.get(TP_RECORD)
+    if record is None:
+        return ()
+    leaves = list(gm.graph.find_nodes(op="output")[0].args[0])
+    return tuple(item for item in record.logits if item.leaf < len(leaves)
+                 and isinstance(leaves[item.leaf], fx.Node)
+                 and leaves[item.leaf].name == item.gathered[-1])
 
 
 def local_logits_graph(gm: fx.GraphModule, sharded: tuple[ShardedLogits, ...]) -> fx.GraphModule:
@@ -250,7 +192,7 @@ def output_leaves(gm: fx.GraphModule) -> list:
     """The flat leaves of `gm`'s output as `trace_loss` wants them: each node's `meta["val"]`
     (shape and dtype), constants as they are."""
     output = gm.graph.find_nodes(op="output")[0]
-    return [_val(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in output.args[0]]
+    return [tensor_of(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in output.args[0]]
 
 
 def choose_loss_path(loss_fn: Callable | None, out_spec: pytree.TreeSpec, out_leaves: list,
@@ -297,7 +239,7 @@ class _Track:
 
 
 def _shape(node) -> tuple[int, ...]:
-    return tuple(_val(node).shape)
+    return tuple(tensor_of(node).shape)
 
 
 def _view(node, vocab_dim: int, width: int):
@@ -447,8 +389,8 @@ def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits]
             if track.log_probs or dim != track.vocab_dim:
                 return f"{where} is not a log_softmax of the logits over the vocabulary dim"
             tracks[node] = _Track(track.vocab_dim, True, track.sharded)
-            dtype = _val(node).dtype
-            actions[node] = ("log_softmax", dtype if dtype != _val(src).dtype else None)
+            dtype = tensor_of(node).dtype
+            actions[node] = ("log_softmax", dtype if dtype != tensor_of(src).dtype else None)
         elif node.target in NLL_TUPLE + NLL_PLAIN:
             target, weight, reduction, ignore_index = _nll_args(node)
             class_dim = 0 if len(_shape(src)) == 1 else 1

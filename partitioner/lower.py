@@ -321,8 +321,9 @@ def split_stages(gm: fx.GraphModule, num_stages: int, pp: int) -> tuple[list[Sta
             outputs = [n.name for n in made]
             sub.output(tuple(env[n] for n in made))
         sub.lint()
-        stages.append(Stage(s, fx.GraphModule(gm, sub), inputs=[v.name for v in needs[s]],
-                            outputs=outputs))
+        stage_gm = fx.GraphModule(gm, sub)
+        stage_gm.meta.update(gm.meta)  # the passes' records (the loss path reads tp's)
+        stages.append(Stage(s, stage_gm, inputs=[v.name for v in needs[s]], outputs=outputs))
         stage_params[s] = params
     pipeline = Pipeline(num_stages=num_stages, pp=pp, values=values, consumers=consumers,
                         output_names=[leaf.name if isinstance(leaf, fx.Node) else leaf

@@ -6,5 +6,10 @@ are declared in core (torch.library schemas with the same argument order), this 
 line that changes.
 """
 
-from runtime.collectives import (all_gather, all_reduce, copy_to_region,  # noqa: F401
-                                 gather_for_region, reduce_scatter, scatter)
+from runtime.collectives import (all_gather, all_reduce, copy_to_region, gather_for_region,
+                                 reduce_scatter, scatter)
+
+KINDS = {all_gather: "all_gather", all_reduce: "all_reduce", copy_to_region: "copy_to_region",
+         gather_for_region: "gather_for_region", reduce_scatter: "reduce_scatter",
+         scatter: "scatter"}
+"""Target -> the name the passes' records give its kind."""

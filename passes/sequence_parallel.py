@@ -38,11 +38,13 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from core.meta import LAYOUTS, TP_PLACEMENT
+from core.meta import LAYOUTS, SP_RECORD, TP_PLACEMENT, TP_RECORD
 from core.placement import Partial, Placements, Shard
 from passes import PassContext, PassError
-from passes.collective_targets import (all_gather, all_reduce, copy_to_region, gather_for_region,
-                                       reduce_scatter, scatter)
+from passes.collective_targets import (KINDS, all_gather, all_reduce, copy_to_region,
+                                       gather_for_region, reduce_scatter, scatter)
+from passes.tensor_parallel.record import (LOOKUP_SUM, REGION_ENTRY, REGION_EXIT,
+                                           InsertedCollective)
 from passes.tensor_parallel.rules import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, MESH_DIM, aten_ops
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,39 @@ class SeqSplit:
     @property
     def placements(self) -> Placements:
         return Placements.of(**{MESH_DIM: Shard(self.dim)})
+
+
+# Roles of the collectives the sequence-parallel pass inserts.
+SEQUENCE_EXIT = "region exit, reduce-scattered along the sequence"  # was TP's all_reduce
+SEQUENCE_ENTRY = "region entry, gathered from sequence shards"  # was TP's copy_to_region
+ZONE_EXIT = "a zone value read whole outside the zone"  # all_gather
+ZONE_ENTRY = "a whole value read by the zone"  # scatter (this rank's slice)
+GRADIENT_SUM = "a tensor broadcast over the tokens (gradient summed over tp)"  # copy_to_region
+
+
+@dataclass(frozen=True)
+class SequenceParallelRecord:
+    """What the sequence-parallel pass split and inserted, in `gm.meta[core.meta.SP_RECORD]`."""
+
+    tp: int
+    batch: int
+    seq: int
+    zone: tuple[str, ...]
+    """The nodes that run on sequence shards."""
+    collectives: tuple[InsertedCollective, ...]
+    replaced: tuple[str, ...]
+    """The tensor-parallel pass's collectives it replaced (all_reduce, copy_to_region)."""
+    stepped_aside: str | None = None
+    """Why the pass left the graph alone (a forward-only program whose sequence tp does not
+    divide), or None."""
+
+    def __str__(self) -> str:
+        if self.stepped_aside:
+            return f"sequence_parallel (tp={self.tp}): stepped aside: {self.stepped_aside}"
+        lines = [f"sequence_parallel (tp={self.tp}, tokens {self.batch}x{self.seq}): "
+                 f"{len(self.zone)} nodes on sequence shards, {len(self.collectives)} "
+                 f"collectives, replacing {', '.join(self.replaced)}"]
+        return "\n".join(lines + [f"  {c}" for c in self.collectives])
 
 
 class SequenceNotDivisible(PassError):
@@ -323,10 +358,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Split the activations between tensor-parallel regions along the sequence (see above)."""
     tp = ctx.plan.tp
     graph = gm.graph
-    reduce_nodes = [n for n in graph.nodes if n.op == "call_function"
-                    and n.target is all_reduce and n.args[1] == MESH_DIM]
-    copies = [n for n in graph.nodes if n.op == "call_function"
-              and n.target is copy_to_region and n.args[1] == MESH_DIM]
+    reduce_nodes, copies = _tensor_parallel_boundaries(gm)
     if not reduce_nodes and not copies:
         raise PassError(f"sequence_parallel (sp=on, tp={tp}): the graph has no tensor-parallel "
                         f"region to run between; fix: sp=off")
@@ -346,10 +378,26 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         else:
             reduces[node] = split
     zone, reads = _find_zone(graph, reduces, copies, tokens)
-    _Rewriter(gm, tp, tokens, zone).run(reads, copies)
+    gm.meta[SP_RECORD] = _Rewriter(gm, tp, tokens, zone).run(reads, copies)
     graph.lint()
     gm.recompile()
     return gm
+
+
+def _tensor_parallel_boundaries(gm: fx.GraphModule) -> tuple[list[fx.Node], list[fx.Node]]:
+    """From the tensor-parallel pass's record, in graph order: the all-reduces that close its
+    regions (and sum its vocab-parallel lookups), and the copies that open them."""
+    record = gm.meta.get(TP_RECORD)
+    if record is None:
+        raise PassError(f"sequence_parallel runs after tensor_parallel and reads its record "
+                        f"gm.meta[{TP_RECORD!r}], which this graph lacks")
+    order = {node.name: (i, node) for i, node in enumerate(gm.graph.nodes)}
+
+    def nodes(*roles: str) -> list[fx.Node]:
+        return [order[name][1] for name in sorted((c.node for c in record.inserted(*roles)),
+                                                  key=lambda name: order[name][0])]
+
+    return nodes(REGION_EXIT, LOOKUP_SUM), nodes(REGION_ENTRY)
 
 
 class _Rewriter:
@@ -363,8 +411,10 @@ class _Rewriter:
         self.trainable = {name for name, layout in gm.meta[LAYOUTS].items()
                           if not layout.is_buffer and layout.requires_grad}
         self._carries: dict[fx.Node, bool] = {}
+        self.inserted: list[InsertedCollective] = []
+        self.replaced: list[str] = []
 
-    def run(self, reads: dict, copies: list[fx.Node]) -> None:
+    def run(self, reads: dict, copies: list[fx.Node]) -> "SequenceParallelRecord":
         # Every boundary is built from the full shapes first; the zone's own values take their
         # local shapes last.
         order = {node: i for i, node in enumerate(self.graph.nodes)}
@@ -386,6 +436,11 @@ class _Rewriter:
             if node.target is all_reduce:
                 node = self._reduce_scatter(node)
             self._localize(node)
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        return SequenceParallelRecord(
+            tp=self.tp, batch=self.tokens.batch, seq=self.tokens.seq,
+            zone=tuple(n.name for n in sorted(self.zone, key=order.__getitem__)),
+            collectives=tuple(self.inserted), replaced=tuple(self.replaced))
 
     # --- shapes ---------------------------------------------------------------------------
     def _local_shape(self, shape, split: SeqSplit) -> list[int]:
@@ -419,15 +474,17 @@ class _Rewriter:
 
     # --- boundaries -----------------------------------------------------------------------
     def _collective(self, fn, x: fx.Node, split: SeqSplit, shapes: tuple, like: fx.Node,
-                    placements: tuple[Placements, Placements]) -> fx.Node:
+                    placements: tuple[Placements, Placements], role: str) -> fx.Node:
         """`fn(x, "tp", dim)` along the sequence, from shape `shapes[0]` to `shapes[1]`. A
         flattened (batch*seq, ...) value is viewed as (batch, seq, ...) around it, so the
         collective moves whole sequence chunks of every batch row."""
         graph, dtype = self.graph, _first_tensor(_val(x)).dtype
         (src, dst), (before, after) = shapes, placements
         if not split.flat:
-            return self._meta(graph.call_function(fn, (x, MESH_DIM, split.dim)), like, dst,
+            node = self._meta(graph.call_function(fn, (x, MESH_DIM, split.dim)), like, dst,
                               dtype, after)
+            self._record(node, fn, x, role)
+            return node
         d, batch = split.dim, self.tokens.batch
 
         def unflat(shape):
@@ -440,8 +497,13 @@ class _Rewriter:
         moved = self._meta(graph.call_function(fn, (viewed, MESH_DIM, d + 1)), like,
                            unflat(dst), dtype,
                            after if after.replicated else seq)
+        self._record(moved, fn, x, role)
         return self._meta(graph.call_function(aten.view.default, (moved, list(dst))), like,
                           dst, dtype, after)
+
+    def _record(self, node: fx.Node, fn, value: fx.Node, role: str) -> None:
+        self.inserted.append(InsertedCollective(node.name, KINDS[fn], value.name, MESH_DIM,
+                                                role))
 
     def _reduce_scatter(self, node: fx.Node) -> fx.Node:
         """all_reduce(y) -> reduce_scatter(y, seq): the row region's output stays split."""
@@ -450,7 +512,8 @@ class _Rewriter:
         with self.graph.inserting_before(node):
             out = self._collective(reduce_scatter, y, split,
                                    (full, self._local_shape(full, split)), node,
-                                   (PARTIAL, split.placements))
+                                   (PARTIAL, split.placements), SEQUENCE_EXIT)
+        self.replaced.append(node.name)
         out.meta["val"] = node.meta["val"]  # full, as every zone value before _localize
         node.replace_all_uses_with(out)
         self.graph.erase_node(node)
@@ -465,7 +528,8 @@ class _Rewriter:
         with self.graph.inserting_before(copy):
             out = self._collective(gather_for_region, x, self.zone[x],
                                    (self._local_shape(full, self.zone[x]), full), copy,
-                                   (self.zone[x].placements, REPLICATED))
+                                   (self.zone[x].placements, REPLICATED), SEQUENCE_ENTRY)
+        self.replaced.append(copy.name)
         copy.replace_all_uses_with(out)
         self.graph.erase_node(copy)
 
@@ -476,7 +540,7 @@ class _Rewriter:
             with self.graph.inserting_after(node):
                 self.gathered[node] = self._collective(
                     all_gather, node, split, (self._local_shape(full, split), full), node,
-                    (split.placements, REPLICATED))
+                    (split.placements, REPLICATED), ZONE_EXIT)
         return self.gathered[node]
 
     def _read_operands(self, node: fx.Node, splits: dict) -> None:
@@ -489,6 +553,7 @@ class _Rewriter:
                         copy = self._meta(self.graph.call_function(copy_to_region,
                                                                    (arg, MESH_DIM)),
                                           node, val.shape, val.dtype, REPLICATED)
+                        self._record(copy, copy_to_region, arg, GRADIENT_SUM)
                     node.replace_input_with(arg, copy)
                 continue
             if self.zone.get(arg) == want:
@@ -499,7 +564,7 @@ class _Rewriter:
                 with self.graph.inserting_before(node):
                     self.scattered[arg, want] = self._collective(
                         scatter, full, want, (shape, self._local_shape(shape, want)), node,
-                        (REPLICATED, want.placements))
+                        (REPLICATED, want.placements), ZONE_ENTRY)
             node.replace_input_with(arg, self.scattered[arg, want])
 
     def _carries_grad(self, node: fx.Node) -> bool:

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 from torch import fx
 
-from core.meta import LAYOUTS
+from core.meta import LAYOUTS, TP_RECORD
 from core.placement import ParamLayout
 from passes import PassContext, PassError
 from passes.tensor_parallel.diagnostics import Problems
@@ -70,8 +70,10 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     problems.check_something_splits(tp, policy, split.regions, why_not)
     problems.raise_if_any(tp)
     rewriter = Rewriter(gm, projs, split.states, layouts, tp, ctx.coords[MESH_DIM])
-    rewriter.run(split.regions, split.rewrites, policy.vocab_heads, policy.vocab_lookups)
+    record = rewriter.run(split.regions, split.rewrites, policy.vocab_heads,
+                          policy.vocab_lookups)
     gm.meta[LAYOUTS] = layouts
+    gm.meta[TP_RECORD] = record
     graph.lint()
     gm.recompile()
     return gm

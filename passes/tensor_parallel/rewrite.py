@@ -20,8 +20,11 @@ from core.meta import TP_PLACEMENT
 from core.placement import (Partial, Placements, Shard, StridedShard, local_size,
                             split_placement)
 from passes import PassError
-from passes.collective_targets import all_gather, all_reduce, copy_to_region
+from passes.collective_targets import KINDS, all_gather, all_reduce, copy_to_region
 from passes.tensor_parallel.projections import lookup_arg
+from passes.tensor_parallel.record import (KV_WEIGHT, LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY,
+                                           REGION_EXIT, InsertedCollective, RegionRecord,
+                                           ShardedLogits, ShardedParam, TensorParallelRecord)
 from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, blocks_of, full_shape,
                                           local_shape, parts, replicas_of)
 
@@ -49,9 +52,14 @@ class Rewriter:
         self.gm, self.graph, self.projs, self.states = gm, gm.graph, projs, states
         self.layouts, self.tp, self.rank = layouts, tp, rank
         self.copies: dict[fx.Node, fx.Node] = {}
+        """A column input -> its copy_to_region (one per input, shared by the columns)."""
+        self.exits: dict[fx.Node, fx.Node] = {}
+        """A row projection -> its all_reduce."""
         self.sharded: dict[str, object] = {}
+        self.inserted: list[InsertedCollective] = []
+        self.logits: list[ShardedLogits] = []
 
-    def run(self, regions, rewrites, vocab_heads, vocab_lookups) -> None:
+    def run(self, regions, rewrites, vocab_heads, vocab_lookups) -> TensorParallelRecord:
         order = {node: i for i, node in enumerate(self.graph.nodes)}
         # In graph order, so each shared copy_to_region lands before its first user.
         for lin in sorted((c for r in regions for c in r.columns), key=order.__getitem__):
@@ -78,6 +86,18 @@ class Rewriter:
         for lookup in vocab_lookups:
             self.vocab_lookup(lookup)
         self.local_tensors()
+        return TensorParallelRecord(
+            tp=self.tp,
+            params=tuple(ShardedParam(name, spec) for name, spec in self.sharded.items()),
+            regions=tuple(self.region_record(region) for region in regions),
+            collectives=tuple(self.inserted), logits=tuple(self.logits))
+
+    def region_record(self, region) -> RegionRecord:
+        entries = dict.fromkeys(self.copies[self.projs[c].x].name for c in region.columns)
+        return RegionRecord(columns=tuple(c.name for c in region.columns),
+                            rows=tuple(sorted(r.name for r in region.rows)),
+                            entries=tuple(entries),
+                            exits=tuple(sorted(self.exits[r].name for r in region.rows)))
 
     # --- helpers ---------------------------------------------------------------------------
     def call(self, target, args, like: fx.Node, val, placement: Placements) -> fx.Node:
@@ -85,6 +105,13 @@ class Rewriter:
         node = self.graph.call_function(target, args)
         node.meta.update({"val": val, TP_PLACEMENT: placement,
                           "nn_module_stack": like.meta.get("nn_module_stack", {})})
+        return node
+
+    def collective(self, target, args, like: fx.Node, val, role: str) -> fx.Node:
+        """A collective over tp on args[0] (its output replicated), recorded with its role."""
+        node = self.call(target, args, like, val, REPLICATED)
+        self.inserted.append(InsertedCollective(node.name, KINDS[target], args[0].name,
+                                                MESH_DIM, role))
         return node
 
     def shard_param(self, attr: fx.Node, spec) -> None:
@@ -134,7 +161,8 @@ class Rewriter:
         x = self.projs[lin].x
         if x not in self.copies:  # one copy per input, shared by the region's column linears
             with self.graph.inserting_before(lin):
-                self.copies[x] = self.call(copy_to_region, (x, MESH_DIM), lin, val_of(x), REPLICATED)
+                self.copies[x] = self.collective(copy_to_region, (x, MESH_DIM), lin, val_of(x),
+                                                 REGION_ENTRY)
         lin.replace_input_with(x, self.copies[x])
 
     def column(self, lin: fx.Node, blocks, padded: int | None = None) -> None:
@@ -162,7 +190,7 @@ class Rewriter:
             local = list(val.shape)
             local[dim] = size
             with self.graph.inserting_before(lin):
-                copy = self.call(copy_to_region, (param, MESH_DIM), lin, val, REPLICATED)
+                copy = self.collective(copy_to_region, (param, MESH_DIM), lin, val, KV_WEIGHT)
                 piece = self.call(aten.narrow.default, (copy, dim, start, size), lin,
                                   torch.empty(local, dtype=val.dtype, device="meta"),
                                   Placements.of(tp=Shard(dim, replicas=split.replicas)))
@@ -181,7 +209,9 @@ class Rewriter:
         lin.meta[TP_PLACEMENT] = PARTIAL
         users = list(lin.users)
         with graph.inserting_after(lin):
-            out = reduced = self.call(all_reduce, (lin, MESH_DIM), lin, val_of(lin), REPLICATED)
+            out = reduced = self.collective(all_reduce, (lin, MESH_DIM), lin, val_of(lin),
+                                            REGION_EXIT)
+        self.exits[lin] = reduced
         if bias is not None:
             with graph.inserting_after(reduced):
                 out = self.call(aten.add.Tensor, (reduced, bias), lin, val_of(lin), REPLICATED)
@@ -204,14 +234,23 @@ class Rewriter:
         lin.meta["val"] = torch.empty(local, dtype=full.dtype, device="meta")
         users = list(lin.users)
         with graph.inserting_after(lin):
-            out = self.call(all_gather, (lin, MESH_DIM, -1), lin,
-                            torch.empty(local[:-1] + [padded], dtype=full.dtype,
-                                        device="meta"), REPLICATED)
+            gathered = out = self.collective(
+                all_gather, (lin, MESH_DIM, -1), lin,
+                torch.empty(local[:-1] + [padded], dtype=full.dtype, device="meta"),
+                LOGITS_GATHER)
         if padded != vocab_size:
             with graph.inserting_after(out):
-                out = self.call(aten.slice.Tensor, (out, -1, 0, vocab_size), lin, full, REPLICATED)
+                out = self.call(aten.slice.Tensor, (out, -1, 0, vocab_size), lin, full,
+                                REPLICATED)
         for user in users:
             user.replace_input_with(lin, out)
+        leaves = list(graph.find_nodes(op="output")[0].args[0])
+        if leaves.count(out) == 1 and len(out.users) == 1:  # returned, and read by nothing else
+            self.logits.append(ShardedLogits(
+                leaf=leaves.index(out), shard=lin.name,
+                gathered=(gathered.name,) + ((out.name,) if out is not gathered else ()),
+                mesh_dim=MESH_DIM, dim=full.dim() - 1, vocab_size=vocab_size,
+                padded_vocab=padded, local_vocab=padded // tp))
 
     def vocab_lookup(self, lookup: fx.Node) -> None:
         """Megatron's VocabParallelEmbedding: this rank holds rows [start, end) of the
@@ -247,7 +286,7 @@ class Rewriter:
                                          device="meta"), REPLICATED)
             zeroed = self.call(aten.masked_fill.Scalar, (lookup, keep, 0.0), lookup, out_val,
                                PARTIAL)
-            out = self.call(all_reduce, (zeroed, MESH_DIM), lookup, out_val, REPLICATED)
+            out = self.collective(all_reduce, (zeroed, MESH_DIM), lookup, out_val, LOOKUP_SUM)
         for user in users:
             user.replace_input_with(lookup, out)
 

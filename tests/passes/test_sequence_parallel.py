@@ -12,10 +12,12 @@ import torch
 from partitioner import models
 from partitioner.capture import capture
 from partitioner.lower import collective_kind, compile_rank
-from core.meta import TP_PLACEMENT
+from core.meta import SP_RECORD, TP_PLACEMENT, TP_RECORD
 from core.placement import Placements, Shard
 from core.plan import Plan
-from passes import PassError
+from passes import PassContext, PassError
+from passes.sequence_parallel import sequence_parallel
+from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
 from runtime.collectives import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
@@ -74,6 +76,36 @@ def test_llama_all_reduces_become_reduce_scatters_and_the_residual_stream_is_spl
     whole = _program("tiny_llama", "tp=2,sp=on,rules=wte:replicate;lm_head:replicate")
     scatters = [n for _, n in whole.nodes() if n.target is scatter]
     assert [n.args[0].target for n in scatters] == [aten.embedding.default]
+
+
+def test_the_pass_reads_the_tensor_parallel_record_and_writes_its_own():
+    program = _program("tiny_llama", "tp=2,sp=on")
+    gm = program.stages[0].gm
+    tp_record, sp_record = gm.meta[TP_RECORD], gm.meta[SP_RECORD]
+    # every region entry and exit (and the vocab-parallel lookup's sum) the TP pass recorded
+    assert set(sp_record.replaced) == {c.node for c in tp_record.inserted(
+        REGION_ENTRY, REGION_EXIT, LOOKUP_SUM)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert not set(sp_record.replaced) & set(nodes)  # gone from the graph
+    # one reduce-scatter per row region and the embedding, one gather per column region entry
+    # (the LM head's included), one gradient-summing copy per norm weight
+    assert Counter(c.kind for c in sp_record.collectives) == Counter(
+        {"reduce_scatter": 5, "gather_for_region": 5, "copy_to_region": 5})
+    assert all(c.node in nodes for c in sp_record.collectives)
+    # (the kernels pass, which runs later, fuses some zone nodes away)
+    zone = [nodes[name] for name in sp_record.zone if name in nodes]
+    assert len(zone) >= 4 + 4 * 2  # the reduce-scatters, the residual adds and norm outputs
+    assert all(n.meta[TP_PLACEMENT] == Placements.of(tp=Shard(1)) for n in zone
+               if n.meta["val"].dim() == 3)
+    assert sp_record.stepped_aside is None
+
+
+def test_the_pass_needs_the_tensor_parallel_record():
+    captured = _captured("tiny_llama")
+    plan = Plan.parse("tp=2,sp=on").resolve(2)
+    gm = torch.fx.GraphModule(captured.gm, captured.gm.graph)  # the graph, no records
+    with pytest.raises(PassError, match="runs after tensor_parallel"):
+        sequence_parallel(gm, PassContext(plan=plan, coords={"tp": 0}))
 
 
 def test_gpt2_flattened_tokens_are_viewed_around_the_collectives():

@@ -14,11 +14,12 @@ from torch import nn
 from partitioner import models
 from partitioner.capture import capture
 from core.placement import Partial, Placements, Shard, StridedShard
-from core.meta import LAYOUTS, TP_PLACEMENT
+from core.meta import LAYOUTS, TP_PLACEMENT, TP_RECORD
 from partitioner.lower import collective_kind, compile_rank, layouts_from_capture
 from core.plan import Plan
 from passes import PassContext, PassError, pass_pipeline
 from passes.tensor_parallel import tensor_parallel
+from passes.tensor_parallel.record import LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
@@ -122,6 +123,31 @@ def test_gpt_regions_collectives_and_layouts():
         if collective_kind(node) == "all_reduce":
             (user,) = node.users
             assert user.target is torch.ops.aten.add.Tensor
+
+
+def test_the_pass_records_what_it_split_and_inserted():
+    program = _program("tiny_llama", Plan(tp=2, rules="lm_head:vocab").resolve(2),
+                       vocab_size=511)
+    gm = program.stages[0].gm
+    record = gm.meta[TP_RECORD]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert record.tp == 2 and len(record.regions) == 2 * 2  # attention and MLP per block
+    for region in record.regions:
+        assert [nodes[e].target for e in region.entries] == [copy_to_region]
+        assert all(collective_kind(nodes[e]) == "all_reduce" for e in region.exits)
+        assert len(region.exits) == len(region.rows) == 1
+    roles = Counter(c.role for c in record.collectives)
+    assert roles == Counter({REGION_ENTRY: 2 * 2 + 1, REGION_EXIT: 2 * 2, LOOKUP_SUM: 1,
+                             LOGITS_GATHER: 1})
+    assert all(nodes[c.node].args[0].name == c.value for c in record.collectives)
+    params = {p.name: p.placement for p in record.params}
+    assert params["lm_head.weight"] == Shard(0, padded=512)
+    assert params["blocks.0.attn.o_proj.weight"] == Shard(1)
+    assert params == {name: layout.placements.on("tp") for name, layout in program.layouts.items()
+                      if not layout.placements.replicated}
+    (logits,) = record.logits
+    assert (logits.leaf, logits.vocab_size, logits.padded_vocab) == (0, 511, 512)
+    assert nodes[logits.shard].target is aten.linear.default
 
 
 def test_fused_qkv_gate_up_blocks_and_local_split_sizes():
