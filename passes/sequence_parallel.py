@@ -101,7 +101,8 @@ class SequenceParallelRecord:
 
 
 class SequenceNotDivisible(PassError):
-    """The sequence length is not a multiple of tp (sp cannot split it)."""
+    """The sequence length is not a multiple of tp (sp cannot split it); raised unless the
+    program is forward-only, where the pass steps aside and records why."""
 
 
 class _NotTokenwise(Exception):
@@ -367,9 +368,17 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise PassError(f"sequence_parallel (sp=on, tp={tp}): cannot tell the (batch, seq) of "
                         f"the model's tokens from its inputs; fix: sp=off")
     if tokens.seq % tp:
-        raise SequenceNotDivisible(
+        error = SequenceNotDivisible(
             f"sequence_parallel splits the sequence over tp: sequence length {tokens.seq} is not "
             f"divisible by tp={tp}; fix: a sequence length that is a multiple of {tp}, or sp=off")
+        if not ctx.forward_only:
+            raise error
+        # A forward-only program (evaluation, generation) runs the tensor-parallel graph as
+        # is: the same parameters and numbers, only the activations stay whole.
+        log.warning("rank coordinates %s: %s; this forward runs without sp", ctx.coords, error)
+        gm.meta[SP_RECORD] = SequenceParallelRecord(tp, tokens.batch, tokens.seq, (), (), (),
+                                                    stepped_aside=str(error))
+        return gm
     reduces = {}
     for node in reduce_nodes:
         split = _boundary_split(node, tokens)

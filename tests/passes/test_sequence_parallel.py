@@ -3,7 +3,10 @@ single-device model on real gloo ranks, and the activation memory it saves."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import logging
 from collections import Counter
 
 import pytest
@@ -11,12 +14,13 @@ import torch
 
 from partitioner import models
 from partitioner.capture import capture
-from partitioner.lower import collective_kind, compile_rank
-from core.meta import SP_RECORD, TP_PLACEMENT, TP_RECORD
+from partitioner.lower import collective_kind, compile_rank, layouts_from_capture
+from core.meta import LAYOUTS, SP_RECORD, TP_PLACEMENT, TP_RECORD
 from core.placement import Placements, Shard
 from core.plan import Plan
 from passes import PassContext, PassError
-from passes.sequence_parallel import sequence_parallel
+from passes.sequence_parallel import SequenceNotDivisible, sequence_parallel
+from passes.tensor_parallel import tensor_parallel
 from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
 from runtime.collectives import copy_to_region, scatter
@@ -132,6 +136,25 @@ def test_pipeline_sends_sequence_shards():
 def test_sequence_not_divisible_by_tp_is_a_clear_error():
     with pytest.raises(PassError, match=r"sequence length 15 is not divisible by tp=2.*sp=off"):
         _program("tiny_llama", "tp=2,sp=on", seq=15)
+
+
+def test_a_forward_only_program_of_a_length_sp_cannot_split_keeps_the_tp_graph(caplog):
+    captured = _captured("tiny_llama", seq=15)
+    plan = Plan.parse("tp=2,sp=on").resolve(2)
+    gm = copy.deepcopy(captured.gm)
+    gm.meta[LAYOUTS] = layouts_from_capture(captured)
+    ctx = PassContext(plan=plan, coords={"tp": 0}, forward_only=True)
+    gm = tensor_parallel(gm, ctx)
+    before = [(n.name, n.target) for n in gm.graph.nodes]
+    with caplog.at_level(logging.WARNING):
+        gm = sequence_parallel(gm, ctx)
+    assert [(n.name, n.target) for n in gm.graph.nodes] == before
+    record = gm.meta[SP_RECORD]
+    assert "sequence length 15 is not divisible by tp=2" in record.stepped_aside
+    assert not record.zone and not record.collectives
+    assert "this forward runs without sp" in caplog.text
+    with pytest.raises(SequenceNotDivisible, match="sequence length 15"):  # training refuses
+        sequence_parallel(gm, dataclasses.replace(ctx, forward_only=False))
 
 
 def test_sp_off_leaves_the_tensor_parallel_graph_alone():
