@@ -45,7 +45,8 @@ from passes.collective_targets import (KINDS, all_gather, all_reduce, copy_to_re
                                        gather_for_region, reduce_scatter, scatter)
 from passes.tensor_parallel.record import (LOOKUP_SUM, REGION_ENTRY, REGION_EXIT,
                                            InsertedCollective)
-from passes.tensor_parallel.rules import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, MESH_DIM, aten_ops
+from passes.propagation.table import BINARY, REDUCTIONS, UNARY, aten_ops
+from passes.tensor_parallel.rules import MESH_DIM
 
 log = logging.getLogger(__name__)
 
@@ -220,19 +221,10 @@ def _view(node, split, tokens):
     raise _NotTokenwise(f"view {src} -> {dst} moves the tokens")
 
 
-# The tensor-parallel pass's elementwise ops, and a few more that norms and dropout between
-# regions are written with.
-_UNARY = ELEMENTWISE_UNARY + ["reciprocal.default", "native_dropout.default", "abs.default",
-                              "square.default"]
-_BINARY = ELEMENTWISE_BINARY + ["pow.Tensor_Tensor"]
-_REDUCTIONS = ["mean.dim", "sum.dim_IntList", "amax.default", "var.correction",
-               "var_mean.correction", "var.dim"]
-
-
 def _rule_table():
-    table = {op: _same for op in aten_ops(_UNARY)}
-    table.update({op: _broadcast for op in aten_ops(_BINARY)})
-    table.update({op: _reduction for op in aten_ops(_REDUCTIONS)})
+    table = {op: _same for op in aten_ops(UNARY)}
+    table.update({op: _broadcast for op in aten_ops(BINARY)})
+    table.update({op: _reduction for op in aten_ops(REDUCTIONS)})
     for op in (aten.layer_norm.default, aten.native_layer_norm.default):
         table[op] = _normalization
     if hasattr(aten, "rms_norm"):

@@ -157,20 +157,20 @@ def split_regions(graph: fx.Graph, regions: list[Region], policy: Policy, tp: in
     split = RegionSplits([], {}, {})
     for region in (r for r in regions if not r.broken):
         replicas: dict[fx.Node, int] = {}
-        local_states, local_rewrites, errors = split_region(region, policy.projs, order, tp,
-                                                            replicas)
-        while errors:  # again with kv heads replicated, if that is what the errors ask for
-            more = kv_replicas(region, errors, replicas, tp)
+        found = split_region(region, policy.projs, order, tp, replicas)
+        while found.errors:  # again with kv heads replicated, if that is what the errors ask
+            more = kv_replicas(region, found.errors, replicas, tp)
             guess = not more
             if guess:  # or a one-head kv projection (MQA), which no shape error points to
-                more = kv_replicas(region, errors, replicas, tp, single=True)
+                more = kv_replicas(region, found.errors, replicas, tp, single=True)
             if not more:
                 break
             retry = split_region(region, policy.projs, order, tp, {**replicas, **more})
-            if guess and retry[2]:
+            if guess and retry.errors:
                 break  # not MQA after all: report the first try's errors
             replicas.update(more)
-            local_states, local_rewrites, errors = retry
+            found = retry
+        errors = found.errors
         structural = [e for e in errors if e[1].structural]
         if structural and not any(policy.rule_of(c) == "colwise" for c in region.columns):
             log.info("tensor_parallel: %s stays replicated: %s", region.columns[0].name,
@@ -180,8 +180,8 @@ def split_regions(graph: fx.Graph, regions: list[Region], policy: Policy, tp: in
             continue
         for node, error in errors:
             problems.at(node, error.rule)
-        split.states.update(local_states)
-        split.rewrites.update(local_rewrites)
+        split.states.update(found.states)
+        split.rewrites.update(found.rewrites)
         split.regions.append(region)
     return split
 

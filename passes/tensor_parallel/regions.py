@@ -15,6 +15,7 @@ from torch import fx
 
 from passes.tensor_parallel.projections import Projection, fused_blocks
 from core.placement import StridedShard
+from passes.propagation import NotCarried, propagate
 from passes.tensor_parallel.rules import RULES, Broken, Call, ndim, parts, tp_split
 
 @dataclass
@@ -107,45 +108,62 @@ def find_regions(linears: dict[fx.Node, Projection], rule_of, skip: set):
     return regions, why_not
 
 
+@dataclass(frozen=True, eq=False)
+class RegionSplit:
+    """One region through the rule table: every value's split, the rewritten args, and every
+    broken rule (node, Broken) in graph order."""
 
-def split_region(region: Region, projs: dict, order: dict, tp: int, replicas: dict):
-    """States of every value in the region and the rewritten args, plus (node, Broken)s.
+    states: dict[fx.Node, object]
+    rewrites: dict[fx.Node, Call]
+    errors: list[tuple[fx.Node, Broken]]
+
+
+def split_region(region: Region, projs: dict, order: dict, tp: int,
+                 replicas: dict) -> RegionSplit:
+    """Propagate the column projections' splits through the region with the rule table.
     `replicas`: column linears whose heads are replicated on that many ranks (GQA kv)."""
-    states: dict[fx.Node, object] = {}
-    rewrites: dict[fx.Node, Call] = {}
-    errors: list[tuple[fx.Node, Broken]] = []
-    columns = set(region.columns)
-    poisoned: set[fx.Node] = set()  # downstream of a broken rule: no second error for it
-    members = sorted(region.nodes | region.rows | columns, key=order.__getitem__)
-    for node in members:
-        if poisoned.intersection(node.all_input_nodes):
-            poisoned.add(node)
-            continue
+    seeds, errors, rewrites = {}, [], {}
+    for col in region.columns:
+        blocks = fused_blocks(col)
+        split = tp_split(ndim(col) - 1, blocks, replicas.get(col, 1))
+        if any(b % parts(split, tp) for b in blocks):
+            errors.append((col, Broken(f"output features {list(blocks)} of the column-parallel "
+                                       f"linear do not divide by tp={tp}")))
+        else:
+            seeds[col] = split
+
+    def rule(node: fx.Node, states) -> object:
+        if node in region.rows:
+            _check_row(node, projs, states)
+            return None  # a partial sum, reduced by the rewrite
         try:
-            if node in columns:
-                blocks = fused_blocks(node)
-                split = tp_split(ndim(node) - 1, blocks, replicas.get(node, 1))
-                bad = [b for b in blocks if b % parts(split, tp)]
-                if bad:
-                    raise Broken(f"output features {list(blocks)} of the column-parallel "
-                                 f"linear do not divide by tp={tp}")
-                states[node] = split
-            elif node in region.rows:
-                x = projs[node].x
-                split = states.get(x)
-                if split is None or split.dim != ndim(x) - 1 or \
-                        isinstance(split, StridedShard) or split.replicas > 1:
-                    raise Broken("the row-parallel linear's input is not split along its "
-                                 "features", structural=True)
-            elif node in region.nodes:
-                if all(states.get(a) is None for a in node.all_input_nodes):
-                    continue
-                state, args = RULES[node.target](node, states, tp)
-                states[node] = state
-                if args is not None:
-                    rewrites[node] = args if isinstance(args, Call) else Call(tuple(args),
-                                                                                None)
-        except Broken as error:
-            errors.append((node, error))
-            poisoned.add(node)
-    return states, rewrites, errors
+            state, args = RULES[node.target](node, states, tp)
+        except Broken:
+            raise
+        except NotCarried as why:  # the shared table's answer: not a region (replicate it)
+            raise Broken(str(why), structural=True) from None
+        if args is not None:
+            rewrites[node] = args if isinstance(args, Call) else Call(tuple(args), None)
+        return state
+
+    members = sorted(region.nodes | region.rows, key=order.__getitem__)
+    result = propagate(members, seeds, rule, blocked=[col for col, _ in errors])
+    errors += list(result.stopped.items())
+    for row in region.rows:  # a row no split reached is not a row of this region
+        if row not in result.stopped and row not in result.blocked and \
+                projs[row].x not in result.dims:
+            errors.append((row, _row_error()))
+    return RegionSplit(result.dims, rewrites, sorted(errors, key=lambda e: order[e[0]]))
+
+
+def _check_row(row: fx.Node, projs: dict, states) -> None:
+    x = projs[row].x
+    split = states.get(x)
+    if split is None or split.dim != ndim(x) - 1 or isinstance(split, StridedShard) or \
+            split.replicas > 1:
+        raise _row_error()
+
+
+def _row_error() -> Broken:
+    return Broken("the row-parallel linear's input is not split along its features",
+                  structural=True)

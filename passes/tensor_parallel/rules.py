@@ -7,7 +7,6 @@ raises `Broken` when the op cannot carry the split. `propagate` runs the table o
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from dataclasses import dataclass
 
@@ -16,6 +15,7 @@ from torch import fx
 
 from core.fx_utils import norm_dim, val_of
 from core.placement import Shard, SplitPlacement, StridedShard
+from passes.propagation import NotCarried, aten_ops, carry
 
 aten = torch.ops.aten
 MESH_DIM = "tp"
@@ -53,7 +53,7 @@ def moved(split: Split, dim: int) -> Split:
     return dataclasses.replace(split, dim=dim)
 
 
-class Broken(Exception):
+class Broken(NotCarried):
     """An op cannot carry the split. `structural`: the region is not one (replicate it);
     otherwise a count does not divide by tp (the model and plan disagree: refuse)."""
 
@@ -111,47 +111,34 @@ def _split_of(states, node) -> Split | None:
     return states.get(node) if isinstance(node, fx.Node) else None
 
 
-def _same(node, states, tp):  # unary / dtype / copy ops: the split passes through
-    return _split_of(states, node.args[0]), None
-
-
-def _softmax(node, states, tp):  # softmax over a dim other than the split one
-    split = _split_of(states, node.args[0])
-    if split and norm_dim(node.args[1], ndim(node)) == split.dim:
-        raise Broken("softmax over the split dimension", structural=True)
-    return split, None
-
-
-def _broadcast(node, states, tp):  # elementwise ops with broadcasting
-    out_ndim = ndim(node)
-    tensors = [a for a in node.args if isinstance(a, fx.Node) and isinstance(val_of(a), torch.Tensor)]
-    splits = {moved(s, s.dim + out_ndim - ndim(a)) for a in tensors
-              if (s := _split_of(states, a)) is not None}
-    if len(splits) != 1:
-        raise Broken("operands split along different dimensions or into different pieces",
-                     structural=True)
-    split = next(iter(splits))
-    dim = split.dim
-    for a in tensors:
-        if _split_of(states, a) is None:
-            pos = dim - (out_ndim - ndim(a))
-            if pos >= 0 and full_shape(a)[pos] != 1:
-                raise Broken(f"replicated operand {a.name} {full_shape(a)} spans the split "
-                             f"dimension {dim}", structural=True)
-    return split, None
+def _carried(node, states, tp):
+    """Ops that only move the split dim (the shared propagation table says where) and whose
+    constants count no heads: every split operand must be split into the same pieces."""
+    sharded = {a: split for a in node.all_input_nodes if (split := states.get(a)) is not None}
+    try:
+        out = carry(node, {a: split.dim for a, split in sharded.items()})
+    except NotCarried as why:
+        raise Broken(str(why), structural=True) from None
+    if out is None:
+        return None, None
+    first = out[0] if isinstance(out, tuple) else out
+    pieces = {moved(split, first) for split in sharded.values()}
+    if len(pieces) != 1:
+        raise Broken("operands split into different pieces", structural=True)
+    (split,) = pieces
+    return ([moved(split, d) for d in out] if isinstance(out, tuple) else split), None
 
 
 def _reshape(node, states, tp):  # view/reshape: follow the split into the new shape
     split = states[node.args[0]]
     src, dst = full_shape(node.args[0]), full_shape(node)
-    outer = math.prod(src[:split.dim])
-    dims = [e for e in range(len(dst)) if math.prod(dst[:e]) == outer and dst[e] != 1]
     if parts(split, tp) == 1 and len(dst) > len(src) and dst[split.dim] == 1:
-        dims = [split.dim]  # one kv head on every rank (MQA): (.., hd) -> (.., 1 head, hd)
-    if not dims:
-        raise Broken(f"view/reshape {src} -> {dst} mixes the split dimension {split.dim} "
-                     f"with the dimensions before it", structural=True)
-    e = dims[0]
+        e = split.dim  # one kv head on every rank (MQA): (.., hd) -> (.., 1 head, hd)
+    else:
+        try:
+            e = carry(node, {node.args[0]: split.dim})
+        except NotCarried as why:
+            raise Broken(str(why), structural=True) from None
     if isinstance(split, StridedShard) and dst[e] != src[split.dim]:
         raise Broken("view/reshape splits a fused (multi-block) projection output",
                      structural=True)
@@ -186,35 +173,6 @@ def _merge_kv_copies(node, split: Split, src, dst, e: int, tp: int):
     return Shard(e), (x, local, *node.args[2:])
 
 
-def _transpose(node, states, tp):
-    split = states[node.args[0]]
-    nd = ndim(node)
-    a, b = norm_dim(node.args[1], nd), norm_dim(node.args[2], nd)
-    dim = {a: b, b: a}.get(split.dim, split.dim)
-    return moved(split, dim), None
-
-
-def _permute(node, states, tp):
-    split = states[node.args[0]]
-    order = [norm_dim(d, ndim(node)) for d in node.args[1]]
-    return moved(split, order.index(split.dim)), None
-
-
-def _unsqueeze(node, states, tp):
-    split = states[node.args[0]]
-    d = norm_dim(node.args[1], ndim(node))
-    return moved(split, split.dim + (d <= split.dim)), None
-
-
-def _squeeze(node, states, tp):
-    split = states[node.args[0]]
-    src = full_shape(node.args[0])
-    dims = node.args[1] if len(node.args) > 1 else [i for i, s in enumerate(src) if s == 1]
-    dims = [dims] if isinstance(dims, int) else dims
-    dims = {norm_dim(d, len(src)) for d in dims if src[norm_dim(d, len(src))] == 1}
-    return moved(split, split.dim - sum(d < split.dim for d in dims)), None
-
-
 def _pieces(node, sizes: list[int], split: Split, tp: int) -> list[int]:
     """Split sizes along the split dim must be the fused blocks; -> their local sizes."""
     fused = blocks_of(split, sum(sizes))
@@ -232,7 +190,7 @@ def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
     dim = norm_dim(dim, len(src))
     outs = [tuple(int(s) for s in v.shape) for v in val_of(node)]
     if dim != split.dim:
-        return [split] * len(outs), None
+        return _carried(node, states, tp)
     sizes = [o[dim] for o in outs]
     local = _pieces(node, sizes, split, tp)
     states_out = [Shard(dim, replicas=replicas_of(split)) for _ in sizes]
@@ -255,7 +213,7 @@ def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow
     src = full_shape(node.args[0])
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src))
     if dim != split.dim:
-        return split, None
+        return _carried(node, states, tp)
     if node.target is aten.narrow.default:
         start, end, step = node.args[2], node.args[2] + node.args[3], 1
     else:
@@ -281,25 +239,11 @@ def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow
 
 def _expand(node, states, tp):
     split = states[node.args[0]]
-    nd = ndim(node)
-    dim = split.dim + nd - ndim(node.args[0])
+    dim = carry(node, {node.args[0]: split.dim})
     sizes = list(node.args[1])
     if sizes[dim] != -1:
         sizes[dim] //= parts(split, tp)
     return moved(split, dim), (node.args[0], sizes, *node.args[2:])
-
-
-def _cat(node, states, tp):
-    tensors = node.args[0]
-    nd = ndim(node)
-    dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, nd)
-    splits = {_split_of(states, t) for t in tensors}
-    if len(splits) != 1 or None in splits:
-        raise Broken("cat of split and replicated tensors", structural=True)
-    split = next(iter(splits))
-    if split.dim == dim:
-        raise Broken("cat along the split dimension", structural=True)
-    return split, None
 
 
 def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
@@ -354,54 +298,38 @@ def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query
 def _matmul(node, states, tp):  # batched matmul: split along a shared batch dimension only
     a, b = node.args[:2]
     sa, sb = _split_of(states, a), _split_of(states, b)
-    nd = ndim(node)
-    dims = {s.dim + nd - ndim(t) for s, t in ((sa, a), (sb, b)) if s is not None}
-    if sa is None or sb is None or len(dims) != 1 or next(iter(dims)) >= nd - 2:
-        raise Broken("matmul contracts or mixes the split dimension", structural=True)
-    if replicas_of(sa) != replicas_of(sb):
+    if sa is not None and sb is not None and replicas_of(sa) != replicas_of(sb):
         raise Broken(f"matmul pairs heads split into different pieces ({sa} and {sb}): kv "
                      f"heads replicated over ranks need a kv-head repeat before they meet "
                      f"the query heads")
-    return moved(sa, next(iter(dims))), None
+    return _carried(node, states, tp)
 
 
-ELEMENTWISE_UNARY = [
+CARRIED = [  # the shared table's elementwise ops that may sit inside a region
     "gelu.default", "silu.default", "relu.default", "tanh.default", "sigmoid.default",
     "neg.default", "exp.default", "rsqrt.default", "sqrt.default", "dropout.default",
     "clone.default", "contiguous.default", "alias.default", "_to_copy.default", "to.dtype",
     "to.dtype_layout", "to.device", "pow.Tensor_Scalar", "mul.Scalar", "add.Scalar",
     "div.Scalar", "sub.Scalar", "type_as.default", "detach.default", "gelu_.default",
+    "add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
+    "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default", "minimum.default",
+    "softmax.int", "_softmax.default",
 ]
-ELEMENTWISE_BINARY = ["add.Tensor", "sub.Tensor", "mul.Tensor", "div.Tensor", "where.self",
-                      "masked_fill.Scalar", "masked_fill.Tensor", "maximum.default",
-                      "minimum.default"]
-
-
-def aten_ops(names: list[str]) -> list:
-    """The aten overloads named "packet.overload" that this torch has."""
-    ops = []
-    for name in names:
-        packet, _, overload = name.partition(".")
-        op = getattr(getattr(aten, packet, None), overload, None)
-        if op is not None:
-            ops.append(op)
-    return ops
 
 
 def _rule_table():
     """Op -> split rule: which ops can sit inside a tensor-parallel region."""
-    table = {op: _same for op in aten_ops(ELEMENTWISE_UNARY)}
-    table.update({op: _broadcast for op in aten_ops(ELEMENTWISE_BINARY)})
+    table = {op: _carried for op in aten_ops(CARRIED)}  # (softmax over another dim)
     table.update({
         aten.view.default: _reshape,             # (B,S,h) -> (B,S,nh/tp,hd) and back
         aten.reshape.default: _reshape,
         aten._unsafe_view.default: _reshape,
-        aten.transpose.int: _transpose,          # the split dim moves with the axes
-        aten.permute.default: _permute,
-        aten.t.default: _transpose,
-        aten.unsqueeze.default: _unsqueeze,
-        aten.squeeze.dim: _squeeze,
-        aten.squeeze.dims: _squeeze,
+        aten.transpose.int: _carried,            # the split dim moves with the axes
+        aten.permute.default: _carried,
+        aten.t.default: _carried,
+        aten.unsqueeze.default: _carried,
+        aten.squeeze.dim: _carried,
+        aten.squeeze.dims: _carried,
         aten.split_with_sizes.default: _split_sizes,  # fused q|k|v sizes -> local sizes
         aten.split.Tensor: _split_sizes,
         aten.chunk.default: _split_sizes,        # fused gate|up: equal blocks, args unchanged
@@ -409,13 +337,11 @@ def _rule_table():
         aten.slice.Tensor: _slice,               # [..., :q_size] -> [..., :q_size/tp]
         aten.narrow.default: _slice,
         aten.expand.default: _expand,
-        aten.cat.default: _cat,
+        aten.cat.default: _carried,              # along another dim
         aten.scaled_dot_product_attention.default: _attention,
         aten.repeat_interleave.self_int: _repeat_interleave,
         aten.matmul.default: _matmul,
         aten.bmm.default: _matmul,
-        aten.softmax.int: _softmax,
-        aten._softmax.default: _softmax,
     })
     return table
 
