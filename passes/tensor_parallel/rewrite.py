@@ -25,7 +25,7 @@ from passes.tensor_parallel.projections import lookup_arg
 from passes.tensor_parallel.record import (KV_WEIGHT, LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY,
                                            REGION_EXIT, InsertedCollective, RegionRecord,
                                            ShardedLogits, ShardedParam, TensorParallelRecord)
-from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, blocks_of, full_shape,
+from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, Split, blocks_of, full_shape,
                                           local_shape, parts, replicas_of)
 
 aten = torch.ops.aten
