@@ -7,17 +7,18 @@ that can carry a split (views, elementwise ops, attention, ...) until other line
 linears whose walk reaches anything else (a norm, the graph output, a residual add) stay
 replicated. `Plan.rules` overrides the finder by module path.
 
-Inside a region every value is split along exactly one tensor dimension (`Split`); each op's
-rule maps the split through the op and rewrites the constants that count heads or hidden units
-(view/reshape sizes, split sizes, slice bounds) into local counts, from the FakeTensor shapes in
-`node.meta["val"]`. Where a count does not divide by tp the pass refuses, naming the node, its
+Inside a region every value is split along exactly one tensor dimension (a `Shard`, or a
+`StridedShard` for a fused projection's output); where the split dim goes through each op is
+the shared propagation table's answer (`passes.propagation`), and this pass's rules add what
+only it knows: which constants count heads or hidden units (view/reshape sizes, split sizes,
+slice bounds) and become local counts, from the FakeTensor shapes in `node.meta["val"]`. Where a count does not divide by tp the pass refuses, naming the node, its
 module path and the rule broken, before any collective runs.
 
 Rewrite (Megatron-Core's f/g pair): `copy_to_region(x, "tp")` before the column linears (identity
 forward, all-reduce backward); `linear(x, w)` -> `all_reduce(., "tp")` -> `+ bias` for the row
 linears. A `vocab` rule makes a linear column-parallel over its output features followed by
 `all_gather(., "tp", -1)`, so every rank sees the full output. The word embedding and the LM
-head are `vocab` by default, as in Megatron-Core and torchtitan (`_default_vocab`; a
+head are `vocab` by default, as in Megatron-Core and torchtitan (`policy.default_vocab`; a
 `replicate` rule keeps them whole). A `vocab` rule on an embedding
 (Megatron's VocabParallelEmbedding) shards the table's rows: ids outside this rank's rows look up
 row 0, their outputs are zeroed, and `all_reduce(., "tp")` sums the one rank that had each id.
@@ -26,7 +27,7 @@ an LM head takes one row shard for both uses when both are ruled `vocab`.
 
 Grouped-query attention whose kv heads tp does not divide but which divide tp (kv=2, tp=4):
 the k/v projections keep their weights replicated, read through `copy_to_region(w, "tp")` and
-narrowed to this rank's kv head, so each kv head is computed on tp/kv ranks (`Split.replicas`)
+narrowed to this rank's kv head, so each kv head is computed on tp/kv ranks (`Shard.replicas`)
 and the all-reduce in the copy's backward sums the per-rank gradient pieces into the true
 gradient. The kv-head repeat (repeat_interleave, or HF's unsqueeze/expand/reshape) is rewritten
 to produce exactly the query heads this rank holds; SDPA with enable_gqa takes the one kv head
@@ -36,7 +37,9 @@ Where each job lives: `projections` (what can be split: projections, lookups, fu
 `regions` (the column/row region finder and one region's split), `rules` (the per-op rule
 table), `policy` (which projection becomes column/row/vocab/replicated, and per region: split,
 replicate, or replicate the kv heads), `diagnostics` (every problem found, with its `rules=`
-fix), `rewrite` (this rank's program).
+fix), `rewrite` (this rank's program), `record` (what the pass did, in
+`gm.meta[core.meta.TP_RECORD]`: sharded parameters, regions, inserted collectives, vocab-parallel
+logits; the passes after it read this instead of the graph).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
-"""The per-op split rules: how each op inside a tensor-parallel region carries the split and
-which of its constants (view sizes, split sizes, slice bounds, expand sizes, repeat counts)
-become local counts. One rule per op family, in the table at the bottom (`RULES`); a rule
-raises `Broken` when the op cannot carry the split. `propagate` runs the table over a region.
+"""The tensor-parallel rules: what an op inside a region does to the split beyond moving its
+dim (which the shared propagation table answers, `_carried`): which of its constants (view
+sizes, split sizes, slice bounds, expand sizes, repeat counts) count heads or hidden units and
+become local counts, how fused blocks and kv heads replicated over ranks go through it. One
+rule per op family, in the table at the bottom (`RULES`, also the list of ops a region may
+hold); a rule raises `Broken` when the op cannot carry the split.
 """
 
 from __future__ import annotations
