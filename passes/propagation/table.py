@@ -262,6 +262,8 @@ BINARY = [  # several tensors, elementwise with broadcasting
 ]
 REDUCTIONS = ["sum.dim_IntList", "mean.dim", "amax.default", "amin.default", "var.correction",
               "var.dim", "var_mean.correction"]
+SOFTMAX = ["softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default"]
+NORMS = ["layer_norm.default", "native_layer_norm.default", "rms_norm.default"]
 
 
 def aten_ops(names: list[str]) -> list:
@@ -279,10 +281,8 @@ def _table() -> dict:
     table = {op: elementwise for op in aten_ops(UNARY)}
     table.update({op: broadcasting for op in aten_ops(BINARY)})
     table.update({op: reduction for op in aten_ops(REDUCTIONS)})
-    table.update({op: softmax for op in aten_ops(  # over another dim
-        ["softmax.int", "_softmax.default", "log_softmax.int", "_log_softmax.default"])})
-    table.update({op: normalization for op in aten_ops(  # over trailing dims
-        ["layer_norm.default", "native_layer_norm.default", "rms_norm.default"])})
+    table.update({op: softmax for op in aten_ops(SOFTMAX)})  # over another dim
+    table.update({op: normalization for op in aten_ops(NORMS)})  # over trailing dims
     table.update({
         aten.view.default: reshape,              # (B, S, H) -> (B, S, nh, hd) and back
         aten.reshape.default: reshape,

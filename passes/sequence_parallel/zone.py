@@ -5,7 +5,10 @@ reductions and norms over features, dropout, views that keep or flatten the toke
 A zone value is split along one tensor dim (`SeqSplit`): the sequence dim of a (batch, seq,
 ...) tensor, or the flattened batch*seq dim of a (batch*seq, ...) tensor. Each token-wise rule
 answers the reverse of the propagation table's question: given how the output is split, how is
-each operand read (split, or whole where it broadcasts over the tokens)?
+each operand read (split, or whole where it broadcasts over the tokens)? The shared table
+(`passes.propagation`) then confirms the op carries those reads to the output's split; what
+this module adds is what only sequence parallelism knows: which dims are tokens (reductions
+and softmax must act on the dims after them) and views that flatten (batch, seq).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from torch import fx
 from core.fx_utils import norm_dim, tensor_of, val_of
 from core.meta import TP_PLACEMENT
 from core.placement import Placements, Shard
-from passes.propagation.table import BINARY, REDUCTIONS, UNARY, aten_ops
+from passes.propagation import NotCarried, carry
+from passes.propagation.table import BINARY, NORMS, REDUCTIONS, SOFTMAX, UNARY, aten_ops
 from passes.tensor_parallel.rules import MESH_DIM
 
 log = logging.getLogger(__name__)
@@ -77,9 +81,21 @@ def _tensor_args(node: fx.Node) -> list[fx.Node]:
 # --- token-wise ops: (node, output split, tokens) -> {tensor arg: its split or None} ----------
 # None marks an operand that broadcasts over the tokens (a weight, a bias, a scalar tensor).
 
-def _same(node, split, tokens):  # unary ops: the first operand is split as the output
-    first = node.args[0]
-    return {a: (split if a is first else None) for a in _tensor_args(node)}
+def _confirmed(node, split, reads: dict) -> dict:
+    """`reads` if the shared propagation table carries them to the output's split: the op
+    neither reduces, mixes nor moves the token dim."""
+    try:
+        out = carry(node, {a: s.dim for a, s in reads.items() if s is not None})
+    except NotCarried as why:
+        raise NotTokenwise(str(why)) from None
+    if (out[0] if isinstance(out, tuple) else out) != split.dim:
+        raise NotTokenwise(f"{node.name} moves the token dim")
+    return reads
+
+
+def _first(node, split, tokens):  # one token-wise operand: elementwise, norms over features
+    x = node.args[0]
+    return _confirmed(node, split, {a: (split if a is x else None) for a in _tensor_args(node)})
 
 
 def _broadcast(node, split, tokens):  # elementwise with broadcasting (right-aligned)
@@ -94,35 +110,15 @@ def _broadcast(node, split, tokens):  # elementwise with broadcasting (right-ali
             splits[arg] = None
         else:
             raise NotTokenwise(f"operand {arg.name} {shape} does not broadcast over tokens")
-    return splits
+    return _confirmed(node, split, splits)
 
 
-def _over_features(dims, split: SeqSplit, ndim: int) -> None:
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not dims or any(norm_dim(d, ndim) <= split.dim for d in dims):
-        raise NotTokenwise(f"reduces over dims {dims}, which include the tokens")
-
-
-def _reduction(node, split, tokens):  # mean.dim / sum.dim_IntList / amax / var over features
-    x = node.args[0]
+def _over_features(node, split, tokens):  # reductions and softmax over dims after the tokens
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    if dims is None:
-        raise NotTokenwise("reduces over every dim")
-    _over_features(dims, split, len(full_shape(x)))
-    return {a: (split if a is x else None) for a in _tensor_args(node)}
-
-
-def _normalization(node, split, tokens):  # layer_norm / native_layer_norm / rms_norm
-    x, normalized_shape = node.args[0], node.args[1]
-    ndim = len(full_shape(x))
-    _over_features(list(range(ndim - len(normalized_shape), ndim)), split, ndim)
-    return {a: (split if a is x else None) for a in _tensor_args(node)}
-
-
-def _softmax(node, split, tokens):  # softmax / log_softmax over a feature dim
-    x = node.args[0]
-    _over_features(node.args[1], split, len(full_shape(x)))
-    return {a: (split if a is x else None) for a in _tensor_args(node)}
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    if not dims or any(norm_dim(d, len(full_shape(node.args[0]))) <= split.dim for d in dims):
+        raise NotTokenwise(f"reduces over dims {dims}, which include the tokens")
+    return _first(node, split, tokens)
 
 
 def _getitem(node, split, tokens):  # an output of a multi-output zone op (native_layer_norm)
@@ -144,20 +140,12 @@ def _view(node, split, tokens):
 
 
 def _rule_table():
-    table = {op: _same for op in aten_ops(UNARY)}
+    table = {op: _first for op in aten_ops(UNARY + NORMS)}
     table.update({op: _broadcast for op in aten_ops(BINARY)})
-    table.update({op: _reduction for op in aten_ops(REDUCTIONS)})
-    for op in (aten.layer_norm.default, aten.native_layer_norm.default):
-        table[op] = _normalization
-    if hasattr(aten, "rms_norm"):
-        table[aten.rms_norm.default] = _normalization
+    table.update({op: _over_features for op in aten_ops(REDUCTIONS + SOFTMAX)})
     table.update({
-        aten._softmax.default: _softmax,
-        aten.softmax.int: _softmax,
-        aten._log_softmax.default: _softmax,
-        aten.log_softmax.int: _softmax,
         operator.getitem: _getitem,
-        aten.view.default: _view,
+        aten.view.default: _view,  # (b, s, h) <-> (b*s, h): the tokens stay split
         aten.reshape.default: _view,
         aten._unsafe_view.default: _view,
     })
