@@ -13,7 +13,8 @@ from torch import nn
 
 from partitioner import models
 from partitioner.capture import capture
-from core.placement import Partial, Placements, Shard, StridedShard
+from core.placement import (Partial, Placements, Shard, StridedShard, local_size, take_shard,
+                            unshard)
 from core.meta import LAYOUTS, TP_PLACEMENT, TP_RECORD
 from partitioner.lower import collective_kind, compile_rank, layouts_from_capture
 from core.plan import Plan
@@ -148,6 +149,17 @@ def test_the_pass_records_what_it_split_and_inserted():
     (logits,) = record.logits
     assert (logits.leaf, logits.vocab_size, logits.padded_vocab) == (0, 511, 512)
     assert nodes[logits.shard].target is aten.linear.default
+
+
+def test_a_shard_held_by_several_ranks_takes_and_gives_back_its_chunk():
+    """Shard.replicas (grouped-query kv heads fewer than tp): 4 ranks, 2 chunks, 2 ranks each."""
+    full = torch.arange(8.0).view(4, 2)
+    placement = Shard(0, replicas=2)
+    pieces = [take_shard(full, placement, rank, 4) for rank in range(4)]
+    assert local_size(placement, 4, 4) == 2 and all(p.shape == (2, 2) for p in pieces)
+    assert torch.equal(pieces[1], full[:2]) and torch.equal(pieces[2], full[2:])
+    assert torch.equal(unshard(pieces, placement, 4), full)
+    assert str(Placements.of(tp=placement)) == "S(0,replicas=2)@tp"
 
 
 def test_fused_qkv_gate_up_blocks_and_local_split_sizes():
