@@ -294,82 +294,102 @@ def _nll_args(node: fx.Node):
 def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits]):
     """Rewrite a traced loss to read logits shards: (GraphModule, terms), or the reason (str)
     why some use of the logits cannot be computed vocab-parallel."""
-    actions: dict[fx.Node, tuple] = {}
-    terms: list[CrossEntropyTerm] = []
+    follow = _Follow()
+    seeds = {ph: _Track(item.dim, False, item) for ph, item in logits.items()}
+    followed = propagate(gm.graph.nodes, seeds, follow)
+    if followed.stopped:  # the first use in graph order that is not a cross-entropy
+        return str(next(iter(followed.stopped.values())))
+    if not any(term.op == "nll_loss" for term in follow.terms):
+        return "the loss computes no cross-entropy of the logits"
+    return _rebuild(gm, followed.dims, follow.actions), tuple(follow.terms)
 
-    def follow(node: fx.Node, tracks) -> _Track | None:
-        """The logits' track through `node` (what it becomes, what to do with it), or
-        NotCarried with the reason the loss cannot run vocab-parallel."""
+
+class _Follow:
+    """The propagation rule of the logits through a traced loss: each use of them (or of what
+    they became) returns its `_Track` and notes the action that replays it on the shard, or
+    raises NotCarried with the reason the loss cannot run vocab-parallel."""
+
+    def __init__(self) -> None:
+        self.actions: dict[fx.Node, tuple] = {}
+        self.terms: list[CrossEntropyTerm] = []
+
+    def __call__(self, node: fx.Node, tracks) -> _Track | None:
         reads = [arg for arg in node.all_input_nodes if arg in tracks]
         if node.op == "output":
             raise NotCarried("the loss returns the logits (or their log-probabilities)")
         where = f"{node.name} ({_op_name(node)})"
         if len(set(reads)) > 1 or node.op != "call_function" or node.args[0] is not reads[0]:
             raise NotCarried(f"{where} reads the logits in a way other than a cross-entropy")
-        src = reads[0]
-        track = tracks[src]
+        src, track = reads[0], tracks[reads[0]]
         if node.target in LAYOUT_OPS:
-            if node.target is aten._to_copy.default and track.log_probs:
-                raise NotCarried(f"{where} casts the log-probabilities (only the logits may be "
-                                 f"cast)")
-            vocab_dim = _layout(node, src, track)
-            if vocab_dim is None:
-                raise NotCarried(f"{where} does not keep the vocabulary dim whole")
-            args = node.args
-            if node.target in VIEWS:  # the new shape gets the shard's width
-                shape = list(_shape(node))
-                shape[vocab_dim] = track.sharded.local_vocab
-                args = (node.args[0], shape)
-            actions[node] = ("layout", args, node.kwargs)
-            return _Track(vocab_dim, track.log_probs, track.sharded)
+            return self.layout(node, src, track, where)
         if node.target in LOG_SOFTMAX:
-            dim = node.args[1] % len(_shape(src))
-            if track.log_probs or dim != track.vocab_dim:
-                raise NotCarried(f"{where} is not a log_softmax of the logits over the "
-                                 f"vocabulary dim")
-            dtype = tensor_of(node).dtype
-            actions[node] = ("log_softmax", dtype if dtype != tensor_of(src).dtype else None)
-            return _Track(track.vocab_dim, True, track.sharded)
+            return self.log_softmax(node, src, track, where)
         if node.target in NLL_TUPLE + NLL_PLAIN:
-            target, weight, reduction, ignore_index = _nll_args(node)
-            class_dim = 0 if len(_shape(src)) == 1 else 1
-            if not track.log_probs:
-                raise NotCarried(f"{where} takes the logits, not their log_softmax")
-            if class_dim != track.vocab_dim:
-                raise NotCarried(f"{where} reduces over dim {class_dim}, not the vocabulary")
-            if weight is not None:
-                raise NotCarried(f"{where} weights the classes (weight=...)")
-            if node.target in NLL_TUPLE:
-                for user in node.users:
-                    if user.target is not operator.getitem or (
-                            user.args[1] != 0 and user.users):
-                        raise NotCarried(f"{user.name} reads nll_loss's total_weight")
-                    actions[user] = ("first", node) if user.args[1] == 0 else ("drop",)
-            actions[node] = ("nll", src, target, REDUCTIONS[reduction], ignore_index)
-            terms.append(CrossEntropyTerm("nll_loss", node.name, track.sharded.leaf,
-                                          REDUCTIONS[reduction], ignore_index))
-            return None
+            return self.nll(node, src, track, where)
         if node.target is aten.sum.dim_IntList and track.log_probs:
-            dims = node.args[1] if len(node.args) > 1 else None
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            rank = len(_shape(src))
-            if (dims is None or [d % rank for d in dims] != [track.vocab_dim]
-                    or node.kwargs.get("dtype") is not None):
-                raise NotCarried(f"{where} sums the log-probabilities over other dims than the "
-                                 f"vocabulary")
-            actions[node] = ("log_prob_sum", src, keepdim)
-            terms.append(CrossEntropyTerm("log_prob_sum", node.name, track.sharded.leaf))
-            return None
+            return self.log_prob_sum(node, src, track, where)
         raise NotCarried(f"{where} reads the logits, and it is not a cross-entropy over the "
                          f"vocabulary")
 
-    seeds = {ph: _Track(item.dim, False, item) for ph, item in logits.items()}
-    followed = propagate(gm.graph.nodes, seeds, follow)
-    if followed.stopped:  # the first use in graph order that is not a cross-entropy
-        return str(next(iter(followed.stopped.values())))
-    if not any(term.op == "nll_loss" for term in terms):
-        return "the loss computes no cross-entropy of the logits"
-    return _rebuild(gm, followed.dims, actions), tuple(terms)
+    def layout(self, node, src, track: _Track, where: str) -> _Track:
+        """Replayed on the shard (a view's new shape gets the shard's width)."""
+        if node.target is aten._to_copy.default and track.log_probs:
+            raise NotCarried(f"{where} casts the log-probabilities (only the logits may be "
+                             f"cast)")
+        vocab_dim = _layout(node, src, track)
+        if vocab_dim is None:
+            raise NotCarried(f"{where} does not keep the vocabulary dim whole")
+        args = node.args
+        if node.target in VIEWS:
+            shape = list(_shape(node))
+            shape[vocab_dim] = track.sharded.local_vocab
+            args = (node.args[0], shape)
+        self.actions[node] = ("layout", args, node.kwargs)
+        return _Track(vocab_dim, track.log_probs, track.sharded)
+
+    def log_softmax(self, node, src, track: _Track, where: str) -> _Track:
+        """Dropped: the shard stays raw logits, the vocab-parallel statistics normalize."""
+        dim = node.args[1] % len(_shape(src))
+        if track.log_probs or dim != track.vocab_dim:
+            raise NotCarried(f"{where} is not a log_softmax of the logits over the vocabulary "
+                             f"dim")
+        dtype = tensor_of(node).dtype
+        self.actions[node] = ("log_softmax", dtype if dtype != tensor_of(src).dtype else None)
+        return _Track(track.vocab_dim, True, track.sharded)
+
+    def nll(self, node, src, track: _Track, where: str) -> None:
+        """nll_loss of the log-probabilities: a vocab-parallel cross-entropy term."""
+        target, weight, reduction, ignore_index = _nll_args(node)
+        class_dim = 0 if len(_shape(src)) == 1 else 1
+        if not track.log_probs:
+            raise NotCarried(f"{where} takes the logits, not their log_softmax")
+        if class_dim != track.vocab_dim:
+            raise NotCarried(f"{where} reduces over dim {class_dim}, not the vocabulary")
+        if weight is not None:
+            raise NotCarried(f"{where} weights the classes (weight=...)")
+        if node.target in NLL_TUPLE:
+            for user in node.users:
+                if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+                    raise NotCarried(f"{user.name} reads nll_loss's total_weight")
+                self.actions[user] = ("first", node) if user.args[1] == 0 else ("drop",)
+        self.actions[node] = ("nll", src, target, REDUCTIONS[reduction], ignore_index)
+        self.terms.append(CrossEntropyTerm("nll_loss", node.name, track.sharded.leaf,
+                                           REDUCTIONS[reduction], ignore_index))
+        return None
+
+    def log_prob_sum(self, node, src, track: _Track, where: str) -> None:
+        """Label smoothing's sum of the log-probabilities over the vocabulary."""
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        rank = len(_shape(src))
+        if (dims is None or [d % rank for d in dims] != [track.vocab_dim]
+                or node.kwargs.get("dtype") is not None):
+            raise NotCarried(f"{where} sums the log-probabilities over other dims than the "
+                             f"vocabulary")
+        self.actions[node] = ("log_prob_sum", src, keepdim)
+        self.terms.append(CrossEntropyTerm("log_prob_sum", node.name, track.sharded.leaf))
+        return None
 
 
 def _rebuild(gm: fx.GraphModule, tracks: dict, actions: dict) -> fx.GraphModule:
