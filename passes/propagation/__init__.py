@@ -17,9 +17,10 @@ from typing import Callable, Iterable, Mapping
 
 from torch import fx
 
-from passes.propagation.table import TABLE, NotCarried, aten_ops
+from passes.propagation.table import TABLE, NotCarried, aten_ops, tensor_shape
 
-__all__ = ["NotCarried", "Propagation", "aten_ops", "carry", "propagate", "supports"]
+__all__ = ["NotCarried", "Propagation", "aten_ops", "carry", "propagate", "supports",
+           "tensor_shape"]
 
 Dims = Mapping[fx.Node, "int | tuple[int, ...]"]
 

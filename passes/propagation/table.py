@@ -27,7 +27,9 @@ class NotCarried(Exception):
     """The op does not carry the sharded dimension through; the message says why."""
 
 
-def _shape(node) -> tuple[int, ...]:
+def tensor_shape(node) -> tuple[int, ...]:
+    """`node`'s tensor shape as ints (a multi-output node's first), or NotCarried when it
+    carries no tensor."""
     val = tensor_of(node)
     if val is None:
         raise NotCarried(f"{getattr(node, 'name', node)} has no tensor shape in meta['val']")
@@ -54,16 +56,16 @@ def elementwise(node, dims):
 def broadcasting(node, dims):
     """Elementwise ops of several tensors, right-aligned: every sharded operand lines up on one
     output dim, which every unsharded operand broadcasts over (size 1 or absent)."""
-    out_ndim = len(_shape(node))
+    out_ndim = len(tensor_shape(node))
     tensors = _tensors(node)
-    aligned = {dims[a] + out_ndim - len(_shape(a)) for a in tensors if a in dims}
+    aligned = {dims[a] + out_ndim - len(tensor_shape(a)) for a in tensors if a in dims}
     if len(aligned) != 1:
         raise NotCarried("operands sharded along different dimensions")
     (dim,) = aligned
     for a in tensors:
-        pos = dim - (out_ndim - len(_shape(a)))
-        if a not in dims and pos >= 0 and _shape(a)[pos] != 1:
-            raise NotCarried(f"unsharded operand {a.name} {_shape(a)} spans the sharded "
+        pos = dim - (out_ndim - len(tensor_shape(a)))
+        if a not in dims and pos >= 0 and tensor_shape(a)[pos] != 1:
+            raise NotCarried(f"unsharded operand {a.name} {tensor_shape(a)} spans the sharded "
                              f"dimension {dim}")
     return dim
 
@@ -73,7 +75,7 @@ def reshape(node, dims):
     dims hold as many elements as the ones before it; merging it with later dims, or splitting
     it into leading pieces, keeps each rank's chunk contiguous."""
     x = node.args[0]
-    src, dst = _shape(x), _shape(node)
+    src, dst = tensor_shape(x), tensor_shape(node)
     outer = math.prod(src[:dims[x]])
     for e, size in enumerate(dst):
         if math.prod(dst[:e]) == outer and size != 1:
@@ -85,26 +87,26 @@ def reshape(node, dims):
 def transpose(node, dims):
     """transpose(x, a, b) and t(x): the sharded dim moves with the axes."""
     x = node.args[0]
-    ndim = len(_shape(node))
+    ndim = len(tensor_shape(node))
     a, b = ((norm_dim(node.args[1], ndim), norm_dim(node.args[2], ndim))
             if node.target is not aten.t.default else (0, 1 if ndim > 1 else 0))
     return {a: b, b: a}.get(dims[x], dims[x])
 
 
 def permute(node, dims):
-    order = [norm_dim(d, len(_shape(node))) for d in node.args[1]]
+    order = [norm_dim(d, len(tensor_shape(node))) for d in node.args[1]]
     return order.index(dims[node.args[0]])
 
 
 def unsqueeze(node, dims):
-    new = norm_dim(node.args[1], len(_shape(node)))
+    new = norm_dim(node.args[1], len(tensor_shape(node)))
     return dims[node.args[0]] + (new <= dims[node.args[0]])
 
 
 def squeeze(node, dims):
     """squeeze removes size-1 dims (all of them, or those named); never the sharded one."""
     x, dim = node.args[0], dims[node.args[0]]
-    src, out = _shape(x), _shape(node)
+    src, out = tensor_shape(x), tensor_shape(node)
     named = node.args[1] if len(node.args) > 1 else range(len(src))
     named = [named] if isinstance(named, int) else named
     removed = {norm_dim(d, len(src)) for d in named if src[norm_dim(d, len(src))] == 1}
@@ -116,7 +118,7 @@ def squeeze(node, dims):
 def select(node, dims):
     """select(x, dim, index) drops `dim`."""
     x = node.args[0]
-    dim = norm_dim(node.args[1], len(_shape(x)))
+    dim = norm_dim(node.args[1], len(tensor_shape(x)))
     if dim == dims[x]:
         raise NotCarried("select picks one index of the sharded dimension")
     return dims[x] - (dim < dims[x])
@@ -126,7 +128,7 @@ def slicing(node, dims):
     """slice(x, dim, start, end, step) / narrow(x, dim, start, length): other dims pass; the
     sharded dim only when taken whole (a part of it is not this rank's chunk of anything)."""
     x = node.args[0]
-    src = _shape(x)
+    src = tensor_shape(x)
     dim = norm_dim(_arg(node, 1, "dim", 0), len(src))
     if dim != dims[x]:
         return dims[x]
@@ -143,13 +145,13 @@ def slicing(node, dims):
 
 def expand(node, dims):
     x = node.args[0]
-    return dims[x] + len(_shape(node)) - len(_shape(x))
+    return dims[x] + len(tensor_shape(node)) - len(tensor_shape(x))
 
 
 def cat(node, dims):
     """cat along another dim of operands all sharded along the same one."""
     tensors = node.args[0]
-    dim = norm_dim(_arg(node, 1, "dim", 0), len(_shape(node)))
+    dim = norm_dim(_arg(node, 1, "dim", 0), len(tensor_shape(node)))
     if any(t not in dims for t in tensors) or len({dims[t] for t in tensors}) != 1:
         raise NotCarried("cat of operands not all sharded along one dimension")
     if dims[tensors[0]] == dim:
@@ -160,7 +162,7 @@ def cat(node, dims):
 def split(node, dims):
     """split / split_with_sizes / chunk along another dim: every piece sharded as the input."""
     x = node.args[0]
-    dim = norm_dim(_arg(node, 2, "dim", 0), len(_shape(x)))
+    dim = norm_dim(_arg(node, 2, "dim", 0), len(tensor_shape(x)))
     if dim == dims[x]:
         raise NotCarried("splits the sharded dimension into pieces")
     return (dims[x],) * len(tensor_list(node))
@@ -175,7 +177,7 @@ def getitem(node, dims):
 def reduction(node, dims):
     """sum/mean/amax/var over dims that leave the sharded one (keepdim or not)."""
     x = node.args[0]
-    ndim = len(_shape(x))
+    ndim = len(tensor_shape(x))
     reduced = _arg(node, 1, "dim")
     if reduced is None or reduced == []:
         raise NotCarried("reduces over every dimension")
@@ -195,7 +197,7 @@ def reduction(node, dims):
 def softmax(node, dims):
     """softmax / log_softmax over another dim."""
     x = node.args[0]
-    if norm_dim(node.args[1], len(_shape(x))) == dims[x]:
+    if norm_dim(node.args[1], len(tensor_shape(x))) == dims[x]:
         raise NotCarried("softmax over the sharded dimension")
     return dims[x]
 
@@ -204,7 +206,7 @@ def normalization(node, dims):
     """layer_norm / rms_norm over trailing dims that leave the sharded one; its statistics
     (native_layer_norm's mean and rstd) keep the leading dims."""
     x, normalized = node.args[0], node.args[1]
-    ndim = len(_shape(x))
+    ndim = len(tensor_shape(x))
     if dims[x] >= ndim - len(normalized):
         raise NotCarried("normalizes over the sharded dimension")
     return (dims[x],) * 3 if node.target is aten.native_layer_norm.default else dims[x]
@@ -214,8 +216,8 @@ def matmul(node, dims):
     """Batched matmul: both operands sharded along one shared batch dim (not the two
     contracted/kept matrix dims)."""
     a, b = node.args[:2]
-    ndim = len(_shape(node))
-    aligned = {dims[t] + ndim - len(_shape(t)) for t in (a, b) if t in dims}
+    ndim = len(tensor_shape(node))
+    aligned = {dims[t] + ndim - len(tensor_shape(t)) for t in (a, b) if t in dims}
     if a not in dims or b not in dims or len(aligned) != 1 or next(iter(aligned)) >= ndim - 2:
         raise NotCarried("matmul contracts or mixes the sharded dimension")
     return next(iter(aligned))
@@ -226,16 +228,16 @@ def attention(node, dims):
     (attention mixes the sequence and contracts the features); the mask, unsharded, broadcasts
     over it."""
     q, k, v = node.args[:3]
-    ndim = len(_shape(node))
-    aligned = {dims[t] + ndim - len(_shape(t)) for t in (q, k, v) if t in dims}
+    ndim = len(tensor_shape(node))
+    aligned = {dims[t] + ndim - len(tensor_shape(t)) for t in (q, k, v) if t in dims}
     if any(t not in dims for t in (q, k, v)) or len(aligned) != 1 or \
             next(iter(aligned)) >= ndim - 2:
         raise NotCarried("attention mixes or contracts the sharded dimension")
     (dim,) = aligned
     mask = _arg(node, 3, "attn_mask")
     if isinstance(mask, fx.Node):
-        pos = dim - (ndim - len(_shape(mask)))
-        if mask in dims or (pos >= 0 and _shape(mask)[pos] != 1):
+        pos = dim - (ndim - len(tensor_shape(mask)))
+        if mask in dims or (pos >= 0 and tensor_shape(mask)[pos] != 1):
             raise NotCarried("the attention mask spans the sharded dimension")
     return dim
 

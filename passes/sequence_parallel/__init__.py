@@ -41,9 +41,10 @@ from torch import fx
 
 from core.meta import SP_RECORD, TP_RECORD
 from passes import PassContext, PassError
+from passes.propagation import tensor_shape
 from passes.sequence_parallel.record import SequenceParallelRecord
 from passes.sequence_parallel.rewrite import Rewriter
-from passes.sequence_parallel.zone import boundary_split, find_zone, full_shape, tokens_of
+from passes.sequence_parallel.zone import boundary_split, find_zone, tokens_of
 from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 
 __all__ = ["SequenceNotDivisible", "SequenceParallelRecord", "sequence_parallel"]
@@ -86,7 +87,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for node in reduce_nodes:
         split = boundary_split(node, tokens)
         if split is None:  # a reduction with no token dims (rare): it stays an all-reduce
-            log.info("sequence_parallel: %s %s keeps its all-reduce", node.name, full_shape(node))
+            log.info("sequence_parallel: %s %s keeps its all-reduce", node.name, tensor_shape(node))
         else:
             reduces[node] = split
     zone, reads = find_zone(graph, reduces, copies, tokens)

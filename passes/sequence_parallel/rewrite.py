@@ -13,9 +13,10 @@ from core.meta import LAYOUTS, TP_PLACEMENT
 from core.placement import Partial, Placements, Shard
 from passes.collective_targets import (KINDS, all_gather, all_reduce, copy_to_region,
                                        gather_for_region, reduce_scatter, scatter)
+from passes.propagation import tensor_shape
 from passes.sequence_parallel.record import (GRADIENT_SUM, SEQUENCE_ENTRY, SEQUENCE_EXIT,
                                              ZONE_ENTRY, ZONE_EXIT, SequenceParallelRecord)
-from passes.sequence_parallel.zone import REPLICATED, SeqSplit, Tokens, full_shape
+from passes.sequence_parallel.zone import REPLICATED, SeqSplit, Tokens
 from passes.tensor_parallel.record import InsertedCollective
 from passes.tensor_parallel.rules import MESH_DIM
 
@@ -131,7 +132,7 @@ class Rewriter:
     def _reduce_scatter(self, node: fx.Node) -> fx.Node:
         """all_reduce(y) -> reduce_scatter(y, seq): the row region's output stays split."""
         split, y = self.zone.pop(node), node.args[0]
-        full = list(full_shape(node))
+        full = list(tensor_shape(node))
         with self.graph.inserting_before(node):
             out = self._collective(reduce_scatter, y, split,
                                    (full, self._local_shape(full, split)), node,
@@ -147,7 +148,7 @@ class Rewriter:
         """copy_to_region(x) -> gather_for_region(x, seq): the column region needs the whole
         sequence; its input gradient is reduce-scattered back to the shards."""
         x = copy.args[0]
-        full = list(full_shape(copy))
+        full = list(tensor_shape(copy))
         with self.graph.inserting_before(copy):
             out = self._collective(gather_for_region, x, self.zone[x],
                                    (self._local_shape(full, self.zone[x]), full), copy,
@@ -159,7 +160,7 @@ class Rewriter:
     def _gather(self, node: fx.Node) -> fx.Node:
         """The whole value of a zone node for users outside the zone (backward: our slice)."""
         if node not in self.gathered:
-            split, full = self.zone[node], list(full_shape(node))
+            split, full = self.zone[node], list(tensor_shape(node))
             with self.graph.inserting_after(node):
                 self.gathered[node] = self._collective(
                     all_gather, node, split, (self._local_shape(full, split), full), node,
@@ -183,7 +184,7 @@ class Rewriter:
                 continue
             if (arg, want) not in self.scattered:  # one slice (one backward all-gather) per value
                 full = self._gather(arg) if arg in self.zone else arg
-                shape = list(full_shape(arg))
+                shape = list(tensor_shape(arg))
                 with self.graph.inserting_before(node):
                     self.scattered[arg, want] = self._collective(
                         scatter, full, want, (shape, self._local_shape(shape, want)), node,

@@ -23,7 +23,7 @@ from torch import fx
 from core.fx_utils import norm_dim, tensor_of, val_of
 from core.meta import TP_PLACEMENT
 from core.placement import Placements, Shard
-from passes.propagation import NotCarried, carry
+from passes.propagation import NotCarried, carry, tensor_shape
 from passes.propagation.table import BINARY, NORMS, REDUCTIONS, SOFTMAX, UNARY, aten_ops
 from passes.tensor_parallel.rules import MESH_DIM
 
@@ -46,7 +46,7 @@ class SeqSplit:
         return Placements.of(**{MESH_DIM: Shard(self.dim)})
 
 
-class NotTokenwise(Exception):
+class NotTokenwise(NotCarried):
     """The op mixes tokens (or its shapes do not show the token dims): not in the zone."""
 
 
@@ -59,17 +59,10 @@ class Tokens:
         return self.batch * self.seq if split.flat else self.seq
 
 
-def full_shape(node) -> tuple[int, ...]:
-    val = tensor_of(node)
-    if val is None:
-        raise NotTokenwise(f"{getattr(node, 'name', node)} has no tensor shape")
-    return tuple(int(s) for s in val.shape)
-
-
 def _fits(node, split: SeqSplit, tokens: Tokens) -> bool:
     try:
-        shape = full_shape(node)
-    except NotTokenwise:
+        shape = tensor_shape(node)
+    except NotCarried:
         return False
     return split.dim < len(shape) and shape[split.dim] == tokens.size(split)
 
@@ -99,10 +92,10 @@ def _first(node, split, tokens):  # one token-wise operand: elementwise, norms o
 
 
 def _broadcast(node, split, tokens):  # elementwise with broadcasting (right-aligned)
-    out_ndim = len(full_shape(node))
+    out_ndim = len(tensor_shape(node))
     splits = {}
     for arg in _tensor_args(node):
-        shape = full_shape(arg)
+        shape = tensor_shape(arg)
         dim = split.dim - (out_ndim - len(shape))
         if dim >= 0 and shape[dim] == tokens.size(split):
             splits[arg] = SeqSplit(dim, split.flat)
@@ -116,7 +109,7 @@ def _broadcast(node, split, tokens):  # elementwise with broadcasting (right-ali
 def _over_features(node, split, tokens):  # reductions and softmax over dims after the tokens
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     dims = [dims] if isinstance(dims, int) else list(dims or [])
-    if not dims or any(norm_dim(d, len(full_shape(node.args[0]))) <= split.dim for d in dims):
+    if not dims or any(norm_dim(d, len(tensor_shape(node.args[0]))) <= split.dim for d in dims):
         raise NotTokenwise(f"reduces over dims {dims}, which include the tokens")
     return _first(node, split, tokens)
 
@@ -128,7 +121,7 @@ def _getitem(node, split, tokens):  # an output of a multi-output zone op (nativ
 def _view(node, split, tokens):
     """view/reshape: keeps the dims up to the tokens, or flattens / unflattens (batch, seq)."""
     x = node.args[0]
-    src, dst = full_shape(x), full_shape(node)
+    src, dst = tensor_shape(x), tensor_shape(node)
     batch, seq = tokens.batch, tokens.seq
     if split.flat and split.dim == 0 and src[:2] == (batch, seq):
         return {x: SeqSplit(1)}  # (b, s, ...) -> (b*s, ...)
@@ -163,15 +156,15 @@ def _eligible(node: fx.Node) -> bool:
 
 def _input_splits(node, split, tokens) -> dict:
     if not _fits(node, split, tokens):
-        raise NotTokenwise(f"{node.name} {full_shape(node)} has no token dim {split}")
+        raise NotTokenwise(f"{node.name} {tensor_shape(node)} has no token dim {split}")
     return RULES[node.target](node, split, tokens)
 
 
 def _forward_split(user: fx.Node, arg: fx.Node, arg_split: SeqSplit, tokens):
     """The split of `user`'s output under which `arg` is read as `arg_split`, or None."""
     try:
-        ndim = len(full_shape(user))
-    except NotTokenwise:
+        ndim = len(tensor_shape(user))
+    except NotCarried:
         return None
     for dim in range(ndim):
         for flat in (False, True):
@@ -179,7 +172,7 @@ def _forward_split(user: fx.Node, arg: fx.Node, arg_split: SeqSplit, tokens):
             try:
                 if _input_splits(user, candidate, tokens).get(arg) == arg_split:
                     return candidate
-            except NotTokenwise:
+            except NotCarried:
                 continue
     return None
 
@@ -194,7 +187,7 @@ def tokens_of(graph: fx.Graph, seeds: list[fx.Node]) -> Tokens | None:
         if isinstance(val, torch.Tensor) and val.dim() >= 2:
             return Tokens(int(val.shape[0]), int(val.shape[1]))
     for node in seeds:
-        shape = full_shape(node)
+        shape = tensor_shape(node)
         if len(shape) == 3:
             return Tokens(shape[0], shape[1])
     return None
@@ -204,8 +197,8 @@ def boundary_split(node: fx.Node, tokens: Tokens) -> SeqSplit | None:
     """How a tensor-parallel boundary value (batch, seq, hidden) or (batch*seq, hidden) is
     split along its tokens, or None when its shape shows no tokens."""
     try:
-        shape = full_shape(node)
-    except NotTokenwise:
+        shape = tensor_shape(node)
+    except NotCarried:
         return None
     if len(shape) >= 3 and shape[:2] == (tokens.batch, tokens.seq):
         return SeqSplit(1)
@@ -228,7 +221,7 @@ def find_zone(graph: fx.Graph, reduces: dict, copies: list, tokens: Tokens):
             return False
         try:
             splits = _input_splits(node, split, tokens)
-        except NotTokenwise as why:
+        except NotCarried as why:
             log.debug("sequence_parallel: %s stays whole: %s", node.name, why)
             return False
         zone[node], reads[node] = split, splits

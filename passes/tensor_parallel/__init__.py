@@ -11,8 +11,9 @@ Inside a region every value is split along exactly one tensor dimension (a `Shar
 `StridedShard` for a fused projection's output); where the split dim goes through each op is
 the shared propagation table's answer (`passes.propagation`), and this pass's rules add what
 only it knows: which constants count heads or hidden units (view/reshape sizes, split sizes,
-slice bounds) and become local counts, from the FakeTensor shapes in `node.meta["val"]`. Where a count does not divide by tp the pass refuses, naming the node, its
-module path and the rule broken, before any collective runs.
+slice bounds) and become local counts, from the FakeTensor shapes in `node.meta["val"]`.
+Where a count does not divide by tp the pass refuses, naming the node, its module path and the
+rule broken, before any collective runs.
 
 Rewrite (Megatron-Core's f/g pair): `copy_to_region(x, "tp")` before the column linears (identity
 forward, all-reduce backward); `linear(x, w)` -> `all_reduce(., "tp")` -> `+ bias` for the row

@@ -17,11 +17,12 @@ from torch import fx
 
 from core.fx_utils import module_path
 from core.plan import Plan, RuleKind
+from passes.propagation import tensor_shape
 from passes.tensor_parallel.diagnostics import Problems
 from passes.tensor_parallel.projections import (RESHAPES, Projection, fused_blocks,
                                                 lookup_arg)
 from passes.tensor_parallel.regions import Region, split_region
-from passes.tensor_parallel.rules import Call, full_shape
+from passes.tensor_parallel.rules import Call
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def default_vocab(graph: fx.Graph, projs: dict, lookups: list, ruled) -> set[fx.
 
     words = [n for n in lookups if isinstance(source(n.args[1]), fx.Node)
              and source(n.args[1]).op == "placeholder"]
-    rows = {int(full_shape(n.args[0])[0]) for n in words}
+    rows = {int(tensor_shape(n.args[0])[0]) for n in words}
     outputs = set(graph.find_nodes(op="output")[0].all_input_nodes)
 
     def reaches_output(node) -> bool:
@@ -126,7 +127,7 @@ def default_vocab(graph: fx.Graph, projs: dict, lookups: list, ruled) -> set[fx.
         return True
 
     heads = [lin for lin, proj in projs.items() if reaches_output(lin)
-             and int(full_shape(proj.weight)[proj.out_dim]) in rows]
+             and int(tensor_shape(proj.weight)[proj.out_dim]) in rows]
     chosen = {n for n in set(words) | set(heads) if ruled(n) is None}
     tables = {n.args[0] if n in lookups else projs[n].weight for n in chosen}
     for table in tables:
@@ -198,9 +199,9 @@ def kv_replicas(region: Region, errors, replicas: dict, tp: int,
     found = {}
     if single:
         for col in region.columns:
-            src = full_shape(col)
+            src = tensor_shape(col)
             for user in col.users:
-                dst = full_shape(user) if user.target in RESHAPES else ()
+                dst = tensor_shape(user) if user.target in RESHAPES else ()
                 if user in region.nodes and len(dst) > len(src) and \
                         dst[:len(src)] == src[:-1] + (1,):
                     found[col] = tp

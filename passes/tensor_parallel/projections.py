@@ -9,7 +9,8 @@ import torch
 from torch import fx
 
 from core.fx_utils import norm_dim, val_of
-from passes.tensor_parallel.rules import full_shape, ndim
+from passes.propagation import tensor_shape
+from passes.tensor_parallel.rules import ndim
 
 aten = torch.ops.aten
 
@@ -78,7 +79,7 @@ RESHAPES = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 def fused_blocks(lin: fx.Node) -> tuple[int, ...]:
     """Sub-block sizes of a fused projection, read from how its output is split along the
     features (looking through reshapes that keep the feature dim, as Conv1D's view)."""
-    out = full_shape(lin)[-1]
+    out = tensor_shape(lin)[-1]
     todo = [lin]
     while todo:
         node = todo.pop()
@@ -86,7 +87,7 @@ def fused_blocks(lin: fx.Node) -> tuple[int, ...]:
         for user in node.users:
             if user.op != "call_function":
                 continue
-            if user.target in RESHAPES and full_shape(user)[-1] == out:
+            if user.target in RESHAPES and tensor_shape(user)[-1] == out:
                 todo.append(user)
                 continue
             dim = user.args[2] if len(user.args) > 2 else user.kwargs.get("dim", 0)

@@ -21,12 +21,13 @@ from core.placement import (Partial, Placements, Shard, StridedShard, local_size
                             split_placement)
 from passes import PassError
 from passes.collective_targets import KINDS, all_gather, all_reduce, copy_to_region
+from passes.propagation import tensor_shape
 from passes.tensor_parallel.projections import lookup_arg
 from passes.tensor_parallel.record import (KV_WEIGHT, LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY,
                                            REGION_EXIT, InsertedCollective, RegionRecord,
                                            ShardedLogits, ShardedParam, TensorParallelRecord)
-from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, Split, blocks_of, full_shape,
-                                          local_shape, parts, replicas_of)
+from passes.tensor_parallel.rules import (MESH_DIM, Call, Narrow, Split, blocks_of, local_shape,
+                                          parts, replicas_of)
 
 aten = torch.ops.aten
 REPLICATED = Placements()
@@ -67,7 +68,7 @@ class Rewriter:
             if replicas_of(split) > 1:
                 self.replicated_column(lin, split)
             else:
-                self.column(lin, blocks_of(split, full_shape(lin)[split.dim]))
+                self.column(lin, blocks_of(split, tensor_shape(lin)[split.dim]))
         for region in regions:
             for node in region.nodes:  # every arg rewrite reads full shapes: before _set_val
                 if node in rewrites:
@@ -146,7 +147,7 @@ class Rewriter:
     def narrow(self, user: fx.Node, marker: Narrow) -> fx.Node:
         x = marker.node
         split = self.states[x]
-        local = list(local_shape(full_shape(x), split, self.tp))  # x still has its full meta here
+        local = list(local_shape(tensor_shape(x), split, self.tp))  # x still has its full meta here
         local[marker.dim] = marker.length
         start = self.rank % marker.replicas * marker.length
         with self.graph.inserting_before(user):
@@ -181,7 +182,7 @@ class Rewriter:
         needs. The input gradient needs nothing more: the k/v projections read the region's
         shared copy_to_region(x), whose backward sums every rank's part."""
         proj = self.projs[lin]
-        size = full_shape(lin)[-1] // parts(split, self.tp)
+        size = tensor_shape(lin)[-1] // parts(split, self.tp)
         start = self.rank // split.replicas * size
         for param, dim in ((proj.weight, proj.out_dim), (proj.bias, 0)):
             if param is None:

@@ -17,7 +17,7 @@ from torch import fx
 
 from core.fx_utils import norm_dim, val_of
 from core.placement import Shard, SplitPlacement, StridedShard
-from passes.propagation import NotCarried, aten_ops, carry
+from passes.propagation import NotCarried, aten_ops, carry, tensor_shape
 
 aten = torch.ops.aten
 MESH_DIM = "tp"
@@ -87,16 +87,8 @@ class Narrow:
 
 # --- helpers on node metadata --------------------------------------------------------------
 
-def full_shape(node) -> tuple[int, ...]:
-    val = val_of(node)
-    if not isinstance(val, torch.Tensor):
-        raise Broken(f"{getattr(node, 'name', node)} has no tensor shape in meta['val']",
-                     structural=True)
-    return tuple(int(s) for s in val.shape)
-
-
 def ndim(node) -> int:
-    return len(full_shape(node))
+    return len(tensor_shape(node))
 
 
 def local_shape(shape, split: Split, tp: int) -> tuple[int, ...]:
@@ -133,7 +125,7 @@ def _carried(node, states, tp):
 
 def _reshape(node, states, tp):  # view/reshape: follow the split into the new shape
     split = states[node.args[0]]
-    src, dst = full_shape(node.args[0]), full_shape(node)
+    src, dst = tensor_shape(node.args[0]), tensor_shape(node)
     if parts(split, tp) == 1 and len(dst) > len(src) and dst[split.dim] == 1:
         e = split.dim  # one kv head on every rank (MQA): (.., hd) -> (.., 1 head, hd)
     else:
@@ -186,7 +178,7 @@ def _pieces(node, sizes: list[int], split: Split, tp: int) -> list[int]:
 
 def _split_sizes(node, states, tp):  # split_with_sizes / split / chunk
     split = states[node.args[0]]
-    src = full_shape(node.args[0])
+    src = tensor_shape(node.args[0])
     # split_with_sizes(x, sizes, dim) / split.Tensor(x, size, dim) / chunk(x, n, dim)
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
     dim = norm_dim(dim, len(src))
@@ -212,7 +204,7 @@ def _getitem(node, states, tp):
 
 def _slice(node, states, tp):  # slice.Tensor(x, dim, start, end, step) / narrow(x, dim, start, n)
     split = states[node.args[0]]
-    src = full_shape(node.args[0])
+    src = tensor_shape(node.args[0])
     dim = norm_dim(node.args[1] if len(node.args) > 1 else 0, len(src))
     if dim != split.dim:
         return _carried(node, states, tp)
@@ -262,7 +254,7 @@ def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
         # A replicated kv head (one per rank) serves all this rank's query heads: right for
         # SDPA's own grouping (enable_gqa), wrong for anything that pairs heads one to one.
         if t is q or not node.kwargs.get("enable_gqa") or \
-                local_shape(full_shape(t), split, tp)[split.dim] != 1:
+                local_shape(tensor_shape(t), split, tp)[split.dim] != 1:
             raise Broken(f"attention input {t.name} holds kv heads replicated on "
                          f"{split.replicas} ranks but reaches attention without a kv-head "
                          f"repeat the pass can rewrite (repeat_interleave, unsqueeze/expand/"
@@ -272,7 +264,7 @@ def _attention(node, states, tp):  # sdpa(q, k, v, mask, ...): heads are dim -3
         if _split_of(states, mask) is not None:
             raise Broken("split attention mask", structural=True)
         pos = heads - (nd - ndim(mask))
-        if pos >= 0 and full_shape(mask)[pos] != 1:
+        if pos >= 0 and tensor_shape(mask)[pos] != 1:
             raise Broken("attention mask spans the heads dimension", structural=True)
     return Shard(heads), None
 
@@ -283,12 +275,12 @@ def _repeat_interleave(node, states, tp):  # GQA: kv heads repeated to the query
     dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
     if dim is None or norm_dim(dim, ndim(node)) != split.dim:
         return Shard(split.dim, replicas=replicas_of(split)), None
-    out = full_shape(node)[split.dim]
+    out = tensor_shape(node)[split.dim]
     args, kwargs = list(node.args), dict(node.kwargs)
     if replicas_of(split) > 1:
         # This rank's one kv head, repeated once per query head this rank holds (all of them
         # map to it): a plain tp split of the repeated heads.
-        if local_shape(full_shape(x), split, tp)[split.dim] != 1 or not isinstance(args[1], int):
+        if local_shape(tensor_shape(x), split, tp)[split.dim] != 1 or not isinstance(args[1], int):
             raise Broken(f"repeat_interleave of kv heads replicated on {split.replicas} ranks "
                          f"holds more than one kv head per rank")
         args[1] = out // tp
