@@ -35,9 +35,13 @@ class Shard:
 
     dim: int
     padded: int | None = None
+    replicas: int = 1
+    """Consecutive ranks holding the same chunk: the group's size / replicas chunks, rank i
+    holding chunk i // replicas (grouped-query kv heads fewer than the group)."""
 
     def __str__(self) -> str:
-        return f"S({self.dim})"
+        more = f",replicas={self.replicas}" if self.replicas > 1 else ""
+        return f"S({self.dim}{more})"
 
 
 @dataclass(frozen=True)
@@ -117,8 +121,9 @@ def split_placement(dim: int, blocks: tuple[int, ...] | None = None,
 
 
 def local_size(placement: SplitPlacement, full: int, parts: int) -> int:
-    padded = placement.padded if isinstance(placement, Shard) else None
-    return (padded or full) // parts
+    if isinstance(placement, StridedShard):
+        return full // parts
+    return (placement.padded or full) // (parts // placement.replicas)
 
 
 def take_shard(full: torch.Tensor, placement: SplitPlacement, index: int,
@@ -130,7 +135,7 @@ def take_shard(full: torch.Tensor, placement: SplitPlacement, index: int,
             pad = list(full.shape)
             pad[dim] = placement.padded - full.shape[dim]
             full = torch.cat([full, full.new_zeros(pad)], dim=dim)
-        return full.chunk(parts, dim=dim)[index]
+        return full.chunk(parts // placement.replicas, dim=dim)[index // placement.replicas]
     blocks = full.split(list(placement.blocks), dim=dim)
     return torch.cat([block.chunk(parts, dim=dim)[index] for block in blocks], dim=dim)
 
@@ -146,7 +151,7 @@ def unshard(pieces: list[torch.Tensor], placement: SplitPlacement,
         full = torch.cat([torch.cat([split[r][b] for r in range(parts)], dim=dim)
                           for b in range(len(placement.blocks))], dim=dim)
     else:
-        full = torch.cat(pieces, dim=dim)
+        full = torch.cat(pieces[::placement.replicas], dim=dim)
     return full.narrow(dim, 0, full_size)
 
 

@@ -9,7 +9,6 @@ route; gradients are reduced by the state afterwards.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import time
 from typing import Callable
@@ -19,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from core import meta
 from core.plan import Plan
 from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch
@@ -27,7 +27,6 @@ from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossFn, LossRouter, microbatch_loss
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
-from passes.sequence_parallel import SequenceNotDivisible
 from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
@@ -50,14 +49,15 @@ class Programs:
         self.training: dict[tuple, RankProgram] = {}
         """Input key -> the plan's program (serves step and forward calls)."""
         self.forward_only: dict[tuple, RankProgram] = {}
-        """Input key -> a forward-only program compiled without sp (sequence sp cannot split)."""
+        """Input key -> a forward-only program sp stepped aside in (a sequence it cannot split:
+        evaluation, generation); the tensor-parallel graph, same parameters, same numbers."""
         self.on_compile: Callable[[RankProgram], None] | None = None
         """Called with each program compiled after the first (binds the local tensors)."""
 
     def get(self, args: tuple, kwargs: dict, forward_only: bool = False) -> RankProgram:
-        """The program for these input shapes, compiled at first use. A forward-only call whose
-        sequence sp cannot split (evaluation, generation) runs without sp: same parameters,
-        same numbers; `step` keeps the plan and its error."""
+        """The program for these input shapes, compiled at first use. For a forward-only call
+        the passes may step aside where this shape cannot take the plan's split (sp on a
+        sequence tp does not divide, with a warning); `step` keeps the plan and its error."""
         key = input_key(args, kwargs)
         program = self.training.get(key) or (self.forward_only.get(key)
                                              if forward_only else None)
@@ -69,16 +69,13 @@ class Programs:
                                               if capture_device else (args, kwargs)))
         starts = (self.first.pipeline.stage_starts
                   if self.first is not None and self.first.pipeline else None)
-        try:
-            program = compile_rank(captured, self.plan, self.rank, self.device, starts)
-            self.training[key] = program
-        except SequenceNotDivisible as error:
-            if not forward_only:
-                raise
-            log.warning("rank %d: %s; this forward runs without sp", self.rank, error)
-            program = compile_rank(captured, dataclasses.replace(self.plan, sp=False),
-                                   self.rank, self.device, starts)
+        program = compile_rank(captured, self.plan, self.rank, self.device, starts,
+                               forward_only=forward_only)
+        record = program.stages[0].gm.meta.get(meta.SP_RECORD)
+        if record is not None and record.stepped_aside:  # serves forward calls only
             self.forward_only[key] = program
+        else:
+            self.training[key] = program
         if self.first is None:
             self.first = program
         elif self.on_compile is not None:

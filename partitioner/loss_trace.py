@@ -4,7 +4,8 @@ logits that stay sharded over the vocabulary.
 Two graphs meet here.
 - The model's graph (the last pipeline stage's). passes.tensor_parallel's `vocab` rule ends the
   LM head with `all_gather(x, "tp", -1)` (+ `slice` back to the unpadded vocabulary) and returns
-  the gathered logits. `find_sharded_logits` recognizes such output leaves and
+  the gathered logits; its record (`TensorParallelRecord.logits`) names those output leaves,
+  their shard `x`, the vocabulary size and padding. `find_sharded_logits` reads the record and
   `local_logits_graph` copies the graph so that they return this rank's shard `x` instead:
   the gather never runs.
 - The user's `loss_fn(output, target)`, traced once at the aten level on fake tensors with the
@@ -23,95 +24,36 @@ function of (output, target) (no side effects, no Python state that changes betw
 
 from __future__ import annotations
 
-import math
 import operator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from runtime.collectives import all_gather
+from core.fx_utils import tensor_of
+from core.meta import TP_RECORD
+from passes.propagation import NotCarried, carry, propagate
+from passes.tensor_parallel.record import ShardedLogits
 from runtime.vocab_parallel import REDUCTIONS, reduce_nll, vocab_parallel_log_softmax_stats
 
 aten = torch.ops.aten
 
 
-# --- the model's side: which output leaves are gathered logits ---------------------------------
-
-@dataclass(frozen=True)
-class ShardedLogits:
-    """An output leaf that is logits gathered over the vocabulary, and the shard behind it."""
-
-    leaf: int
-    """Position among the graph output's flat leaves."""
-    shard: str
-    """Node holding this rank's columns (the LM head's local output)."""
-    gathered: tuple[str, ...]
-    """The nodes that rebuild the full logits from the shard (all_gather, then slice)."""
-    mesh_dim: str
-    dim: int
-    """The vocabulary dim (non-negative)."""
-    vocab_size: int
-    padded_vocab: int
-    local_vocab: int
-    """Columns per rank: padded_vocab / group size."""
-
-    def __str__(self) -> str:
-        padding = (f", vocabulary {self.vocab_size} padded to {self.padded_vocab}"
-                   if self.padded_vocab != self.vocab_size else "")
-        return (f"output leaf {self.leaf} stays sharded over {self.mesh_dim} "
-                f"({self.local_vocab} of {self.padded_vocab} columns a rank{padding})")
-
-
-def _val(node) -> torch.Tensor | None:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val if isinstance(val, torch.Tensor) else None
-
-
-def _gathered_logits(leaf: fx.Node) -> ShardedLogits | None:
-    """`all_gather(x, dim, d)` or `slice(all_gather(x, dim, d), d, 0, vocab)` read only by the
-    graph output; None when `leaf` is something else."""
-    out = _val(leaf)
-    if out is None or out.dim() == 0:
-        return None
-    gather, chain = leaf, [leaf.name]
-    if leaf.target is aten.slice.Tensor:
-        gather = leaf.args[0]
-        if not isinstance(gather, fx.Node) or len(gather.users) != 1:
-            return None
-        chain.insert(0, gather.name)
-    if gather.op != "call_function" or gather.target is not all_gather or gather.kwargs:
-        return None
-    shard, mesh_dim, tensor_dim = gather.args
-    full, local = _val(gather), _val(shard)
-    if full is None or local is None:
-        return None
-    dim = tensor_dim % full.dim()
-    if gather is not leaf:  # the padding slice: [0, vocab) along the gathered dim, step 1
-        _, slice_dim, start, end, *step = leaf.args
-        if (slice_dim % full.dim() != dim or start not in (0, None) or step not in ([], [1])
-                or end != out.shape[dim]):
-            return None
-    # leaf=-1: the caller knows the leaf's position
-    return ShardedLogits(leaf=-1, shard=shard.name, gathered=tuple(chain), mesh_dim=mesh_dim,
-                         dim=dim, vocab_size=out.shape[dim], padded_vocab=full.shape[dim],
-                         local_vocab=local.shape[dim])
-
+# --- the model's side: which output leaves are vocab-parallel logits --------------------------
 
 def find_sharded_logits(gm: fx.GraphModule) -> tuple[ShardedLogits, ...]:
-    """The output leaves of `gm` that are vocab-parallel logits gathered only to be returned."""
-    output = gm.graph.find_nodes(op="output")[0]
-    leaves = list(output.args[0])
-    found = []
-    for index, leaf in enumerate(leaves):
-        if not isinstance(leaf, fx.Node) or leaves.count(leaf) != 1 or len(leaf.users) != 1:
-            continue  # read inside the model too: the full logits are needed anyway
-        match = _gathered_logits(leaf)
-        if match is not None:
-            found.append(replace(match, leaf=index))
-    return tuple(found)
+    """The output leaves of `gm` that the tensor-parallel pass recorded as vocab-parallel logits
+    gathered only to be returned (none on a pipeline stage that does not return the model's
+    output, or without the pass)."""
+    record = gm.meta.get(TP_RECORD)
+    if record is None:
+        return ()
+    leaves = list(gm.graph.find_nodes(op="output")[0].args[0])
+    return tuple(item for item in record.logits if item.leaf < len(leaves)
+                 and isinstance(leaves[item.leaf], fx.Node)
+                 and leaves[item.leaf].name == item.gathered[-1])
 
 
 def local_logits_graph(gm: fx.GraphModule, sharded: tuple[ShardedLogits, ...]) -> fx.GraphModule:
@@ -250,7 +192,7 @@ def output_leaves(gm: fx.GraphModule) -> list:
     """The flat leaves of `gm`'s output as `trace_loss` wants them: each node's `meta["val"]`
     (shape and dtype), constants as they are."""
     output = gm.graph.find_nodes(op="output")[0]
-    return [_val(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in output.args[0]]
+    return [tensor_of(leaf) if isinstance(leaf, fx.Node) else leaf for leaf in output.args[0]]
 
 
 def choose_loss_path(loss_fn: Callable | None, out_spec: pytree.TreeSpec, out_leaves: list,
@@ -297,101 +239,35 @@ class _Track:
 
 
 def _shape(node) -> tuple[int, ...]:
-    return tuple(_val(node).shape)
+    return tuple(tensor_of(node).shape)
 
 
-def _view(node, vocab_dim: int, width: int):
-    """view/reshape that keeps the vocabulary dim whole (only token dims merge or split)."""
-    src, out = _shape(node.args[0]), _shape(node)
-    before = math.prod(src[:vocab_dim])
-    for j, size in enumerate(out):
-        if math.prod(out[:j]) == before and size == src[vocab_dim]:
-            shape = list(out)
-            shape[j] = width
-            return j, (node.args[0], shape), node.kwargs
-    return None
+LAYOUT_OPS = (
+    aten.view.default, aten._unsafe_view.default, aten.reshape.default,  # (B, S, V) -> (B*S, V)
+    aten.transpose.int, aten.permute.default, aten.t.default,  # class dim 1 for nll_loss2d
+    aten.slice.Tensor, aten.select.int,  # logits[:, :-1] (shifted labels)
+    aten.unsqueeze.default, aten.squeeze.default, aten.squeeze.dim, aten.squeeze.dims,
+    aten.clone.default, aten.alias.default,  # .contiguous()
+    aten._to_copy.default,  # .float() before log_softmax
+)
+"""Ops that only rearrange the logits: replayed on the shard while the vocabulary stays whole."""
+VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
 
 
-def _transpose(node, vocab_dim: int, width: int):
-    rank = len(_shape(node))
-    a, b = node.args[1] % rank, node.args[2] % rank
-    return {a: b, b: a}.get(vocab_dim, vocab_dim), node.args, node.kwargs
-
-
-def _permute(node, vocab_dim: int, width: int):
-    rank = len(_shape(node))
-    return [d % rank for d in node.args[1]].index(vocab_dim), node.args, node.kwargs
-
-
-def _t(node, vocab_dim: int, width: int):
-    return (1 - vocab_dim if len(_shape(node)) == 2 else vocab_dim), node.args, node.kwargs
-
-
-def _slice(node, vocab_dim: int, width: int):
-    """Slices of token dims (a shifted label window); of the vocabulary only the whole of it."""
-    src = _shape(node.args[0])
-    defaults = (0, None, None, 1)  # slice.Tensor(self, dim=0, start=None, end=None, step=1)
-    dim, start, end, step = tuple(node.args[1:]) + defaults[len(node.args) - 1:]
-    if dim % len(src) == vocab_dim and (start not in (0, None) or step != 1
-                                        or (end is not None and end < src[vocab_dim])):
+def _layout(node: fx.Node, src: fx.Node, track: _Track) -> int | None:
+    """Where a layout op puts the vocabulary dim (the shared propagation table), or None when
+    it does not keep the vocabulary whole (a slice of it, or a view that merges or splits
+    it)."""
+    if node.target is aten._to_copy.default and set(node.kwargs) - {"dtype", "memory_format"}:
+        return None  # a move to another device, not a dtype cast
+    try:
+        dim = carry(node, {src: track.vocab_dim})
+    except NotCarried:
         return None
-    return vocab_dim, node.args, node.kwargs
-
-
-def _select(node, vocab_dim: int, width: int):
-    dim = node.args[1] % len(_shape(node.args[0]))
-    if dim == vocab_dim:
+    if dim is None or _shape(node)[dim] != _shape(src)[track.vocab_dim]:
         return None
-    return vocab_dim - (dim < vocab_dim), node.args, node.kwargs
+    return dim
 
-
-def _unsqueeze(node, vocab_dim: int, width: int):
-    dim = node.args[1] % len(_shape(node))
-    return vocab_dim + (dim <= vocab_dim), node.args, node.kwargs
-
-
-def _squeeze(node, vocab_dim: int, width: int):
-    src, out = _shape(node.args[0]), _shape(node)
-    if node.target is aten.squeeze.default:
-        dims = range(len(src))
-    else:
-        dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else [node.args[1]]
-    removed = {d % len(src) for d in dims if src[d % len(src)] == 1} if src else set()
-    if vocab_dim in removed or len(out) != len(src) - len(removed):
-        return None
-    return vocab_dim - sum(d < vocab_dim for d in removed), node.args, node.kwargs
-
-
-def _same(node, vocab_dim: int, width: int):
-    return vocab_dim, node.args, node.kwargs
-
-
-def _cast(node, vocab_dim: int, width: int):
-    """A dtype cast (logits.float()), not a move to another device."""
-    if set(node.kwargs) - {"dtype", "memory_format"}:
-        return None
-    return vocab_dim, node.args, node.kwargs
-
-
-# Ops that only rearrange the logits: (node, vocab dim, shard width) -> (vocab dim after,
-# args, kwargs to replay on the shard) or None when the op does not keep the vocabulary whole.
-LAYOUT_RULES = {
-    aten.view.default: _view,              # (B, S, V) -> (B*S, V): shape gets the shard width
-    aten._unsafe_view.default: _view,
-    aten.reshape.default: _view,
-    aten.transpose.int: _transpose,        # class dim to 1 for nll_loss2d
-    aten.permute.default: _permute,
-    aten.t.default: _t,
-    aten.slice.Tensor: _slice,             # logits[:, :-1] (shifted labels)
-    aten.select.int: _select,
-    aten.unsqueeze.default: _unsqueeze,
-    aten.squeeze.default: _squeeze,
-    aten.squeeze.dim: _squeeze,
-    aten.squeeze.dims: _squeeze,
-    aten.clone.default: _same,             # .contiguous()
-    aten.alias.default: _same,
-    aten._to_copy.default: _cast,          # .float() before log_softmax
-}
 
 LOG_SOFTMAX = (aten._log_softmax.default, aten.log_softmax.int)
 
@@ -418,69 +294,102 @@ def _nll_args(node: fx.Node):
 def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits]):
     """Rewrite a traced loss to read logits shards: (GraphModule, terms), or the reason (str)
     why some use of the logits cannot be computed vocab-parallel."""
-    tracks = {ph: _Track(item.dim, False, item) for ph, item in logits.items()}
-    actions: dict[fx.Node, tuple] = {}
-    terms: list[CrossEntropyTerm] = []
-    for node in gm.graph.nodes:
+    follow = _Follow()
+    seeds = {ph: _Track(item.dim, False, item) for ph, item in logits.items()}
+    followed = propagate(gm.graph.nodes, seeds, follow)
+    if followed.stopped:  # the first use in graph order that is not a cross-entropy
+        return str(next(iter(followed.stopped.values())))
+    if not any(term.op == "nll_loss" for term in follow.terms):
+        return "the loss computes no cross-entropy of the logits"
+    return _rebuild(gm, followed.dims, follow.actions), tuple(follow.terms)
+
+
+class _Follow:
+    """The propagation rule of the logits through a traced loss: each use of them (or of what
+    they became) returns its `_Track` and notes the action that replays it on the shard, or
+    raises NotCarried with the reason the loss cannot run vocab-parallel."""
+
+    def __init__(self) -> None:
+        self.actions: dict[fx.Node, tuple] = {}
+        self.terms: list[CrossEntropyTerm] = []
+
+    def __call__(self, node: fx.Node, tracks) -> _Track | None:
         reads = [arg for arg in node.all_input_nodes if arg in tracks]
-        if not reads:
-            continue
         if node.op == "output":
-            return "the loss returns the logits (or their log-probabilities)"
+            raise NotCarried("the loss returns the logits (or their log-probabilities)")
         where = f"{node.name} ({_op_name(node)})"
         if len(set(reads)) > 1 or node.op != "call_function" or node.args[0] is not reads[0]:
-            return f"{where} reads the logits in a way other than a cross-entropy"
-        src = reads[0]
-        track = tracks[src]
-        width = track.sharded.local_vocab
-        if node.target in LAYOUT_RULES:
-            if node.target is aten._to_copy.default and track.log_probs:
-                return f"{where} casts the log-probabilities (only the logits may be cast)"
-            rule = LAYOUT_RULES[node.target](node, track.vocab_dim, width)
-            if rule is None:
-                return f"{where} does not keep the vocabulary dim whole"
-            vocab_dim, args, kwargs = rule
-            tracks[node] = _Track(vocab_dim, track.log_probs, track.sharded)
-            actions[node] = ("layout", args, kwargs)
-        elif node.target in LOG_SOFTMAX:
-            dim = node.args[1] % len(_shape(src))
-            if track.log_probs or dim != track.vocab_dim:
-                return f"{where} is not a log_softmax of the logits over the vocabulary dim"
-            tracks[node] = _Track(track.vocab_dim, True, track.sharded)
-            dtype = _val(node).dtype
-            actions[node] = ("log_softmax", dtype if dtype != _val(src).dtype else None)
-        elif node.target in NLL_TUPLE + NLL_PLAIN:
-            target, weight, reduction, ignore_index = _nll_args(node)
-            class_dim = 0 if len(_shape(src)) == 1 else 1
-            if not track.log_probs:
-                return f"{where} takes the logits, not their log_softmax"
-            if class_dim != track.vocab_dim:
-                return f"{where} reduces over dim {class_dim}, not the vocabulary"
-            if weight is not None:
-                return f"{where} weights the classes (weight=...)"
-            if node.target in NLL_TUPLE:
-                for user in node.users:
-                    if user.target is not operator.getitem or (
-                            user.args[1] != 0 and user.users):
-                        return f"{user.name} reads nll_loss's total_weight"
-                    actions[user] = ("first", node) if user.args[1] == 0 else ("drop",)
-            actions[node] = ("nll", src, target, REDUCTIONS[reduction], ignore_index)
-            terms.append(CrossEntropyTerm("nll_loss", node.name, track.sharded.leaf,
-                                          REDUCTIONS[reduction], ignore_index))
-        elif node.target is aten.sum.dim_IntList and track.log_probs:
-            dims = node.args[1] if len(node.args) > 1 else None
-            keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-            rank = len(_shape(src))
-            if (dims is None or [d % rank for d in dims] != [track.vocab_dim]
-                    or node.kwargs.get("dtype") is not None):
-                return f"{where} sums the log-probabilities over other dims than the vocabulary"
-            actions[node] = ("log_prob_sum", src, keepdim)
-            terms.append(CrossEntropyTerm("log_prob_sum", node.name, track.sharded.leaf))
-        else:
-            return f"{where} reads the logits, and it is not a cross-entropy over the vocabulary"
-    if not any(term.op == "nll_loss" for term in terms):
-        return "the loss computes no cross-entropy of the logits"
-    return _rebuild(gm, tracks, actions), tuple(terms)
+            raise NotCarried(f"{where} reads the logits in a way other than a cross-entropy")
+        src, track = reads[0], tracks[reads[0]]
+        if node.target in LAYOUT_OPS:
+            return self.layout(node, src, track, where)
+        if node.target in LOG_SOFTMAX:
+            return self.log_softmax(node, src, track, where)
+        if node.target in NLL_TUPLE + NLL_PLAIN:
+            return self.nll(node, src, track, where)
+        if node.target is aten.sum.dim_IntList and track.log_probs:
+            return self.log_prob_sum(node, src, track, where)
+        raise NotCarried(f"{where} reads the logits, and it is not a cross-entropy over the "
+                         f"vocabulary")
+
+    def layout(self, node, src, track: _Track, where: str) -> _Track:
+        """Replayed on the shard (a view's new shape gets the shard's width)."""
+        if node.target is aten._to_copy.default and track.log_probs:
+            raise NotCarried(f"{where} casts the log-probabilities (only the logits may be "
+                             f"cast)")
+        vocab_dim = _layout(node, src, track)
+        if vocab_dim is None:
+            raise NotCarried(f"{where} does not keep the vocabulary dim whole")
+        args = node.args
+        if node.target in VIEWS:
+            shape = list(_shape(node))
+            shape[vocab_dim] = track.sharded.local_vocab
+            args = (node.args[0], shape)
+        self.actions[node] = ("layout", args, node.kwargs)
+        return _Track(vocab_dim, track.log_probs, track.sharded)
+
+    def log_softmax(self, node, src, track: _Track, where: str) -> _Track:
+        """Dropped: the shard stays raw logits, the vocab-parallel statistics normalize."""
+        dim = node.args[1] % len(_shape(src))
+        if track.log_probs or dim != track.vocab_dim:
+            raise NotCarried(f"{where} is not a log_softmax of the logits over the vocabulary "
+                             f"dim")
+        dtype = tensor_of(node).dtype
+        self.actions[node] = ("log_softmax", dtype if dtype != tensor_of(src).dtype else None)
+        return _Track(track.vocab_dim, True, track.sharded)
+
+    def nll(self, node, src, track: _Track, where: str) -> None:
+        """nll_loss of the log-probabilities: a vocab-parallel cross-entropy term."""
+        target, weight, reduction, ignore_index = _nll_args(node)
+        class_dim = 0 if len(_shape(src)) == 1 else 1
+        if not track.log_probs:
+            raise NotCarried(f"{where} takes the logits, not their log_softmax")
+        if class_dim != track.vocab_dim:
+            raise NotCarried(f"{where} reduces over dim {class_dim}, not the vocabulary")
+        if weight is not None:
+            raise NotCarried(f"{where} weights the classes (weight=...)")
+        if node.target in NLL_TUPLE:
+            for user in node.users:
+                if user.target is not operator.getitem or (user.args[1] != 0 and user.users):
+                    raise NotCarried(f"{user.name} reads nll_loss's total_weight")
+                self.actions[user] = ("first", node) if user.args[1] == 0 else ("drop",)
+        self.actions[node] = ("nll", src, target, REDUCTIONS[reduction], ignore_index)
+        self.terms.append(CrossEntropyTerm("nll_loss", node.name, track.sharded.leaf,
+                                           REDUCTIONS[reduction], ignore_index))
+        return None
+
+    def log_prob_sum(self, node, src, track: _Track, where: str) -> None:
+        """Label smoothing's sum of the log-probabilities over the vocabulary."""
+        dims = node.args[1] if len(node.args) > 1 else None
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        rank = len(_shape(src))
+        if (dims is None or [d % rank for d in dims] != [track.vocab_dim]
+                or node.kwargs.get("dtype") is not None):
+            raise NotCarried(f"{where} sums the log-probabilities over other dims than the "
+                             f"vocabulary")
+        self.actions[node] = ("log_prob_sum", src, keepdim)
+        self.terms.append(CrossEntropyTerm("log_prob_sum", node.name, track.sharded.leaf))
+        return None
 
 
 def _rebuild(gm: fx.GraphModule, tracks: dict, actions: dict) -> fx.GraphModule:

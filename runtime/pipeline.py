@@ -23,8 +23,8 @@ class PipelineRunner:
 
     def __init__(self, pipeline, stages, group, group_ranks: list[int], run_stage,
                  device: torch.device) -> None:
-        """`pipeline`/`stages`: partitioner.lower's Pipeline and this rank's Stages (read by
-        attribute only: the runtime does not import the compiler)."""
+        """`pipeline`/`stages`: passes.lowering.program's Pipeline and this rank's Stages (read
+        by attribute only: the runtime does not import the compiler)."""
         self.pipeline = pipeline
         self.stages = {stage.index: stage for stage in stages}
         self.group = group

@@ -25,7 +25,7 @@ def collective_kind(node: fx.Node) -> str | None:
 def node_placement(node: fx.Node, layouts: dict[str, ParamLayout]) -> str:
     if node.op == "get_attr" and node.target in layouts:
         return str(layouts[node.target].placements)
-    return node.meta.get(meta.TP_PLACEMENT, "R")
+    return str(node.meta.get(meta.TP_PLACEMENT, "R"))  # a core.placement.Placements
 
 
 def node_rows(program: RankProgram) -> list[dict]:

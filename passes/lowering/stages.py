@@ -53,6 +53,7 @@ def lower_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         sub, params = _stage_graph(graph, stage_of, s, needs[s], returned)
         name = stage_module_name(s)
         submodules[name] = fx.GraphModule(gm, sub)
+        submodules[name].meta.update(gm.meta)  # the passes' records (the loss path reads tp's)
         stage_params[s] = params
         stage_inputs[s] = [value.name for value in needs[s]]
         stage_outputs[s] = [n.name if isinstance(n, fx.Node) else n for n in returned]

@@ -16,6 +16,7 @@ from partitioner.capture import capture
 from partitioner.check import lm_loss, lm_loss_sum
 from partitioner.loss_trace import (ShardedLogits, choose_loss_path, find_sharded_logits,
                                     local_logits_graph, output_leaves)
+from core.meta import TP_RECORD
 from partitioner.compiler import compile_rank
 from partitioner.report.program import collective_kind
 from core.plan import Plan
@@ -53,6 +54,13 @@ def test_no_sharded_logits_without_the_vocab_rule_or_on_earlier_stages():
     first, last = (_program("tp=2,pp=2,rules=lm_head:vocab", rank=r) for r in (0, 2))
     assert find_sharded_logits(first.stages[-1].gm) == ()  # sends activations, no logits
     assert len(find_sharded_logits(last.stages[-1].gm)) == 1
+
+
+def test_the_logits_come_from_the_tensor_parallel_record_not_the_graph_shape():
+    gm = _program("tp=2,rules=lm_head:vocab", vocab_size=V).stages[0].gm
+    assert find_sharded_logits(gm) == gm.meta[TP_RECORD].logits
+    bare = torch.fx.GraphModule(gm, gm.graph)  # the same graph without the pass's record
+    assert find_sharded_logits(bare) == ()
 
 
 def test_local_logits_graph_returns_the_shard_and_gathers_nothing():
@@ -141,6 +149,12 @@ def _inputs(dtype=torch.float64):
     return full, target
 
 
+def _one_rank_path(loss_fn, full, target):
+    """The loss path `loss_fn` takes on the one-rank shard of `full` logits."""
+    return choose_loss_path(loss_fn, pytree.tree_structure(full), [full], _one_rank_shard(),
+                            target, "cpu")
+
+
 def _as_loss(result):
     return result[0] / result[1] if isinstance(result, tuple) else result
 
@@ -149,8 +163,7 @@ def _as_loss(result):
 def test_cross_entropy_forms_run_vocab_parallel_with_the_same_numbers(name):
     loss_fn, expected_terms = RECOGNIZED[name]
     full, target = _inputs()
-    path = choose_loss_path(loss_fn, pytree.tree_structure(full), [full], _one_rank_shard(),
-                            target, "cpu")
+    path = _one_rank_path(loss_fn, full, target)
     assert path.vocab_parallel, path.reason
     assert [(t.op, t.reduction, t.ignore_index) for t in path.loss.terms] == expected_terms
     assert "vocab-parallel cross-entropy" in str(path)
@@ -232,9 +245,7 @@ FALLBACKS = {
 @pytest.mark.parametrize("name", list(FALLBACKS))
 def test_other_reads_of_the_logits_gather_them_and_say_why(name):
     loss_fn, reason = FALLBACKS[name]
-    full, target = _inputs()
-    path = choose_loss_path(loss_fn, pytree.tree_structure(full), [full], _one_rank_shard(),
-                            target, "cpu")
+    path = _one_rank_path(loss_fn, *_inputs())
     assert not path.vocab_parallel
     assert reason in path.reason and str(path).startswith("gathered logits: ")
 

@@ -3,7 +3,10 @@ single-device model on real gloo ranks, and the activation memory it saves."""
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
+import logging
 from collections import Counter
 
 import pytest
@@ -11,10 +14,15 @@ import torch
 
 from partitioner import models
 from partitioner.capture import capture
-from partitioner.compiler import compile_rank
+from core.meta import LAYOUTS, SP_RECORD, TP_PLACEMENT, TP_RECORD
+from core.placement import Placements, Shard
+from partitioner.compiler import compile_rank, layouts_from_capture
 from partitioner.report.program import collective_kind
 from core.plan import Plan
-from passes import PassError
+from passes import PassContext, PassError
+from passes.sequence_parallel import SequenceNotDivisible, sequence_parallel
+from passes.tensor_parallel import tensor_parallel
+from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
 from runtime.collectives import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
@@ -59,7 +67,7 @@ def test_llama_all_reduces_become_reduce_scatters_and_the_residual_stream_is_spl
                                         "all_gather": 2 * blocks + 2})
     adds = _residual_adds(on)
     assert adds and all(tuple(n.meta["val"].shape) == (4, 8, 64) for n in adds)
-    assert all(n.meta["tp.placement"] == "S(1)@tp" for n in adds)
+    assert all(n.meta[TP_PLACEMENT] == Placements.of(tp=Shard(1)) for n in adds)
     assert all(tuple(n.meta["val"].shape) == (4, 16, 64) for n in _residual_adds(off))
     # Norm weights broadcast over the tokens: read through copy_to_region so their gradients
     # are summed over the sequence shards.
@@ -75,6 +83,36 @@ def test_llama_all_reduces_become_reduce_scatters_and_the_residual_stream_is_spl
     assert [n.args[0].target for n in scatters] == [aten.embedding.default]
 
 
+def test_the_pass_reads_the_tensor_parallel_record_and_writes_its_own():
+    program = _program("tiny_llama", "tp=2,sp=on")
+    gm = program.stages[0].gm
+    tp_record, sp_record = gm.meta[TP_RECORD], gm.meta[SP_RECORD]
+    # every region entry and exit (and the vocab-parallel lookup's sum) the TP pass recorded
+    assert set(sp_record.replaced) == {c.node for c in tp_record.inserted(
+        REGION_ENTRY, REGION_EXIT, LOOKUP_SUM)}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert not set(sp_record.replaced) & set(nodes)  # gone from the graph
+    # one reduce-scatter per row region and the embedding, one gather per column region entry
+    # (the LM head's included), one gradient-summing copy per norm weight
+    assert Counter(c.kind for c in sp_record.collectives) == Counter(
+        {"reduce_scatter": 5, "gather_for_region": 5, "copy_to_region": 5})
+    assert all(c.node in nodes for c in sp_record.collectives)
+    # (the kernels pass, which runs later, fuses some zone nodes away)
+    zone = [nodes[name] for name in sp_record.zone if name in nodes]
+    assert len(zone) >= 4 + 4 * 2  # the reduce-scatters, the residual adds and norm outputs
+    assert all(n.meta[TP_PLACEMENT] == Placements.of(tp=Shard(1)) for n in zone
+               if n.meta["val"].dim() == 3)
+    assert sp_record.stepped_aside is None
+
+
+def test_the_pass_needs_the_tensor_parallel_record():
+    captured = _captured("tiny_llama")
+    plan = Plan.parse("tp=2,sp=on").resolve(2)
+    gm = torch.fx.GraphModule(captured.gm, captured.gm.graph)  # the graph, no records
+    with pytest.raises(PassError, match="runs after tensor_parallel"):
+        sequence_parallel(gm, PassContext(plan=plan, coords={"tp": 0}))
+
+
 def test_gpt2_flattened_tokens_are_viewed_around_the_collectives():
     """HF Conv1D views (batch, seq, h) as (batch*seq, h): the flattened values stay split along
     the sequence, and their collectives act on a (batch, seq, h) view."""
@@ -86,7 +124,7 @@ def test_gpt2_flattened_tokens_are_viewed_around_the_collectives():
             # (-1: the logits' all-gather over the vocabulary)
             assert node.args[2] == 1 and node.args[0].meta["val"].dim() == 3, node.name
     flat = [n for _, n in program.nodes() if n.op == "call_function"
-            and n.meta.get("tp.placement") == "S(0)@tp"]
+            and n.meta.get(TP_PLACEMENT) == Placements.of(tp=Shard(0))]
     assert flat and all(n.meta["val"].shape[0] == 4 * 16 // 2 for n in flat)
 
 
@@ -99,6 +137,25 @@ def test_pipeline_sends_sequence_shards():
 def test_sequence_not_divisible_by_tp_is_a_clear_error():
     with pytest.raises(PassError, match=r"sequence length 15 is not divisible by tp=2.*sp=off"):
         _program("tiny_llama", "tp=2,sp=on", seq=15)
+
+
+def test_a_forward_only_program_of_a_length_sp_cannot_split_keeps_the_tp_graph(caplog):
+    captured = _captured("tiny_llama", seq=15)
+    plan = Plan.parse("tp=2,sp=on").resolve(2)
+    gm = copy.deepcopy(captured.gm)
+    gm.meta[LAYOUTS] = layouts_from_capture(captured)
+    ctx = PassContext(plan=plan, coords={"tp": 0}, forward_only=True)
+    gm = tensor_parallel(gm, ctx)
+    before = [(n.name, n.target) for n in gm.graph.nodes]
+    with caplog.at_level(logging.WARNING):
+        gm = sequence_parallel(gm, ctx)
+    assert [(n.name, n.target) for n in gm.graph.nodes] == before
+    record = gm.meta[SP_RECORD]
+    assert "sequence length 15 is not divisible by tp=2" in record.stepped_aside
+    assert not record.zone and not record.collectives
+    assert "this forward runs without sp" in caplog.text
+    with pytest.raises(SequenceNotDivisible, match="sequence length 15"):  # training refuses
+        sequence_parallel(gm, dataclasses.replace(ctx, forward_only=False))
 
 
 def test_sp_off_leaves_the_tensor_parallel_graph_alone():

@@ -13,13 +13,16 @@ from torch import nn
 
 from partitioner import models
 from partitioner.capture import capture
-from core.placement import Placements, Shard, StridedShard
-from partitioner.compiler import compile_rank
+from core.meta import LAYOUTS, TP_PLACEMENT, TP_RECORD
+from core.placement import (Partial, Placements, Shard, StridedShard, local_size, take_shard,
+                            unshard)
+from partitioner.compiler import compile_rank, layouts_from_capture
 from partitioner.report.program import collective_kind
 from core.plan import Plan
 from passes import PassContext, PassError
 from passes.registry import planned
 from passes.tensor_parallel import tensor_parallel
+from passes.tensor_parallel.record import LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
@@ -37,6 +40,12 @@ def _captured(factory: str, **overrides):
 def _program(factory: str, plan: Plan, rank: int = 0, **overrides):
     captured = _captured(factory, **overrides)
     return compile_rank(captured, plan, rank, "meta")
+
+
+def _seeded(captured) -> torch.fx.GraphModule:
+    """The captured graph with the layouts compile_rank seeds, for running the pass alone."""
+    captured.gm.meta[LAYOUTS] = layouts_from_capture(captured)
+    return captured.gm
 
 
 def _collectives(program) -> Counter:
@@ -109,13 +118,50 @@ def test_gpt_regions_collectives_and_layouts():
     # every view inside attention counts local heads
     views = [n for _, n in program.nodes() if n.target is torch.ops.aten.view.default]
     assert views and all(list(n.args[1])[2] == 2 for n in views)
-    placements = {n.meta.get("tp.placement") for _, n in program.nodes()}
-    assert {"S(2)@tp", "S(1)@tp", "P(sum)@tp", "R"} <= placements
+    placements = {n.meta.get(TP_PLACEMENT, Placements()) for _, n in program.nodes()}
+    assert {Placements.of(tp=Shard(2)), Placements.of(tp=Shard(1)),
+            Placements.of(tp=Partial()), Placements()} <= placements
     # the row bias is added after the all-reduce
     for _, node in program.nodes():
         if collective_kind(node) == "all_reduce":
             (user,) = node.users
             assert user.target is torch.ops.aten.add.Tensor
+
+
+def test_the_pass_records_what_it_split_and_inserted():
+    program = _program("tiny_llama", Plan(tp=2, rules="lm_head:vocab").resolve(2),
+                       vocab_size=511)
+    gm = program.stages[0].gm
+    record = gm.meta[TP_RECORD]
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert record.tp == 2 and len(record.regions) == 2 * 2  # attention and MLP per block
+    for region in record.regions:
+        assert [nodes[e].target for e in region.entries] == [copy_to_region]
+        assert all(collective_kind(nodes[e]) == "all_reduce" for e in region.exits)
+        assert len(region.exits) == len(region.rows) == 1
+    roles = Counter(c.role for c in record.collectives)
+    assert roles == Counter({REGION_ENTRY: 2 * 2 + 1, REGION_EXIT: 2 * 2, LOOKUP_SUM: 1,
+                             LOGITS_GATHER: 1})
+    assert all(nodes[c.node].args[0].name == c.value for c in record.collectives)
+    params = {p.name: p.placement for p in record.params}
+    assert params["lm_head.weight"] == Shard(0, padded=512)
+    assert params["blocks.0.attn.o_proj.weight"] == Shard(1)
+    assert params == {name: layout.placements.on("tp") for name, layout in program.layouts.items()
+                      if not layout.placements.replicated}
+    (logits,) = record.logits
+    assert (logits.leaf, logits.vocab_size, logits.padded_vocab) == (0, 511, 512)
+    assert nodes[logits.shard].target is aten.linear.default
+
+
+def test_a_shard_held_by_several_ranks_takes_and_gives_back_its_chunk():
+    """Shard.replicas (grouped-query kv heads fewer than tp): 4 ranks, 2 chunks, 2 ranks each."""
+    full = torch.arange(8.0).view(4, 2)
+    placement = Shard(0, replicas=2)
+    pieces = [take_shard(full, placement, rank, 4) for rank in range(4)]
+    assert local_size(placement, 4, 4) == 2 and all(p.shape == (2, 2) for p in pieces)
+    assert torch.equal(pieces[1], full[:2]) and torch.equal(pieces[2], full[2:])
+    assert torch.equal(unshard(pieces, placement, 4), full)
+    assert str(Placements.of(tp=placement)) == "S(0,replicas=2)@tp"
 
 
 def test_fused_qkv_gate_up_blocks_and_local_split_sizes():
@@ -234,7 +280,8 @@ def test_gqa_kv_heads_replicated_when_they_divide_tp():
             x = lin.args[0]
             assert lin.target is aten.linear.default and x.target is copy_to_region
             assert len(x.users) == 3
-            assert lin.meta["tp.placement"] == "S(2)@tp/2"  # 2 pieces over 4 ranks
+            # 2 pieces over 4 ranks
+            assert lin.meta[TP_PLACEMENT] == Placements.of(tp=Shard(2, replicas=2))
             assert tuple(lin.meta["val"].shape) == (4, 16, head_dim)
 
 
@@ -308,9 +355,15 @@ def test_no_region_is_an_error():
             return self.proj(x).softmax(-1)
 
     captured = capture(Head(), (torch.randn(2, 8),))
-    gm = captured.gm
     with pytest.raises(PassError, match="no column/row-parallel region"):
-        tensor_parallel(gm, PassContext(plan=Plan(tp=2).resolve(2), coords={"tp": 0}))
+        tensor_parallel(_seeded(captured), PassContext(plan=Plan(tp=2).resolve(2),
+                                                       coords={"tp": 0}))
+
+
+def test_the_pass_needs_the_layouts_seeded_from_the_capture():
+    captured = capture(*models.tiny())
+    with pytest.raises(PassError, match="layouts seeded from the capture"):
+        tensor_parallel(captured.gm, PassContext(plan=Plan(tp=2).resolve(2), coords={"tp": 0}))
 
 
 def test_rule_matching_no_module_is_an_error():
@@ -357,7 +410,8 @@ def test_vocab_embedding_masks_ids_and_all_reduces():
     assert zeroed.target is aten.masked_fill.Scalar
     (reduced,) = zeroed.users
     assert collective_kind(reduced) == "all_reduce"
-    assert lookup.meta["tp.placement"] == "P(sum)@tp" and reduced.meta["tp.placement"] == "R"
+    assert lookup.meta[TP_PLACEMENT] == Placements.of(tp=Partial())
+    assert reduced.meta[TP_PLACEMENT] == Placements()
     assert _collectives(program) == Counter({"all_reduce": 1 + 2 * 2, "all_gather": 1})
 
 
@@ -398,7 +452,7 @@ def test_vocab_embedding_refuses_gradient_scaling_by_frequency():
     captured = capture(Scaled(), (torch.randint(0, 16, (2, 4)),))
     plan = Plan(tp=2, rules="emb:vocab").resolve(2)
     with pytest.raises(PassError, match="frequency") as info:
-        tensor_parallel(captured.gm, PassContext(plan=plan, coords={"tp": 0}))
+        tensor_parallel(_seeded(captured), PassContext(plan=plan, coords={"tp": 0}))
     assert "rules=emb:replicate" in str(info.value)
 
 
@@ -422,7 +476,8 @@ def test_hf_gpt2_conv1d_addmm_and_fused_c_attn():
     rows = [n for _, n in program.nodes() if n.target is torch.ops.aten.mm.default]
     assert len(rows) == 4  # addmm(b, x, w) -> mm(x, w) -> all_reduce -> + b
     assert not any(n.target is torch.ops.aten.addmm.default
-                   and n.meta.get("tp.placement") == "P(sum)@tp" for _, n in program.nodes())
+                   and n.meta.get(TP_PLACEMENT) == Placements.of(tp=Partial())
+                   for _, n in program.nodes())
 
 
 # --- equivalence on gloo ranks --------------------------------------------------------------
