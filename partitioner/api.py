@@ -9,7 +9,6 @@ every rank instead of hanging.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -28,8 +27,9 @@ from partitioner.loss_trace import (LossPath, choose_loss_path, find_sharded_log
 from core.placement import ParamLayout, unshard
 from core.plan import Plan, PlanError, coerce_plan
 from partitioner.lower import RankProgram, Stage, compile_rank
+from passes import PassContext
+from passes.lowering.collectives import lower_collectives
 from passes.sequence_parallel import SequenceNotDivisible
-from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh, RankLayout, default_device
 from core.schedules import Action, schedule, timeline
@@ -255,7 +255,12 @@ class ParallelModel(nn.Module):
         return self.store.get_buffer(name) if layout.is_buffer else self.store.get_parameter(name)
 
     def _bind(self, program: RankProgram) -> None:
+        # The collectives get this rank's process groups (the first program is compiled before
+        # the groups exist, so that a bad input fails before the first collective).
+        lowering = PassContext(plan=self.plan, coords=program.coords,
+                               group_names=self.mesh.group_names())
         for stage in program.stages:
+            lower_collectives(stage.gm, lowering)
             self._bind_graph(stage.gm, program)
 
     def _bind_graph(self, gm, program: RankProgram) -> None:
@@ -265,17 +270,8 @@ class ParallelModel(nn.Module):
                             program.layouts[node.target].is_buffer)
 
     # --- running -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def _running(self):
-        """Collectives resolve to this model's mesh; with sp, gathered sequence shards are saved
-        for backward as shards."""
-        with bind_mesh(self.mesh), (save_gathered_as_shards() if self.plan.sp
-                                    else contextlib.nullcontext()):
-            yield
-
     def _run(self, gm, args: tuple, kwargs: dict):
-        with self._running():
-            return gm(*args, **kwargs)
+        return gm(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
@@ -316,7 +312,7 @@ class ParallelModel(nn.Module):
         route = self._loss_route(program, microbatches[0])
         loss_fn = self.loss_fn
         if route.path is not None and route.path.vocab_parallel:
-            loss_fn = self._in_mesh(route.path.loss)
+            loss_fn = route.path.loss
 
         def scaled_loss(index: int, output) -> torch.Tensor:
             loss, tokens = self._loss(output, microbatches[index][2], loss_fn)
@@ -394,9 +390,9 @@ class ParallelModel(nn.Module):
         # Every rank of the group must agree (the loss runs collectives over it): a decision
         # that differed on one rank (a rank-dependent loss_fn) would hang the step.
         agreed = torch.tensor([int(path.vocab_parallel)], device=self.device)
-        for dim in sorted({item.mesh_dim for item in sharded}):
-            if self.mesh.group(dim) is not None:
-                dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.mesh.group(dim))
+        dims = {name: dim for dim, name in self.mesh.group_names().items()}  # lowered: names
+        for name in sorted({item.mesh_dim for item in sharded}):
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.mesh.group(dims[name]))
         if path.vocab_parallel and not agreed.item():
             path = LossPath(None, "another rank of the vocabulary's group could not take the "
                                   "vocab-parallel path")
@@ -411,13 +407,6 @@ class ParallelModel(nn.Module):
                                                   last.outputs)]
             self._local_logits_stages[program_key] = stages
         return _LossRoute(stages, path)
-
-    def _in_mesh(self, loss_fn: LossFn) -> LossFn:
-        """`loss_fn` run with this model's mesh bound (it issues collectives by mesh dim)."""
-        def run(output, target):
-            with bind_mesh(self.mesh):
-                return loss_fn(output, target)
-        return run
 
     def _reduce_gradients(self, program: RankProgram) -> None:
         """Sum the gradients of parameters tied across pipeline ranks, then over dp."""
@@ -459,8 +448,7 @@ class ParallelModel(nn.Module):
                               self.mesh.ranks("pp"), self._run_stage, self.device)
 
     def _run_stage(self, stage, inputs: list[torch.Tensor]):
-        with self._running():
-            return stage.gm(*inputs)
+        return stage.gm(*inputs)
 
     @staticmethod
     def _rebuild_output(program: RankProgram, outputs) -> object:

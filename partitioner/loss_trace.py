@@ -32,7 +32,7 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from runtime.collectives import all_gather
+from core.ops import all_gather
 from runtime.vocab_parallel import REDUCTIONS, reduce_nll, vocab_parallel_log_softmax_stats
 
 aten = torch.ops.aten
@@ -82,7 +82,8 @@ def _gathered_logits(leaf: fx.Node) -> ShardedLogits | None:
         if not isinstance(gather, fx.Node) or len(gather.users) != 1:
             return None
         chain.insert(0, gather.name)
-    if gather.op != "call_function" or gather.target is not all_gather or gather.kwargs:
+    if (gather.op != "call_function" or gather.target is not all_gather
+            or set(gather.kwargs) - {"group_size"}):  # a lowered gather carries its group size
         return None
     shard, mesh_dim, tensor_dim = gather.args
     full, local = _val(gather), _val(shard)

@@ -19,12 +19,12 @@ from core.layout import mesh_sizes, rank_coords
 from core.placement import ParamLayout
 from core.plan import Plan
 from core.fx_utils import module_path
+from core.ops import COLLECTIVE_KINDS
 from partitioner.capture import Captured
 from passes import PassContext, run_passes
 from passes.device import retarget_device
 from passes.kernels import use_kernels
 from passes.pipeline_split import stage_starts as starts_of_stages
-from runtime.collectives import COLLECTIVE_KINDS
 
 
 @dataclass

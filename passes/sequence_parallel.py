@@ -41,8 +41,8 @@ from torch import fx
 from passes import PassContext, PassError
 from passes.tensor_parallel import (ELEMENTWISE_BINARY, ELEMENTWISE_UNARY, LAYOUTS_KEY, MESH_DIM,
                                     PLACEMENT_KEY, aten_ops)
-from runtime.collectives import (all_gather, all_reduce, copy_to_region, gather_for_region,
-                                 reduce_scatter, scatter)
+from core.ops import (all_gather, all_reduce, copy_to_region, gather_for_region,
+                      reduce_scatter, scatter)
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ from torch import fx
 from core.placement import ParamLayout, Placements, Shard, local_size, split_placement
 from core.fx_utils import module_path
 from passes import PassContext, PassError
-from runtime.collectives import all_gather, all_reduce, copy_to_region
+from core.ops import all_gather, all_reduce, copy_to_region
 
 log = logging.getLogger(__name__)
 

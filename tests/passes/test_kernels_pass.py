@@ -8,6 +8,7 @@ from torch import nn
 from partitioner.capture import capture
 from partitioner.models import RMSNorm, tiny, tiny_llama
 from passes.kernels import use_kernels
+from core import ops
 from runtime.kernels import dispatch
 
 
@@ -42,10 +43,10 @@ def _assert_same_numbers(plain, fused, *inputs):
 
 
 def test_hot_ops_point_at_the_kernel_dispatch_and_keep_cpu_numbers():
-    for factory, expected in ((tiny, {dispatch.scaled_dot_product_attention,
-                                      dispatch.aten_layer_norm}),
-                              (tiny_llama, {dispatch.scaled_dot_product_attention,
-                                            dispatch.silu_mul})):
+    for factory, expected in ((tiny, {ops.scaled_dot_product_attention,
+                                      ops.layer_norm}),
+                              (tiny_llama, {ops.scaled_dot_product_attention,
+                                            ops.silu_mul})):
         model, (ids,) = factory()
         model = model.double()
         plain = _bound_graph(model, ids)
@@ -68,7 +69,7 @@ def test_hand_written_rms_norm_of_the_in_repo_llama_is_folded(dtype):
     plain = _bound_graph(model, ids)
     fused = use_kernels(copy.deepcopy(plain))
     fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
+    found = [n for n in fused.graph.nodes if n.target is ops.rms_norm]
     assert len(found) == norms > 0
     # x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight: 5 aten nodes each become 1
     assert len(_targets(plain)) - len(_targets(fused)) >= 4 * norms
@@ -77,7 +78,7 @@ def test_hand_written_rms_norm_of_the_in_repo_llama_is_folded(dtype):
         x, weight, eps = node.args
         assert weight.op == "get_attr" and eps == model.config.norm_eps
         assert node.kwargs == {"compute_dtype": None, "output_dtype": None}
-        assert node.meta["kernel"] == "decomposed_rms_norm"
+        assert node.meta["kernel"] == "rms_norm"
     _assert_same_numbers(plain, fused, ids)
 
 
@@ -94,7 +95,7 @@ def test_hugging_face_llama_rms_norm_with_its_casts_is_folded(dtype):
     plain = _bound_graph(model, ids)
     fused = use_kernels(copy.deepcopy(plain))
     fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
+    found = [n for n in fused.graph.nodes if n.target is ops.rms_norm]
     assert len(found) == norms > 0
     # pow, mean, add, rsqrt, mul, .to(input dtype), weight mul -> 1 node, and the
     # hidden.to(float32) before them unless the graph reads it elsewhere
@@ -135,7 +136,7 @@ def test_rms_norm_folds_only_nodes_no_one_else_reads(keep, folded):
     plain = _bound_graph(model, x)
     fused = use_kernels(copy.deepcopy(plain))
     fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
+    found = [n for n in fused.graph.nodes if n.target is ops.rms_norm]
     assert len(found) == int(folded)
     if keep == "cast":  # the float32 copy stays in the graph and is the norm's input
         assert found[0].kwargs["compute_dtype"] is None

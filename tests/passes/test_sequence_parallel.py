@@ -15,7 +15,7 @@ from partitioner.lower import collective_kind, compile_rank
 from core.plan import Plan
 from passes import PassError
 from runtime import spawn
-from runtime.collectives import copy_to_region, scatter
+from core.ops import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 

@@ -21,7 +21,7 @@ from passes.tensor_parallel import tensor_parallel
 from runtime import spawn
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
-from runtime.collectives import copy_to_region
+from core.ops import copy_to_region
 
 aten = torch.ops.aten
 

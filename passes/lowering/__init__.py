@@ -1,0 +1,1 @@
+"""Lowering: the last passes, which turn a rank's partitioned graph into the program it runs."""
