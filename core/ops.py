@@ -84,9 +84,9 @@ def _known_size(name: str, group: str, group_size: int) -> int:
     return group_size
 
 
-def _resized(x: torch.Tensor, dim: int, factor: float) -> torch.Tensor:
+def _resized(x: torch.Tensor, dim: int, multiply: int = 1, divide: int = 1) -> torch.Tensor:
     shape = list(x.shape)
-    shape[dim] = int(shape[dim] * factor)
+    shape[dim] = shape[dim] * multiply // divide
     return x.new_empty(shape)
 
 
@@ -102,22 +102,23 @@ def _all_reduce_fake(x, group):
 
 @torch.library.register_fake("partitioner::all_gather")
 def _all_gather_fake(x, group, tensor_dim, *, group_size=0):
-    return _resized(x, tensor_dim, _known_size("all_gather", group, group_size))
+    return _resized(x, tensor_dim, multiply=_known_size("all_gather", group, group_size))
 
 
 @torch.library.register_fake("partitioner::gather_for_region")
 def _gather_for_region_fake(x, group, tensor_dim, *, group_size=0):
-    return _resized(x, tensor_dim, _known_size("gather_for_region", group, group_size))
+    return _resized(x, tensor_dim,
+                    multiply=_known_size("gather_for_region", group, group_size))
 
 
 @torch.library.register_fake("partitioner::scatter")
 def _scatter_fake(x, group, tensor_dim, *, group_size=0):
-    return _resized(x, tensor_dim, 1 / _known_size("scatter", group, group_size))
+    return _resized(x, tensor_dim, divide=_known_size("scatter", group, group_size))
 
 
 @torch.library.register_fake("partitioner::reduce_scatter")
 def _reduce_scatter_fake(x, group, tensor_dim, *, group_size=0):
-    return _resized(x, tensor_dim, 1 / _known_size("reduce_scatter", group, group_size))
+    return _resized(x, tensor_dim, divide=_known_size("reduce_scatter", group, group_size))
 
 
 @torch.library.register_fake("partitioner::all_to_all")

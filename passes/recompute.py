@@ -8,11 +8,15 @@
   granularity): what `gather_for_region` gathers is saved for backward as this rank's sequence
   shard and gathered again in backward, as Megatron's sequence-parallel linears keep their
   local input, so the column linears' inputs cost 1/tp of the activation memory.
-  Each gather and the ops reading what it gathered (q, k and v's linears) become one region
-  under selective checkpointing that recomputes only the gather and views of it: the linears'
-  outputs are kept, so backward redoes one all-gather per region (shared by q, k and v) and no
-  matmul. This is torch.utils.checkpoint, which torch.compile traces, where saved-tensor hooks
-  keyed on storages could not be. Reports (unlowered programs) keep the gathers in view.
+  Each gather and the ops reading what it gathered become one checkpointed region whose
+  backward redoes one all-gather (shared by q, k and v) and no matmul. With several readers
+  (q, k and v's linears) the checkpoint is selective: it recomputes only the gather and views
+  of it and keeps the readers' outputs (attention keeps them anyway). With one reader (fc1, the
+  LM head) it is plain: the recomputation stops once the reader's saved inputs are rebuilt
+  (torch.utils.checkpoint's early stop saves inputs before computing), so that reader is never
+  run again and its output is not kept longer than its users keep it (the LM head's logits).
+  This is torch.utils.checkpoint, which torch.compile traces, where saved-tensor hooks keyed on
+  storages could not be. Reports (unlowered programs) keep the gathers in view.
 
 Runs after pipeline_split, so every new node inherits its region's stage.
 """
@@ -53,8 +57,8 @@ def recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 def save_gathered_as_shards(gm: fx.GraphModule) -> list[str]:
     """Each gather_for_region, the views of what it gathered and their readers (same stage)
-    become one region that keeps the readers' outputs and gathers again in backward (see the
-    module docstring; passes.lowering.collectives applies it to the programs that run).
+    become one region that gathers again in backward (see the module docstring;
+    passes.lowering.collectives applies it to the programs that run).
     Returns the gathers so treated."""
     gathers = [n for n in gm.graph.nodes
                if n.op == "call_function" and n.target is ops.gather_for_region]
@@ -70,9 +74,10 @@ def save_gathered_as_shards(gm: fx.GraphModule) -> list[str]:
                     if isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
                         frontier.append(user)
         nodes = [n for n in gm.graph.nodes if n in members]
-        if len(nodes) > 1:  # else nothing here saves the gathered value
-            _checkpoint_region(gm, nodes, f"sp_{gather.name}",
-                               recomputed=(ops.gather_for_region,))
+        readers = [n for n in nodes if n is not gather and not n.target.is_view]
+        if readers:  # else nothing here saves the gathered value
+            recomputed = (ops.gather_for_region,) if len(readers) > 1 else ()
+            _checkpoint_region(gm, nodes, f"sp_{gather.name}", recomputed)
             treated.append(gather.name)
     return treated
 

@@ -8,9 +8,12 @@ so nothing is looked up in ambient state: a lowered graph runs the same inside o
 `torch.compile`, in forward or in a backward that runs long after the step returned.
 
 The primitives are written in `torch.ops._c10d_functional` ops + `wait_tensor`, the form
-torch.compile and inductor's collective reordering understand. Each returns a new tensor it
-owns (never the result of a collective on a temporary that is then dropped: Megatron's
-`_reduce` loses its result for non-contiguous inputs).
+torch.compile and inductor's collective reordering understand: each op's forward and backward
+is already the decomposition a compiled rank would inline. (The graph keeps the ops themselves:
+on torch 2.13 `_c10d_functional` nodes carry no gradient in eager autograd, and the graphs run
+eagerly.) Each primitive returns a new tensor it owns (never the result of a collective on a
+temporary that is then dropped: Megatron's `_reduce` loses its result for non-contiguous
+inputs).
 """
 
 from __future__ import annotations

@@ -88,13 +88,18 @@ def test_sp_gathers_are_saved_as_shards_only_in_programs_that_run():
     assert not [n for n in gm.graph.nodes if n.target is ops.gather_for_region]
     regions = [m for m in gm.modules() if isinstance(m, CheckpointedRegion)]
     assert len(regions) == len(gathers)
-    for region in regions:  # only the gather is recomputed: the linears reading it are kept
-        assert region.recomputed == (ops.gather_for_region,)
+    for region in regions:
         inner = [n.target for n in region.region.graph.nodes if n.op == "call_function"]
         assert inner[0] is ops.gather_for_region
         assert set(inner[1:]) == {torch.ops.aten.linear.default}
+        # q, k, v: only the gather is recomputed, the linears' outputs are kept; one reader
+        # (fc1, the LM head): plain checkpoint, whose early stop never reruns the linear
+        assert region.recomputed == ((ops.gather_for_region,) if len(inner) > 2 else ())
         assert region.region.graph.find_nodes(op="call_function",
                                               target=ops.gather_for_region)[0].args[1] == "5"
+    assert sorted(len(r.region.graph.find_nodes(op="call_function",
+                                                target=torch.ops.aten.linear.default))
+                  for r in regions) == [1, 1, 1, 3, 3]  # 2 blocks: qkv and fc1; the LM head
 
 
 def test_lowered_collectives_have_shapes_without_a_group():
