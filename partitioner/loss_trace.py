@@ -169,7 +169,7 @@ class CrossEntropyTerm:
 @dataclass(frozen=True)
 class VocabParallelLoss:
     """The user's loss, traced and reading local logits shards. Call it as the loss_fn:
-    `loss(output_with_local_shards, target)`; it runs inside `bind_mesh`."""
+    `loss(output_with_local_shards, target)`; its collectives name their group."""
 
     sharded: tuple[ShardedLogits, ...]
     terms: tuple[CrossEntropyTerm, ...]

@@ -152,6 +152,6 @@ def _rewrite(gm: fx.GraphModule) -> None:
             continue
         node.target, node.args, node.kwargs = replacement
         node.meta["kernel"] = node.target._opname
-    gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and decomposed_rms_norm
+    gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
     gm.recompile()
