@@ -120,3 +120,44 @@ def _compiled_matches_eager():
 def test_lowered_collectives_compile_into_one_graph():
     # the group is a constant of the call, not ambient state: nothing for dynamo to break on
     assert spawn(2, _compiled_matches_eager) == [(True, True), (True, True)]
+
+
+def _ops_in_backward_of_gather_regions():
+    """What backward runs for sp's gather regions (passes.recompute.save_gathered_as_shards):
+    one reader (plain checkpoint) and three readers (gather recomputed, linears kept)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from core.ops import CheckpointedRegion
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    group = Mesh(Plan(tp=2).resolve(2)).group_names()["tp"]
+    seen = []
+    for readers, recomputed in ((1, ()), (3, (C.gather_for_region,))):
+        graph = torch.fx.Graph()
+        shard, *params = (graph.placeholder(f"p{i}") for i in range(1 + 2 * readers))
+        full = graph.call_function(C.gather_for_region, (shard, group, 1), {"group_size": 2})
+        graph.output(tuple(graph.call_function(torch.ops.aten.linear.default, (full, w, b))
+                           for w, b in zip(params[::2], params[1::2], strict=True)))
+        region = CheckpointedRegion(torch.fx.GraphModule(torch.nn.Module(), graph), recomputed)
+        inputs = [torch.randn(2, 3, 4, requires_grad=True)]
+        inputs += [torch.randn(*shape, requires_grad=True) for _ in range(readers)
+                   for shape in ((5, 4), (5,))]
+        outputs = region(*inputs)
+        with Record() as record:
+            sum(out.sum() for out in outputs).backward()
+        seen.append((record.ops.count(C.gather_for_region),
+                     record.ops.count(torch.ops.aten.addmm.default)))
+    return seen
+
+
+def test_sp_gather_regions_regather_once_and_run_no_linear_again():
+    # forward's linears are addmm (bias); backward's gradients are mm: no addmm in backward
+    assert spawn(2, _ops_in_backward_of_gather_regions) == [[(1, 0), (1, 0)]] * 2
