@@ -100,6 +100,7 @@ class ParallelModel(nn.Module):
 
         # 4: process groups (collective); Megatron-style getters describe them from now on.
         self.mesh = Mesh(plan, self.rank)
+        programs.group_names = self.mesh.group_names()
         parallel_state.install(self.mesh)
         # A failure on this rank from now on ends every rank (runtime/failure.py).
         self.failures = watch_failures()

@@ -27,7 +27,6 @@ from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossFn, LossRouter, microbatch_loss
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
-from runtime.collectives import bind_mesh, save_gathered_as_shards
 from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
 from runtime.pipeline import PipelineRunner
@@ -51,6 +50,9 @@ class Programs:
         self.forward_only: dict[tuple, RankProgram] = {}
         """Input key -> a forward-only program sp stepped aside in (a sequence it cannot split:
         evaluation, generation); the tensor-parallel graph, same parameters, same numbers."""
+        self.group_names: dict[str, str] | None = None
+        """This rank's process groups by mesh dim, once they exist: later programs are
+        compiled with their collectives lowered onto them."""
         self.on_compile: Callable[[RankProgram], None] | None = None
         """Called with each program compiled after the first (binds the local tensors)."""
 
@@ -70,7 +72,7 @@ class Programs:
         starts = (self.first.pipeline.stage_starts
                   if self.first is not None and self.first.pipeline else None)
         program = compile_rank(captured, self.plan, self.rank, self.device, starts,
-                               forward_only=forward_only)
+                               forward_only=forward_only, group_names=self.group_names)
         record = program.stages[0].gm.meta.get(meta.SP_RECORD)
         if record is not None and record.stepped_aside:  # serves forward calls only
             self.forward_only[key] = program
@@ -102,10 +104,8 @@ class Executor:
 
     @contextlib.contextmanager
     def _running(self):
-        """Collectives resolve to this model's mesh; with sp, gathered sequence shards are saved
-        for backward as shards; a failure ends every rank."""
-        with self.failures.scope(), bind_mesh(self.mesh), (
-                save_gathered_as_shards() if self.plan.sp else contextlib.nullcontext()):
+        """A failure while graphs run ends every rank (peers may wait in a collective)."""
+        with self.failures.scope():
             yield
 
     def _run(self, gm, args: tuple, kwargs: dict):
@@ -179,7 +179,7 @@ class Executor:
 
         program = self.programs.get(*microbatches[0][:2])
         route = self.losses.route(program, microbatches[0])
-        loss_fn = route.loss_fn(self.losses.loss_fn, self.mesh)
+        loss_fn = route.loss_fn(self.losses.loss_fn)
 
         def scaled_loss(index: int, output) -> torch.Tensor:
             loss, tokens = microbatch_loss(output, microbatches[index][2], loss_fn)

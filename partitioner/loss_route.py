@@ -20,7 +20,6 @@ from partitioner.loss_trace import (LossPath, choose_loss_path, find_sharded_log
                                     local_logits_graph, output_leaves)
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram, Stage
-from runtime.collectives import bind_mesh
 from runtime.mesh import Mesh
 
 log = logging.getLogger("partitioner.api")  # the name users and tests filter the choice by
@@ -38,17 +37,11 @@ class LossRoute:
     """The loss path chosen at the first step; None on ranks without the last stage or
     without vocab-parallel logits (the user's loss_fn runs as is)."""
 
-    def loss_fn(self, user_loss_fn: LossFn | None, mesh: Mesh) -> LossFn | None:
-        """The loss `step` calls: the vocab-parallel rewrite (run with `mesh` bound: it issues
-        collectives by mesh dim) or the user's own."""
+    def loss_fn(self, user_loss_fn: LossFn | None) -> LossFn | None:
+        """The loss `step` calls: the vocab-parallel rewrite or the user's own."""
         if self.path is None or not self.path.vocab_parallel:
             return user_loss_fn
-        loss = self.path.loss
-
-        def run(output, target):
-            with bind_mesh(mesh):
-                return loss(output, target)
-        return run
+        return self.path.loss
 
 
 class LossRouter:
@@ -87,7 +80,7 @@ class LossRouter:
         out_spec = (program.pipeline.out_spec if program.pipeline is not None
                     else last.gm.graph._codegen.pytree_info.out_spec)
         path = choose_loss_path(self.loss_fn, out_spec, output_leaves(last.gm), sharded, target,
-                                self.device)
+                                self.device, self.mesh.group_names())
         # Every rank of the group must agree (the loss runs collectives over it): a decision
         # that differed on one rank (a rank-dependent loss_fn) would hang the step.
         agreed = torch.tensor([int(path.vocab_parallel)], device=self.device)

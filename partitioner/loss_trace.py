@@ -74,7 +74,9 @@ def local_logits_graph(gm: fx.GraphModule, sharded: tuple[ShardedLogits, ...]) -
     by_name = {node.name: node for node in gm.graph.nodes}
     leaves = list(output.args[0])
     for item in sharded:
-        leaves[item.leaf] = by_name[item.shard]
+        # what the all_gather reads: the shard, or what produces it after lowering moved the
+        # LM head into a checkpointed region (sp's gathered input kept as a shard)
+        leaves[item.leaf] = by_name[item.gathered[0]].args[0]
     graph.output(fx.map_arg(tuple(leaves), lambda arg: env[arg])).meta = dict(output.meta)
     for item in sharded:  # the slice, then the all_gather: nothing reads them now
         for name in reversed(item.gathered):
@@ -110,7 +112,7 @@ class CrossEntropyTerm:
 @dataclass(frozen=True)
 class VocabParallelLoss:
     """The user's loss, traced and reading local logits shards. Call it as the loss_fn:
-    `loss(output_with_local_shards, target)`; it runs inside `bind_mesh`."""
+    `loss(output_with_local_shards, target)`; its collectives name their group."""
 
     sharded: tuple[ShardedLogits, ...]
     terms: tuple[CrossEntropyTerm, ...]
@@ -196,11 +198,14 @@ def output_leaves(gm: fx.GraphModule) -> list:
 
 
 def choose_loss_path(loss_fn: Callable | None, out_spec: pytree.TreeSpec, out_leaves: list,
-                     sharded: tuple[ShardedLogits, ...], target, device) -> LossPath:
+                     sharded: tuple[ShardedLogits, ...], target, device,
+                     group_names: dict[str, str] | None = None) -> LossPath:
     """Trace `loss_fn` and decide: a `VocabParallelLoss`, or None and the reason.
 
     `out_spec`/`out_leaves`: the model output's structure and leaves (`output_leaves`), with the
-    full logits' shapes; `sharded`: those leaves `step` will hand over as local shards."""
+    full logits' shapes; `sharded`: those leaves `step` will hand over as local shards;
+    `group_names`: mesh dim -> this rank's c10d group name (absent, or None: a group of one),
+    fixed in the rewritten loss's collectives as lowering fixes them in the model's."""
     if not sharded:
         return LossPath(None, "the program's output has no vocab-parallel logits")
     if loss_fn is None:
@@ -217,7 +222,7 @@ def choose_loss_path(loss_fn: Callable | None, out_spec: pytree.TreeSpec, out_le
     for item in sharded:  # output leaves come first in (output, target)
         if item.leaf in positions:
             inputs[placeholders[positions.index(item.leaf)]] = item
-    rewritten = vocab_parallel_loss(gm, inputs)
+    rewritten = vocab_parallel_loss(gm, inputs, group_names or {})
     if isinstance(rewritten, str):
         return LossPath(None, rewritten)
     loss_gm, terms = rewritten
@@ -291,7 +296,8 @@ def _nll_args(node: fx.Node):
     return bound["target"], bound["weight"], bound["reduction"], bound["ignore_index"]
 
 
-def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits]):
+def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits],
+                        group_names: dict[str, str]):
     """Rewrite a traced loss to read logits shards: (GraphModule, terms), or the reason (str)
     why some use of the logits cannot be computed vocab-parallel."""
     follow = _Follow()
@@ -301,7 +307,7 @@ def vocab_parallel_loss(gm: fx.GraphModule, logits: dict[fx.Node, ShardedLogits]
         return str(next(iter(followed.stopped.values())))
     if not any(term.op == "nll_loss" for term in follow.terms):
         return "the loss computes no cross-entropy of the logits"
-    return _rebuild(gm, followed.dims, follow.actions), tuple(follow.terms)
+    return _rebuild(gm, followed.dims, follow.actions, group_names), tuple(follow.terms)
 
 
 class _Follow:
@@ -392,7 +398,8 @@ class _Follow:
         return None
 
 
-def _rebuild(gm: fx.GraphModule, tracks: dict, actions: dict) -> fx.GraphModule:
+def _rebuild(gm: fx.GraphModule, tracks: dict, actions: dict,
+             group_names: dict[str, str]) -> fx.GraphModule:
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     stats: dict[tuple, fx.Node] = {}  # (log-probs node, target node) -> stats call
@@ -412,7 +419,8 @@ def _rebuild(gm: fx.GraphModule, tracks: dict, actions: dict) -> fx.GraphModule:
         if key not in stats:
             item = tracks[src]
             stats[key] = graph.call_function(vocab_parallel_log_softmax_stats, (
-                env[src], None if target is None else env[target], item.sharded.mesh_dim,
+                env[src], None if target is None else env[target],
+                group_names.get(item.sharded.mesh_dim),
                 item.vocab_dim, item.sharded.vocab_size))
         return stats[key]
 

@@ -15,8 +15,11 @@ import torch
 import torch.distributed as dist
 from torch import fx, nn
 
+from core import meta
 from core.layout import RankLayout
 from core.placement import ParamLayout, unshard
+from passes import PassContext
+from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
 from runtime.data_parallel import GradReducer, ZeroShards
 from runtime.mesh import Mesh
@@ -76,8 +79,14 @@ class LocalState:
         return self.store.get_buffer(name) if layout.is_buffer else self.store.get_parameter(name)
 
     def bind(self, program: RankProgram) -> None:
-        """Point every stage graph of `program` at this rank's tensors."""
+        """Point every stage graph of `program` at this rank's tensors, its collectives at this
+        rank's process groups (the first program is compiled before the groups exist, so that
+        bad input fails before any collective; it is lowered here)."""
+        lowering = PassContext(plan=program.plan, coords=program.coords,
+                               group_names=self.mesh.group_names())
         for stage in program.stages:
+            if meta.LOWERED_COLLECTIVES not in stage.gm.meta:
+                lower_collectives(stage.gm, lowering)
             self.bind_graph(stage.gm, program)
 
     def bind_graph(self, gm: fx.GraphModule, program: RankProgram) -> None:

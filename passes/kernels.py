@@ -1,4 +1,5 @@
-"""Point the graph's hot ops at the runtime's kernel dispatch (runtime/kernels/dispatch.py).
+"""Point the graph's hot ops at the kernel ops of `core.ops` (implemented by the runtime's
+kernel dispatch, runtime/kernels/dispatch.py).
 
 A table of rules, one per op; each callback returns the replacement (target, args, kwargs) or
 None when it does not apply. The replacements run Triton on CUDA 16/32-bit tensors and the
@@ -14,17 +15,17 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from runtime.kernels import dispatch
+from core import ops
 
 aten = torch.ops.aten
 
 
 def _attention(node: fx.Node):
-    return dispatch.scaled_dot_product_attention, node.args, node.kwargs  # same signature
+    return ops.scaled_dot_product_attention, node.args, node.kwargs  # same signature
 
 
 def _layer_norm(node: fx.Node):
-    return dispatch.aten_layer_norm, node.args, node.kwargs
+    return ops.layer_norm, node.args, node.kwargs
 
 
 def _swiglu(node: fx.Node):
@@ -35,7 +36,7 @@ def _swiglu(node: fx.Node):
     for silu, up in ((first, second), (second, first)):
         if (isinstance(silu, fx.Node) and silu.target is aten.silu.default
                 and len(silu.users) == 1 and isinstance(up, fx.Node)):
-            return dispatch.silu_mul, (silu.args[0], up), {}
+            return ops.silu_mul, (silu.args[0], up), {}
     return None
 
 
@@ -59,7 +60,7 @@ def _rms_norm(node: fx.Node):
     source = _cast_of(x)
     if source is not None and len(x.users) == 2:  # only the pow and the mul read the cast
         x, compute_dtype = source, x.args[1]
-    return dispatch.decomposed_rms_norm, (x, weight, eps), {
+    return ops.rms_norm, (x, weight, eps), {
         "compute_dtype": compute_dtype, "output_dtype": output_dtype}
 
 
@@ -150,7 +151,7 @@ def _rewrite(gm: fx.GraphModule) -> None:
         if replacement is None:
             continue
         node.target, node.args, node.kwargs = replacement
-        node.meta["kernel"] = node.target.__name__
-    gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and decomposed_rms_norm
+        node.meta["kernel"] = node.target._opname
+    gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
     gm.recompile()

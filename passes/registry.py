@@ -1,7 +1,7 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
 causal-mask fold -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
-lowering. Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
+collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
 it read that record instead of re-deriving it from the graph, and `run_passes` logs one
@@ -27,6 +27,7 @@ from passes import Pass, PassContext, PassError
 from passes.causal_mask import fold_causal_masks
 from passes.device import retarget_device
 from passes.kernels import use_kernels
+from passes.lowering.collectives import lower_collectives
 from passes.lowering.stages import lower_stages
 from passes.pipeline_split import pipeline_split
 from passes.recompute import recompute
@@ -130,6 +131,9 @@ PIPELINE: tuple[PassEntry, ...] = (
               "recompute != none", meta.RECOMPUTE_RECORD),
     PassEntry("kernels", _kernels, _always, "always", meta.KERNELS_RECORD),
     PassEntry("device", retarget_device, _always, "always", meta.DEVICE_RECORD),
+    PassEntry("collectives", lower_collectives, _always,
+              "always; fixes process groups when the runtime gives them (dump keeps mesh dims)",
+              meta.LOWERED_COLLECTIVES),
     PassEntry("lowering", lower_stages, lambda plan: plan.stages > 1, "pp*vpp > 1",
               meta.PIPELINE_RECORD),
 )

@@ -46,6 +46,11 @@ class Mesh:
         """The process group along `dim`, or None when that dimension has size 1."""
         return self._groups.get(dim)
 
+    def group_names(self) -> dict[str, str]:
+        """Mesh dimension -> the c10d name of this rank's group along it, for every dimension of
+        size > 1: what `passes.lowering.collectives` writes into a program's collectives."""
+        return {dim: group.group_name for dim, group in self._groups.items()}
+
     def ranks(self, dim: str) -> list[int]:
         return list(self._group_ranks[dim])
 

@@ -1,44 +1,25 @@
-"""Activation recomputation ops that the recompute pass inserts into graphs.
+"""What `core.ops.checkpointed_attention` does (the recompute pass's selective granularity).
 
-Both use torch.utils.checkpoint (non-reentrant): the forward keeps only the region's inputs, and
-backward runs the region again (with the same RNG state) to rebuild what it needs. Results are
-bit-for-bit those of the plain graph.
+torch.utils.checkpoint (non-reentrant): the forward keeps only q, k, v, and backward runs the
+attention again (with the same RNG state) to rebuild what it needs; the kernel dispatch picks
+flash attention on CUDA. Results are bit-for-bit those of the plain graph. The full granularity
+needs nothing from the runtime: `core.ops.CheckpointedRegion` is plain torch.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from runtime.collectives import active_mesh, bind_mesh
-from runtime.kernels import dispatch
+from core import ops
+from runtime.kernels import dispatch  # noqa: F401 - registers ops.scaled_dot_product_attention
 
 
 def checkpointed_attention(*args, **kwargs):
-    """scaled_dot_product_attention that keeps only q, k, v for backward (selective); the
-    kernel dispatch picks flash attention on CUDA."""
-    return checkpoint(dispatch.scaled_dot_product_attention, *args, use_reentrant=False,
-                      **kwargs)
+    """scaled_dot_product_attention that keeps only q, k, v for backward."""
+    return checkpoint(ops.scaled_dot_product_attention, *args, use_reentrant=False, **kwargs)
 
 
-class CheckpointedRegion(nn.Module):
-    """Runs `region` (a GraphModule taking every input explicitly, parameters included) under
-    activation checkpointing (full recompute of one block)."""
-
-    def __init__(self, region: nn.Module) -> None:
-        super().__init__()
-        self.region = region
-
-    def forward(self, *inputs):
-        if not torch.is_grad_enabled():
-            return self.region(*inputs)
-        # Backward recomputes the region (and its collectives) after the step has left the
-        # mesh's context: take the mesh along.
-        mesh = active_mesh()
-
-        def run(*args):
-            with bind_mesh(mesh):
-                return self.region(*args)
-
-        return checkpoint(run, *inputs, use_reentrant=False)
+# CompositeImplicitAutograd: the checkpoint is autograd's business, as for a Python call
+torch.library.impl(ops.checkpointed_attention._name, "CompositeImplicitAutograd")(
+    checkpointed_attention)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from runtime.collectives import active_mesh, group_of
+from torch.distributed.distributed_c10d import _resolve_process_group
 
 REDUCTIONS = ("none", "mean", "sum")
 """aten's reduction enum order: nll_loss's `reduction` argument indexes this tuple."""
@@ -100,21 +100,24 @@ class _VocabParallelLogSoftmax(torch.autograd.Function):
         return grad.to(ctx.dtype), None, None, None, None
 
 
-def _shard_of(mesh_dim: str):
-    """(group or None, this rank's index in it) of the bound mesh's `mesh_dim`."""
-    group, size = group_of(mesh_dim)
-    return (None, 0) if size == 1 else (group, active_mesh().coord(mesh_dim))
+def _shard_of(group: str | None):
+    """(process group or None, this rank's index in it) of the group named `group`."""
+    if group is None:
+        return None, 0
+    process_group = _resolve_process_group(group)
+    return process_group, process_group.rank()
 
 
 def vocab_parallel_log_softmax_stats(local_logits: torch.Tensor, target: torch.Tensor | None,
-                                     mesh_dim: str, vocab_dim: int, vocab_size: int):
+                                     group: str | None, vocab_dim: int, vocab_size: int):
     """Per token, (-log p[target], sum over the vocabulary of log p), from this rank's shard.
 
-    `local_logits` holds this rank's columns of the padded vocabulary along `vocab_dim`;
+    `local_logits` holds this rank's columns of the padded vocabulary along `vocab_dim`, this
+    rank's index in `group` (a c10d group name; None: a group of one) saying which;
     `target` (the logits' shape without `vocab_dim`, or None when only the sum is wanted) holds
     global class indices. Both results have the target's shape and the logits' dtype; the first
     is meaningless for targets outside [0, vocab_size) (ignored ones), which `reduce_nll` masks.
-    Forward: two all-reduces over `mesh_dim` (max, then sum-exp/target/sum stacked). Backward:
+    Forward: two all-reduces over `group` (max, then sum-exp/target/sum stacked). Backward:
     local, no communication.
     """
     x = local_logits.movedim(vocab_dim, -1)
@@ -124,9 +127,9 @@ def vocab_parallel_log_softmax_stats(local_logits: torch.Tensor, target: torch.T
     if tuple(target.shape) != tuple(tokens):
         raise ValueError(f"vocab-parallel cross-entropy: target shape {tuple(target.shape)} does "
                          f"not match the logits' token dims {tuple(tokens)}")
-    group, rank = _shard_of(mesh_dim)
+    process_group, rank = _shard_of(group)
     nll, sum_log_prob = _VocabParallelLogSoftmax.apply(
-        x.reshape(-1, x.shape[-1]), target.reshape(-1), group, rank, vocab_size)
+        x.reshape(-1, x.shape[-1]), target.reshape(-1), process_group, rank, vocab_size)
     return nll.reshape(tokens), sum_log_prob.reshape(tokens)
 
 
@@ -149,22 +152,22 @@ def reduce_nll(nll: torch.Tensor, target: torch.Tensor, ignore_index: int, reduc
 
 
 def vocab_parallel_cross_entropy(local_logits: torch.Tensor, target: torch.Tensor,
-                                 mesh_dim: str = "tp", *, vocab_size: int,
+                                 group: str | None = None, *, vocab_size: int,
                                  ignore_index: int = -100, reduction: str = "mean",
                                  label_smoothing: float = 0.0) -> torch.Tensor:
     """`F.cross_entropy(full_logits, target, ...)` from this rank's vocabulary shard.
 
     `local_logits` (..., Vl) holds columns [r*Vl, (r+1)*Vl) of the padded vocabulary, r being
-    this rank's coordinate along `mesh_dim` (columns >= vocab_size are padding and ignored);
-    `target` (...) holds class indices. Every rank of the group returns the same loss.
-    Forward: two all-reduces over `mesh_dim`. Backward: this shard's gradient, locally.
-    Runs inside `bind_mesh` (the group is captured for backward).
+    this rank's index in `group` (a c10d group name, e.g. `Mesh.group_names()["tp"]`; None: a
+    group of one; columns >= vocab_size are padding and ignored); `target` (...) holds class
+    indices. Every rank of the group returns the same loss.
+    Forward: two all-reduces over `group`. Backward: this shard's gradient, locally.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction {reduction!r}: choose one of {REDUCTIONS}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1]")
-    nll, sum_log_prob = vocab_parallel_log_softmax_stats(local_logits, target, mesh_dim, -1,
+    nll, sum_log_prob = vocab_parallel_log_softmax_stats(local_logits, target, group, -1,
                                                          vocab_size)
     if label_smoothing:  # F.cross_entropy: (1-e) nll + e * mean over classes of -log p
         nll = (1 - label_smoothing) * nll - (label_smoothing / vocab_size) * sum_log_prob

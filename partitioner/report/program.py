@@ -12,7 +12,7 @@ from core import meta
 from core.fx_utils import module_path
 from core.placement import ParamLayout
 from passes.lowering.program import RankProgram
-from runtime.collectives import COLLECTIVE_KINDS
+from core.ops import COLLECTIVE_KINDS
 
 
 def collective_kind(node: fx.Node) -> str | None:

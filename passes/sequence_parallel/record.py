@@ -36,8 +36,8 @@ class SequenceParallelRecord:
         if self.stepped_aside:
             return f"tp={self.tp}: stepped aside: {self.stepped_aside}"
         return (f"tp={self.tp}, tokens {self.batch}x{self.seq}: {len(self.zone)} nodes on "
-                f"sequence shards, {len(self.collectives)} collectives, replacing "
-                f"{', '.join(self.replaced)}")
+                f"sequence shards, {len(self.collectives)} collectives in place of "
+                f"{len(self.replaced)} of tensor parallel's")
 
     def __str__(self) -> str:
         lines = [f"sequence_parallel ({self.summary()})"]

@@ -10,9 +10,9 @@ from torch import fx
 
 from core.fx_utils import tensor_of, val_of
 from core.meta import LAYOUTS, TP_PLACEMENT
+from core.ops import (OP_NAME, all_gather, all_reduce, copy_to_region, gather_for_region,
+                      reduce_scatter, scatter)
 from core.placement import Partial, Placements, Shard
-from passes.collective_targets import (KINDS, all_gather, all_reduce, copy_to_region,
-                                       gather_for_region, reduce_scatter, scatter)
 from passes.propagation import tensor_shape
 from passes.sequence_parallel.record import (GRADIENT_SUM, SEQUENCE_ENTRY, SEQUENCE_EXIT,
                                              ZONE_ENTRY, ZONE_EXIT, SequenceParallelRecord)
@@ -126,7 +126,7 @@ class Rewriter:
                           dst, dtype, after)
 
     def _record(self, node: fx.Node, fn, value: fx.Node, role: str) -> None:
-        self.inserted.append(InsertedCollective(node.name, KINDS[fn], value.name, MESH_DIM,
+        self.inserted.append(InsertedCollective(node.name, OP_NAME[fn], value.name, MESH_DIM,
                                                 role))
 
     def _reduce_scatter(self, node: fx.Node) -> fx.Node:

@@ -17,10 +17,10 @@ from torch import fx
 
 from core.fx_utils import val_of
 from core.meta import TP_PLACEMENT
+from core.ops import OP_NAME, all_gather, all_reduce, copy_to_region
 from core.placement import (Partial, Placements, Shard, StridedShard, local_size,
                             split_placement)
 from passes import PassError
-from passes.collective_targets import KINDS, all_gather, all_reduce, copy_to_region
 from passes.propagation import tensor_shape
 from passes.tensor_parallel.projections import lookup_arg
 from passes.tensor_parallel.record import (KV_WEIGHT, LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY,
@@ -111,7 +111,7 @@ class Rewriter:
     def collective(self, target, args, like: fx.Node, val, role: str) -> fx.Node:
         """A collective over tp on args[0] (its output replicated), recorded with its role."""
         node = self.call(target, args, like, val, REPLICATED)
-        self.inserted.append(InsertedCollective(node.name, KINDS[target], args[0].name,
+        self.inserted.append(InsertedCollective(node.name, OP_NAME[target], args[0].name,
                                                 MESH_DIM, role))
         return node
 

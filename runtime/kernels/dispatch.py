@@ -14,6 +14,8 @@ import importlib.util
 
 import torch
 
+from core import ops
+
 from . import reference
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -75,12 +77,14 @@ def unpermute(permuted, row_id_map, probs=None):
     return impl(permuted, row_id_map, probs)
 
 
-# --- graph-level replacements: same signature as the aten op they stand for ----------------
-# passes/kernels.py points graph nodes at these; each runs the Triton kernel where it applies
-# (CUDA 16/32-bit tensors and the arguments the kernel supports) and the aten op otherwise, so
-# on CPU and in float64 the numbers are exactly the captured graph's.
+# --- graph-level replacements: the kernel ops of core.ops -----------------------------------
+# passes/kernels.py points graph nodes at core.ops' kernel ops, registered here; each runs the
+# Triton kernel where it applies (CUDA 16/32-bit tensors and the arguments the kernel supports)
+# and the aten op otherwise, so on CPU and in float64 the numbers are exactly the captured
+# graph's. They are registered as CompositeImplicitAutograd: autograd goes through what they
+# run (the kernels' own autograd Functions, or aten's), as through a Python call.
 
-def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+def scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *,
                                  scale=None, enable_gqa=False):
     if attn_mask is None and dropout_p == 0.0 and use_triton(q, k, v) and (
             enable_gqa or k.shape[1] == q.shape[1]):
@@ -104,19 +108,13 @@ def silu_mul(gate, up):
     return torch.nn.functional.silu(gate) * up
 
 
-def decomposed_rms_norm(x, weight, eps, compute_dtype=None, output_dtype=None):
-    """The RMSNorm models write out by hand, which passes/kernels.py folds into this call:
-    ``h = x.to(compute_dtype)``; ``y = (h * rsqrt(mean(h^2, -1) + eps)).to(output_dtype)``;
-    ``y * weight``, where a None cast or weight is absent. The Triton kernel runs where it
-    computes the same thing (a 1-D weight of the last dim or none, the result in x's dtype);
+def decomposed_rms_norm(x, weight, eps, *, compute_dtype=None, output_dtype=None):
+    """`core.ops.rms_norm`: the RMSNorm models write out by hand. The Triton kernel runs where
+    it computes the same thing (a 1-D weight of the last dim or none, the result in x's dtype);
     otherwise the same aten ops as the captured graph, in its order, so the numbers match."""
     if use_triton(x, weight) and _rms_kernel_applies(x, weight, compute_dtype, output_dtype):
         return _kernel("rms_norm")(x, weight, eps)
-    h = x if compute_dtype is None else x.to(compute_dtype)
-    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if output_dtype is not None:
-        y = y.to(output_dtype)
-    return y if weight is None else y * weight
+    return ops.rms_norm_reference(x, weight, eps, compute_dtype, output_dtype)
 
 
 def _rms_kernel_applies(x, weight, compute_dtype, output_dtype) -> bool:
@@ -125,3 +123,10 @@ def _rms_kernel_applies(x, weight, compute_dtype, output_dtype) -> bool:
     max_cols = importlib.import_module("runtime.kernels.layer_norm").MAX_COLS
     return (result_dtype == x.dtype and x.shape[-1] <= max_cols
             and (weight is None or (weight.dim() == 1 and weight.shape[0] == x.shape[-1])))
+
+
+for _op, _impl in ((ops.scaled_dot_product_attention, scaled_dot_product_attention),
+                   (ops.layer_norm, aten_layer_norm),
+                   (ops.silu_mul, silu_mul),
+                   (ops.rms_norm, decomposed_rms_norm)):
+    torch.library.impl(_op._name, "CompositeImplicitAutograd")(_impl)

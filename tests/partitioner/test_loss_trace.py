@@ -20,8 +20,7 @@ from core.meta import TP_RECORD
 from partitioner.compiler import compile_rank
 from partitioner.report.program import collective_kind
 from core.plan import Plan
-from runtime.collectives import all_gather, bind_mesh
-from runtime.mesh import Mesh
+from core.ops import all_gather
 
 V = 511  # a vocabulary tp=2 does not divide: padded to 512
 
@@ -44,7 +43,7 @@ def test_finds_padded_gathered_logits_and_the_shard_behind_them():
     (found,) = find_sharded_logits(program.stages[0].gm)
     assert (found.leaf, found.mesh_dim, found.dim) == (0, "tp", 2)
     assert (found.vocab_size, found.padded_vocab, found.local_vocab) == (V, 512, 256)
-    assert found.gathered == ("all_gather", "slice_tensor")
+    assert found.gathered == ("all_gather_default", "slice_tensor")
     unpadded = find_sharded_logits(_program("tp=2,rules=lm_head:vocab").stages[0].gm)
     assert [(s.vocab_size, s.padded_vocab, len(s.gathered)) for s in unpadded] == [(512, 512, 1)]
 
@@ -137,7 +136,7 @@ RECOGNIZED = {
 
 def _one_rank_shard(padded: int = 512) -> tuple[ShardedLogits, ...]:
     """The logits as one rank holds them with tp=1: every column, plus padding."""
-    return (ShardedLogits(leaf=0, shard="lm_head", gathered=(), mesh_dim="tp", dim=2,
+    return (ShardedLogits(leaf=0, shard="lm_head", gathered=(), mesh_dim=None, dim=2,
                           vocab_size=V, padded_vocab=padded, local_vocab=padded),)
 
 
@@ -177,8 +176,7 @@ def test_cross_entropy_forms_run_vocab_parallel_with_the_same_numbers(name):
     # the "shard": every column, then a padding column with a large value that must not count
     shard = torch.cat([full, torch.full((4, 16, 1), 50.0, dtype=full.dtype)], -1)
     shard.requires_grad_()
-    with bind_mesh(Mesh(Plan().resolve(1), 0, live=False)):
-        got = _as_loss(path.loss(shard, target))
+    got = _as_loss(path.loss(shard, target))  # group None: one rank
     (grad,) = torch.autograd.grad(got, shard)
     tol = 1e-12 if got.dtype == torch.float64 else 1e-6  # "float cast first" is float32
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
@@ -192,12 +190,11 @@ def test_pytree_output_aux_term_runs_as_written():
     output = {"aux": aux, "logits": full}
     leaves, spec = pytree.tree_flatten(output)
     logits_leaf = next(i for i, leaf in enumerate(leaves) if leaf is full)
-    sharded = (ShardedLogits(logits_leaf, "lm_head", (), "tp", 2, V, 512, 512),)
+    sharded = (ShardedLogits(logits_leaf, "lm_head", (), None, 2, V, 512, 512),)
     path = choose_loss_path(_dict_output_with_aux, spec, leaves, sharded, target, "cpu")
     assert path.vocab_parallel, path.reason
     shard = torch.cat([full, torch.zeros(4, 16, 1, dtype=full.dtype)], -1)
-    with bind_mesh(Mesh(Plan().resolve(1), 0, live=False)):
-        got = path.loss({"aux": aux, "logits": shard}, target)
+    got = path.loss({"aux": aux, "logits": shard}, target)  # group None: one rank
     expected = _dict_output_with_aux(output, target)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 

@@ -8,6 +8,7 @@ from torch import nn
 from partitioner.capture import capture
 from partitioner.models import RMSNorm, tiny, tiny_llama
 from passes.kernels import use_kernels
+from core import ops
 from runtime.kernels import dispatch
 
 
@@ -22,6 +23,24 @@ def _bound_graph(model, ids):
         owner, _, leaf = name.rpartition(".")
         (gm.get_submodule(owner) if owner else gm)._buffers[leaf] = b
     return gm
+
+
+def _folded(model, *inputs):
+    """(the captured graph, the kernels pass's copy of it (linted), its rms_norm nodes)."""
+    plain = _bound_graph(model, *inputs)
+    fused = use_kernels(copy.deepcopy(plain))
+    fused.graph.lint()
+    return plain, fused, [n for n in fused.graph.nodes if n.target is ops.rms_norm]
+
+
+def _folded_norms(model, ids, norm_type, folds_each: int):
+    """`_folded`, checking one rms_norm per `norm_type` module, each in place of at least
+    `folds_each` + 1 nodes."""
+    plain, fused, found = _folded(model, ids)
+    norms = sum(isinstance(m, norm_type) for m in model.modules())
+    assert len(found) == norms > 0
+    assert len(_targets(plain)) - len(_targets(fused)) >= folds_each * norms
+    return plain, fused, found
 
 
 def _targets(gm):
@@ -42,10 +61,10 @@ def _assert_same_numbers(plain, fused, *inputs):
 
 
 def test_hot_ops_point_at_the_kernel_dispatch_and_keep_cpu_numbers():
-    for factory, expected in ((tiny, {dispatch.scaled_dot_product_attention,
-                                      dispatch.aten_layer_norm}),
-                              (tiny_llama, {dispatch.scaled_dot_product_attention,
-                                            dispatch.silu_mul})):
+    for factory, expected in ((tiny, {ops.scaled_dot_product_attention,
+                                      ops.layer_norm}),
+                              (tiny_llama, {ops.scaled_dot_product_attention,
+                                            ops.silu_mul})):
         model, (ids,) = factory()
         model = model.double()
         plain = _bound_graph(model, ids)
@@ -63,21 +82,14 @@ def test_hot_ops_point_at_the_kernel_dispatch_and_keep_cpu_numbers():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_hand_written_rms_norm_of_the_in_repo_llama_is_folded(dtype):
     model, (ids,) = tiny_llama()
-    model = model.to(dtype)
-    norms = sum(isinstance(m, RMSNorm) for m in model.modules())
-    plain = _bound_graph(model, ids)
-    fused = use_kernels(copy.deepcopy(plain))
-    fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
-    assert len(found) == norms > 0
     # x * rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight: 5 aten nodes each become 1
-    assert len(_targets(plain)) - len(_targets(fused)) >= 4 * norms
+    plain, fused, found = _folded_norms(model.to(dtype), ids, RMSNorm, folds_each=4)
     assert torch.ops.aten.rsqrt.default not in _targets(fused)
     for node in found:
         x, weight, eps = node.args
         assert weight.op == "get_attr" and eps == model.config.norm_eps
         assert node.kwargs == {"compute_dtype": None, "output_dtype": None}
-        assert node.meta["kernel"] == "decomposed_rms_norm"
+        assert node.meta["kernel"] == "rms_norm"
     _assert_same_numbers(plain, fused, ids)
 
 
@@ -89,16 +101,9 @@ def test_hugging_face_llama_rms_norm_with_its_casts_is_folded(dtype):
     from tests.model_zoo import hf_llama
 
     model, (ids,) = hf_llama()
-    model = model.to(dtype)
-    norms = sum(isinstance(m, LlamaRMSNorm) for m in model.modules())
-    plain = _bound_graph(model, ids)
-    fused = use_kernels(copy.deepcopy(plain))
-    fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
-    assert len(found) == norms > 0
     # pow, mean, add, rsqrt, mul, .to(input dtype), weight mul -> 1 node, and the
     # hidden.to(float32) before them unless the graph reads it elsewhere
-    assert len(_targets(plain)) - len(_targets(fused)) >= 6 * norms
+    plain, fused, found = _folded_norms(model.to(dtype), ids, LlamaRMSNorm, folds_each=6)
     for node in found:
         assert node.kwargs["output_dtype"] == dtype
         x = node.args[0]
@@ -131,11 +136,7 @@ class _NormWithSideOutputs(nn.Module):
 @pytest.mark.parametrize("keep,folded", [("none", True), ("cast", True), ("variance", False)])
 def test_rms_norm_folds_only_nodes_no_one_else_reads(keep, folded):
     x = torch.randn(2, 3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    model = _NormWithSideOutputs(keep)
-    plain = _bound_graph(model, x)
-    fused = use_kernels(copy.deepcopy(plain))
-    fused.graph.lint()
-    found = [n for n in fused.graph.nodes if n.target is dispatch.decomposed_rms_norm]
+    plain, fused, found = _folded(_NormWithSideOutputs(keep), x)
     assert len(found) == int(folded)
     if keep == "cast":  # the float32 copy stays in the graph and is the norm's input
         assert found[0].kwargs["compute_dtype"] is None

@@ -28,11 +28,13 @@ def _context(plan: Plan) -> PassContext:
 def test_the_pipeline_is_one_ordered_list_of_the_design_card():
     assert [entry.name for entry in PIPELINE] == [
         "causal_mask", "tensor_parallel", "sequence_parallel", "context_parallel",
-        "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "lowering"]
+        "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "collectives",
+        "lowering"]
     assert [entry.name for entry in PIPELINE if entry.run is None] == [
         "context_parallel", "expert_parallel"]
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
-        "causal_mask", "pipeline_split", "recompute", "kernels", "device", "lowering"]
+        "causal_mask", "pipeline_split", "recompute", "kernels", "device", "collectives",
+        "lowering"]
 
 
 def test_every_entry_is_logged_with_its_record():

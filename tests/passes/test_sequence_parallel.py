@@ -24,7 +24,7 @@ from passes.sequence_parallel import SequenceNotDivisible, sequence_parallel
 from passes.tensor_parallel import tensor_parallel
 from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from runtime import spawn
-from runtime.collectives import copy_to_region, scatter
+from core.ops import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 

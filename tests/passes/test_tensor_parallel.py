@@ -26,7 +26,7 @@ from passes.tensor_parallel.record import LOGITS_GATHER, LOOKUP_SUM, REGION_ENTR
 from runtime import spawn
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
-from runtime.collectives import copy_to_region
+from core.ops import copy_to_region
 
 aten = torch.ops.aten
 
@@ -236,7 +236,8 @@ def test_replicate_rules_keep_the_embedding_and_lm_head_whole():
 
 def test_pipeline_wires_the_pass():
     names = [entry.name for entry in planned(Plan(tp=2).resolve(2))]
-    assert names == ["causal_mask", "tensor_parallel", "kernels", "device"]  # masks first
+    assert names == ["causal_mask", "tensor_parallel", "kernels", "device",
+                     "collectives"]  # masks first
     # sequence parallelism runs after the tp pass, on its collectives
     names = [entry.name for entry in planned(Plan(tp=2, sp=True).resolve(2))]
     assert names[:3] == ["causal_mask", "tensor_parallel", "sequence_parallel"]

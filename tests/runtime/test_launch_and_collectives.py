@@ -6,7 +6,7 @@ import torch.distributed as dist
 
 from core.plan import Plan
 from runtime import RankError, spawn
-from runtime import collectives as C
+from core import ops as C
 from runtime.mesh import Mesh
 
 
@@ -33,51 +33,48 @@ def test_spawn_reraises_a_rank_error_without_hanging():
 
 
 def _collective_checks():
-    """Forward and backward of every conjugate pair on a tp=2 x dp=2 mesh (float64)."""
+    """Forward and backward of every conjugate pair on a tp=2 x dp=2 mesh (float64), each op
+    naming its group as a lowered graph does."""
     mesh = Mesh(Plan(tp=2, dp=2).resolve(4))
-    tp = mesh.coord("tp")
+    tp, group = mesh.coord("tp"), mesh.group_names()["tp"]
     results = {}
-    with C.bind_mesh(mesh):
-        base = torch.arange(8, dtype=torch.float64).reshape(2, 4) + 10 * dist.get_rank()
-        peer = base + 10 * (mesh.ranks("tp")[1 - tp] - dist.get_rank())  # the other tp rank's
-        x = base.clone().requires_grad_()
-        y = C.all_reduce(x, "tp")  # forward sum over tp, backward identity
-        y.backward(torch.ones_like(y))
-        results["all_reduce"] = (torch.equal(y, base + peer), torch.equal(x.grad, torch.ones_like(x)))
-        x = base.clone().requires_grad_()
-        y = C.copy_to_region(x, "tp")  # forward identity, backward all-reduce
-        y.backward(torch.full_like(y, 1.0 + tp))
-        results["copy_to_region"] = (torch.equal(y, base), torch.equal(x.grad, torch.full_like(x, 3.0)))
-        x = base.clone().requires_grad_()
-        y = C.all_gather(x, "tp", tensor_dim=1)  # (2, 8)
-        y.backward(torch.arange(16, dtype=torch.float64).reshape(2, 8))
-        results["all_gather"] = (tuple(y.shape) == (2, 8) and torch.equal(y[:, 4 * tp: 4 * tp + 4], base),
-                                 torch.equal(x.grad, torch.arange(16, dtype=torch.float64).reshape(2, 8)[:, 4 * tp: 4 * tp + 4]))
-        x = base.clone().requires_grad_()
-        y = C.reduce_scatter(x, "tp", tensor_dim=1)  # (2, 2)
-        y.backward(torch.ones_like(y))
-        results["reduce_scatter"] = (torch.equal(y, (base + peer)[:, 2 * tp: 2 * tp + 2]),
-                                     torch.equal(x.grad, torch.ones(2, 4, dtype=torch.float64)))
-        x = base.clone().requires_grad_()
-        y = C.gather_for_region(x, "tp", tensor_dim=0)  # (4, 4), backward reduce-scatter
-        y.backward(torch.ones_like(y))
-        results["gather_for_region"] = (tuple(y.shape) == (4, 4), torch.equal(x.grad, torch.full_like(x, 2.0)))
-        x = base.clone().requires_grad_()
-        y = C.scatter(x, "tp", tensor_dim=1)
-        y.backward(torch.ones_like(y))
-        # backward all-gathers: the other slices' gradients come from the other tp ranks
-        results["scatter"] = (torch.equal(y, base[:, 2 * tp: 2 * tp + 2]),
-                              torch.equal(x.grad, torch.ones(2, 4, dtype=torch.float64)))
-        x = base.clone().requires_grad_()
-        y = C.all_to_all(x, "tp", scatter_dim=1, gather_dim=0)  # (4, 2)
-        y.backward(y.detach().clone())
-        results["all_to_all"] = (tuple(y.shape) == (4, 2), torch.equal(x.grad, base))
-        x = base.clone().requires_grad_()
-        results["size_one_bypass"] = (C.all_reduce(x, "pp") is x, True)
-        x = base.clone().requires_grad_()
-        y = C.copy_to_region(x, "tp")
-    y.backward(torch.ones_like(y))  # outside bind_mesh, as loss.backward() after a step
-    results["backward_outside_the_mesh"] = (True, torch.equal(x.grad, torch.full_like(x, 2.0)))
+    base = torch.arange(8, dtype=torch.float64).reshape(2, 4) + 10 * dist.get_rank()
+    peer = base + 10 * (mesh.ranks("tp")[1 - tp] - dist.get_rank())  # the other tp rank's
+    x = base.clone().requires_grad_()
+    y = C.all_reduce(x, group)  # forward sum over tp, backward identity
+    y.backward(torch.ones_like(y))
+    results["all_reduce"] = (torch.equal(y, base + peer), torch.equal(x.grad, torch.ones_like(x)))
+    x = base.clone().requires_grad_()
+    y = C.copy_to_region(x, group)  # forward identity, backward all-reduce
+    y.backward(torch.full_like(y, 1.0 + tp))
+    results["copy_to_region"] = (torch.equal(y, base), torch.equal(x.grad, torch.full_like(x, 3.0)))
+    x = base.clone().requires_grad_()
+    y = C.all_gather(x, group, tensor_dim=1)  # (2, 8)
+    y.backward(torch.arange(16, dtype=torch.float64).reshape(2, 8))
+    results["all_gather"] = (tuple(y.shape) == (2, 8) and torch.equal(y[:, 4 * tp: 4 * tp + 4], base),
+                             torch.equal(x.grad, torch.arange(16, dtype=torch.float64).reshape(2, 8)[:, 4 * tp: 4 * tp + 4]))
+    x = base.clone().requires_grad_()
+    y = C.reduce_scatter(x, group, tensor_dim=1)  # (2, 2)
+    y.backward(torch.ones_like(y))
+    results["reduce_scatter"] = (torch.equal(y, (base + peer)[:, 2 * tp: 2 * tp + 2]),
+                                 torch.equal(x.grad, torch.ones(2, 4, dtype=torch.float64)))
+    x = base.clone().requires_grad_()
+    y = C.gather_for_region(x, group, tensor_dim=0)  # (4, 4), backward reduce-scatter
+    y.backward(torch.ones_like(y))
+    results["gather_for_region"] = (tuple(y.shape) == (4, 4), torch.equal(x.grad, torch.full_like(x, 2.0)))
+    x = base.clone().requires_grad_()
+    y = C.scatter(x, group, tensor_dim=1)
+    y.backward(torch.ones_like(y))
+    # backward all-gathers: the other slices' gradients come from the other tp ranks
+    results["scatter"] = (torch.equal(y, base[:, 2 * tp: 2 * tp + 2]),
+                          torch.equal(x.grad, torch.ones(2, 4, dtype=torch.float64)))
+    x = base.clone().requires_grad_()
+    y = C.all_to_all(x, group, scatter_dim=1, gather_dim=0)  # (4, 2)
+    y.backward(y.detach().clone())
+    results["all_to_all"] = (tuple(y.shape) == (4, 2), torch.equal(x.grad, base))
+    x = base.clone().requires_grad_()
+    y = C.copy_to_region(x, group)
+    results["copy_to_region_is_a_view"] = (y._base is x, True)  # f costs no copy
     return results
 
 
@@ -88,6 +85,79 @@ def test_conjugate_collectives_forward_and_backward():
             assert backward_ok, f"{name} backward wrong on rank {rank}"
 
 
-def test_collective_outside_a_model_says_so():
-    with pytest.raises(RuntimeError, match="no mesh is bound"):
-        C.all_reduce(torch.ones(2), "tp")
+def test_an_unlowered_collective_has_no_shape_and_says_so():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(), pytest.raises(ValueError, match="passes.lowering.collectives"):
+        C.all_gather(torch.empty(2, 4), "tp", 1)
+    with FakeTensorMode():  # lowered: the group size is in the call
+        assert C.all_gather(torch.empty(2, 4), "1", 1, group_size=2).shape == (2, 8)
+        assert C.all_to_all(torch.empty(2, 4), "1", 1, 0, group_size=2).shape == (4, 2)
+
+
+def _compiled_matches_eager():
+    """torch.compile (aot_eager, one graph: no break) traces lowered ops, backward included."""
+    mesh = Mesh(Plan(tp=2).resolve(2))
+    group = mesh.group_names()["tp"]
+    w = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def step(x):
+        y = C.copy_to_region(x, group) @ w
+        z = C.reduce_scatter(C.all_reduce(y, group), group, 0, group_size=2)
+        return C.gather_for_region(z, group, 1, group_size=2).sum()
+
+    x = torch.arange(16, dtype=torch.float64).reshape(4, 4) + dist.get_rank()
+    results = []
+    for fn in (step, torch.compile(step, backend="aot_eager", fullgraph=True)):
+        x_ = x.clone().requires_grad_()
+        loss = fn(x_)
+        loss.backward()
+        results.append((loss.detach(), x_.grad))
+    (loss, grad), (compiled_loss, compiled_grad) = results
+    return torch.equal(loss, compiled_loss), torch.equal(grad, compiled_grad)
+
+
+def test_lowered_collectives_compile_into_one_graph():
+    # the group is a constant of the call, not ambient state: nothing for dynamo to break on
+    assert spawn(2, _compiled_matches_eager) == [(True, True), (True, True)]
+
+
+def _ops_in_backward_of_gather_regions():
+    """What backward runs for sp's gather regions (passes.recompute.save_gathered_as_shards):
+    one reader (plain checkpoint) and three readers (gather recomputed, linears kept)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from core.ops import CheckpointedRegion
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    group = Mesh(Plan(tp=2).resolve(2)).group_names()["tp"]
+    seen = []
+    for readers, recomputed in ((1, ()), (3, (C.gather_for_region,))):
+        graph = torch.fx.Graph()
+        shard, *params = (graph.placeholder(f"p{i}") for i in range(1 + 2 * readers))
+        full = graph.call_function(C.gather_for_region, (shard, group, 1), {"group_size": 2})
+        graph.output(tuple(graph.call_function(torch.ops.aten.linear.default, (full, w, b))
+                           for w, b in zip(params[::2], params[1::2], strict=True)))
+        region = CheckpointedRegion(torch.fx.GraphModule(torch.nn.Module(), graph), recomputed)
+        inputs = [torch.randn(2, 3, 4, requires_grad=True)]
+        inputs += [torch.randn(*shape, requires_grad=True) for _ in range(readers)
+                   for shape in ((5, 4), (5,))]
+        outputs = region(*inputs)
+        with Record() as record:
+            sum(out.sum() for out in outputs).backward()
+        seen.append((record.ops.count(C.gather_for_region),
+                     record.ops.count(torch.ops.aten.addmm.default)))
+    return seen
+
+
+def test_sp_gather_regions_regather_once_and_run_no_linear_again():
+    # forward's linears are addmm (bias); backward's gradients are mm: no addmm in backward
+    assert spawn(2, _ops_in_backward_of_gather_regions) == [[(1, 0), (1, 0)]] * 2

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 
 from core.plan import Plan
 from runtime import spawn
-from runtime.collectives import bind_mesh
 from runtime.mesh import Mesh
 from runtime.vocab_parallel import vocab_parallel_cross_entropy
 
@@ -46,8 +45,8 @@ def _reference(full, target, grad_out, **kwargs):
 
 def _run_case(mesh, shard, target, grad_out, vocab, **kwargs):
     local = shard.detach().clone().requires_grad_()
-    with bind_mesh(mesh):
-        loss = vocab_parallel_cross_entropy(local, target, "tp", vocab_size=vocab, **kwargs)
+    group = mesh.group_names().get("tp")  # None: a group of one
+    loss = vocab_parallel_cross_entropy(local, target, group, vocab_size=vocab, **kwargs)
     if kwargs.get("reduction") == "none":
         loss.backward(grad_out.to(loss.dtype))
     else:
@@ -91,25 +90,20 @@ def test_in_vocabulary_ignore_index_and_all_ignored_mean_is_nan():
     loss, grad = _run_case(mesh, shard, target, grad_out, 9, ignore_index=0)
     assert _errors(loss, grad, ref_loss, ref_grad, 0, 9, 9)[:2] < (1e-13, 1e-13)
     ignored = torch.full((4, 6), -100)
-    with bind_mesh(mesh):
-        nan = vocab_parallel_cross_entropy(shard, ignored, vocab_size=9)
+    nan = vocab_parallel_cross_entropy(shard, ignored, vocab_size=9)
     assert torch.isnan(nan) and torch.isnan(F.cross_entropy(full.reshape(-1, 9),
                                                             ignored.reshape(-1)))
 
 
 def test_bad_arguments_fail_clearly():
-    mesh = Mesh(Plan().resolve(1), 0, live=False)
     logits = torch.randn(2, 4, 8)
-    with bind_mesh(mesh):
-        with pytest.raises(RuntimeError, match="outside \\[0, vocab_size\\)"):
-            vocab_parallel_cross_entropy(logits, torch.full((2, 4), 7), vocab_size=6)
-        with pytest.raises(ValueError, match="reduction 'avg'"):
-            vocab_parallel_cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long),
-                                         vocab_size=8, reduction="avg")
-        with pytest.raises(ValueError, match="target shape"):
-            vocab_parallel_cross_entropy(logits, torch.zeros(8, dtype=torch.long), vocab_size=8)
-    with pytest.raises(RuntimeError, match="no mesh is bound"):
-        vocab_parallel_cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long), vocab_size=8)
+    with pytest.raises(RuntimeError, match="outside \\[0, vocab_size\\)"):
+        vocab_parallel_cross_entropy(logits, torch.full((2, 4), 7), vocab_size=6)
+    with pytest.raises(ValueError, match="reduction 'avg'"):
+        vocab_parallel_cross_entropy(logits, torch.zeros(2, 4, dtype=torch.long),
+                                     vocab_size=8, reduction="avg")
+    with pytest.raises(ValueError, match="target shape"):
+        vocab_parallel_cross_entropy(logits, torch.zeros(8, dtype=torch.long), vocab_size=8)
 
 
 # --- two gloo ranks ----------------------------------------------------------------------------

@@ -1,0 +1,219 @@
+"""The ops passes insert into graphs, declared once: `torch.library` schemas in the `partitioner`
+namespace with fake (shape-only) implementations, so a pass names them without importing the
+runtime and `dump` runs them on meta tensors; `runtime/` registers what they do.
+
+Collectives take `(x, group, tensor dims...)`. `group` is the mesh dimension ("tp") as the
+passes write it; `passes.lowering.collectives` replaces it by the c10d name of this rank's
+process group along that dimension and fills `group_size` (as `_c10d_functional`'s ops carry
+theirs), so a lowered graph needs no ambient state to run and its shapes are known without a
+live group. Each is an autograd pair (Megatron-Core's mappings):
+
+    copy_to_region     f: identity            / all-reduce        (enters a column region)
+    all_reduce         g: all-reduce          / identity          (leaves a row region)
+    all_gather         all-gather             / keep our slice
+    scatter            keep our slice         / all-gather
+    reduce_scatter     reduce-scatter         / all-gather        (sp: leaves a row region)
+    gather_for_region  all-gather             / reduce-scatter    (sp: enters a column region)
+    all_to_all         all-to-all             / all-to-all with the dims swapped
+
+Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
+wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
+for backward. `CheckpointedRegion` is the module the recompute pass puts around a sub-graph.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
+                                    create_selective_checkpoint_contexts)
+
+NAMESPACE = "partitioner"
+_LIB = torch.library.Library(NAMESPACE, "DEF")
+
+# --- collectives ---------------------------------------------------------------------------
+
+_COLLECTIVE_SCHEMAS = {
+    # the output aliases the input: f's forward is free (a custom op may not return its input
+    # unless the schema says so, and a copy would cost one activation per column region)
+    "copy_to_region": "(Tensor(a) x, str group) -> Tensor(a)",
+    "all_reduce": "(Tensor x, str group) -> Tensor",
+    "all_gather": "(Tensor x, str group, int tensor_dim, *, int group_size=0) -> Tensor",
+    "scatter": "(Tensor x, str group, int tensor_dim, *, int group_size=0) -> Tensor",
+    "reduce_scatter": "(Tensor x, str group, int tensor_dim, *, int group_size=0) -> Tensor",
+    "gather_for_region": "(Tensor x, str group, int tensor_dim, *, int group_size=0) -> Tensor",
+    "all_to_all": ("(Tensor x, str group, int scatter_dim, int gather_dim, *, "
+                   "int group_size=0) -> Tensor"),
+}
+for _name, _schema in _COLLECTIVE_SCHEMAS.items():
+    _LIB.define(_name + _schema)
+
+copy_to_region = torch.ops.partitioner.copy_to_region.default
+all_reduce = torch.ops.partitioner.all_reduce.default
+all_gather = torch.ops.partitioner.all_gather.default
+scatter = torch.ops.partitioner.scatter.default
+reduce_scatter = torch.ops.partitioner.reduce_scatter.default
+gather_for_region = torch.ops.partitioner.gather_for_region.default
+all_to_all = torch.ops.partitioner.all_to_all.default
+
+COLLECTIVES = (copy_to_region, all_reduce, all_gather, scatter, reduce_scatter,
+               gather_for_region, all_to_all)
+
+OP_NAME = {op: str(op._schema.name).removeprefix("partitioner::") for op in COLLECTIVES}
+"""Op -> its name ("all_reduce"), as the passes' records give an inserted collective's kind."""
+
+SIZED = frozenset({all_gather, scatter, reduce_scatter, gather_for_region, all_to_all})
+"""The collectives whose output shape depends on the group size (they take `group_size`)."""
+
+COLLECTIVE_KINDS = {
+    copy_to_region: None,  # no communication forward
+    all_reduce: "all_reduce",
+    all_gather: "all_gather",
+    scatter: None,
+    reduce_scatter: "reduce_scatter",
+    gather_for_region: "all_gather",
+    all_to_all: "all_to_all",
+}
+"""Graph nodes whose target is one of these are inserted collectives; the value is the name
+reports use (DESIGN.md's `collective` field)."""
+
+
+def _known_size(name: str, group: str, group_size: int) -> int:
+    if group_size < 1:
+        raise ValueError(f"partitioner.{name} over {group!r} has no group size: shapes are known "
+                         f"once passes.lowering.collectives has fixed the group")
+    return group_size
+
+
+def _resized(x: torch.Tensor, dim: int, multiply: int = 1, divide: int = 1) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * multiply // divide
+    return x.new_empty(shape)
+
+
+@torch.library.register_fake("partitioner::copy_to_region")
+def _copy_to_region_fake(x, group):
+    return x.view_as(x)
+
+
+@torch.library.register_fake("partitioner::all_reduce")
+def _all_reduce_fake(x, group):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("partitioner::all_gather")
+def _all_gather_fake(x, group, tensor_dim, *, group_size=0):
+    return _resized(x, tensor_dim, multiply=_known_size("all_gather", group, group_size))
+
+
+@torch.library.register_fake("partitioner::gather_for_region")
+def _gather_for_region_fake(x, group, tensor_dim, *, group_size=0):
+    return _resized(x, tensor_dim,
+                    multiply=_known_size("gather_for_region", group, group_size))
+
+
+@torch.library.register_fake("partitioner::scatter")
+def _scatter_fake(x, group, tensor_dim, *, group_size=0):
+    return _resized(x, tensor_dim, divide=_known_size("scatter", group, group_size))
+
+
+@torch.library.register_fake("partitioner::reduce_scatter")
+def _reduce_scatter_fake(x, group, tensor_dim, *, group_size=0):
+    return _resized(x, tensor_dim, divide=_known_size("reduce_scatter", group, group_size))
+
+
+@torch.library.register_fake("partitioner::all_to_all")
+def _all_to_all_fake(x, group, scatter_dim, gather_dim, *, group_size=0):
+    size = _known_size("all_to_all", group, group_size)
+    shape = list(x.shape)
+    shape[scatter_dim] //= size
+    shape[gather_dim] *= size
+    return x.new_empty(shape)
+
+
+# --- kernels -------------------------------------------------------------------------------
+
+_SDPA_ARGS = ("(Tensor query, Tensor key, Tensor value, Tensor? attn_mask=None, "
+              "float dropout_p=0.0, bool is_causal=False, *, float? scale=None, "
+              "bool enable_gqa=False) -> Tensor")
+_LIB.define("scaled_dot_product_attention" + _SDPA_ARGS)
+_LIB.define("checkpointed_attention" + _SDPA_ARGS)
+_LIB.define("layer_norm(Tensor input, SymInt[] normalized_shape, Tensor? weight=None, "
+            "Tensor? bias=None, float eps=1e-05, bool cudnn_enable=True) -> Tensor")
+_LIB.define("silu_mul(Tensor gate, Tensor up) -> Tensor")
+_LIB.define("rms_norm(Tensor x, Tensor? weight, float eps, *, ScalarType? compute_dtype=None, "
+            "ScalarType? output_dtype=None) -> Tensor")
+
+scaled_dot_product_attention = torch.ops.partitioner.scaled_dot_product_attention.default
+"""aten's scaled_dot_product_attention; flash attention where the kernel applies."""
+checkpointed_attention = torch.ops.partitioner.checkpointed_attention.default
+"""scaled_dot_product_attention that keeps only q, k, v for backward (selective recompute)."""
+layer_norm = torch.ops.partitioner.layer_norm.default
+"""aten's layer_norm; the fused kernel where it applies."""
+silu_mul = torch.ops.partitioner.silu_mul.default
+"""silu(gate) * up: the SwiGLU MLP's activation."""
+rms_norm = torch.ops.partitioner.rms_norm.default
+"""The RMSNorm models write out by hand, folded: `h = x.to(compute_dtype)`;
+`y = (h * rsqrt(mean(h^2, -1) + eps)).to(output_dtype)`; `y * weight` (a None cast or weight is
+absent)."""
+
+KERNELS = (scaled_dot_product_attention, checkpointed_attention, layer_norm, silu_mul, rms_norm)
+
+
+def rms_norm_reference(x, weight, eps, compute_dtype=None, output_dtype=None):
+    """`rms_norm` in the aten ops of the captured graph, in its order (so the numbers match)."""
+    h = x if compute_dtype is None else x.to(compute_dtype)
+    y = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if output_dtype is not None:
+        y = y.to(output_dtype)
+    return y if weight is None else y * weight
+
+
+def _sdpa_fake(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, *,
+               scale=None, enable_gqa=False):
+    return torch.ops.aten.scaled_dot_product_attention.default(
+        query, key, value, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
+
+
+torch.library.register_fake("partitioner::scaled_dot_product_attention")(_sdpa_fake)
+torch.library.register_fake("partitioner::checkpointed_attention")(_sdpa_fake)
+torch.library.register_fake("partitioner::layer_norm")(torch.ops.aten.layer_norm.default)
+torch.library.register_fake("partitioner::silu_mul")(
+    lambda gate, up: torch.nn.functional.silu(gate) * up)
+torch.library.register_fake("partitioner::rms_norm")(rms_norm_reference)
+
+
+# --- recompute -----------------------------------------------------------------------------
+
+def _recompute_policy(recomputed: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in recomputed or op.is_view:  # a saved view would keep its base alive
+        return CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE
+
+
+class CheckpointedRegion(nn.Module):
+    """Runs `region` (a GraphModule taking every input explicitly, parameters included) under
+    torch.utils.checkpoint (non-reentrant; backward runs the region again, with the same RNG
+    state, to rebuild what it saved).
+
+    `recomputed` empty: full recompute, forward keeps only the region's inputs (one block).
+    Otherwise selective: only those ops (and views) run again in backward, every other op's
+    output is kept, which is how sp's gathered inputs are saved as shards (passes.recompute).
+    """
+
+    def __init__(self, region: nn.Module, recomputed: tuple = ()) -> None:
+        super().__init__()
+        self.region = region
+        self.recomputed = tuple(recomputed)
+
+    def forward(self, *inputs):
+        if not torch.is_grad_enabled():
+            return self.region(*inputs)
+        if not self.recomputed:
+            return checkpoint(self.region, *inputs, use_reentrant=False)
+        policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
+        return checkpoint(self.region, *inputs, use_reentrant=False,
+                          context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                       policy))
