@@ -19,6 +19,8 @@ a call to `main`. The phases, in order:
 
 Exit codes: 0 match, 1 mismatch, 2 a plan or shape that cannot run, 3 a strategy not landed.
 The launching process never imports torch, so argument and number errors answer at once.
+One module on purpose (about 700 lines): the examples are copied by users as a unit, and each
+phase above is one section below.
 """
 
 from __future__ import annotations

@@ -262,45 +262,29 @@ def ring_attention(q, k, v, layout: SequenceLayout, group, mask: AttentionMask =
 
 # --- all-to-all (Ulysses) -----------------------------------------------------------------------
 
-class _SeqToHeads(torch.autograd.Function):
-    """(B, H, S/cp, D) sequence shards -> (B, H/cp, S, D) head shards over the whole sequence
-    (contiguous layout); backward is the inverse exchange."""
+class _Exchange(torch.autograd.Function):
+    """All-to-all over `group`: chunk i of `scatter_dim` goes to rank i, the received chunks
+    are concatenated along `gather_dim`; backward is the same exchange with the dims swapped.
+    (B, H, S/cp, D) sequence shards with scatter 1 / gather 2 become (B, H/cp, S, D) head
+    shards over the whole sequence (contiguous layout), and back with the dims swapped."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _heads_to_seq(x, group)
+    def forward(ctx, x, group, scatter_dim: int, gather_dim: int):
+        ctx.group, ctx.dims = group, (scatter_dim, gather_dim)
+        return _exchange(x, group, scatter_dim, gather_dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return _seq_to_heads(grad, ctx.group), None
+        scatter_dim, gather_dim = ctx.dims
+        return _exchange(grad, ctx.group, gather_dim, scatter_dim), None, None, None
 
 
-def _seq_to_heads(x: torch.Tensor, group) -> torch.Tensor:
+def _exchange(x: torch.Tensor, group, scatter_dim: int, gather_dim: int) -> torch.Tensor:
     size = dist.get_world_size(group)
-    inputs = [c.contiguous() for c in x.chunk(size, dim=1)]  # head group i -> rank i
+    inputs = [c.contiguous() for c in x.chunk(size, dim=scatter_dim)]
     outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
     dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=2)  # rank j's sequence shard is chunk j of the sequence
-
-
-def _heads_to_seq(x: torch.Tensor, group) -> torch.Tensor:
-    size = dist.get_world_size(group)
-    inputs = [c.contiguous() for c in x.chunk(size, dim=2)]  # sequence chunk i -> rank i
-    outputs = [torch.empty_like(inputs[0]) for _ in range(size)]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, dim=1)
+    return torch.cat(outputs, dim=gather_dim)
 
 
 def a2a_attention(q, k, v, group, mask: AttentionMask = AttentionMask(),
@@ -316,7 +300,7 @@ def a2a_attention(q, k, v, group, mask: AttentionMask = AttentionMask(),
             raise ValueError(f"a2a attention splits {name} over cp: {heads} {name} do not divide "
                              f"by cp={size}; use cp_algo=ring")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    qh, kh, vh = (_SeqToHeads.apply(t, group) for t in (q, k, v))
+    qh, kh, vh = (_Exchange.apply(t, group, 1, 2) for t in (q, k, v))  # heads split
     length = qh.shape[2]
     pos = torch.arange(length, device=q.device)
     full_doc = None
@@ -326,4 +310,4 @@ def a2a_attention(q, k, v, group, mask: AttentionMask = AttentionMask(),
         full_doc = torch.cat(pieces, dim=1)
     # one block over the whole sequence: autograd differentiates it
     out, _ = _block_forward(qh, kh, vh, mask.visible(pos, pos, full_doc, full_doc), scale)
-    return _HeadsToSeq.apply(out, group)
+    return _Exchange.apply(out, group, 2, 1)  # back to sequence shards
