@@ -348,8 +348,8 @@ class Plan:
 
 # Fields whose strategy has not landed: (landed for this plan?, what it is, how to go without).
 _PENDING = {
-    "cp": (lambda plan: False, "context parallelism (cp>1)",
-           "run with cp=1 until context parallelism lands"),
+    "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
+                "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
     "ep": (lambda plan: False, "expert parallelism (ep>1)",
            "run with ep=1 until expert parallelism lands"),
     "etp": (lambda plan: plan.etp == plan.tp, "expert tensor parallelism (etp != tp)",

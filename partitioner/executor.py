@@ -27,6 +27,7 @@ from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossFn, LossRouter, microbatch_loss
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
+from runtime.context_parallel import gather_sequence
 from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
 from runtime.pipeline import PipelineRunner
@@ -127,8 +128,21 @@ class Executor:
         self.state.gather()
         program = self.programs.get(args, kwargs, forward_only=True)
         if program.pipeline is not None:
-            return self._pipeline_forward(program, args, kwargs)
-        return self._run(program.stages[0].gm, args, kwargs)
+            output = self._pipeline_forward(program, args, kwargs)
+        else:
+            output = self._run(program.stages[0].gm, args, kwargs)
+        return self._whole_sequences(program, output)
+
+    def _whole_sequences(self, program: RankProgram, output):
+        """Outputs holding this cp rank's tokens, gathered to the whole sequence."""
+        record = program.stages[-1].gm.meta.get(meta.CP_RECORD)
+        if record is None or not record.sharded_outputs:
+            return output
+        leaves, spec = pytree.tree_flatten(output)
+        group = self.mesh.group_names()["cp"]
+        leaves = [leaf if dim is None else gather_sequence(leaf, dim, record.layout, group)
+                  for leaf, dim in zip(leaves, record.outputs, strict=True)]
+        return pytree.tree_unflatten(leaves, spec)
 
     def _pipeline_forward(self, program: RankProgram, args: tuple, kwargs: dict):
         """Forward only, one microbatch; the last stage's output broadcast over pp."""
@@ -178,12 +192,29 @@ class Executor:
         totals = {"summary": zeros}  # [loss, tokens, token-weighted?] summed over microbatches
 
         program = self.programs.get(*microbatches[0][:2])
+        cp = self.mesh.size("cp")
+        record = program.stages[-1].gm.meta.get(meta.CP_RECORD)
+        ignored = False
+        if record is not None and record.sharded_outputs:
+            # the outputs hold this rank's tokens: so do the targets
+            microbatches = [(a, k, _our_tokens(t, record)) for a, k, t in microbatches]
+            ignored = any(bool((leaf == IGNORE_INDEX).any()) for leaf in pytree.tree_leaves(target)
+                          if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point())
         route = self.losses.route(program, microbatches[0])
         loss_fn = route.loss_fn(self.losses.loss_fn)
 
         def scaled_loss(index: int, output) -> torch.Tensor:
             loss, tokens = microbatch_loss(output, microbatches[index][2], loss_fn)
-            scale = 1.0 if tokens is not None else 1.0 / (dp * micro)
+            if tokens is None and ignored:
+                raise ValueError(
+                    f"under cp={cp} each rank's loss_fn sees its own tokens, and a mean over "
+                    f"them is exact only when every rank counts the same tokens: the targets "
+                    f"hold ignored labels ({IGNORE_INDEX}). Return (loss_sum, token_count) from "
+                    f"loss_fn (e.g. partitioner.check.lm_loss_sum) so the loss is weighted by "
+                    f"the tokens of the whole batch")
+            # a mean over this cp rank's tokens (equal counts), or a loss read whole on every
+            # cp rank (its gradient partial over cp): either way 1/cp of it per rank
+            scale = 1.0 if tokens is not None else 1.0 / (dp * micro * cp)
             row = torch.stack([loss.detach().double() * scale,
                                torch.as_tensor(0 if tokens is None else tokens,
                                                device=self.device).double(),
@@ -213,7 +244,7 @@ class Executor:
         self.state.reduce_gradients(program)
 
         summary = totals["summary"]
-        for dim in ("pp", "dp"):  # only last stages hold losses; every dp rank its own share
+        for dim in ("pp", "dp", "cp"):  # only last stages hold losses; dp, cp ranks a share
             if self.mesh.group(dim) is not None:
                 dist.all_reduce(summary, group=self.mesh.group(dim))
         loss = summary[0]
@@ -229,6 +260,21 @@ class Executor:
             if old is not None:
                 p.grad = old if p.grad is None else p.grad.add_(old)
         return loss.to(_output_dtype(program))
+
+
+IGNORE_INDEX = -100
+"""The ignored label of torch's cross_entropy and of Hugging Face models."""
+
+
+def _our_tokens(target, record):
+    """This cp rank's tokens of every target tensor whose dim 1 is the sequence."""
+    layout = record.layout
+
+    def shard(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and leaf.shape[1] == layout.length:
+            return layout.shard(leaf, 1, record.rank)
+        return leaf
+    return pytree.tree_map(shard, target)
 
 
 def _output_dtype(program: RankProgram) -> torch.dtype:

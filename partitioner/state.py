@@ -22,7 +22,7 @@ from passes import PassContext
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
 from runtime.data_parallel import GradReducer, ZeroShards
-from runtime.mesh import Mesh
+from runtime.mesh import GRADIENTS, Mesh
 
 
 def set_tensor(root: nn.Module, name: str, tensor: torch.Tensor, is_buffer: bool) -> None:
@@ -56,10 +56,10 @@ class LocalState:
         self._materialize(model, model_is_meta)
         self.bind(program)
         params = list(self.store.parameters())
-        dp_group = mesh.group("dp")
-        self.zero = (ZeroShards(params, dp_group, mesh.coord("dp"), mesh.size("dp"))
+        group = mesh.group(GRADIENTS)  # dp, or dp x cp
+        self.zero = (ZeroShards(params, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS))
                      if zero else None)
-        self.reducer = None if zero else GradReducer(params, dp_group)
+        self.reducer = None if zero else GradReducer(params, group)
 
     def _materialize(self, model: nn.Module, model_is_meta: bool) -> None:
         sizes, coords = self.program.sizes, self.program.coords
@@ -156,7 +156,7 @@ class LocalState:
                     for name, layout in self.program.layouts.items() if not layout.is_buffer}
         if self.zero is not None:
             # Each element's master copy lives on one dp rank of the replicas.
-            pieces = [(grad, replicas[id(p)] // self.mesh.size("dp"))
+            pieces = [(grad, replicas[id(p)] // self.mesh.size(GRADIENTS))
                       for p, grad in self.zero.owned_pieces()]
         else:
             pieces = [(p.grad, replicas[id(p)]) for p in self.parameters() if p.grad is not None]

@@ -9,7 +9,7 @@ it read that record instead of re-deriving it from the graph, and `run_passes` l
 
 A failing pass is named with the passes that ran before it, the way torch.fx's PassManager
 does; a `PassError` (every broken rule and its fix) and a `NotImplementedError` pass through as
-they are. Strategies whose pass has not landed (cp, ep) are listed with no function: plans
+they are. Strategies whose pass has not landed (ep) are listed with no function: plans
 asking for them are refused by `Plan.refuse_pending` before any pass runs.
 """
 
@@ -25,6 +25,7 @@ from core import meta
 from core.plan import Plan
 from passes import Pass, PassContext, PassError
 from passes.causal_mask import fold_causal_masks
+from passes.context_parallel import context_parallel
 from passes.device import retarget_device
 from passes.kernels import use_kernels
 from passes.lowering.collectives import lower_collectives
@@ -123,7 +124,8 @@ PIPELINE: tuple[PassEntry, ...] = (
               meta.TP_RECORD),
     PassEntry("sequence_parallel", sequence_parallel, lambda plan: plan.sp, "sp=on",
               meta.SP_RECORD),
-    PassEntry("context_parallel", None, lambda plan: plan.cp > 1, "cp > 1"),
+    PassEntry("context_parallel", context_parallel, lambda plan: plan.cp > 1, "cp > 1",
+              meta.CP_RECORD),
     PassEntry("expert_parallel", None, lambda plan: plan.ep > 1, "ep > 1"),
     PassEntry("pipeline_split", pipeline_split, lambda plan: plan.stages > 1, "pp*vpp > 1",
               meta.PP_SPLIT_RECORD),

@@ -27,7 +27,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.distributed_c10d import _resolve_process_group
 
+from core import ops
 from core.sequence_layout import SequenceLayout
 
 
@@ -184,27 +186,60 @@ def _unpack(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]
     return out
 
 
+def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, scale: float, group):
+    """(out, lse) of this rank's queries over every rank's keys, the blocks passed in a ring."""
+    ring = _Ring(group)
+    me = ring.rank
+    out = torch.zeros_like(q)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    block = _pack(k, v)
+    k_doc = doc
+    for step in range(ring.size):
+        source = (me - step) % ring.size  # whose keys this rank holds at this step
+        pending = ring.start(block) if step + 1 < ring.size else None
+        pending_doc = ring.start(k_doc) if pending is not None and doc is not None else None
+        k_blk, v_blk = _unpack(block, [k, v])
+        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
+            o, l = _block_forward(q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k],
+                                  pair.mask, scale)
+            _merge_rows(out, lse, o, l, pair.q)
+        if pending is not None:
+            block = _Ring.finish(pending)
+            k_doc = _Ring.finish(pending_doc) if pending_doc is not None else None
+    return out, lse
+
+
+def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
+                   mask: AttentionMask, scale: float, group):
+    """(dq, dk, dv): the blocks travel the ring again with their dK/dV accumulators, which
+    arrive back at their owner after cp steps; dq stays local."""
+    ring = _Ring(group)
+    me = ring.rank
+    grad_q = torch.zeros_like(q)
+    block = _pack(k, v, torch.zeros_like(k), torch.zeros_like(v))
+    k_doc = doc
+    for step in range(ring.size):
+        source = (me - step) % ring.size
+        k_blk, v_blk, gk, gv = _unpack(block, [k, v, k, v])
+        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
+            dq, dk, dv = _block_backward(
+                q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k], out[:, :, pair.q],
+                lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, scale)
+            grad_q[:, :, pair.q] += dq
+            gk[:, :, pair.k] += dk
+            gv[:, :, pair.k] += dv
+        # every step sends on, the last one brings the accumulated dK/dV home
+        block = _Ring.finish(ring.start(block))
+        if doc is not None and step + 1 < ring.size:
+            k_doc = _Ring.finish(ring.start(k_doc))
+    _, _, grad_k, grad_v = _unpack(block, [k, v, k, v])
+    return grad_q, grad_k, grad_v
+
+
 class _RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, doc, layout, mask, scale, group):
-        ring = _Ring(group)
-        me = ring.rank
-        out = torch.zeros_like(q)
-        lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
-        block = _pack(k, v)
-        k_doc = doc
-        for step in range(ring.size):
-            source = (me - step) % ring.size  # whose keys this rank holds at this step
-            pending = ring.start(block) if step + 1 < ring.size else None
-            pending_doc = ring.start(k_doc) if pending is not None and doc is not None else None
-            k_blk, v_blk = _unpack(block, [k, v])
-            for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
-                o, l = _block_forward(q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k],
-                                      pair.mask, scale)
-                _merge_rows(out, lse, o, l, pair.q)
-            if pending is not None:
-                block = _Ring.finish(pending)
-                k_doc = _Ring.finish(pending_doc) if pending_doc is not None else None
+        out, lse = _ring_forward(q, k, v, doc, layout, mask, scale, group)
         ctx.save_for_backward(q, k, v, out, lse, *(() if doc is None else (doc,)))
         ctx.layout, ctx.mask, ctx.scale, ctx.group = layout, mask, scale, group
         ctx.has_doc = doc is not None
@@ -214,27 +249,9 @@ class _RingAttention(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_lse):
         q, k, v, out, lse, *rest = ctx.saved_tensors
         doc = rest[0] if ctx.has_doc else None
-        ring = _Ring(ctx.group)
-        me = ring.rank
-        grad_q = torch.zeros_like(q)
-        block = _pack(k, v, torch.zeros_like(k), torch.zeros_like(v))
-        k_doc = doc
-        for step in range(ring.size):
-            source = (me - step) % ring.size
-            k_blk, v_blk, gk, gv = _unpack(block, [k, v, k, v])
-            for pair in _pairs(ctx.layout, me, source, ctx.mask, doc, k_doc, q.device):
-                dq, dk, dv = _block_backward(
-                    q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k], out[:, :, pair.q],
-                    lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, ctx.scale)
-                grad_q[:, :, pair.q] += dq
-                gk[:, :, pair.k] += dk
-                gv[:, :, pair.k] += dv
-            # every step sends on, the last one brings the accumulated dK/dV home
-            block = _Ring.finish(ring.start(block))
-            if doc is not None and step + 1 < ring.size:
-                k_doc = _Ring.finish(ring.start(k_doc))
-        _, _, grad_k, grad_v = _unpack(block, [k, v, k, v])
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        grads = _ring_backward(q, k, v, out, lse, doc, grad_out, ctx.layout, ctx.mask,
+                               ctx.scale, ctx.group)
+        return *grads, None, None, None, None, None
 
 
 def _merge_rows(out, lse, block_out, block_lse, rows: slice) -> None:
@@ -311,3 +328,48 @@ def a2a_attention(q, k, v, group, mask: AttentionMask = AttentionMask(),
     # one block over the whole sequence: autograd differentiates it
     out, _ = _block_forward(qh, kh, vh, mask.visible(pos, pos, full_doc, full_doc), scale)
     return _Exchange.apply(out, group, 2, 1)  # back to sequence shards
+
+
+# --- the graph's op (core.ops.ring_attention) -------------------------------------------------
+
+def _ring_op(q, k, v, group: str, seq_len: int, balanced: bool, is_causal: bool, scale: float,
+             *, group_size: int = 0):
+    process_group = _resolve_process_group(group)
+    layout = SequenceLayout(seq_len, process_group.size(), balanced)
+    return _ring_forward(q, k, v, None, layout, AttentionMask(causal=is_causal), scale,
+                         process_group)
+
+
+def _ring_setup(ctx, inputs, keyword_only_inputs, output) -> None:
+    q, k, v, group, seq_len, balanced, is_causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.group, ctx.scale = group, scale
+    ctx.layout_args, ctx.mask = (seq_len, balanced), AttentionMask(causal=is_causal)
+
+
+def _ring_op_backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    process_group = _resolve_process_group(ctx.group)
+    layout = SequenceLayout(ctx.layout_args[0], process_group.size(), ctx.layout_args[1])
+    grads = _ring_backward(q, k, v, out, lse, None, grad_out.contiguous(), layout, ctx.mask,
+                           ctx.scale, process_group)
+    return *grads, None, None, None, None, None
+
+
+torch.library.impl(ops.ring_attention._name, "CompositeExplicitAutograd")(_ring_op)
+torch.library.register_autograd(ops.ring_attention._name, _ring_op_backward,
+                                setup_context=_ring_setup)
+
+
+# --- whole sequences for the caller ----------------------------------------------------------
+
+def gather_sequence(x: torch.Tensor, dim: int, layout: SequenceLayout, group: str) -> torch.Tensor:
+    """The whole sequence of a value whose `dim` holds this cp rank's tokens, in sequence order
+    (`group`: the cp group's name). Backward keeps this rank's tokens of the gradient."""
+    gathered = ops.all_gather(x, group, dim, group_size=layout.cp)
+    if not layout.balanced:
+        return gathered
+    pieces = gathered.split(layout.chunk, dim)  # rank r's chunks at 2r, 2r+1
+    where = {c: 2 * r + i for r in range(layout.cp) for i, c in enumerate(layout.chunk_ids(r))}
+    return torch.cat([pieces[where[c]] for c in range(layout.chunks)], dim)

@@ -9,9 +9,14 @@ from core.layout import RankLayout
 from core.plan import Plan
 
 
+GRADIENTS = "dp_cp"
+"""The pseudo-dimension of the group dense gradients are summed over: dp x cp."""
+
+
 class Mesh:
     """Process groups for one rank: `mesh.group("tp")`, `mesh.coord("pp")`, `mesh.size("dp")`.
 
+    `GRADIENTS` ("dp_cp") names the dp x cp group (the dp group when cp is 1).
     Every rank must build its Mesh with the same plan (torch.distributed.new_group is
     collective). Dimensions of size 1 have no group: collectives on them are bypassed.
     """
@@ -32,6 +37,15 @@ class Mesh:
                 if live and size > 1:
                     self._groups[dim] = _new_groups(layout.partitions(dim), self.rank,
                                                     self.world_size)
+        # Gradients (and ZeRO-1 shards) of dense parameters span dp x cp: every cp rank
+        # computes its tokens' share, as every dp rank its batch's (Megatron's dp-cp group).
+        self._group_ranks[GRADIENTS] = self.dense.group_ranks(("cp", "dp"), self.rank)
+        if plan.cp == 1:
+            if "dp" in self._groups:
+                self._groups[GRADIENTS] = self._groups["dp"]
+        elif live:
+            self._groups[GRADIENTS] = _new_groups(self.dense.partitions(("cp", "dp")),
+                                                  self.rank, self.world_size)
 
     def coord(self, dim: str) -> int:
         return self._group_ranks[dim].index(self.rank)

@@ -60,13 +60,14 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not isinstance(module, fx.GraphModule):
             continue
         for node in list(module.graph.nodes):
-            if node.op != "call_function" or node.target not in ops.COLLECTIVES:
+            if node.op != "call_function" or node.target not in ops.GROUPED:
                 continue
-            x, dim, *rest = node.args
+            at = ops.group_arg(node.target)
+            x, dim = node.args[0], node.args[at]
             if dim not in sizes:
                 raise ValueError(f"collective {node.name} names {dim!r}, which is not a mesh "
                                  f"dimension of {sorted(sizes)} (lowered twice?)")
-            if sizes[dim] == 1:
+            if sizes[dim] == 1 and node.target in ops.COLLECTIVES:
                 node.replace_all_uses_with(x)
                 module.graph.erase_node(node)
                 removed.append(node.name)
@@ -75,8 +76,8 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 raise ValueError(f"collective {node.name} runs over {dim!r} (size {sizes[dim]}) "
                                  f"but group_names has no group for it: {ctx.group_names}")
             groups[dim] = ctx.group_names[dim]
-            node.args = (x, groups[dim], *rest)
-            if node.target in ops.SIZED:
+            node.args = (*node.args[:at], groups[dim], *node.args[at + 1:])
+            if node.target in ops.SIZED or node.target is ops.ring_attention:
                 node.kwargs = {**node.kwargs, "group_size": sizes[dim]}
             fixed += 1
         module.graph.lint()

@@ -143,6 +143,15 @@ def slicing(node, dims):
     return dims[x]
 
 
+def repeat_interleave(node, dims):
+    """repeat_interleave(x, repeats, dim) along another dim (GQA's kv heads for the sequence)."""
+    x = node.args[0]
+    dim = _arg(node, 2, "dim")
+    if dim is None or norm_dim(dim, len(tensor_shape(x))) == dims[x]:
+        raise NotCarried("repeat_interleave repeats along the sharded dimension")
+    return dims[x]
+
+
 def expand(node, dims):
     x = node.args[0]
     return dims[x] + len(tensor_shape(node)) - len(tensor_shape(x))
@@ -251,7 +260,8 @@ def tensor_list(node) -> list:
 
 UNARY = [  # one tensor, elementwise (and the casts and copies that keep its layout)
     "gelu.default", "gelu_.default", "silu.default", "relu.default", "tanh.default",
-    "sigmoid.default", "neg.default", "exp.default", "rsqrt.default", "sqrt.default",
+    "sigmoid.default", "neg.default", "exp.default", "cos.default", "sin.default",
+    "rsqrt.default", "sqrt.default",
     "reciprocal.default", "abs.default", "square.default", "dropout.default",
     "native_dropout.default", "clone.default", "contiguous.default", "alias.default",
     "detach.default", "_to_copy.default", "to.dtype", "to.dtype_layout", "to.device",
@@ -300,6 +310,7 @@ def _table() -> dict:
         aten.slice.Tensor: slicing,              # another dim sliced, or this one whole
         aten.narrow.default: slicing,
         aten.expand.default: expand,             # new leading axes shift it
+        aten.repeat_interleave.self_int: repeat_interleave,  # along another dim
         aten.cat.default: cat,                   # along another dim
         aten.split.Tensor: split,                # along another dim: every piece
         aten.split_with_sizes.default: split,

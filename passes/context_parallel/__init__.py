@@ -1,0 +1,392 @@
+"""Context parallelism: each cp rank runs the model on its share of the sequence.
+
+Runs after tensor and sequence parallelism, on their graph. Every cp rank receives the whole
+(dp share of the) batch, and the graph takes this rank's tokens itself, where the sequence
+first meets a parameter: the token ids before the embedding lookup, the positions before a
+learned position table, a sequence-long input before a linear layer. The tokens follow
+`core.sequence_layout.SequenceLayout`: with ring attention over causal masks, the
+load-balanced layout (2*cp chunks, rank i holding chunks i and 2cp-1-i); otherwise contiguous
+chunks. From there the sharding is propagated through the graph with the shared table
+(`passes.propagation`), and:
+
+- a whole-sequence value that meets a sharded one (RoPE tables, masks, position embeddings
+  computed from `arange`) takes this rank's tokens by the same layout (a local slice: each rank
+  uses the global positions of the tokens it holds, whatever the model computes from them);
+- `scaled_dot_product_attention` becomes ring attention (`core.ops.ring_attention`: K/V blocks
+  around the ring, blocks merged by their log-sum-exp, masks from global positions) or, with
+  `cp_algo=a2a`, all-to-all to head shards over the whole sequence and back (DeepSpeed-Ulysses);
+- an op that cannot run on shards (one that slices, shifts or reduces over the sequence: a
+  Hugging Face label shift, a loss the model computes itself) reads the sequence gathered whole
+  in layout order: exact, and said in the record, but nothing after it is saved by cp.
+
+Gradients follow one convention: a sharded value's gradient is this rank's; a whole value's
+gradient is partial over cp (the ranks' gradients sum to it). So taking a rank's tokens is a
+slice (backward pads with zeros), gathering is an all-gather whose backward reduce-scatters,
+and parameter gradients are summed over dp x cp by the runtime; a loss read whole on every cp
+rank is weighted 1/cp by the executor (`ContextParallelRecord.outputs` says which outputs hold
+this rank's tokens, so the executor can shard targets and unshard `__call__`'s outputs).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+from torch import fx
+
+from core import meta, ops
+from core.divisibility import nearest_multiples
+from core.fx_utils import tensor_of
+from core.sequence_layout import SequenceLayout
+from passes import PassContext, PassError
+from passes.context_parallel.record import ContextParallelRecord, Gathered
+from passes.propagation import NotCarried, carry, tensor_shape
+from passes.propagation.table import TABLE, broadcasting
+
+__all__ = ["ContextParallelRecord", "context_parallel"]
+
+aten = torch.ops.aten
+MESH_DIM = "cp"
+SDPA = aten.scaled_dot_product_attention.default
+
+# Collectives of the earlier passes (tp, sp) move or sum values across tp ranks: a sequence
+# shard along any dim stays this rank's tokens through them.
+_TP_COLLECTIVES = (ops.copy_to_region, ops.all_reduce, ops.scatter, ops.reduce_scatter,
+                   ops.gather_for_region, ops.all_gather)
+
+
+def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    plan = ctx.plan
+    graph = gm.graph
+    seq = _sequence_length(graph)
+    attention = [n for n in graph.nodes if n.target is SDPA]
+    balanced = plan.cp_algo == "ring" and bool(attention) and all(map(_is_causal, attention))
+    chunks = 2 * plan.cp if balanced else plan.cp
+    multiple = chunks * (plan.tp if plan.sp else 1)
+    if seq is None or seq % multiple:
+        why = _length_message(seq, plan, chunks, multiple, balanced)
+        if not ctx.forward_only:
+            raise PassError(why)
+        gm.meta[meta.CP_RECORD] = ContextParallelRecord(plan.cp, ctx.coords["cp"],
+                                                        plan.cp_algo, None, stepped_aside=why)
+        return gm
+    layout = SequenceLayout(seq, plan.cp, balanced)
+    gm.meta[meta.CP_RECORD] = _Sharder(gm, layout, ctx.coords["cp"], plan.cp_algo).run()
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _sequence_length(graph: fx.Graph) -> int | None:
+    """Dim 1 of the model's first tensor input with two or more dims (the contract: inputs are
+    (batch, sequence, ...))."""
+    for node in graph.find_nodes(op="placeholder"):
+        val = tensor_of(node)
+        if val is not None and val.dim() >= 2:
+            return int(val.shape[1])
+    return None
+
+
+def _is_causal(node: fx.Node) -> bool:
+    return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
+
+
+def _length_message(seq, plan, chunks: int, multiple: int, balanced: bool) -> str:
+    if seq is None:
+        return ("cp splits the sequence, dim 1 of the model's first tensor input, and the "
+                "model has no input with two or more dims")
+    why = (f"2*cp={chunks} chunks (ring attention over a causal mask uses the load-balanced "
+           f"layout)" if balanced else f"cp={plan.cp} chunks")
+    if multiple != chunks:
+        why += f", each split again over tp={plan.tp} by sp"
+    below, above = nearest_multiples(seq, multiple)
+    lengths = " or ".join(str(n) for n in (below, above) if n > 0)
+    return (f"sequence length {seq} does not split into {why}: it must be a multiple of "
+            f"{multiple}. Use a sequence length of {lengths}, or change cp")
+
+
+class _Sharder:
+    """Marks which values hold this rank's tokens (node -> its sequence dim), inserting the
+    slices, gathers and attention calls as it goes, then gives sharded values their local
+    shapes."""
+
+    def __init__(self, gm: fx.GraphModule, layout: SequenceLayout, rank: int, algo: str):
+        self.gm, self.graph = gm, gm.graph
+        self.layout, self.rank, self.algo = layout, rank, algo
+        self.dims: dict[fx.Node, object] = {}
+        self.entered: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.gathers: dict[fx.Node, fx.Node] = {}
+        self.attention: list[str] = []
+        self.gathered: list[Gathered] = []
+        self.erased: set[fx.Node] = set()
+
+    def run(self) -> ContextParallelRecord:
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node in self.dims or node in self.erased:
+                continue
+            if any(a in self.dims for a in node.all_input_nodes):
+                self._visit(node)
+            else:
+                self._start(node)
+        outputs = self._outputs()
+        for node in self.dims:
+            self._localize(node)
+        return ContextParallelRecord(
+            cp=self.layout.cp, rank=self.rank, algo=self.algo, layout=self.layout,
+            entered=tuple(n.name for n in self.entered.values()),
+            attention=tuple(self.attention), gathered=tuple(self.gathered), outputs=outputs,
+            sharded_nodes=len(self.dims))
+
+    # --- where the sequence starts being sharded ---------------------------------------------
+    def _start(self, node: fx.Node) -> None:
+        """An op reading a parameter with a whole-sequence operand runs on this rank's tokens:
+        the lookup's indices (token ids, positions) or the linear layer's input."""
+        if node.target is aten.embedding.default:
+            indices = node.args[1]
+            dim = self._sequence_dim(indices, last=True)
+        elif node.target is aten.linear.default:
+            indices = node.args[0]
+            dim = self._sequence_dim(indices, last=False)
+        else:
+            return
+        if dim is None:
+            return
+        node.replace_input_with(indices, self._enter(indices, dim, before=node))
+        self.dims[node] = dim
+
+    def _sequence_dim(self, value, last: bool) -> int | None:
+        """The dim of `value` as long as the sequence (the last one, or the last before the
+        features)."""
+        val = tensor_of(value) if isinstance(value, fx.Node) else None
+        if val is None:
+            return None
+        dims = [d for d, size in enumerate(val.shape) if size == self.layout.length]
+        if not last:
+            dims = [d for d in dims if d < val.dim() - 1]
+        return dims[-1] if dims else None
+
+    def _enter(self, value: fx.Node, dim: int, before: fx.Node) -> fx.Node:
+        """This rank's tokens of a whole-sequence `value` along `dim` (memoized)."""
+        key = (value, dim)
+        if key in self.entered:
+            return self.entered[key]
+        if value.target is ops.scatter and value.args[2] == dim:
+            # sp's entry into its zone: take our tokens first, then sp's tp slice of them
+            inner = self._enter(value.args[0], dim, before)
+            with self.graph.inserting_before(before):
+                node = self._call(ops.scatter, (inner, *value.args[1:]), value.kwargs, value)
+        else:
+            if tensor_shape(value)[dim] != self.layout.length:
+                raise NotCarried(f"{value.name} {tensor_shape(value)} meets the sequence along "
+                                 f"dim {dim} without being sequence-long")
+            chunk = self.layout.chunk
+            with self.graph.inserting_before(before):
+                pieces = [self._call(aten.slice.Tensor, (value, dim, c * chunk, (c + 1) * chunk),
+                                     {}, value, resize=(dim, chunk))
+                          for c in self.layout.chunk_ids(self.rank)]
+                node = pieces[0] if len(pieces) == 1 else self._call(
+                    aten.cat.default, (pieces, dim), {}, value)
+        self.dims[node] = dim
+        self.entered[key] = node
+        return node
+
+    # --- propagation ---------------------------------------------------------------------
+    def _visit(self, node: fx.Node) -> None:
+        target = node.target
+        try:
+            if target is SDPA:
+                self._attend(node)
+            elif target is aten.embedding.default and node.args[0] not in self.dims:
+                self.dims[node] = self.dims[node.args[1]]
+            elif target is aten.linear.default and self._rows_only(node):
+                self.dims[node] = self.dims[node.args[0]]
+            elif target in _TP_COLLECTIVES:
+                self.dims[node] = self.dims[node.args[0]]
+            else:
+                self._enter_operands(node)
+                out = carry(node, self.dims)
+                if out is not None:
+                    self.dims[node] = out
+        except NotCarried as why:
+            self._gather_inputs(node, str(why))
+
+    def _rows_only(self, node: fx.Node) -> bool:
+        """linear(x, w, b) on sequence-sharded rows of x, with whole weights."""
+        x, *rest = node.args
+        return (x in self.dims and self.dims[x] < len(tensor_shape(x)) - 1
+                and not any(a in self.dims for a in rest))
+
+    def _enter_operands(self, node: fx.Node) -> None:
+        """Whole operands that span the sharded dim of an elementwise op (or a cat along another
+        dim) take this rank's tokens."""
+        rule = TABLE.get(node.target)
+        if rule is broadcasting:
+            operands = [a for a in node.args if isinstance(a, fx.Node)
+                        and tensor_of(a) is not None]
+        elif node.target is aten.cat.default:
+            operands = list(node.args[0])
+        else:
+            return
+        ndim = len(tensor_shape(node))
+        aligned = {self.dims[a] + ndim - len(tensor_shape(a)) for a in operands
+                   if a in self.dims}
+        if len(aligned) != 1:
+            return  # the table says why
+        (dim,) = aligned
+        for a in operands:
+            pos = dim - (ndim - len(tensor_shape(a)))
+            if a not in self.dims and pos >= 0 and tensor_shape(a)[pos] != 1:
+                node.replace_input_with(a, self._enter(a, pos, before=node))
+
+    def _gather_inputs(self, node: fx.Node, reason: str) -> None:
+        """`node` reads every sharded input gathered whole, in sequence order."""
+        for a in list(dict.fromkeys(a for a in node.all_input_nodes if a in self.dims)):
+            if isinstance(self.dims[a], tuple):
+                raise PassError(f"context_parallel: {node.name} ({node.target}) reads the "
+                                f"multi-output {a.name} whole ({reason}); no rule gathers it")
+            node.replace_input_with(a, self._gather(a))
+        self.gathered.append(Gathered(node.name, reason))
+
+    def _gather(self, value: fx.Node) -> fx.Node:
+        if value in self.gathers:
+            return self.gathers[value]
+        dim, layout = self.dims[value], self.layout
+        with self.graph.inserting_after(value):
+            gathered = self._call(ops.gather_for_region, (value, MESH_DIM, dim), {}, value)
+        whole = gathered
+        if layout.balanced:  # rank-order pieces -> sequence order
+            piece_of = {c: 2 * r + i for r in range(layout.cp)
+                        for i, c in enumerate(layout.chunk_ids(r))}
+            with self.graph.inserting_after(gathered):
+                split = self._call(aten.split.Tensor, (gathered, layout.chunk, dim), {}, value,
+                                   pieces=layout.chunks, resize=(dim, layout.chunk))
+            with self.graph.inserting_after(split):
+                pieces = [self._call(operator.getitem, (split, piece_of[c]), {}, value,
+                                     resize=(dim, layout.chunk))
+                          for c in range(layout.chunks)]
+            with self.graph.inserting_after(pieces[-1]):
+                whole = self._call(aten.cat.default, (pieces, dim), {}, value)
+        self.gathers[value] = whole
+        return whole
+
+    # --- attention -----------------------------------------------------------------------
+    def _attend(self, node: fx.Node) -> None:
+        q, k, v = node.args[:3]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        seq_dim = len(tensor_shape(node)) - 2
+        if dropout:
+            raise PassError(f"context_parallel: attention {node.name} has dropout_p={dropout}; "
+                            f"cp reproduces attention exactly and cannot match its dropout "
+                            f"mask: set the attention dropout to 0 or use cp=1")
+        for t in (q, k, v):
+            if t not in self.dims:
+                node.replace_input_with(t, self._enter(t, seq_dim, before=node))
+        q, k, v = node.args[:3]
+        if any(self.dims[t] != seq_dim for t in (q, k, v)):
+            self._gather_inputs(node, "attention on values not sharded along the sequence")
+            return
+        if isinstance(mask, fx.Node) and mask in self.dims:
+            node.replace_input_with(mask, self._gather(mask))
+        self.attention.append(node.name)
+        if self.algo == "a2a":
+            self._all_to_all_attention(node, seq_dim)
+        else:
+            self._ring_attention(node, mask, seq_dim)
+
+    def _ring_attention(self, node: fx.Node, mask, seq_dim: int) -> None:
+        q, k, v = node.args[:3]
+        if mask is not None:
+            raise PassError(
+                f"context_parallel: attention {node.name} reads an explicit mask "
+                f"{getattr(mask, 'name', mask)} {tuple(tensor_shape(mask))}: ring attention "
+                f"reproduces causal and full attention from global positions, and cannot prove "
+                f"what this mask does. Use cp_algo=a2a (each rank sees the whole mask), or pass "
+                f"is_causal=True instead of a causal mask tensor")
+        scale = node.kwargs.get("scale")
+        scale = 1.0 / math.sqrt(tensor_shape(q)[-1]) if scale is None else float(scale)
+        with self.graph.inserting_before(node):
+            pair = self.graph.call_function(
+                ops.ring_attention, (q, k, v, MESH_DIM, self.layout.length,
+                                     self.layout.balanced, _is_causal(node), scale))
+            out = self.graph.call_function(operator.getitem, (pair, 0))
+        val = tensor_of(node)
+        pair.meta.update(node.meta)
+        pair.meta["val"] = (val, val.new_empty(val.shape[:-1]))
+        out.meta.update(node.meta)
+        self.dims[pair] = (seq_dim, seq_dim)
+        self.dims[out] = seq_dim
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        self.erased.add(node)
+
+    def _all_to_all_attention(self, node: fx.Node, seq_dim: int) -> None:
+        q, k, v = node.args[:3]
+        head_dim, cp = seq_dim - 1, self.layout.cp
+        for name, t in (("heads", q), ("kv heads", k)):
+            heads = tensor_shape(t)[head_dim]
+            if heads % cp:
+                raise PassError(
+                    f"context_parallel: cp_algo=a2a splits the attention heads over cp, and "
+                    f"attention {node.name} has {heads} {name} (after tp), which do not divide "
+                    f"by cp={cp}; use cp_algo=ring, or a cp that divides {heads}")
+        with self.graph.inserting_before(node):
+            heads_split = [self._call(ops.all_to_all, (t, MESH_DIM, head_dim, seq_dim), {}, t,
+                                      resize=(head_dim, tensor_shape(t)[head_dim] // cp))
+                           for t in (q, k, v)]
+        node.args = (*heads_split, *node.args[3:])
+        val = tensor_of(node)
+        full_val = val
+        node.meta["val"] = val.new_empty(_resized(val.shape, head_dim,
+                                                  val.shape[head_dim] // cp))
+        with self.graph.inserting_after(node):
+            back = self.graph.call_function(ops.all_to_all, (node, MESH_DIM, seq_dim, head_dim))
+        back.meta.update(node.meta)
+        back.meta["val"] = full_val
+        node.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
+        self.dims[back] = seq_dim
+
+    # --- results -------------------------------------------------------------------------
+    def _outputs(self) -> tuple[int | None, ...]:
+        (output,) = self.graph.find_nodes(op="output")
+        leaves = torch.utils._pytree.tree_leaves(output.args[0])
+        return tuple(self.dims.get(leaf) if isinstance(leaf, fx.Node) else None
+                     for leaf in leaves)
+
+    def _localize(self, node: fx.Node) -> None:
+        """A sharded value's local shape (its sequence dim divided by cp), and the size
+        arguments of views and expands that name it."""
+        dims, val = self.dims[node], node.meta.get("val")
+        cp = self.layout.cp
+        if isinstance(val, (tuple, list)):
+            node.meta["val"] = type(val)(
+                v.new_empty(_resized(v.shape, d, v.shape[d] // cp)) if d is not None else v
+                for v, d in zip(val, dims))
+            return
+        if not isinstance(val, torch.Tensor):
+            return
+        local = _resized(val.shape, dims, val.shape[dims] // cp)
+        node.meta["val"] = val.new_empty(local)
+        if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
+                           aten.expand.default):
+            node.args = (node.args[0], local, *node.args[2:])
+
+    def _call(self, target, args, kwargs, like: fx.Node, resize=None, pieces=None) -> fx.Node:
+        """A new node whose value is shaped like `like`'s (one dim resized, or `pieces`
+        outputs), carrying its module path and tp placement."""
+        node = self.graph.call_function(target, args, kwargs)
+        val = tensor_of(like)
+        shape = _resized(val.shape, *resize) if resize else list(val.shape)
+        node.meta["val"] = (tuple(val.new_empty(shape) for _ in range(pieces))
+                            if pieces else val.new_empty(shape))
+        for key in (meta.NN_MODULE_STACK, meta.TP_PLACEMENT):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        return node
+
+
+def _resized(shape, dim: int, size: int) -> list[int]:
+    shape = list(shape)
+    shape[dim] = size
+    return shape
