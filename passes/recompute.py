@@ -60,8 +60,9 @@ def save_gathered_as_shards(gm: fx.GraphModule) -> list[str]:
     become one region that gathers again in backward (see the module docstring;
     passes.lowering.collectives applies it to the programs that run).
     Returns the gathers so treated."""
-    gathers = [n for n in gm.graph.nodes
-               if n.op == "call_function" and n.target is ops.gather_for_region]
+    gathers = [n for n in gm.graph.nodes  # sp's, over tp (cp's gathers read whole sequences)
+               if n.op == "call_function" and n.target is ops.gather_for_region
+               and n.args[1] == "tp"]
     treated = []
     for gather in gathers:
         stage = gather.meta.get("pp.stage")
@@ -74,7 +75,8 @@ def save_gathered_as_shards(gm: fx.GraphModule) -> list[str]:
                     if isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
                         frontier.append(user)
         nodes = [n for n in gm.graph.nodes if n in members]
-        readers = [n for n in nodes if n is not gather and not n.target.is_view]
+        readers = [n for n in nodes
+                   if n is not gather and not getattr(n.target, "is_view", False)]
         if readers:  # else nothing here saves the gathered value
             recomputed = (ops.gather_for_region,) if len(readers) > 1 else ()
             _checkpoint_region(gm, nodes, f"sp_{gather.name}", recomputed)

@@ -245,27 +245,25 @@ class _Sharder:
             if isinstance(self.dims[a], tuple):
                 raise PassError(f"context_parallel: {node.name} ({node.target}) reads the "
                                 f"multi-output {a.name} whole ({reason}); no rule gathers it")
-            node.replace_input_with(a, self._gather(a))
+            node.replace_input_with(a, self._gather(a, before=node))
         self.gathered.append(Gathered(node.name, reason))
 
-    def _gather(self, value: fx.Node) -> fx.Node:
+    def _gather(self, value: fx.Node, before: fx.Node) -> fx.Node:
+        """The whole sequence of a sharded `value`, in sequence order (memoized; made before
+        its first reader, so later readers see it too)."""
         if value in self.gathers:
             return self.gathers[value]
         dim, layout = self.dims[value], self.layout
-        with self.graph.inserting_after(value):
-            gathered = self._call(ops.gather_for_region, (value, MESH_DIM, dim), {}, value)
-        whole = gathered
-        if layout.balanced:  # rank-order pieces -> sequence order
-            piece_of = {c: 2 * r + i for r in range(layout.cp)
-                        for i, c in enumerate(layout.chunk_ids(r))}
-            with self.graph.inserting_after(gathered):
-                split = self._call(aten.split.Tensor, (gathered, layout.chunk, dim), {}, value,
+        with self.graph.inserting_before(before):
+            whole = self._call(ops.gather_for_region, (value, MESH_DIM, dim), {}, value)
+            if layout.balanced:  # rank-order pieces -> sequence order
+                piece_of = {c: 2 * r + i for r in range(layout.cp)
+                            for i, c in enumerate(layout.chunk_ids(r))}
+                split = self._call(aten.split.Tensor, (whole, layout.chunk, dim), {}, value,
                                    pieces=layout.chunks, resize=(dim, layout.chunk))
-            with self.graph.inserting_after(split):
                 pieces = [self._call(operator.getitem, (split, piece_of[c]), {}, value,
                                      resize=(dim, layout.chunk))
                           for c in range(layout.chunks)]
-            with self.graph.inserting_after(pieces[-1]):
                 whole = self._call(aten.cat.default, (pieces, dim), {}, value)
         self.gathers[value] = whole
         return whole
@@ -288,7 +286,7 @@ class _Sharder:
             self._gather_inputs(node, "attention on values not sharded along the sequence")
             return
         if isinstance(mask, fx.Node) and mask in self.dims:
-            node.replace_input_with(mask, self._gather(mask))
+            node.replace_input_with(mask, self._gather(mask, before=node))
         self.attention.append(node.name)
         if self.algo == "a2a":
             self._all_to_all_attention(node, seq_dim)

@@ -1,0 +1,169 @@
+"""Context parallelism, graph level (every rank's program built on the meta device): where the
+sequence is sharded, how attention is replaced, and the errors for what cp cannot do exactly."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core import ops
+from core.meta import CP_RECORD
+from core.plan import NotLanded, Plan
+from core.sequence_layout import SequenceLayout
+from partitioner import models
+from partitioner.capture import capture
+from partitioner.compiler import compile_rank
+from passes import PassError
+
+aten = torch.ops.aten
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(factory, **overrides):
+    factory = getattr(models, factory) if isinstance(factory, str) else factory
+    model, (ids,) = factory(**overrides)
+    return capture(model, (ids,))
+
+
+def _program(captured, plan: str, world: int, rank: int = 0, **kwargs):
+    return compile_rank(captured, Plan.parse(plan).resolve(world), rank, "meta", **kwargs)
+
+
+def _graph_nodes(program):
+    return [n for stage in program.stages for n in stage.gm.graph.nodes]
+
+
+def _record(program):
+    return program.stages[-1].gm.meta[CP_RECORD]
+
+
+@pytest.mark.parametrize("factory", ["tiny", "tiny_llama"])
+def test_ring_runs_every_layer_on_the_balanced_layout(factory):
+    captured = _captured(factory, batch=2, seq=16)
+    for rank in range(2):
+        program = _program(captured, "cp=2", 2, rank)
+        record = _record(program)
+        assert record.layout == SequenceLayout(16, 2, balanced=True)
+        assert record.gathered == ()  # nothing reads the whole sequence
+        assert len(record.attention) == 2 and record.outputs == (1,)
+        nodes = _graph_nodes(program)
+        assert not [n for n in nodes if n.target is aten.scaled_dot_product_attention.default]
+        rings = [n for n in nodes if n.target is ops.ring_attention]
+        assert len(rings) == 2 and all(n.args[4:7] == (16, True, True) for n in rings)
+        # the token ids are sliced to this rank's chunks (rank r: chunks r and 3 - r of 4)
+        (ids,) = [n for n in nodes if n.op == "placeholder"]
+        starts = sorted(u.args[2] for u in ids.users if u.target is aten.slice.Tensor)
+        assert starts == [4 * c for c in sorted(record.layout.chunk_ids(rank))]
+        (output,) = [n for n in nodes if n.op == "output"]
+        logits = output.args[0][0]
+        assert tuple(logits.meta["val"].shape) == (2, 8, 512)
+
+
+def test_positions_follow_the_layout():
+    """RoPE tables (computed from arange over the whole sequence) and learned positions are
+    taken at the global positions of the rank's tokens, by the same slices as the tokens."""
+    for factory in ("tiny", "tiny_llama"):
+        program = _program(_captured(factory, batch=2, seq=16), "cp=2", 2, rank=1)
+        nodes = _graph_nodes(program)
+        sliced = {n.args[0].target for n in nodes if n.target is aten.slice.Tensor
+                  and n.args[0].op == "call_function"}
+        if factory == "tiny":  # wpe(arange(S)): the positions enter before the lookup
+            assert aten.arange.start_step in sliced or aten.arange.default in sliced
+        else:  # cos/sin tables enter where they meet q and k
+            assert sliced & {aten.cat.default, aten._to_copy.default, aten.to.dtype}
+
+
+def test_a2a_switches_heads_and_sequence_around_attention():
+    program = _program(_captured("tiny_llama", batch=2, seq=16), "cp=2,cp_algo=a2a", 2)
+    record = _record(program)
+    assert record.layout == SequenceLayout(16, 2, balanced=False)
+    nodes = _graph_nodes(program)
+    exchanges = [n for n in nodes if n.target is ops.all_to_all]
+    assert len(exchanges) == 4 * 2  # q, k, v to head shards, the output back, per layer
+    for sdpa in (n for n in nodes if n.target is aten.scaled_dot_product_attention.default):
+        assert tuple(sdpa.meta["val"].shape) == (2, 2, 16, 16)  # half the heads, whole sequence
+
+
+def test_tp_sp_cp_compose():
+    program = _program(_captured("tiny_llama", batch=2, seq=16), "tp=2,sp=on,cp=2", 4, rank=3)
+    record = _record(program)
+    assert record.gathered == () and len(record.attention) == 2
+    rings = [n for n in _graph_nodes(program) if n.target is ops.ring_attention]
+    assert all(tuple(n.args[0].meta["val"].shape) == (2, 2, 8, 16) for n in rings)
+
+
+def test_flattened_rows_are_gathered_and_said():
+    """A view that merges batch and sequence (Hugging Face GPT-2's Conv1D) cannot keep the
+    shards: the sequence is gathered there (exact), and the record says where and why."""
+    from model_zoo import hf_gpt2
+
+    pytest.importorskip("transformers")
+    model, (ids,) = hf_gpt2(batch=2, seq=16)
+    program = _program(capture(model, (ids,)), "cp=2", 2)
+    record = _record(program)
+    assert record.gathered and "mixes the sharded dimension" in record.gathered[0].reason
+    assert "gathered" in record.summary()
+
+
+# --- bad input: a clear error before any collective --------------------------------------------
+
+def test_length_not_divisible_names_the_lengths_that_work():
+    with pytest.raises(PassError, match=r"sequence length 18 does not split into 2\*cp=4 "
+                                        r"chunks.*multiple of 4.*16 or 20"):
+        _program(_captured("tiny", batch=2, seq=18), "cp=2", 2)
+    with pytest.raises(PassError, match=r"each split again over tp=2 by sp.*multiple of 8"):
+        _program(_captured("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2", 4)
+
+
+def test_forward_only_programs_step_aside_for_such_lengths():
+    program = _program(_captured("tiny", batch=2, seq=18), "cp=2", 2, forward_only=True)
+    record = _record(program)
+    assert record.stepped_aside and "18" in record.stepped_aside
+    assert not record.sharded_outputs
+
+
+def test_a2a_heads_not_divisible_suggests_ring():
+    with pytest.raises(PassError, match=r"4 heads .*do not divide by cp=8; use cp_algo=ring"):
+        _program(_captured("tiny_llama", batch=1, seq=16), "cp=8,cp_algo=a2a", 8)
+
+
+class _MaskedAttention(nn.Module):
+    """One attention layer whose mask is a tensor (what ring attention cannot prove)."""
+
+    def __init__(self, dropout: float = 0.0):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.qkv = nn.Linear(16, 48)
+        self.dropout = dropout
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        q, k, v = (t.view(ids.shape[0], ids.shape[1], 2, 8).transpose(1, 2)
+                   for t in self.qkv(x).chunk(3, -1))
+        if self.dropout:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        near = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril().triu(-3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=near)
+
+
+def test_ring_refuses_a_mask_it_cannot_prove():
+    captured = capture(_MaskedAttention(), (torch.zeros(2, 16, dtype=torch.long),))
+    with pytest.raises(PassError, match=r"explicit mask .*\(16, 16\).*cp_algo=a2a"):
+        _program(captured, "cp=2", 2)
+    _program(captured, "cp=2,cp_algo=a2a", 2)  # a2a sees the whole mask: accepted
+
+
+def test_attention_dropout_is_refused():
+    captured = capture(_MaskedAttention(dropout=0.1).train(),
+                       (torch.zeros(2, 16, dtype=torch.long),))
+    with pytest.raises(PassError, match="dropout_p=0.1"):
+        _program(captured, "cp=2", 2)
+
+
+def test_hybrid_is_refused_until_it_lands():
+    with pytest.raises(NotLanded, match="cp_algo=ring or cp_algo=a2a"):
+        Plan.parse("cp=4,cp_algo=hybrid,cp_a2a=2").resolve(4).refuse_pending()
