@@ -140,7 +140,8 @@ class Executor:
             return output
         leaves, spec = pytree.tree_flatten(output)
         group = self.mesh.group_names()["cp"]
-        leaves = [leaf if dim is None else gather_sequence(leaf, dim, record.layout, group)
+        leaves = [leaf if dim is None else
+                  gather_sequence(leaf, dim, record.layout, group).narrow(dim, 0, record.length)
                   for leaf, dim in zip(leaves, record.outputs, strict=True)]
         return pytree.tree_unflatten(leaves, spec)
 
@@ -198,18 +199,20 @@ class Executor:
         if record is not None and record.sharded_outputs:
             # the outputs hold this rank's tokens: so do the targets
             microbatches = [(a, k, _our_tokens(t, record)) for a, k, t in microbatches]
-            ignored = any(bool((leaf == IGNORE_INDEX).any()) for leaf in pytree.tree_leaves(target)
-                          if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point())
+            ignored = record.padding > 0 or any(
+                bool((leaf == IGNORE_INDEX).any()) for leaf in pytree.tree_leaves(target)
+                if isinstance(leaf, torch.Tensor) and not leaf.is_floating_point())
         route = self.losses.route(program, microbatches[0])
         loss_fn = route.loss_fn(self.losses.loss_fn)
 
         def scaled_loss(index: int, output) -> torch.Tensor:
             loss, tokens = microbatch_loss(output, microbatches[index][2], loss_fn)
-            if tokens is None and ignored:
+            if tokens is None and ignored and loss_fn is not None:
                 raise ValueError(
                     f"under cp={cp} each rank's loss_fn sees its own tokens, and a mean over "
                     f"them is exact only when every rank counts the same tokens: the targets "
-                    f"hold ignored labels ({IGNORE_INDEX}). Return (loss_sum, token_count) from "
+                    f"hold ignored labels ({IGNORE_INDEX}, or padding: "
+                    f"{record.padding} tokens were added so that the sequence splits). Return (loss_sum, token_count) from "
                     f"loss_fn (e.g. partitioner.check.lm_loss_sum) so the loss is weighted by "
                     f"the tokens of the whole batch")
             # a mean over this cp rank's tokens (equal counts), or a loss read whole on every
@@ -267,11 +270,16 @@ IGNORE_INDEX = -100
 
 
 def _our_tokens(target, record):
-    """This cp rank's tokens of every target tensor whose dim 1 is the sequence."""
+    """This cp rank's tokens of every target tensor whose dim 1 is the sequence (padded
+    tokens, when the sequence was padded to split, get ignored labels)."""
     layout = record.layout
 
     def shard(leaf):
-        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and leaf.shape[1] == layout.length:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 and leaf.shape[1] == record.length:
+            if record.padding:
+                ends = [0, 0] * (leaf.dim() - 2) + [0, record.padding]
+                fill = 0 if leaf.is_floating_point() else IGNORE_INDEX
+                leaf = torch.nn.functional.pad(leaf, ends, value=fill)
             return layout.shard(leaf, 1, record.rank)
         return leaf
     return pytree.tree_map(shard, target)

@@ -64,15 +64,22 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     balanced = plan.cp_algo == "ring" and bool(attention) and all(map(_is_causal, attention))
     chunks = 2 * plan.cp if balanced else plan.cp
     multiple = chunks * (plan.tp if plan.sp else 1)
-    if seq is None or seq % multiple:
-        why = _length_message(seq, plan, chunks, multiple, balanced)
+    length = seq
+    if seq is not None and seq % multiple:
+        # Padded tokens at the end are seen by no real token under a causal mask, and the
+        # executor drops their outputs and gives them ignored targets (Megatron's get_padding)
+        causal = bool(attention) and all(map(_is_causal, attention))
+        if plan.cp_pad and causal:
+            length = -(-seq // multiple) * multiple
+    if seq is None or length % multiple:
+        why = _length_message(seq, plan, chunks, multiple, balanced, bool(attention))
         if not ctx.forward_only:
             raise PassError(why)
         gm.meta[meta.CP_RECORD] = ContextParallelRecord(plan.cp, ctx.coords["cp"],
                                                         plan.cp_algo, None, stepped_aside=why)
         return gm
-    layout = SequenceLayout(seq, plan.cp, balanced)
-    gm.meta[meta.CP_RECORD] = _Sharder(gm, layout, ctx.coords["cp"], plan.cp_algo).run()
+    layout = SequenceLayout(length, plan.cp, balanced)
+    gm.meta[meta.CP_RECORD] = _Sharder(gm, layout, seq, ctx.coords["cp"], plan.cp_algo).run()
     graph.lint()
     gm.recompile()
     return gm
@@ -92,7 +99,8 @@ def _is_causal(node: fx.Node) -> bool:
     return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
 
 
-def _length_message(seq, plan, chunks: int, multiple: int, balanced: bool) -> str:
+def _length_message(seq, plan, chunks: int, multiple: int, balanced: bool,
+                    attention: bool) -> str:
     if seq is None:
         return ("cp splits the sequence, dim 1 of the model's first tensor input, and the "
                 "model has no input with two or more dims")
@@ -102,8 +110,15 @@ def _length_message(seq, plan, chunks: int, multiple: int, balanced: bool) -> st
         why += f", each split again over tp={plan.tp} by sp"
     below, above = nearest_multiples(seq, multiple)
     lengths = " or ".join(str(n) for n in (below, above) if n > 0)
+    if not plan.cp_pad:
+        padding = "cp_pad=off forbids padding it"
+    elif attention:
+        padding = ("padding it would be exact only under causal attention, and this model "
+                   "attends to later tokens")
+    else:
+        padding = "padding it would be exact only under causal attention"
     return (f"sequence length {seq} does not split into {why}: it must be a multiple of "
-            f"{multiple}. Use a sequence length of {lengths}, or change cp")
+            f"{multiple}, and {padding}. Use a sequence length of {lengths}, or change cp")
 
 
 class _Sharder:
@@ -111,9 +126,12 @@ class _Sharder:
     slices, gathers and attention calls as it goes, then gives sharded values their local
     shapes."""
 
-    def __init__(self, gm: fx.GraphModule, layout: SequenceLayout, rank: int, algo: str):
+    def __init__(self, gm: fx.GraphModule, layout: SequenceLayout, seq: int, rank: int,
+                 algo: str):
         self.gm, self.graph = gm, gm.graph
         self.layout, self.rank, self.algo = layout, rank, algo
+        self.seq = seq
+        """The model's sequence length (the layout's, less the padding)."""
         self.dims: dict[fx.Node, object] = {}
         self.entered: dict[tuple[fx.Node, int], fx.Node] = {}
         self.gathers: dict[fx.Node, fx.Node] = {}
@@ -134,6 +152,7 @@ class _Sharder:
             self._localize(node)
         return ContextParallelRecord(
             cp=self.layout.cp, rank=self.rank, algo=self.algo, layout=self.layout,
+            padding=self.layout.length - self.seq,
             entered=tuple(n.name for n in self.entered.values()),
             attention=tuple(self.attention), gathered=tuple(self.gathered), outputs=outputs,
             sharded_nodes=len(self.dims))
@@ -161,7 +180,7 @@ class _Sharder:
         val = tensor_of(value) if isinstance(value, fx.Node) else None
         if val is None:
             return None
-        dims = [d for d, size in enumerate(val.shape) if size == self.layout.length]
+        dims = [d for d, size in enumerate(val.shape) if size == self.seq]
         if not last:
             dims = [d for d in dims if d < val.dim() - 1]
         return dims[-1] if dims else None
@@ -177,11 +196,15 @@ class _Sharder:
             with self.graph.inserting_before(before):
                 node = self._call(ops.scatter, (inner, *value.args[1:]), value.kwargs, value)
         else:
-            if tensor_shape(value)[dim] != self.layout.length:
+            if tensor_shape(value)[dim] != self.seq:
                 raise NotCarried(f"{value.name} {tensor_shape(value)} meets the sequence along "
                                  f"dim {dim} without being sequence-long")
-            chunk = self.layout.chunk
+            chunk, padding = self.layout.chunk, self.layout.length - self.seq
             with self.graph.inserting_before(before):
+                if padding:
+                    ends = [0, 0] * (len(tensor_shape(value)) - 1 - dim) + [0, padding]
+                    value = self._call(aten.constant_pad_nd.default, (value, ends, 0), {},
+                                       value, resize=(dim, self.layout.length))
                 pieces = [self._call(aten.slice.Tensor, (value, dim, c * chunk, (c + 1) * chunk),
                                      {}, value, resize=(dim, chunk))
                           for c in self.layout.chunk_ids(self.rank)]
@@ -254,8 +277,10 @@ class _Sharder:
         if value in self.gathers:
             return self.gathers[value]
         dim, layout = self.dims[value], self.layout
+        padded = (dim, self._padded_size(tensor_shape(value)[dim]))
         with self.graph.inserting_before(before):
-            whole = self._call(ops.gather_for_region, (value, MESH_DIM, dim), {}, value)
+            whole = self._call(ops.gather_for_region, (value, MESH_DIM, dim), {}, value,
+                               resize=padded)
             if layout.balanced:  # rank-order pieces -> sequence order
                 piece_of = {c: 2 * r + i for r in range(layout.cp)
                             for i, c in enumerate(layout.chunk_ids(r))}
@@ -264,7 +289,11 @@ class _Sharder:
                 pieces = [self._call(operator.getitem, (split, piece_of[c]), {}, value,
                                      resize=(dim, layout.chunk))
                           for c in range(layout.chunks)]
-                whole = self._call(aten.cat.default, (pieces, dim), {}, value)
+                whole = self._call(aten.cat.default, (pieces, dim), {}, value, resize=padded)
+            if layout.length != self.seq:  # the padding off: the model's own length again,
+                whole = self._call(aten.slice.Tensor, (whole, dim, 0, self.seq), {}, value)
+                whole = self._call(aten.clone.default, (whole,),  # contiguous, for views
+                                   {"memory_format": torch.contiguous_format}, value)
         self.gathers[value] = whole
         return whole
 
@@ -329,15 +358,24 @@ class _Sharder:
                     f"context_parallel: cp_algo=a2a splits the attention heads over cp, and "
                     f"attention {node.name} has {heads} {name} (after tp), which do not divide "
                     f"by cp={cp}; use cp_algo=ring, or a cp that divides {heads}")
+        def whole_sequence(shape, heads):  # head shards over the whole (padded) sequence
+            shape = _resized(shape, head_dim, heads // cp)
+            return _resized(shape, seq_dim, self.layout.length)
+
         with self.graph.inserting_before(node):
-            heads_split = [self._call(ops.all_to_all, (t, MESH_DIM, head_dim, seq_dim), {}, t,
-                                      resize=(head_dim, tensor_shape(t)[head_dim] // cp))
-                           for t in (q, k, v)]
+            heads_split = []
+            for t in (q, k, v):
+                exchange = self.graph.call_function(ops.all_to_all,
+                                                    (t, MESH_DIM, head_dim, seq_dim))
+                exchange.meta.update(t.meta)
+                shape = tensor_shape(t)
+                exchange.meta["val"] = tensor_of(t).new_empty(
+                    whole_sequence(shape, shape[head_dim]))
+                heads_split.append(exchange)
         node.args = (*heads_split, *node.args[3:])
         val = tensor_of(node)
         full_val = val
-        node.meta["val"] = val.new_empty(_resized(val.shape, head_dim,
-                                                  val.shape[head_dim] // cp))
+        node.meta["val"] = val.new_empty(whole_sequence(val.shape, val.shape[head_dim]))
         with self.graph.inserting_after(node):
             back = self.graph.call_function(ops.all_to_all, (node, MESH_DIM, seq_dim, head_dim))
         back.meta.update(node.meta)
@@ -356,19 +394,27 @@ class _Sharder:
         """A sharded value's local shape (its sequence dim divided by cp), and the size
         arguments of views and expands that name it."""
         dims, val = self.dims[node], node.meta.get("val")
-        cp = self.layout.cp
         if isinstance(val, (tuple, list)):
             node.meta["val"] = type(val)(
-                v.new_empty(_resized(v.shape, d, v.shape[d] // cp)) if d is not None else v
-                for v, d in zip(val, dims))
+                v.new_empty(_resized(v.shape, d, self._local_size(v.shape[d])))
+                if d is not None else v for v, d in zip(val, dims))
             return
         if not isinstance(val, torch.Tensor):
             return
-        local = _resized(val.shape, dims, val.shape[dims] // cp)
+        local = _resized(val.shape, dims, self._local_size(val.shape[dims]))
         node.meta["val"] = val.new_empty(local)
         if node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default,
                            aten.expand.default):
             node.args = (node.args[0], local, *node.args[2:])
+
+    def _padded_size(self, size: int) -> int:
+        """A sequence-long dim's size once the sequence is padded."""
+        return size * self.layout.length // self.seq
+
+    def _local_size(self, size: int) -> int:
+        """A sharded dim's local size: its share of the padded sequence (the dim may hold
+        the sequence times other dims, or sp's share of it)."""
+        return size * self.layout.length // (self.seq * self.layout.cp)
 
     def _call(self, target, args, kwargs, like: fx.Node, resize=None, pieces=None) -> fx.Node:
         """A new node whose value is shaped like `like`'s (one dim resized, or `pieces`

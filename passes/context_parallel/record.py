@@ -30,6 +30,9 @@ class ContextParallelRecord:
     """"ring" or "a2a"."""
     layout: SequenceLayout | None
     """The sequence over the cp ranks; None when the pass stepped aside."""
+    padding: int = 0
+    """Tokens added at the end of the sequence so that it splits (the layout's length less
+    the model's); their outputs are dropped and their targets ignored."""
     entered: tuple[str, ...] = ()
     """Values taken from the whole sequence to this rank's tokens (a local slice: inputs,
     positions, tables the sequence reads)."""
@@ -45,6 +48,11 @@ class ContextParallelRecord:
     divide), or None."""
 
     @property
+    def length(self) -> int:
+        """The model's sequence length (without the padding)."""
+        return self.layout.length - self.padding
+
+    @property
     def sharded_outputs(self) -> bool:
         return any(dim is not None for dim in self.outputs)
 
@@ -53,7 +61,10 @@ class ContextParallelRecord:
             return f"cp={self.cp}: stepped aside: {self.stepped_aside}"
         layout = self.layout
         kind = ("load-balanced, 2*cp chunks" if layout.balanced else "contiguous chunks")
-        return (f"cp={self.cp} {self.algo}, sequence {layout.length} -> {layout.local} tokens "
+        padded = (f" (padded from {layout.length - self.padding} by {self.padding})"
+                  if self.padding else "")
+        return (f"cp={self.cp} {self.algo}, sequence {layout.length}{padded} -> "
+                f"{layout.local} tokens "
                 f"per rank ({kind}): {self.sharded_nodes} nodes on sequence shards, "
                 f"{len(self.attention)} attention calls, {len(self.entered)} values entered, "
                 f"{len(self.gathered)} gathered")

@@ -24,6 +24,10 @@ TWO_RANKS = [
     ("gpt-ring-token-weighted-mb2", "tiny", {}, "cp=2,mb=2", F64, {"token_weighted": True}),
     ("llama-ring-zero", "tiny_llama", {}, "cp=2,zero=1", F64),
     ("gpt-ring-float32", "tiny", {}, "cp=2", torch.float32),
+    # lengths that do not split: padded at the end (exact under causal attention)
+    ("gpt-ring-padded", "tiny", {"seq": 18}, "cp=2", F64, {"token_weighted": True}),
+    ("llama-a2a-padded", "tiny_llama", {"seq": 15}, "cp=2,cp_algo=a2a", F64,
+     {"token_weighted": True}),
 ]
 FOUR_RANKS = [
     ("gpt-ring-cp4", "tiny", {}, "cp=4", F64),
@@ -32,6 +36,8 @@ FOUR_RANKS = [
     ("llama-cp2-dp2", "tiny_llama", {}, "cp=2,dp=2", F64),
     ("gpt-cp2-pp2", "tiny", {}, "cp=2,pp=2,mb=2", F64),
     ("llama-cp2-dp2-zero", "tiny_llama", {}, "cp=2,dp=2,zero=1", F64, {"token_weighted": True}),
+    ("llama-tp2-sp-cp2-padded", "tiny_llama", {"seq": 20}, "tp=2,sp=on,cp=2", F64,
+     {"token_weighted": True}),
 ]
 HF = [
     ("hf-llama-ring", hf_llama, {}, "cp=2", F64),
@@ -107,7 +113,7 @@ def _check_masked(name: str, kwargs: dict, plan: str) -> tuple[str, EquivalenceR
                                    tolerance=TOLERANCES[F64])
 
 
-def _check_hf_labels() -> tuple[str, EquivalenceReport]:
+def _check_hf_labels(seq: int) -> tuple[str, EquivalenceReport]:
     """A Hugging Face causal LM given `labels=` shifts them inside the graph (pad, slice) and
     returns its own mean loss: the shift is done on the whole sequence, the loss read whole."""
     import copy
@@ -117,7 +123,7 @@ def _check_hf_labels() -> tuple[str, EquivalenceReport]:
     from partitioner import parallelize
 
     torch.manual_seed(0)
-    model, (ids,) = hf_llama()
+    model, (ids,) = hf_llama(seq=seq)  # 15: padded to 16
     model = model.double()
     reference = copy.deepcopy(model)
     labels = ids.clone()
@@ -133,7 +139,7 @@ def _check_hf_labels() -> tuple[str, EquivalenceReport]:
                                for n, p in reference.named_parameters() if p.grad is not None),
               "logits": relative_error(pm(input_ids=ids, labels=labels).logits,
                                        reference(input_ids=ids, labels=labels).logits)}
-    return "hf-llama-labels", EquivalenceReport(rank=dist.get_rank(), dtype="float64",
+    return f"hf-llama-labels-{seq}", EquivalenceReport(rank=dist.get_rank(), dtype="float64",
                                                 errors=errors, tolerance=TOLERANCES[F64])
 
 
@@ -147,7 +153,7 @@ def _semantics() -> dict:
     model, (ids,) = tiny(batch=4, seq=16)
     reference = model.double()
     pm = parallelize(model, "cp=2", example_inputs=(ids,), loss_fn=lm_loss)
-    odd = ids[:, :15]  # 15 does not split into 4 chunks: a forward call runs without cp
+    odd = ids[:, :15]  # 15 does not split into 4 chunks: the call pads it to 16
     out = {"odd_length_call": relative_error(pm(odd), reference(odd))}
     target = ids.roll(-1, 1)
     target[:, -1] = -100
@@ -162,7 +168,7 @@ def _two_ranks(cases, masked, hf):
     reports = equivalence_worker(cases)
     reports += [_check_masked(*case) for case in masked]
     if hf:
-        reports += equivalence_worker(HF) + [_check_hf_labels()]
+        reports += equivalence_worker(HF) + [_check_hf_labels(16), _check_hf_labels(15)]
     return reports, _semantics()
 
 
@@ -174,7 +180,7 @@ def test_cp_on_two_ranks_matches_one_device():
         hf = False
     results = spawn(2, _two_ranks, TWO_RANKS, _masked_cases(), hf)
     names = [c[0] for c in TWO_RANKS] + [c[0] for c in _masked_cases()] + (
-        [c[0] for c in HF] + ["hf-llama-labels"] if hf else [])
+        [c[0] for c in HF] + ["hf-llama-labels-16", "hf-llama-labels-15"] if hf else [])
     assert_passed([reports for reports, _ in results], names)
     for _, semantics in results:
         assert semantics["odd_length_call"] < 1e-12

@@ -111,16 +111,33 @@ def test_flattened_rows_are_gathered_and_said():
 
 # --- bad input: a clear error before any collective --------------------------------------------
 
+def test_a_length_that_does_not_split_is_padded_under_causal_attention():
+    captured = _captured("tiny", batch=2, seq=18)
+    for rank in range(2):
+        program = _program(captured, "cp=2", 2, rank)
+        record = _record(program)
+        assert (record.layout.length, record.padding, record.length) == (20, 2, 18)
+        assert "padded from 18 by 2" in record.summary()
+        (output,) = [n for n in _graph_nodes(program) if n.op == "output"]
+        assert tuple(output.args[0][0].meta["val"].shape) == (2, 10, 512)
+
+
 def test_length_not_divisible_names_the_lengths_that_work():
     with pytest.raises(PassError, match=r"sequence length 18 does not split into 2\*cp=4 "
-                                        r"chunks.*multiple of 4.*16 or 20"):
-        _program(_captured("tiny", batch=2, seq=18), "cp=2", 2)
+                                        r"chunks.*multiple of 4, and cp_pad=off forbids "
+                                        r"padding it.*16 or 20"):
+        _program(_captured("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2)
     with pytest.raises(PassError, match=r"each split again over tp=2 by sp.*multiple of 8"):
-        _program(_captured("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2", 4)
+        _program(_captured("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2,cp_pad=off", 4)
+    bidirectional = capture(_MaskedAttention(causal=False),
+                            (torch.zeros(2, 17, dtype=torch.long),))
+    with pytest.raises(PassError, match=r"exact only under causal attention.*16 or 18"):
+        _program(bidirectional, "cp=2", 2)
 
 
 def test_forward_only_programs_step_aside_for_such_lengths():
-    program = _program(_captured("tiny", batch=2, seq=18), "cp=2", 2, forward_only=True)
+    program = _program(_captured("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2,
+                       forward_only=True)
     record = _record(program)
     assert record.stepped_aside and "18" in record.stepped_aside
     assert not record.sharded_outputs
@@ -134,18 +151,19 @@ def test_a2a_heads_not_divisible_suggests_ring():
 class _MaskedAttention(nn.Module):
     """One attention layer whose mask is a tensor (what ring attention cannot prove)."""
 
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, causal: bool = True):
         super().__init__()
         self.embed = nn.Embedding(32, 16)
         self.qkv = nn.Linear(16, 48)
-        self.dropout = dropout
+        self.dropout, self.causal = dropout, causal
 
     def forward(self, ids):
         x = self.embed(ids)
         q, k, v = (t.view(ids.shape[0], ids.shape[1], 2, 8).transpose(1, 2)
                    for t in self.qkv(x).chunk(3, -1))
-        if self.dropout:
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout, is_causal=True)
+        if self.dropout or not self.causal:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout,
+                                                  is_causal=self.causal)
         near = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril().triu(-3)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=near)
 
