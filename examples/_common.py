@@ -483,7 +483,7 @@ def train_rank(job: Job) -> int:
     import torch.distributed as dist
 
     from partitioner import parallel_state, parallelize
-    from partitioner.check import lm_loss
+    from partitioner.check import lm_loss_sum
     from partitioner.models import GPTConfig, build
 
     rank = dist.get_rank()
@@ -495,7 +495,8 @@ def train_rank(job: Job) -> int:
     try:
         # parallelize runs every check before its first collective: a refusal is the same on
         # every rank, so every rank can return here without leaving another one waiting.
-        pm = parallelize(model, job.plan, example_inputs=(ids,), loss_fn=lm_loss)
+        # token-weighted (as Megatron's loss): exact over cp ranks and padded sequences
+        pm = parallelize(model, job.plan, example_inputs=(ids,), loss_fn=lm_loss_sum)
     except NotImplementedError as error:
         return _say(rank, EXIT_NOT_LANDED, f"{job.example.name}.py: not landed yet, so this "
                                            f"example cannot run: {_one_line(error)}")
@@ -672,6 +673,24 @@ def sequence_slice(pm, model, job: Job) -> str:
     seq, hidden, per = job.numbers.seq, model.config.n_embd, job.numbers.seq // tp
     return (f"between TP regions: tokens {index * per}..{(index + 1) * per - 1} of {seq} "
             f"(activations (B, {per}, {hidden}) instead of (B, {seq}, {hidden}))")
+
+
+def sequence_chunks(pm, model, job: Job) -> str:
+    """The tokens this rank holds under context parallelism (the pass's layout) and how it
+    sees the others."""
+    from core.meta import CP_RECORD
+
+    record = pm.program.stages[-1].gm.meta.get(CP_RECORD)
+    if record is None or record.layout is None:
+        return "the whole sequence (no context parallelism for this shape)"
+    layout = record.layout
+    spans = " and ".join(f"{c * layout.chunk}..{(c + 1) * layout.chunk - 1}"
+                         for c in layout.chunk_ids(record.rank))
+    pads = int((layout.positions(record.rank) >= record.length).sum())
+    padded = f", {pads} of them padding" if pads else ""
+    seen = ("k/v blocks passed around the ring" if record.algo == "ring" else
+            "all-to-all to head shards over the whole sequence")
+    return f"context: tokens {spans} of {layout.length}{padded}; attention: {seen}"
 
 
 def local_experts(pm, model, job: Job) -> str:

@@ -18,6 +18,7 @@ EXAMPLE = _common.Example(
     degrees={"tp": 8, "cp": 4}, floors={"cp": 2},
     model={"n_layer": 2, "n_embd": 64, "n_head": 8, "norm": "rmsnorm", "position": "rope",
            "swiglu": True, "bias": False, "tie_embeddings": False},
+    details=(_common.sequence_chunks, _common.shard),
     seq=62)  # 62 = 64 - 2: ring chunks need a multiple of 2*cp, so padding shows
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ EXAMPLE = _common.Example(
     guide="full training loop (TP=2, PP=2, VPP=2, CP=2, SP, DP=2, 16 GPUs)",
     degrees=GUIDE, floors=GUIDE, fields={"sp": "on", "vpp": "2"},
     model={"n_layer": 4, "n_embd": 64, "n_head": 4},
-    details=(_common.stages, _common.shard),
+    details=(_common.stages, _common.sequence_chunks, _common.shard),
     flags={dim: f"{flag} {{}}" for dim, flag in MEGATRON_DEGREES.items()},
     extra_arguments=megatron_arguments, pinned_from=pinned)
 

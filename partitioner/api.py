@@ -62,9 +62,9 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
         raise PlanError("plan='auto' needs a transformer shape: the model has no `.config`; "
                         "pass a Plan instead")
     batch, seq = batch_size(example_inputs, {}), example_inputs[0].shape[-1]
-    # context and expert parallelism have no passes yet: the search must not pick them
+    # expert parallelism has no pass yet: the search must not pick it
     fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, _hardware_name(),
-                       global_batch=batch, seq=seq, fixed={"cp": 1, "ep": 1})
+                       global_batch=batch, seq=seq, fixed={"ep": 1})
     fields = {k: v for k, v in fields.items() if k != "dp"}
     return coerce_plan(fields)
 

@@ -72,9 +72,26 @@ def _fold_kv(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
     return grad if h == kv_heads else grad.view(b, kv_heads, h // kv_heads, s, d).sum(2)
 
 
-def _block_forward(q, k, v, mask, scale):
-    """(out, lse) of q on one key block; rows seeing no key get out 0 and lse -inf."""
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+
+
+def _fused(q, mask) -> bool:
+    """Whether a block runs in torch's fused CPU flash kernel (which returns the lse): no mask
+    tensor (every key visible, or the causal diagonal block) on a CPU tensor."""
+    return mask is None and q.device.type == "cpu"
+
+
+def _block_forward(q, k, v, mask, scale, causal: bool = False):
+    """(out, lse) of q on one key block; rows seeing no key get out 0 and lse -inf. `causal`:
+    the block is its own diagonal (query and key positions the same), masked causally."""
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    if _fused(q, mask):
+        out, lse = _FLASH_CPU(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal,
+                              scale=scale)
+        return out, lse
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -83,10 +100,17 @@ def _block_forward(q, k, v, mask, scale):
     return torch.matmul(probs, v), lse
 
 
-def _block_backward(q, k, v, out, lse, grad_out, mask, scale):
+def _block_backward(q, k, v, out, lse, grad_out, mask, scale, causal: bool = False):
     """Gradients of one block given the *merged* out and lse (flash attention's backward)."""
     kv_heads = k.shape[1]
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
+    if _fused(q, mask):
+        grad_q, grad_k, grad_v = _FLASH_CPU_BACKWARD(
+            grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+            out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+        return grad_q, _fold_kv(grad_k, kv_heads), _fold_kv(grad_v, kv_heads)
+    if causal:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
@@ -124,6 +148,9 @@ class _Pair:
     q: slice
     k: slice
     mask: torch.Tensor | None
+    causal: bool = False
+    """The pair is one chunk against itself under a plain causal mask (`mask` is then None):
+    the diagonal block, which a fused kernel masks itself."""
 
 
 def _pairs(layout: SequenceLayout, q_rank: int, k_rank: int, mask: AttentionMask,
@@ -135,6 +162,10 @@ def _pairs(layout: SequenceLayout, q_rank: int, k_rank: int, mask: AttentionMask
     for qi in range(len(layout.chunk_ids(q_rank))):
         for ki in range(len(layout.chunk_ids(k_rank))):
             qs, ks = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
+            if (mask.causal and mask.window is None and q_doc is None
+                    and torch.equal(q_pos[qs], k_pos[ks])):
+                pairs.append(_Pair(qs, ks, None, causal=True))
+                continue
             visible = mask.visible(q_pos[qs], k_pos[ks],
                                    None if q_doc is None else q_doc[:, qs],
                                    None if k_doc is None else k_doc[:, ks])
@@ -201,7 +232,7 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
         k_blk, v_blk = _unpack(block, [k, v])
         for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
             o, l = _block_forward(q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k],
-                                  pair.mask, scale)
+                                  pair.mask, scale, pair.causal)
             _merge_rows(out, lse, o, l, pair.q)
         if pending is not None:
             block = _Ring.finish(pending)
@@ -224,7 +255,7 @@ def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
         for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
             dq, dk, dv = _block_backward(
                 q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k], out[:, :, pair.q],
-                lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, scale)
+                lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, scale, pair.causal)
             grad_q[:, :, pair.q] += dq
             gk[:, :, pair.k] += dk
             gv[:, :, pair.k] += dv

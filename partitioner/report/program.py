@@ -82,7 +82,11 @@ def explain(program: RankProgram) -> str:
               f"({program.local_numel():,} local elements)")
     widths = (28, 14, 40, 20, 12, 6, 16)
     title = ("node", "op", "target", "shape", "placement", "stage", "collective")
-    lines = [header, _row(title, widths), _row(["-" * (w - 1) for w in widths], widths)]
+    lines = [header]
+    context = program.stages[-1].gm.meta.get(meta.CP_RECORD)
+    if context is not None:  # the layout, the padding and where the sequence was gathered
+        lines.append(str(context))
+    lines += [_row(title, widths), _row(["-" * (w - 1) for w in widths], widths)]
     for r in rows:
         shape = "x".join(map(str, r["shape"])) if r["shape"] is not None else ""
         lines.append(_row((r["name"], r["op"], r["target"], shape, r["placement"],

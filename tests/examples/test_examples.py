@@ -22,18 +22,15 @@ LANDED = [
     ("sp.py", [], "between TP regions: tokens 16..31 of 32"),
     ("pp.py", [], "rank 1: tp 0/1  pp 1/2  cp 0/1  dp 0/1  vpp 2"),
     ("dp.py", [], "rank 1: tp 0/1  pp 0/1  cp 0/1  dp 1/2"),
-    # The guide's 4-D job at 8 ranks with cp=1 (tp=2, pp=2 with vpp=2, sp, dp=2) until cp lands.
-    ("full.py", ["--context-parallel-size", "1"], "rank 7: tp 1/2  pp 1/2  cp 0/1  dp 1/2  vpp 2"),
+    # the sequence of 62 padded to 64 (4 load-balanced chunks)
+    ("cp.py", [], "context: tokens 0..15 and 48..63 of 64, 2 of them padding"),
+    # The guide's 4-D job at 8 ranks: tp=2, pp=2 with vpp=2, cp=2, sp.
+    ("full.py", [], "rank 7: tp 1/2  pp 1/2  cp 1/2  dp 0/1  vpp 2"),
 ]
 
 NOT_LANDED = [  # move each to LANDED when its pass lands
-    # the fix printed for `cp.py --plan cp_pad=off` (sequence 62), applied
-    ("cp.py", ["--plan", "cp_pad=off", "--seq-length", "64"], "context parallelism"),
     # the fix printed for `ep.py --num-experts 3`, applied
     ("ep.py", ["--num-experts", "4"], "expert parallelism"),
-    # full.py's default cp=2, on 2 ranks to keep CI short (tp and pp fixed at 1)
-    ("full.py", ["--world-size", "2", "--tensor-model-parallel-size", "1",
-                 "--pipeline-model-parallel-size", "1"], "context parallelism"),
 ]
 
 GUIDE_ERRORS = [
