@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import operator
+from dataclasses import dataclass
 
 import torch
 from torch import fx
@@ -54,6 +55,20 @@ SDPA = aten.scaled_dot_product_attention.default
 # shard along any dim stays this rank's tokens through them.
 _TP_COLLECTIVES = (ops.copy_to_region, ops.all_reduce, ops.scatter, ops.reduce_scatter,
                    ops.gather_for_region, ops.all_gather)
+
+
+VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A dim of (batch*sequence) rows, batch-major, each batch row's sequence sharded: what a
+    (batch, seq, ...) value becomes when a view merges the two (Hugging Face GPT-2's Conv1D
+    runs its matmul on such rows). Row-wise ops keep it; a view that splits the rows back
+    gives the sequence dim again."""
+
+    dim: int
+    batch: int
 
 
 def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -220,12 +235,16 @@ class _Sharder:
         try:
             if target is SDPA:
                 self._attend(node)
+            elif any(isinstance(self.dims.get(a), Rows) for a in node.all_input_nodes):
+                self.dims[node] = self._on_rows(node)
             elif target is aten.embedding.default and node.args[0] not in self.dims:
                 self.dims[node] = self.dims[node.args[1]]
             elif target is aten.linear.default and self._rows_only(node):
                 self.dims[node] = self.dims[node.args[0]]
             elif target in _TP_COLLECTIVES:
                 self.dims[node] = self.dims[node.args[0]]
+            elif target in VIEWS and self._merged_rows(node) is not None:
+                self.dims[node] = self._merged_rows(node)
             else:
                 self._enter_operands(node)
                 out = carry(node, self.dims)
@@ -233,6 +252,51 @@ class _Sharder:
                     self.dims[node] = out
         except NotCarried as why:
             self._gather_inputs(node, str(why))
+
+    def _merged_rows(self, node: fx.Node) -> Rows | None:
+        """A view (.., B, S, *rest) -> (.., B*S, *rest') of a value sharded along S."""
+        x = node.args[0]
+        d, src, dst = self.dims[x], tensor_shape(x), tensor_shape(node)
+        if (isinstance(d, int) and d >= 1 and len(dst) >= d and dst[:d - 1] == src[:d - 1]
+                and dst[d - 1] == src[d - 1] * src[d]
+                and math.prod(dst[d:]) == math.prod(src[d + 1:])):
+            return Rows(d - 1, src[d - 1])
+        return None
+
+    def _on_rows(self, node: fx.Node):
+        """An op reading flattened rows: matmuls on the rows and the table's ops that keep
+        the rows' dim carry them; a view splitting the rows gives the sequence dim back."""
+        sharded = {a: self.dims[a] for a in node.all_input_nodes if a in self.dims}
+        rows = set(sharded.values())
+        if len(rows) != 1 or not isinstance(next(iter(rows)), Rows):
+            raise NotCarried("flattened rows meet values sharded otherwise")
+        (r,) = rows
+        target, out_shape = node.target, tensor_shape(node)
+        if target in VIEWS:
+            src = tensor_shape(node.args[0])
+            if (out_shape[:r.dim] == src[:r.dim] and len(out_shape) > r.dim + 1
+                    and out_shape[r.dim] == r.batch
+                    and out_shape[r.dim] * out_shape[r.dim + 1] == src[r.dim]):
+                return r.dim + 1  # (B*S, ...) -> (B, S, ...)
+            if out_shape[:r.dim + 1] == src[:r.dim + 1]:
+                return r  # the rows kept, the features reshaped
+            raise NotCarried(f"view {src} -> {out_shape} reshapes the (batch*sequence) rows")
+        if target in _TP_COLLECTIVES:  # over tp, along the features (sp moves whole rows)
+            if len(node.args) > 2 and node.args[2] == r.dim:
+                raise NotCarried(f"{target} along the (batch*sequence) rows")
+            return r
+        rows_operand = {aten.addmm.default: 1, aten.mm.default: 0, aten.linear.default: 0}
+        if target in rows_operand:
+            x = node.args[rows_operand[target]]
+            if x in sharded and len(sharded) == 1 and r.dim < len(tensor_shape(x)) - 1:
+                return r
+            raise NotCarried(f"{target} contracts the (batch*sequence) rows")
+        out = carry(node, {a: r.dim for a in sharded})
+        same = (out,) if not isinstance(out, tuple) else out
+        if all(o == r.dim for o in same) and all(
+                len(tensor_shape(a)) == len(out_shape) for a in sharded):
+            return r if not isinstance(out, tuple) else (r,) * len(out)
+        raise NotCarried(f"{target} moves the (batch*sequence) rows")
 
     def _rows_only(self, node: fx.Node) -> bool:
         """linear(x, w, b) on sequence-sharded rows of x, with whole weights."""
@@ -276,6 +340,19 @@ class _Sharder:
         its first reader, so later readers see it too)."""
         if value in self.gathers:
             return self.gathers[value]
+        if isinstance(self.dims[value], Rows):  # (B*S, ...) -> (B, S, ...), gathered, back
+            r, shape = self.dims[value], tensor_shape(value)
+            unflat = [*shape[:r.dim], r.batch, shape[r.dim] // r.batch, *shape[r.dim + 1:]]
+            with self.graph.inserting_before(before):
+                split_rows = self._call(aten.view.default, (value, unflat), {}, value,
+                                        shape=unflat)
+            self.dims[split_rows] = r.dim + 1
+            whole = self._gather(split_rows, before)
+            flat = [*shape[:r.dim], self.seq * r.batch, *shape[r.dim + 1:]]
+            with self.graph.inserting_before(before):
+                whole = self._call(aten.view.default, (whole, flat), {}, value, shape=flat)
+            self.gathers[value] = whole
+            return whole
         dim, layout = self.dims[value], self.layout
         padded = (dim, self._padded_size(tensor_shape(value)[dim]))
         with self.graph.inserting_before(before):
@@ -386,6 +463,9 @@ class _Sharder:
     # --- results -------------------------------------------------------------------------
     def _outputs(self) -> tuple[int | None, ...]:
         (output,) = self.graph.find_nodes(op="output")
+        for leaf in torch.utils._pytree.tree_leaves(output.args[0]):
+            if isinstance(leaf, fx.Node) and isinstance(self.dims.get(leaf), Rows):
+                output.replace_input_with(leaf, self._gather(leaf, before=output))
         leaves = torch.utils._pytree.tree_leaves(output.args[0])
         return tuple(self.dims.get(leaf) if isinstance(leaf, fx.Node) else None
                      for leaf in leaves)
@@ -395,10 +475,12 @@ class _Sharder:
         arguments of views and expands that name it."""
         dims, val = self.dims[node], node.meta.get("val")
         if isinstance(val, (tuple, list)):
+            dims = [d.dim if isinstance(d, Rows) else d for d in dims]
             node.meta["val"] = type(val)(
                 v.new_empty(_resized(v.shape, d, self._local_size(v.shape[d])))
                 if d is not None else v for v, d in zip(val, dims))
             return
+        dims = dims.dim if isinstance(dims, Rows) else dims
         if not isinstance(val, torch.Tensor):
             return
         local = _resized(val.shape, dims, self._local_size(val.shape[dims]))
@@ -416,12 +498,14 @@ class _Sharder:
         the sequence times other dims, or sp's share of it)."""
         return size * self.layout.length // (self.seq * self.layout.cp)
 
-    def _call(self, target, args, kwargs, like: fx.Node, resize=None, pieces=None) -> fx.Node:
-        """A new node whose value is shaped like `like`'s (one dim resized, or `pieces`
-        outputs), carrying its module path and tp placement."""
+    def _call(self, target, args, kwargs, like: fx.Node, resize=None, pieces=None,
+              shape=None) -> fx.Node:
+        """A new node whose value is shaped like `like`'s (one dim resized, or `shape`, or
+        `pieces` outputs), carrying its module path and tp placement."""
         node = self.graph.call_function(target, args, kwargs)
         val = tensor_of(like)
-        shape = _resized(val.shape, *resize) if resize else list(val.shape)
+        if shape is None:
+            shape = _resized(val.shape, *resize) if resize else list(val.shape)
         node.meta["val"] = (tuple(val.new_empty(shape) for _ in range(pieces))
                             if pieces else val.new_empty(shape))
         for key in (meta.NN_MODULE_STACK, meta.TP_PLACEMENT):

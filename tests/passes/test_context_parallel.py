@@ -96,17 +96,32 @@ def test_tp_sp_cp_compose():
     assert all(tuple(n.args[0].meta["val"].shape) == (2, 2, 8, 16) for n in rings)
 
 
-def test_flattened_rows_are_gathered_and_said():
-    """A view that merges batch and sequence (Hugging Face GPT-2's Conv1D) cannot keep the
-    shards: the sequence is gathered there (exact), and the record says where and why."""
+@pytest.mark.parametrize("plan, world", [("cp=2", 2), ("tp=2,cp=2", 4), ("tp=2,sp=on,cp=2", 4)])
+def test_flattened_rows_keep_their_shards(plan, world):
+    """Hugging Face GPT-2's Conv1D views (batch, seq, hidden) as (batch*seq, hidden) rows for
+    addmm and back: the rows keep each batch row's tokens, nothing is gathered."""
     from model_zoo import hf_gpt2
 
     pytest.importorskip("transformers")
     model, (ids,) = hf_gpt2(batch=2, seq=16)
-    program = _program(capture(model, (ids,)), "cp=2", 2)
+    program = _program(capture(model, (ids,)), plan, world)
     record = _record(program)
-    assert record.gathered and "mixes the sharded dimension" in record.gathered[0].reason
-    assert "gathered" in record.summary()
+    assert record.gathered == () and len(record.attention) == 2
+    rows = [n for n in _graph_nodes(program) if n.target is aten.addmm.default]
+    assert rows and all(n.meta["val"].shape[0] == 2 * 8 for n in rows)
+
+
+def test_a_loss_the_model_computes_reads_the_sequence_whole_and_says_so():
+    """Given labels=, a Hugging Face causal LM shifts them (a slice of the sequence) and takes
+    the mean cross-entropy over every token: those ops read the sequence gathered whole."""
+    from model_zoo import hf_llama
+
+    pytest.importorskip("transformers")
+    model, (ids,) = hf_llama(batch=2, seq=16)
+    captured = capture(model, (), {"input_ids": ids, "labels": ids})
+    record = _record(_program(captured, "cp=2", 2))
+    assert record.gathered and "gathered" in record.summary()
+    assert record.outputs.count(None) == 1  # the loss is whole; the logits hold our tokens
 
 
 # --- bad input: a clear error before any collective --------------------------------------------

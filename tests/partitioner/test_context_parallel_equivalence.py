@@ -30,6 +30,7 @@ TWO_RANKS = [
      {"token_weighted": True}),
 ]
 FOUR_RANKS = [
+    ("hf-gpt2-tp2-cp2", hf_gpt2, {}, "tp=2,cp=2", F64),
     ("gpt-ring-cp4", "tiny", {}, "cp=4", F64),
     ("llama-tp2-sp-cp2", "tiny_llama", {}, "tp=2,sp=on,cp=2", F64),
     ("gpt-tp2-cp2-a2a", "tiny_llama", {}, "tp=2,cp=2,cp_algo=a2a", F64),
@@ -42,7 +43,7 @@ FOUR_RANKS = [
 HF = [
     ("hf-llama-ring", hf_llama, {}, "cp=2", F64),
     ("hf-llama-a2a", hf_llama, {}, "cp=2,cp_algo=a2a", F64),
-    ("hf-gpt2-ring", hf_gpt2, {}, "cp=2", F64),  # learned positions; Conv1D rows gathered
+    ("hf-gpt2-ring", hf_gpt2, {}, "cp=2", F64),  # learned positions, Conv1D on flat rows
 ]
 
 
