@@ -136,12 +136,15 @@ def _all_to_all_fake(x, group, scatter_dim, gather_dim, *, group_size=0):
 # --- context-parallel attention ----------------------------------------------------------
 
 _LIB.define("ring_attention(Tensor q, Tensor k, Tensor v, str group, int seq_len, bool balanced, "
-            "bool is_causal, float scale, *, int group_size=0) -> (Tensor, Tensor)")
+            "bool is_causal, float scale, Tensor? attn_mask=None, *, int group_size=0) "
+            "-> (Tensor, Tensor)")
 ring_attention = torch.ops.partitioner.ring_attention.default
 """Attention of this cp rank's queries (B, H, S/cp, D) on the whole sequence, the key/value
 blocks (B, KH, S/cp, D) passed around the cp ring; returns (out, lse). `seq_len` and `balanced`
 give the sequence layout (core.sequence_layout) the rank's tokens follow, so each block's mask
-is computed from global positions; `group` is a mesh dimension until lowering fixes it."""
+is computed from global positions; `group` is a mesh dimension until lowering fixes it.
+`attn_mask`, when given, is the model's whole (.., S, S) mask (bool: visible; float: added to
+the scores), indexed at the global positions of each block's queries and keys."""
 
 GROUPED = COLLECTIVES + (ring_attention,)
 """Every op that names a process group (lowering fixes each one's group)."""
@@ -153,7 +156,8 @@ def group_arg(op) -> int:
 
 
 @torch.library.register_fake("partitioner::ring_attention")
-def _ring_attention_fake(q, k, v, group, seq_len, balanced, is_causal, scale, *, group_size=0):
+def _ring_attention_fake(q, k, v, group, seq_len, balanced, is_causal, scale, attn_mask=None, *,
+                        group_size=0):
     return torch.empty_like(q), q.new_empty(q.shape[:-1])
 
 

@@ -76,23 +76,25 @@ _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_CPU_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 
-def _fused(q, mask) -> bool:
+def _fused(q, mask, bias) -> bool:
     """Whether a block runs in torch's fused CPU flash kernel (which returns the lse): no mask
     tensor (every key visible, or the causal diagonal block) on a CPU tensor."""
-    return mask is None and q.device.type == "cpu"
+    return mask is None and bias is None and q.device.type == "cpu"
 
 
-def _block_forward(q, k, v, mask, scale, causal: bool = False):
+def _block_forward(q, k, v, mask, scale, causal: bool = False, bias=None):
     """(out, lse) of q on one key block; rows seeing no key get out 0 and lse -inf. `causal`:
     the block is its own diagonal (query and key positions the same), masked causally."""
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    if _fused(q, mask):
+    if _fused(q, mask, bias):
         out, lse = _FLASH_CPU(q.contiguous(), k.contiguous(), v.contiguous(), 0.0, causal,
                               scale=scale)
         return out, lse
     if causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
@@ -100,11 +102,11 @@ def _block_forward(q, k, v, mask, scale, causal: bool = False):
     return torch.matmul(probs, v), lse
 
 
-def _block_backward(q, k, v, out, lse, grad_out, mask, scale, causal: bool = False):
+def _block_backward(q, k, v, out, lse, grad_out, mask, scale, causal: bool = False, bias=None):
     """Gradients of one block given the *merged* out and lse (flash attention's backward)."""
     kv_heads = k.shape[1]
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
-    if _fused(q, mask):
+    if _fused(q, mask, bias):
         grad_q, grad_k, grad_v = _FLASH_CPU_BACKWARD(
             grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
             out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
@@ -112,6 +114,8 @@ def _block_backward(q, k, v, out, lse, grad_out, mask, scale, causal: bool = Fal
     if causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if bias is not None:
+        scores = scores + bias
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     probs = torch.exp(scores - _finite(lse).unsqueeze(-1))  # this block's share of softmax
@@ -151,17 +155,31 @@ class _Pair:
     causal: bool = False
     """The pair is one chunk against itself under a plain causal mask (`mask` is then None):
     the diagonal block, which a fused kernel masks itself."""
+    bias: torch.Tensor | None = None
+    """The model's float mask for this block, added to the scores."""
 
 
 def _pairs(layout: SequenceLayout, q_rank: int, k_rank: int, mask: AttentionMask,
-           q_doc, k_doc, device) -> list[_Pair]:
-    """The chunk pairs of q_rank's queries against k_rank's keys that the mask leaves work in."""
+           q_doc, k_doc, device, whole: torch.Tensor | None = None) -> list[_Pair]:
+    """The chunk pairs of q_rank's queries against k_rank's keys that the mask leaves work in.
+    `whole`: the model's own (.., S, S) mask (bool: visible; float: added to the scores)."""
     pairs = []
     c = layout.chunk
     q_pos, k_pos = layout.positions(q_rank, device), layout.positions(k_rank, device)
     for qi in range(len(layout.chunk_ids(q_rank))):
         for ki in range(len(layout.chunk_ids(k_rank))):
             qs, ks = slice(qi * c, (qi + 1) * c), slice(ki * c, (ki + 1) * c)
+            if whole is not None:
+                block = whole[..., q_pos[qs], :][..., k_pos[ks]]
+                if block.dtype == torch.bool:
+                    visible = mask.visible(q_pos[qs], k_pos[ks])
+                    visible = block if visible is None else block & visible
+                    if bool(visible.any()):
+                        pairs.append(_Pair(qs, ks, None if bool(visible.all()) else visible))
+                elif not bool(torch.isneginf(block).all()):
+                    visible = mask.visible(q_pos[qs], k_pos[ks])
+                    pairs.append(_Pair(qs, ks, visible, bias=block))
+                continue
             if (mask.causal and mask.window is None and q_doc is None
                     and torch.equal(q_pos[qs], k_pos[ks])):
                 pairs.append(_Pair(qs, ks, None, causal=True))
@@ -217,7 +235,8 @@ def _unpack(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]
     return out
 
 
-def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, scale: float, group):
+def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, scale: float, group,
+                  whole: torch.Tensor | None = None):
     """(out, lse) of this rank's queries over every rank's keys, the blocks passed in a ring."""
     ring = _Ring(group)
     me = ring.rank
@@ -230,9 +249,9 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
         pending = ring.start(block) if step + 1 < ring.size else None
         pending_doc = ring.start(k_doc) if pending is not None and doc is not None else None
         k_blk, v_blk = _unpack(block, [k, v])
-        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
+        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device, whole):
             o, l = _block_forward(q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k],
-                                  pair.mask, scale, pair.causal)
+                                  pair.mask, scale, pair.causal, pair.bias)
             _merge_rows(out, lse, o, l, pair.q)
         if pending is not None:
             block = _Ring.finish(pending)
@@ -241,7 +260,7 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
 
 
 def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
-                   mask: AttentionMask, scale: float, group):
+                   mask: AttentionMask, scale: float, group, whole: torch.Tensor | None = None):
     """(dq, dk, dv): the blocks travel the ring again with their dK/dV accumulators, which
     arrive back at their owner after cp steps; dq stays local."""
     ring = _Ring(group)
@@ -252,10 +271,11 @@ def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
     for step in range(ring.size):
         source = (me - step) % ring.size
         k_blk, v_blk, gk, gv = _unpack(block, [k, v, k, v])
-        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device):
+        for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device, whole):
             dq, dk, dv = _block_backward(
                 q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k], out[:, :, pair.q],
-                lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, scale, pair.causal)
+                lse[:, :, pair.q], grad_out[:, :, pair.q], pair.mask, scale, pair.causal,
+                pair.bias)
             grad_q[:, :, pair.q] += dq
             gk[:, :, pair.k] += dk
             gv[:, :, pair.k] += dv
@@ -364,28 +384,28 @@ def a2a_attention(q, k, v, group, mask: AttentionMask = AttentionMask(),
 # --- the graph's op (core.ops.ring_attention) -------------------------------------------------
 
 def _ring_op(q, k, v, group: str, seq_len: int, balanced: bool, is_causal: bool, scale: float,
-             *, group_size: int = 0):
+             attn_mask=None, *, group_size: int = 0):
     process_group = _resolve_process_group(group)
     layout = SequenceLayout(seq_len, process_group.size(), balanced)
     return _ring_forward(q, k, v, None, layout, AttentionMask(causal=is_causal), scale,
-                         process_group)
+                         process_group, attn_mask)
 
 
 def _ring_setup(ctx, inputs, keyword_only_inputs, output) -> None:
-    q, k, v, group, seq_len, balanced, is_causal, scale = inputs
+    q, k, v, group, seq_len, balanced, is_causal, scale, attn_mask = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.save_for_backward(q, k, v, out, lse, *(() if attn_mask is None else (attn_mask,)))
     ctx.group, ctx.scale = group, scale
     ctx.layout_args, ctx.mask = (seq_len, balanced), AttentionMask(causal=is_causal)
 
 
 def _ring_op_backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
+    q, k, v, out, lse, *whole = ctx.saved_tensors
     process_group = _resolve_process_group(ctx.group)
     layout = SequenceLayout(ctx.layout_args[0], process_group.size(), ctx.layout_args[1])
     grads = _ring_backward(q, k, v, out, lse, None, grad_out.contiguous(), layout, ctx.mask,
-                           ctx.scale, process_group)
-    return *grads, None, None, None, None, None
+                           ctx.scale, process_group, whole[0] if whole else None)
+    return *grads, None, None, None, None, None, None
 
 
 torch.library.impl(ops.ring_attention._name, "CompositeExplicitAutograd")(_ring_op)

@@ -83,8 +83,8 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if seq is not None and seq % multiple:
         # Padded tokens at the end are seen by no real token under a causal mask, and the
         # executor drops their outputs and gives them ignored targets (Megatron's get_padding)
-        causal = bool(attention) and all(map(_is_causal, attention))
-        if plan.cp_pad and causal:
+        if plan.cp_pad and attention and all(_is_causal(n) or _mask_of(n) is not None
+                                             for n in attention):
             length = -(-seq // multiple) * multiple
     if seq is None or length % multiple:
         why = _length_message(seq, plan, chunks, multiple, balanced, bool(attention))
@@ -110,6 +110,10 @@ def _sequence_length(graph: fx.Graph) -> int | None:
     return None
 
 
+def _mask_of(node: fx.Node):
+    return node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+
+
 def _is_causal(node: fx.Node) -> bool:
     return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False))
 
@@ -128,10 +132,10 @@ def _length_message(seq, plan, chunks: int, multiple: int, balanced: bool,
     if not plan.cp_pad:
         padding = "cp_pad=off forbids padding it"
     elif attention:
-        padding = ("padding it would be exact only under causal attention, and this model "
-                   "attends to later tokens")
+        padding = ("padding it is exact only for causal or masked attention (padded keys "
+                   "masked out), and this model attends to every token unmasked")
     else:
-        padding = "padding it would be exact only under causal attention"
+        padding = "padding it is exact only for causal or masked attention"
     return (f"sequence length {seq} does not split into {why}: it must be a multiple of "
             f"{multiple}, and {padding}. Use a sequence length of {lengths}, or change cp")
 
@@ -377,7 +381,7 @@ class _Sharder:
     # --- attention -----------------------------------------------------------------------
     def _attend(self, node: fx.Node) -> None:
         q, k, v = node.args[:3]
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        mask = _mask_of(node)
         dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
         seq_dim = len(tensor_shape(node)) - 2
         if dropout:
@@ -391,29 +395,71 @@ class _Sharder:
         if any(self.dims[t] != seq_dim for t in (q, k, v)):
             self._gather_inputs(node, "attention on values not sharded along the sequence")
             return
-        if isinstance(mask, fx.Node) and mask in self.dims:
-            node.replace_input_with(mask, self._gather(mask, before=node))
+        if isinstance(mask, fx.Node):
+            whole = self._whole_mask(node, mask)
+            node.replace_input_with(mask, whole)
+            mask = whole
         self.attention.append(node.name)
         if self.algo == "a2a":
             self._all_to_all_attention(node, seq_dim)
         else:
             self._ring_attention(node, mask, seq_dim)
 
+    def _whole_mask(self, node: fx.Node, mask: fx.Node) -> fx.Node:
+        """The model's (.., S, S) mask, whole on every rank (ring attention indexes it at each
+        block's global positions; a2a attends over the whole sequence), padded so that padded
+        keys are seen by no real query and each padded query sees only itself (never a row
+        with nothing visible)."""
+        shape = tensor_shape(mask)
+        if len(shape) < 2 or shape[-2:] != (self.seq, self.seq) or (
+                len(shape) >= 3 and shape[-3] != 1):
+            raise PassError(
+                f"context_parallel: attention {node.name} reads the mask {mask.name} {shape}; "
+                f"cp takes masks of shape (.., 1, {self.seq}, {self.seq}) (one for every head, "
+                f"over the whole sequence of {self.seq}). Broadcast the mask over the heads, or "
+                f"use is_causal=True for a causal mask")
+        if mask in self.dims:
+            mask = self._gather(mask, before=node)
+        padding = self.layout.length - self.seq
+        if not padding:
+            return mask
+        boolean = tensor_of(mask).dtype == torch.bool
+        length = self.layout.length
+        padded_shape = [*shape[:-2], length, length]
+        with self.graph.inserting_before(node):
+            padded = self._call(aten.constant_pad_nd.default,
+                                (mask, [0, padding, 0, padding],
+                                 False if boolean else float("-inf")), {}, mask,
+                                shape=padded_shape)
+            positions = self.graph.call_function(aten.arange.default, (length,),
+                                                 {"dtype": torch.long,
+                                                  "device": tensor_of(mask).device})
+            positions.meta["val"] = torch.empty(length, dtype=torch.long, device="meta")
+            square = [length, length]
+            rows = self._call(aten.unsqueeze.default, (positions, 1), {}, positions,
+                              shape=[length, 1])
+            cols = self._call(aten.unsqueeze.default, (positions, 0), {}, positions,
+                              shape=[1, length])
+            diagonal = self._call(aten.eq.Tensor, (rows, cols), {}, mask, shape=square)
+            beyond = self._call(aten.ge.Scalar, (rows, self.seq), {}, mask, shape=[length, 1])
+            own = self._call(aten.logical_and.default, (diagonal, beyond), {}, mask,
+                             shape=square)
+            for n in (diagonal, beyond, own):
+                n.meta["val"] = n.meta["val"].to(torch.bool)
+            if boolean:
+                return self._call(aten.logical_or.default, (padded, own), {}, mask,
+                                  shape=padded_shape)
+            return self._call(aten.where.ScalarSelf, (own, 0.0, padded), {}, mask,
+                              shape=padded_shape)
+
     def _ring_attention(self, node: fx.Node, mask, seq_dim: int) -> None:
         q, k, v = node.args[:3]
-        if mask is not None:
-            raise PassError(
-                f"context_parallel: attention {node.name} reads an explicit mask "
-                f"{getattr(mask, 'name', mask)} {tuple(tensor_shape(mask))}: ring attention "
-                f"reproduces causal and full attention from global positions, and cannot prove "
-                f"what this mask does. Use cp_algo=a2a (each rank sees the whole mask), or pass "
-                f"is_causal=True instead of a causal mask tensor")
         scale = node.kwargs.get("scale")
         scale = 1.0 / math.sqrt(tensor_shape(q)[-1]) if scale is None else float(scale)
         with self.graph.inserting_before(node):
             pair = self.graph.call_function(
                 ops.ring_attention, (q, k, v, MESH_DIM, self.layout.length,
-                                     self.layout.balanced, _is_causal(node), scale))
+                                     self.layout.balanced, _is_causal(node), scale, mask))
             out = self.graph.call_function(operator.getitem, (pair, 0))
         val = tensor_of(node)
         pair.meta.update(node.meta)

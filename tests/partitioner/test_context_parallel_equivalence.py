@@ -79,13 +79,17 @@ class MaskedLM(nn.Module):
 
 
 def _masked_cases():
-    return [("bidirectional-ring", dict(causal=False), "cp=2"),
-            ("bidirectional-a2a", dict(causal=False), "cp=2,cp_algo=a2a"),
-            ("sliding-window-a2a", dict(window=5), "cp=2,cp_algo=a2a"),
-            ("packed-documents-a2a", dict(documents=True), "cp=2,cp_algo=a2a")]
+    return [("bidirectional-ring", dict(causal=False), "cp=2", 16),
+            ("bidirectional-a2a", dict(causal=False), "cp=2,cp_algo=a2a", 16),
+            ("sliding-window-ring", dict(window=5), "cp=2", 16),
+            ("sliding-window-a2a", dict(window=5), "cp=2,cp_algo=a2a", 16),
+            ("packed-documents-ring", dict(documents=True), "cp=2", 16),
+            ("packed-documents-a2a", dict(documents=True), "cp=2,cp_algo=a2a", 16),
+            ("packed-documents-ring-padded", dict(documents=True), "cp=2", 15),
+            ("sliding-window-a2a-padded", dict(window=5), "cp=2,cp_algo=a2a", 15)]
 
 
-def _check_masked(name: str, kwargs: dict, plan: str) -> tuple[str, EquivalenceReport]:
+def _check_masked(name: str, kwargs: dict, plan: str, seq: int) -> tuple[str, EquivalenceReport]:
     """Outputs, loss and gradients of MaskedLM (token-weighted loss with ignored labels)."""
     import copy
 
@@ -96,9 +100,9 @@ def _check_masked(name: str, kwargs: dict, plan: str) -> tuple[str, EquivalenceR
     torch.manual_seed(0)
     model = MaskedLM(**kwargs).double()
     reference = copy.deepcopy(model)
-    ids = torch.randint(0, 64, (4, 16))
-    doc = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4] * 2 + [[0] * 9 + [1] * 7] * 2)
-    target = torch.randint(0, 64, (4, 16))
+    ids = torch.randint(0, 64, (4, seq))
+    doc = torch.tensor([[0] * 5 + [1] * 7 + [2] * 4] * 2 + [[0] * 9 + [1] * 7] * 2)[:, :seq]
+    target = torch.randint(0, 64, (4, seq))
     target[:, -3:] = -100
     args = (ids, doc) if kwargs.get("documents") else (ids,)
     pm = parallelize(model, plan, example_inputs=args, loss_fn=lm_loss_sum)

@@ -146,7 +146,7 @@ def test_length_not_divisible_names_the_lengths_that_work():
         _program(_captured("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2,cp_pad=off", 4)
     bidirectional = capture(_MaskedAttention(causal=False),
                             (torch.zeros(2, 17, dtype=torch.long),))
-    with pytest.raises(PassError, match=r"exact only under causal attention.*16 or 18"):
+    with pytest.raises(PassError, match=r"exact only for causal or masked attention.*16 or 18"):
         _program(bidirectional, "cp=2", 2)
 
 
@@ -183,11 +183,26 @@ class _MaskedAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=near)
 
 
-def test_ring_refuses_a_mask_it_cannot_prove():
+def test_an_explicit_mask_goes_whole_to_ring_attention():
     captured = capture(_MaskedAttention(), (torch.zeros(2, 16, dtype=torch.long),))
-    with pytest.raises(PassError, match=r"explicit mask .*\(16, 16\).*cp_algo=a2a"):
+    program = _program(captured, "cp=2", 2)
+    (ring,) = [n for n in _graph_nodes(program) if n.target is ops.ring_attention]
+    assert tuple(ring.args[8].meta["val"].shape) == (16, 16)  # indexed per block at run time
+    assert _record(program).layout.balanced is False  # no is_causal: contiguous chunks
+
+
+def test_a_mask_per_head_is_refused():
+    class PerHead(_MaskedAttention):
+        def forward(self, ids):
+            x = self.embed(ids)
+            q, k, v = (t.view(ids.shape[0], ids.shape[1], 2, 8).transpose(1, 2)
+                       for t in self.qkv(x).chunk(3, -1))
+            mask = torch.ones(2, ids.shape[1], ids.shape[1], dtype=torch.bool).tril().triu(-3)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+    captured = capture(PerHead(), (torch.zeros(2, 16, dtype=torch.long),))
+    with pytest.raises(PassError, match=r"\(2, 16, 16\).*Broadcast the mask over the heads"):
         _program(captured, "cp=2", 2)
-    _program(captured, "cp=2,cp_algo=a2a", 2)  # a2a sees the whole mask: accepted
 
 
 def test_attention_dropout_is_refused():
