@@ -29,6 +29,7 @@ this rank's tokens, so the executor can shard targets and unshard `__call__`'s o
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass
@@ -94,7 +95,14 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                                         plan.cp_algo, None, stepped_aside=why)
         return gm
     layout = SequenceLayout(length, plan.cp, balanced)
-    gm.meta[meta.CP_RECORD] = _Sharder(gm, layout, seq, ctx.coords["cp"], plan.cp_algo).run()
+    record = _Sharder(gm, layout, seq, ctx.coords["cp"], plan.cp_algo).run()
+    if record.attention and plan.cp_algo == "ring":
+        record = dataclasses.replace(record, blocks=(
+            "torch's fused flash kernel for blocks without a mask tensor, explicit scores for "
+            "masked ones" if ctx.device.type != "cuda" else
+            "plain torch (explicit scores): the Triton flash-attention kernel is not wired "
+            "into the ring yet"))
+    gm.meta[meta.CP_RECORD] = record
     graph.lint()
     gm.recompile()
     return gm

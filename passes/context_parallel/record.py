@@ -43,6 +43,8 @@ class ContextParallelRecord:
     outputs: tuple[int | None, ...] = ()
     """Per flat graph output: its sequence dim when it holds this rank's tokens, else None."""
     sharded_nodes: int = 0
+    blocks: str = ""
+    """How ring attention computes its blocks on this rank's device."""
     stepped_aside: str | None = None
     """Why the pass left the graph alone (a forward-only call whose length cp does not
     divide), or None."""
@@ -71,5 +73,7 @@ class ContextParallelRecord:
 
     def __str__(self) -> str:
         lines = [f"context_parallel ({self.summary()})"]
+        if self.blocks:
+            lines.append(f"  ring blocks: {self.blocks}")
         lines += [f"  {g}" for g in self.gathered]
         return "\n".join(lines)
