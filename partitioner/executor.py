@@ -49,8 +49,8 @@ class Programs:
         self.training: dict[tuple, RankProgram] = {}
         """Input key -> the plan's program (serves step and forward calls)."""
         self.forward_only: dict[tuple, RankProgram] = {}
-        """Input key -> a forward-only program sp stepped aside in (a sequence it cannot split:
-        evaluation, generation); the tensor-parallel graph, same parameters, same numbers."""
+        """Input key -> a forward-only program sp or cp stepped aside in (a sequence it cannot
+        split: evaluation, generation); same parameters, same numbers."""
         self.group_names: dict[str, str] | None = None
         """This rank's process groups by mesh dim, once they exist: later programs are
         compiled with their collectives lowered onto them."""
@@ -74,8 +74,9 @@ class Programs:
                   if self.first is not None and self.first.pipeline else None)
         program = compile_rank(captured, self.plan, self.rank, self.device, starts,
                                forward_only=forward_only, group_names=self.group_names)
-        record = program.stages[0].gm.meta.get(meta.SP_RECORD)
-        if record is not None and record.stepped_aside:  # serves forward calls only
+        records = (program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
+                                                                    meta.CP_RECORD))
+        if any(r is not None and r.stepped_aside for r in records):  # forward calls only
             self.forward_only[key] = program
         else:
             self.training[key] = program

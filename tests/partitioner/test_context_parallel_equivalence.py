@@ -166,6 +166,14 @@ def _semantics() -> dict:
         pm.step(ids, target=target)
     except ValueError as error:
         out["mean_with_ignored"] = str(error)
+    # cp_pad=off: a forward call of a length that does not split runs without cp; a step of
+    # it is refused (it never trains on the forward-only program)
+    strict = parallelize(model, "cp=2,cp_pad=off", example_inputs=(ids,), loss_fn=lm_loss)
+    out["stepped_aside_call"] = relative_error(strict(odd), reference(odd))
+    try:
+        strict.step(odd, target=odd)
+    except ValueError as error:
+        out["odd_length_step"] = str(error)
     return out
 
 
@@ -190,6 +198,8 @@ def test_cp_on_two_ranks_matches_one_device():
     for _, semantics in results:
         assert semantics["odd_length_call"] < 1e-12
         assert "Return (loss_sum, token_count)" in semantics["mean_with_ignored"]
+        assert semantics["stepped_aside_call"] < 1e-12
+        assert "sequence length 15 does not split" in semantics["odd_length_step"]
 
 
 def test_cp_with_tp_sp_dp_zero_pp_on_four_ranks_matches_one_device():

@@ -30,8 +30,7 @@ def test_the_pipeline_is_one_ordered_list_of_the_design_card():
         "causal_mask", "tensor_parallel", "sequence_parallel", "context_parallel",
         "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "collectives",
         "lowering"]
-    assert [entry.name for entry in PIPELINE if entry.run is None] == [
-        "context_parallel", "expert_parallel"]
+    assert [entry.name for entry in PIPELINE if entry.run is None] == ["expert_parallel"]
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
         "causal_mask", "pipeline_split", "recompute", "kernels", "device", "collectives",
         "lowering"]
@@ -82,5 +81,5 @@ def test_pass_errors_pass_through_and_records_may_be_strings(monkeypatch):
 
 
 def test_plans_asking_for_passes_not_landed_are_refused_before_any_pass():
-    with pytest.raises(NotLanded, match="context parallelism"):
-        run_passes(_graph(), _context(Plan(cp=2).resolve(2)))
+    with pytest.raises(NotLanded, match="expert parallelism"):
+        run_passes(_graph(), _context(Plan(ep=2).resolve(2)))
