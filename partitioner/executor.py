@@ -24,7 +24,7 @@ from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch
 from partitioner.capture import Captured, capture, input_key
 from partitioner.compiler import compile_rank
-from partitioner.loss_route import LossFn, LossRouter, microbatch_loss
+from partitioner.loss_route import LossRouter, microbatch_loss
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
 from runtime.context_parallel import gather_sequence
@@ -155,14 +155,14 @@ class Executor:
                 actions, [input_leaves(args, kwargs)], None, None)
         last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
         leaves = []
-        for index, meta in enumerate(pipeline.output_meta):
-            if meta is None:
+        for index, shape_dtype in enumerate(pipeline.output_meta):
+            if shape_dtype is None:
                 leaves.append(pipeline.output_names[index])
                 continue
             if results:
                 tensor = results[0][index].contiguous()
             else:
-                tensor = torch.empty(meta[0], dtype=meta[1], device=self.device)
+                tensor = torch.empty(shape_dtype[0], dtype=shape_dtype[1], device=self.device)
             dist.broadcast(tensor, src=last_rank, group=self.mesh.group("pp"))
             leaves.append(tensor)
         return pytree.tree_unflatten(leaves, pipeline.out_spec)
@@ -291,7 +291,7 @@ def _output_dtype(program: RankProgram) -> torch.dtype:
     metas = (program.pipeline.output_meta if program.pipeline is not None else
              [(None, n.meta["val"].dtype) for n in program.stages[0].gm.graph.nodes
               if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)])
-    for meta in metas:
-        if meta is not None and meta[1].is_floating_point:
-            return meta[1]
+    for shape_dtype in metas:
+        if shape_dtype is not None and shape_dtype[1].is_floating_point:
+            return shape_dtype[1]
     return torch.float32

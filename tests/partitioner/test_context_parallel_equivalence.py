@@ -187,7 +187,7 @@ def _two_ranks(cases, masked, hf):
 
 def test_cp_on_two_ranks_matches_one_device():
     try:
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401  (the Hugging Face cases need it)
         hf = True
     except ImportError:
         hf = False
