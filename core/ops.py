@@ -146,13 +146,57 @@ is computed from global positions; `group` is a mesh dimension until lowering fi
 `attn_mask`, when given, is the model's whole (.., S, S) mask (bool: visible; float: added to
 the scores), indexed at the global positions of each block's queries and keys."""
 
-GROUPED = COLLECTIVES + (ring_attention,)
+# --- expert-parallel token dispatch ------------------------------------------------------
+
+_LIB.define("moe_dispatch(Tensor tokens, Tensor indices, str group, int num_experts, *, "
+            "int group_size=0) -> (Tensor, Tensor)")
+_LIB.define("moe_return(Tensor rows, Tensor indices, Tensor counts, str group, int num_experts, "
+            "*, int group_size=0) -> Tensor")
+_LIB.define("grouped_mm(Tensor rows, Tensor weight, Tensor counts) -> Tensor")
+moe_dispatch = torch.ops.partitioner.moe_dispatch.default
+"""Tokens (T, h) routed to experts `indices` (T, k) of `num_experts`, which lie evenly over the
+ep `group` (rank r holds experts [r*E/ep, (r+1)*E/ep)): each token is copied once per choice and
+sent by all-to-all to the rank holding that expert. Returns (rows, counts): the rows this rank's
+experts received (N, h), grouped by local expert and, within one, by source rank; counts
+(ep, E/ep) int64, how many rows each source rank sent to each local expert (N is data
+dependent). Backward returns each row's gradient to its token and sums over its k copies."""
+moe_return = torch.ops.partitioner.moe_return.default
+"""The inverse movement: expert outputs `rows` (N, h) as `moe_dispatch` laid them out, sent
+back to the ranks their tokens came from -> (T, k, h), choice j of token t at [t, j]."""
+grouped_mm = torch.ops.partitioner.grouped_mm.default
+"""`rows` (N, in) grouped by expert (group sizes: `counts` summed over its leading dim when it
+has two) times each group's `weight[e]` (E, in, out) -> (N, out): the experts' GEMMs."""
+
+MOE_OPS = (moe_dispatch, moe_return, grouped_mm)
+
+GROUPED = COLLECTIVES + (ring_attention, moe_dispatch, moe_return)
 """Every op that names a process group (lowering fixes each one's group)."""
+
+GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return}
+"""The ops of GROUPED that take `group_size`."""
 
 
 def group_arg(op) -> int:
     """The position of the group argument of an op of GROUPED."""
-    return 3 if op is ring_attention else 1
+    return {ring_attention: 3, moe_dispatch: 2, moe_return: 3}.get(op, 1)
+
+
+@torch.library.register_fake("partitioner::moe_dispatch")
+def _moe_dispatch_fake(tokens, indices, group, num_experts, *, group_size=0):
+    size = _known_size("moe_dispatch", group, group_size)
+    rows = torch.library.get_ctx().new_dynamic_size()
+    return (tokens.new_empty(rows, tokens.shape[-1]),
+            indices.new_empty(size, num_experts // size))
+
+
+@torch.library.register_fake("partitioner::moe_return")
+def _moe_return_fake(rows, indices, counts, group, num_experts, *, group_size=0):
+    return rows.new_empty(*indices.shape, rows.shape[-1])
+
+
+@torch.library.register_fake("partitioner::grouped_mm")
+def _grouped_mm_fake(rows, weight, counts):
+    return rows.new_empty(rows.shape[0], weight.shape[-1])
 
 
 @torch.library.register_fake("partitioner::ring_attention")

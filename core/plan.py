@@ -350,8 +350,11 @@ class Plan:
 _PENDING = {
     "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
                 "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
-    "ep": (lambda plan: False, "expert parallelism (ep>1)",
-           "run with ep=1 until expert parallelism lands"),
+    "ep": (lambda plan: plan.tp == 1 and plan.cp == 1,
+           "expert parallelism beside tensor or context parallelism (ep>1 with tp>1 or cp>1)",
+           "fold ep onto data-parallel ranks (tp=1, cp=1, dp a multiple of ep), or set ep=1"),
+    "zero": (lambda plan: plan.ep == 1, "ZeRO-1 with expert parallelism (zero=1 with ep>1)",
+             "set zero=0 when ep>1"),
     "etp": (lambda plan: plan.etp == plan.tp, "expert tensor parallelism (etp != tp)",
             "leave etp unset (it follows tp) until expert parallelism lands"),
     "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",

@@ -55,11 +55,17 @@ class LocalState:
         self.store = nn.Module()
         self._materialize(model, model_is_meta)
         self.bind(program)
-        params = list(self.store.parameters())
+        dense, expert = [], []
+        for name, layout in program.layouts.items():
+            if not layout.is_buffer:
+                (expert if _is_expert(layout) else dense).append(self.local(name))
         group = mesh.group(GRADIENTS)  # dp, or dp x cp
-        self.zero = (ZeroShards(params, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS))
-                     if zero else None)
-        self.reducer = None if zero else GradReducer(params, group)
+        self.zero = (ZeroShards(dense, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS))
+                     if zero else None)  # the plan refuses zero=1 with experts split over ep
+        self.reducer = None if zero else GradReducer(dense, group)
+        # An expert's gradient already holds every token of its ep group (the dispatch's
+        # backward brought them); the ranks holding the same experts are the edp group.
+        self.expert_reducer = GradReducer(expert, mesh.group("edp")) if expert else None
 
     def _materialize(self, model: nn.Module, model_is_meta: bool) -> None:
         sizes, coords = self.program.sizes, self.program.coords
@@ -134,16 +140,20 @@ class LocalState:
             self.zero.reduce_grads()
         else:
             self.reducer.finish()
+        if self.expert_reducer is not None:
+            self.expert_reducer.finish()
 
     def arm_reducer(self) -> None:
         """Bucketed dp all-reduce: reduce buckets as the next backward fills them."""
-        if self.reducer is not None:
-            self.reducer.arm()
+        for reducer in (self.reducer, self.expert_reducer):
+            if reducer is not None:
+                reducer.arm()
 
     def _replicas(self, layout: ParamLayout) -> int:
         """How many ranks hold exactly the same values as this rank's piece of `layout`: the
         copies within a pipeline rank's dense dims, times the pp ranks holding it."""
-        within = tuple(dim for dim, _ in RankLayout.dense(self.program.plan).sizes if dim != "pp")
+        rank_layout = (RankLayout.expert if _is_expert(layout) else RankLayout.dense)
+        within = tuple(dim for dim, _ in rank_layout(self.program.plan).sizes if dim != "pp")
         holders = (len(self.program.pipeline.holders(layout.name))
                    if self.program.pipeline is not None else self.mesh.size("pp"))
         return layout.replicas(self.program.sizes, within) * holders
@@ -269,6 +279,11 @@ class LocalState:
             self.local(name).copy_(layout.shard(full, self.program.coords, self.program.sizes))
         if self.zero is not None:
             self.zero.refresh_shards()
+
+
+def _is_expert(layout: ParamLayout) -> bool:
+    """Split over ep: an expert weight, laid over the expert ranks (etp x ep x edp)."""
+    return any(dim == "ep" for dim, _ in layout.placements.splits())
 
 
 def _tied_across_pp(program: RankProgram) -> list[str]:

@@ -9,8 +9,8 @@ it read that record instead of re-deriving it from the graph, and `run_passes` l
 
 A failing pass is named with the passes that ran before it, the way torch.fx's PassManager
 does; a `PassError` (every broken rule and its fix) and a `NotImplementedError` pass through as
-they are. Strategies whose pass has not landed (ep) are listed with no function: plans
-asking for them are refused by `Plan.refuse_pending` before any pass runs.
+they are. A strategy whose pass has not landed would be listed with no function: plans
+asking for it are refused by `Plan.refuse_pending` before any pass runs.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from core.plan import Plan
 from passes import Pass, PassContext, PassError
 from passes.causal_mask import fold_causal_masks
 from passes.context_parallel import context_parallel
+from passes.expert_parallel import expert_parallel
 from passes.device import retarget_device
 from passes.kernels import use_kernels
 from passes.lowering.collectives import lower_collectives
@@ -126,7 +127,8 @@ PIPELINE: tuple[PassEntry, ...] = (
               meta.SP_RECORD),
     PassEntry("context_parallel", context_parallel, lambda plan: plan.cp > 1, "cp > 1",
               meta.CP_RECORD),
-    PassEntry("expert_parallel", None, lambda plan: plan.ep > 1, "ep > 1"),
+    PassEntry("expert_parallel", expert_parallel, lambda plan: plan.ep > 1, "ep > 1",
+              meta.EP_RECORD),
     PassEntry("pipeline_split", pipeline_split, lambda plan: plan.stages > 1, "pp*vpp > 1",
               meta.PP_SPLIT_RECORD),
     PassEntry("recompute", _recompute, lambda plan: plan.recompute != "none",

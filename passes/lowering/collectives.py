@@ -77,7 +77,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                                  f"but group_names has no group for it: {ctx.group_names}")
             groups[dim] = ctx.group_names[dim]
             node.args = (*node.args[:at], groups[dim], *node.args[at + 1:])
-            if node.target in ops.SIZED or node.target is ops.ring_attention:
+            if node.target in ops.GROUP_SIZED:
                 node.kwargs = {**node.kwargs, "group_size": sizes[dim]}
             fixed += 1
         module.graph.lint()

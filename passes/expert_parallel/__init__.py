@@ -1,0 +1,62 @@
+"""Expert parallelism: each MoE layer's experts split over the ep group, tokens dispatched to
+them by all-to-all.
+
+Runs after the dense strategies, on their graph (ep with tp or cp is refused by the plan until
+tokens are split over tp and the cp sharding is carried through routers). The ep group folds
+onto the dense ranks (Megatron-Core's parallel folding, `core.layout.RankLayout.expert`): with
+tp = cp = 1 the ep ranks are dp ranks, each with its own tokens, so "dp=4,ep=4" on 4 ranks holds
+a quarter of the experts per rank and sends each token to the ranks holding its experts.
+
+`dispatch.find_layers` finds the layers from the router's dataflow; `dispatch._Rewriter` turns
+each dense-masked layer into dispatch -> grouped GEMMs -> return -> weighted sum. The stacked
+expert weights are split along their expert dim over ep (`Shard(0)@ep`), so their gradients are
+this rank's experts', summed by the runtime over the expert-data-parallel group (edp), while
+dense gradients stay summed over dp x cp.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import fx
+
+from core import meta
+from core.divisibility import divisors
+from core.placement import Shard
+from passes import PassContext, PassError
+from passes.expert_parallel.dispatch import _Rewriter, find_layers
+from passes.expert_parallel.record import ExpertParallelRecord, MoELayer
+
+__all__ = ["ExpertParallelRecord", "MoELayer", "expert_parallel"]
+
+
+def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
+    ep = ctx.plan.ep
+    layers = find_layers(gm)
+    if not layers:
+        raise PassError(
+            f"ep={ep} splits the experts of MoE layers, and this model has none that the "
+            f"expert-parallel pass recognises (a router's top-k over expert scores whose "
+            f"indices weight every expert's output, the experts held as stacked (E, in, out) "
+            f"parameters). Set ep=1")
+    problems = []
+    for layer in layers:
+        if layer.num_experts % ep:
+            valid = ", ".join(str(d) for d in divisors(layer.num_experts))
+            problems.append(f"MoE layer {layer.path} has {layer.num_experts} experts, which do "
+                            f"not split evenly over ep={ep}: ep must divide the experts "
+                            f"(valid ep: {valid})")
+    if problems:
+        raise PassError("; ".join(problems))
+    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"]).run() for layer in layers]
+    layouts = dict(gm.meta[meta.LAYOUTS])
+    for record in records:
+        for name in record.weights:
+            layout = layouts[name]
+            layouts[name] = dataclasses.replace(
+                layout, placements=layout.placements.with_("ep", Shard(0)))
+    gm.meta[meta.LAYOUTS] = layouts
+    gm.meta[meta.EP_RECORD] = ExpertParallelRecord(ep, ctx.coords["ep"], tuple(records))
+    gm.graph.lint()
+    gm.recompile()
+    return gm

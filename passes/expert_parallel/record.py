@@ -1,0 +1,46 @@
+"""What the expert-parallel pass did, as a typed record in `gm.meta[core.meta.EP_RECORD]`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One MoE layer found in the graph and dispatched over the ep group."""
+
+    path: str
+    """The module the router's top-k came from ("blocks.1.mlp")."""
+    num_experts: int
+    topk: int
+    local_experts: tuple[int, int]
+    """[first, last) experts this rank holds."""
+    weights: tuple[str, ...]
+    """The stacked expert parameters, split along dim 0 (the expert dim) over ep."""
+    expert_ops: tuple[str, ...]
+    """What each expert computes on its rows, in order (grouped_mm, gelu, ...)."""
+    tokens: int
+    """Tokens of one microbatch on this rank (each sent to `topk` experts)."""
+
+    def __str__(self) -> str:
+        first, last = self.local_experts
+        return (f"{self.path}: {self.num_experts} experts top-{self.topk}, experts "
+                f"{first}..{last - 1} here; {self.tokens} tokens x {self.topk} dispatched by "
+                f"all-to-all; experts run {' -> '.join(self.expert_ops)}; "
+                f"weights {', '.join(self.weights)} split over ep")
+
+
+@dataclass(frozen=True)
+class ExpertParallelRecord:
+    ep: int
+    rank: int
+    """This rank's coordinate in the ep group."""
+    layers: tuple[MoELayer, ...]
+
+    def summary(self) -> str:
+        return (f"ep={self.ep}: {len(self.layers)} MoE layers dispatched by all-to-all, "
+                f"{self.layers[0].num_experts // self.ep if self.layers else 0} experts per rank")
+
+    def __str__(self) -> str:
+        return "\n".join([f"expert_parallel ({self.summary()})"]
+                         + [f"  {layer}" for layer in self.layers])
