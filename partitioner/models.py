@@ -55,6 +55,13 @@ class GPTConfig:
     """Inner size of one expert; None means ffn_hidden."""
     dense_layers: int = 0
     """Leading blocks that keep a dense MLP in an MoE model (DeepSeek-V3 keeps 3)."""
+    router: Literal["softmax", "sigmoid"] = "softmax"
+    """MoE routing: softmax over the experts, top-k renormalized (Mixtral), or sigmoid scores
+    with a selection bias added for the top-k choice only, the chosen scores renormalized
+    (DeepSeek-V3's auxiliary-loss-free balancing; the bias is the buffer `expert_bias`)."""
+    shared_experts: int = 0
+    """Always-on MLPs beside the routed experts (DeepSeek's shared experts), one MLP of
+    shared_experts * expert inner size; they stay dense."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -109,7 +116,9 @@ class GPTConfig:
         total = 0
         for i in range(self.n_layer):
             ffn = mlp(self.ffn, self.bias) if not self.is_moe_layer(i) else (
-                self.n_experts * mlp(self.expert_ffn, bias=False) + h * self.n_experts)
+                self.n_experts * mlp(self.expert_ffn, bias=False) + h * self.n_experts
+                + (mlp(self.shared_experts * self.expert_ffn, self.bias)
+                   if self.shared_experts else 0))
             total += attn + ffn + 2 * norm
         total += v * h + norm + (0 if self.tie_embeddings else v * h)
         if self.position == "learned":
@@ -299,13 +308,23 @@ class MoE(nn.Module):
         n_in = 2 if config.swiglu else 1
         self.w_in = nn.Parameter(torch.randn(e, h, n_in * f) / math.sqrt(h))
         self.w_out = nn.Parameter(torch.randn(e, f, h) / math.sqrt(f))
+        if config.router == "sigmoid":
+            self.register_buffer("expert_bias", torch.zeros(e))
+        self.shared = (MLP(config, config.shared_experts * f) if config.shared_experts
+                       else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.config
-        probs = self.router(x).softmax(dim=-1)  # (B, S, E)
-        top_p, top_i = probs.topk(c.topk, dim=-1)  # (B, S, k)
+        logits = self.router(x)  # (B, S, E)
+        if c.router == "sigmoid":
+            scores = logits.sigmoid()
+            top_i = (scores + self.expert_bias).topk(c.topk, dim=-1).indices  # (B, S, k)
+            top_p = scores.gather(-1, top_i)
+        else:
+            scores = logits.softmax(dim=-1)
+            top_p, top_i = scores.topk(c.topk, dim=-1)
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
-        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)  # (B, S, E)
+        weights = torch.zeros_like(scores).scatter(-1, top_i, top_p)  # (B, S, E)
         hidden = torch.einsum("bsh,ehf->bsef", x, self.w_in)  # (B, S, E, n_in*f)
         if c.swiglu:
             gate, up = hidden.chunk(2, dim=-1)
@@ -313,7 +332,8 @@ class MoE(nn.Module):
         else:
             hidden = F.gelu(hidden)
         out = torch.einsum("bsef,efh->bseh", hidden, self.w_out)  # (B, S, E, h)
-        return torch.einsum("bseh,bse->bsh", out, weights)
+        routed = torch.einsum("bseh,bse->bsh", out, weights)
+        return routed if self.shared is None else routed + self.shared(x)
 
 
 class Block(nn.Module):
@@ -392,6 +412,14 @@ def build(config: GPTConfig | str, *, batch: int = 2, seq: int | None = None, de
 def tiny(batch: int = 4, seq: int = 16, **overrides) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """Factory for `partitioner.models:tiny`: a 2-layer GPT small enough for CPU ranks."""
     return build(GPTConfig(**overrides), batch=batch, seq=seq)
+
+
+def tiny_moe(batch: int = 4, seq: int = 16, **overrides) -> tuple[nn.Module, tuple[torch.Tensor]]:
+    """Factory for `partitioner.models:tiny_moe`: tiny_llama with 8 routed experts top-2 in
+    every block (softmax router); `router="sigmoid", shared_experts=1` is the DeepSeek style."""
+    fields = dict(n_experts=8, topk=2, moe_ffn_hidden=32)
+    fields.update(overrides)
+    return tiny_llama(batch, seq, **fields)
 
 
 def tiny_llama(batch: int = 4, seq: int = 16,

@@ -32,3 +32,16 @@ def hf_gpt2(batch: int = 4, seq: int = 16, **overrides):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(**fields))
     return model, (_ids(fields["vocab_size"], batch, seq),)
+
+
+def starved_moe(batch: int = 4, seq: int = 16, **overrides):
+    """The DeepSeek-style tiny MoE whose selection bias keeps every token away from expert 0
+    and from experts 4..7: under ep=2 one expert of rank 0 and all of rank 1 receive nothing."""
+    from partitioner.models import tiny_moe
+
+    model, inputs = tiny_moe(batch, seq, router="sigmoid", shared_experts=1, **overrides)
+    with torch.no_grad():
+        for block in model.blocks:
+            block.mlp.expert_bias[0] = -1e4
+            block.mlp.expert_bias[4:] = -1e4
+    return model, inputs

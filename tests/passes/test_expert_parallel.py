@@ -1,0 +1,118 @@
+"""Expert parallelism, graph level (programs built on the meta device): which layers are found,
+what they become, and the errors for what ep cannot do."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch import nn
+
+from core import ops
+from core.meta import EP_RECORD, LAYOUTS
+from core.placement import Shard
+from core.plan import NotLanded, Plan
+from partitioner import models
+from partitioner.capture import capture
+from partitioner.compiler import compile_rank
+from passes import PassError
+
+aten = torch.ops.aten
+
+
+@functools.lru_cache(maxsize=None)
+def _captured(factory, **overrides):
+    factory = getattr(models, factory) if isinstance(factory, str) else factory
+    model, (ids,) = factory(**overrides)
+    return capture(model, (ids,))
+
+
+def _program(captured, plan: str, world: int, rank: int = 0):
+    return compile_rank(captured, Plan.parse(plan).resolve(world), rank, "meta")
+
+
+def _nodes(program):
+    return [n for stage in program.stages for n in stage.gm.graph.nodes]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"router": "sigmoid", "shared_experts": 1}])
+def test_every_moe_layer_becomes_dispatch_grouped_gemms_and_return(overrides):
+    captured = _captured("tiny_moe", batch=2, seq=8, **overrides)
+    for rank in range(2):
+        program = _program(captured, "ep=2", 2, rank)
+        gm = program.stages[0].gm
+        record = gm.meta[EP_RECORD]
+        assert [layer.path for layer in record.layers] == ["blocks.0.mlp", "blocks.1.mlp"]
+        for layer in record.layers:
+            assert (layer.num_experts, layer.topk, layer.tokens) == (8, 2, 16)
+            assert layer.local_experts == (4 * rank, 4 * rank + 4)
+            assert layer.expert_ops == ("grouped_mm", "chunk", "silu", "mul", "grouped_mm")
+            for name in layer.weights:
+                assert gm.meta[LAYOUTS][name].placements.on("ep") == Shard(0)
+                assert program.layouts[name].local_shape(program.sizes)[0] == 4
+        nodes = _nodes(program)
+        assert not [n for n in nodes if n.target is aten.einsum.default]  # no dense experts
+        count = {op: sum(n.target is op for n in nodes) for op in ops.MOE_OPS}
+        assert count == {ops.moe_dispatch: 2, ops.moe_return: 2, ops.grouped_mm: 4}
+        # the router, the shared expert and attention stay as they were (replicated)
+        assert all(gm.meta[LAYOUTS][name].placements.replicated
+                   for name in gm.meta[LAYOUTS] if "w_in" not in name and "w_out" not in name)
+
+
+def test_gelu_experts_and_dense_leading_blocks():
+    captured = _captured("tiny", batch=2, seq=8, n_experts=4, topk=1, dense_layers=1)
+    record = _program(captured, "ep=2", 2).stages[0].gm.meta[EP_RECORD]
+    assert [layer.path for layer in record.layers] == ["blocks.1.mlp"]
+    assert record.layers[0].expert_ops == ("grouped_mm", "gelu", "grouped_mm")
+    assert "experts 0..1 here" in str(record)
+
+
+def test_experts_that_do_not_split_over_ep_name_the_valid_values():
+    captured = _captured("tiny_moe", batch=3, seq=8)
+    with pytest.raises(PassError, match=r"blocks.0.mlp has 8 experts, which do not split evenly "
+                                        r"over ep=3: .*valid ep: 1, 2, 4, 8"):
+        _program(captured, "ep=3", 3)
+
+
+def test_ep_on_a_model_without_moe_layers_says_so():
+    with pytest.raises(PassError, match="this model has none that the expert-parallel pass "
+                                        "recognises.*Set ep=1"):
+        _program(_captured("tiny", batch=2, seq=8), "ep=2", 2)
+
+
+class _BiasedExperts(nn.Module):
+    """Experts with a per-expert bias broadcast over the tokens: not a per-row op here."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.router = nn.Linear(8, 4)
+        self.w = nn.Parameter(torch.randn(4, 8, 8))
+        self.b = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        probs = self.router(x).softmax(-1)
+        top_p, top_i = probs.topk(2, -1)
+        weights = torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        out = torch.einsum("bsh,eho->bseo", x, self.w) + self.b
+        return torch.einsum("bseh,bse->bsh", out, weights)
+
+
+def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
+    model = _BiasedExperts()
+    captured = capture(model, (torch.randint(0, 32, (2, 4)),))
+    with pytest.raises(PassError, match="MoE layer .*an operand broadcast over the experts or "
+                                        "tokens.*Set ep=1"):
+        _program(captured, "ep=2", 2)
+
+
+@pytest.mark.parametrize("plan, message", [
+    ("tp=2,ep=2", "expert parallelism beside tensor or context parallelism"),
+    ("cp=2,ep=2", "expert parallelism beside tensor or context parallelism"),
+    ("ep=2,zero=1", "ZeRO-1 with expert parallelism"),
+])
+def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):
+    with pytest.raises(NotLanded, match=message):
+        Plan.parse(plan).refuse_pending()
