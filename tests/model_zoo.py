@@ -45,3 +45,22 @@ def starved_moe(batch: int = 4, seq: int = 16, **overrides):
             block.mlp.expert_bias[0] = -1e4
             block.mlp.expert_bias[4:] = -1e4
     return model, inputs
+
+
+def hf_mixtral(batch: int = 4, seq: int = 16, experts_implementation: str = "grouped_mm",
+               **overrides):
+    """Mixtral with 8 experts top-2; `experts_implementation` picks how Hugging Face runs the
+    experts ("grouped_mm", its default, exports as the opaque grouped-GEMM fallback op on CPU;
+    "batched_mm" as index + bmm)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    fields = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                  num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=64,
+                  use_cache=False, attention_dropout=0.0)
+    fields.update(overrides)
+    config = MixtralConfig(**fields)
+    config._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(config)
+    return model, (_ids(fields["vocab_size"], batch, seq),)

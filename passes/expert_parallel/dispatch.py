@@ -1,23 +1,31 @@
 """Find MoE layers by their dataflow and rewrite each into token dispatch.
 
 A layer is found from its router, not from module names: a `topk` over expert scores (the last
-dim, E experts) whose indices reach a *combine*, `einsum("...eh,...e->...h", outputs, weights)`:
-every expert's output weighted by a routing tensor that is zero outside each token's top-k (the
-dense-masked form: the model computes every expert on every token, which exports with static
-shapes). The *experts* are what the combine's outputs are computed from: starting at the
-tokens, an einsum with a stacked parameter (E, in, out) per GEMM, and elementwise ops,
-`chunk`/`split` of the feature dim between them (gelu, SwiGLU's silu(gate) * up, ...).
+dim, E experts) whose indices reach the experts in one of three forms that models export:
 
-The rewrite computes exactly the same numbers sparsely: each token goes to its k experts only.
+- dense-masked (the in-repo MoE): every expert computed on every token by einsums with stacked
+  (E, in, out) weights, then a *combine* `einsum("...eh,...e->...h", outputs, weights)` with
+  routing weights that are zero outside each token's top-k;
+- sorted rows (Hugging Face's `grouped_mm` experts): the (token, choice) pairs sorted by expert
+  (`sort` of the flat indices), the token rows gathered in that order, one grouped GEMM per
+  projection (`transformers::grouped_mm_fallback` with per-expert offsets), the rows weighted
+  and put back in token order;
+- choice rows (Hugging Face's `batched_mm` experts): the tokens repeated once per choice, each
+  row multiplied by its expert's weight matrix picked by index (`bmm` of `W[indices]`).
+
+Between the GEMMs the experts run per-row ops: elementwise ops, casts, `chunk`/`split` of the
+feature dim (gelu, SwiGLU's silu(gate) * up, ...). The rewrite computes the same numbers with
+each (token, choice) pair sent to the rank holding its expert:
 
     tokens (T, h), indices (T, k) --moe_dispatch--> rows (N, h), counts     all-to-all over ep
-    rows --the experts, per row: grouped_mm with this rank's slice of each stacked weight-->
-    --moe_return--> (T, k, h)                                              all-to-all back
-    (T, k, h) * gates (T, k), summed over k -> (T, h)
+    rows --the experts' per-row ops, each GEMM a grouped_mm with this rank's slice of the
+    stacked weight--> --moe_return--> (T, k, h)                            all-to-all back
 
-where gates are the routing weights read at the indices (`gather`), so the router's gradient is
-the dense model's. The routing weights being zero outside the top-k is what makes this exact; it
-is checked by construction (the weights must be computed from the same top-k's indices).
+then, for the dense form, (T, k, h) weighted by the routing weights read at the indices
+(`gather`) and summed over k; for the row forms, the returned rows take the place of the
+experts' output rows (in the sorted or choice order the model's own code expects) and the
+model's weighting and unsorting run as they are. Either way the router's gradient is the
+model's own.
 """
 
 from __future__ import annotations
@@ -38,6 +46,8 @@ from passes.expert_parallel.record import MoELayer
 aten = torch.ops.aten
 _ELEMENTWISE = frozenset(aten_ops(UNARY) + aten_ops(BINARY))
 _SPLITS = frozenset({aten.chunk.default, aten.split.Tensor, aten.split_with_sizes.default})
+_HF_GROUPED_MM = "transformers.grouped_mm_fallback.default"
+"""Hugging Face's opaque grouped GEMM (rows sorted by expert, per-expert end offsets)."""
 
 
 @dataclass
@@ -46,12 +56,21 @@ class _Layer:
 
     topk: fx.Node
     indices: fx.Node
-    combine: fx.Node
-    expert_out: fx.Node
-    """The combine's (tokens..., E, h) operand: every expert's output."""
-    routing: fx.Node
-    """The combine's (tokens..., E) operand: the routing weights."""
     num_experts: int
+    form: str
+    """"dense", "sorted" or "choice" (see the module docstring)."""
+    tokens: fx.Node
+    """The (tokens..., h) values the experts read."""
+    exit: fx.Node
+    """dense: the combine; row forms: the experts' output rows (before their weighting)."""
+    expert_out: fx.Node | None = None
+    """dense: the combine's (tokens..., E, h) operand, every expert's output."""
+    routing: fx.Node | None = None
+    """dense: the combine's (tokens..., E) operand, the routing weights."""
+    entry: fx.Node | None = None
+    """row forms: the token rows the first GEMMs read (gathered in sorted order / repeated)."""
+    order: fx.Node | None = None
+    """sorted form: the permutation that sorts the flat (token, choice) pairs by expert."""
 
     @property
     def path(self) -> str:
@@ -60,19 +79,120 @@ class _Layer:
 
 def find_layers(gm: fx.GraphModule) -> list[_Layer]:
     layers = []
+    position = _positions(gm.graph)
     for topk in gm.graph.find_nodes(op="call_function", target=aten.topk.default):
         scores = tensor_of(topk.args[0])
         dim = topk.args[2] if len(topk.args) > 2 else topk.kwargs.get("dim", -1)
         if scores is None or dim not in (-1, scores.dim() - 1):
             continue
-        indices = next((u for u in topk.users if u.target is operator.getitem and u.args[1] == 1),
-                       None)
-        if indices is None:
+        outputs = {u.args[1]: u for u in topk.users if u.target is operator.getitem}
+        if 1 not in outputs:
             continue
-        combine = _combine_of(indices)
-        if combine is not None:
-            layers.append(_Layer(topk, indices, *combine, num_experts=int(scores.shape[-1])))
+        experts = int(scores.shape[-1])
+        layer = (_dense_layer(topk, outputs[1], experts, position)
+                 or _row_layer(topk, outputs, experts, position))
+        if layer is not None:
+            layers.append(layer)
     return layers
+
+
+def _dense_layer(topk, indices, experts, position) -> _Layer | None:
+    """The first einsum downstream of the indices that contracts an expert dim between a value
+    they reach (the routing weights) and one they do not (the experts' outputs)."""
+    reached = _descendants(indices)
+    for node in sorted(reached, key=position.get):
+        parts = _einsum_parts(node)
+        if parts is None or len(parts[2]) != 2:
+            continue
+        (sub_a, sub_b), out, (a, b) = parts
+        if (a in reached) == (b in reached):
+            continue
+        outputs, routing, sub_o, sub_r = (b, a, sub_b, sub_a) if a in reached else (a, b, sub_a,
+                                                                                    sub_b)
+        # outputs tok+e+h, routing tok+e, result tok+h
+        if len(sub_o) >= 2 and sub_r == sub_o[:-1] and out == sub_o[:-2] + sub_o[-1]:
+            tokens = _dense_tokens(outputs, experts, topk)
+            return _Layer(topk, indices, experts, "dense", tokens, node, expert_out=outputs,
+                          routing=routing)
+    return None
+
+
+def _dense_tokens(expert_out: fx.Node, experts: int, topk: fx.Node) -> fx.Node:
+    """What the experts' first GEMMs read: an einsum operand without the expert dim, beside a
+    stacked weight. All of them must read the same tensor."""
+    found, stack, seen = set(), [expert_out], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        parts = _einsum_parts(node)
+        if parts is not None and len(parts[2]) == 2:
+            (sub_a, sub_b), _, (a, b) = parts
+            if _is_stacked(b, experts) and sub_b[0] not in sub_a:
+                found.add(a)
+                continue
+            if _is_stacked(a, experts) and sub_a[0] not in sub_b:
+                found.add(b)
+                continue
+        stack.extend(node.all_input_nodes)
+    if len(found) != 1:
+        what = ("no GEMM of the tokens with a stacked (E, in, out) expert weight" if not found
+                else f"GEMMs of {len(found)} different token tensors")
+        raise PassError(_unsupported(module_path(topk) or topk.name, expert_out, what))
+    return found.pop()
+
+
+def _row_layer(topk, outputs, experts, position) -> _Layer | None:
+    """Hugging Face's row forms: find the rows the experts start from, then their output rows:
+    the operand of the first multiply by the router's top-k values (the routing weights)."""
+    indices = outputs[1]
+    flat = [u for u in indices.users if u.target in (aten.reshape.default, aten.view.default)
+            and tensor_of(u).dim() == 1]
+    entry = order = None
+    for ids in flat:
+        for user in ids.users:
+            if user.target is aten.sort.default:  # sorted rows: tokens[order // k]
+                order = next((u for u in user.users if u.target is operator.getitem
+                              and u.args[1] == 1), None)
+                if order is None:
+                    continue
+                for div in order.users:
+                    if div.target is aten.floor_divide.default:
+                        entry = next((u for u in div.users if u.target is aten.index.Tensor
+                                      and list(u.args[1]) == [div]), entry)
+        if entry is not None:
+            break
+    if entry is None:  # choice rows: tokens.repeat_interleave(k, 0)
+        k = int(tensor_of(indices).shape[-1])
+        candidates = [n for n in topk.graph.find_nodes(
+            op="call_function", target=aten.repeat_interleave.self_int)
+            if n.args[1] == k and (len(n.args) > 2 and n.args[2] == 0)
+            and any(u.target is aten.unsqueeze.default
+                    and any(_gemm_of_choice_rows(b, flat) for b in u.users) for u in n.users)]
+        entry = min(candidates, key=position.get) if candidates else None
+        if entry is None:
+            return None
+    form = "sorted" if order is not None else "choice"
+    tokens = entry.args[0]
+    weighted = set().union(*(_descendants(v) for v in outputs.values() if v is not indices)) \
+        if len(outputs) > 1 else set()
+    reached = _descendants(entry)
+    for node in sorted(reached, key=position.get):
+        if node.target is aten.mul.Tensor and len(node.args) == 2:
+            a, b = node.args
+            if a in reached and b in weighted and b not in reached:
+                return _Layer(topk, indices, experts, form, tokens, a, entry=entry, order=order)
+            if b in reached and a in weighted and a not in reached:
+                return _Layer(topk, indices, experts, form, tokens, b, entry=entry, order=order)
+    return None
+
+
+def _gemm_of_choice_rows(node: fx.Node, flat_indices: list[fx.Node]) -> bool:
+    """A bmm with a weight picked per row by the flat indices (`W[indices]`)."""
+    return node.target is aten.bmm.default and any(
+        isinstance(a, fx.Node) and a.target is aten.index.Tensor
+        and list(a.args[1]) and a.args[1][0] in flat_indices for a in node.args)
 
 
 def _descendants(node: fx.Node) -> set[fx.Node]:
@@ -95,32 +215,20 @@ def _einsum_parts(node: fx.Node) -> tuple[list[str], str, list[fx.Node]] | None:
     return inputs.split(","), output, operands
 
 
-def _combine_of(indices: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
-    """(combine, expert outputs, routing weights): the first einsum downstream of `indices`
-    that contracts an expert dim between a value the indices reach and one they do not."""
-    reached = _descendants(indices)
-    position = _positions(indices.graph)
-    for node in sorted(reached, key=position.get):
-        parts = _einsum_parts(node)
-        if parts is None or len(parts[2]) != 2:
-            continue
-        (sub_a, sub_b), out, (a, b) = parts
-        if (a in reached) == (b in reached):
-            continue
-        outputs, routing, sub_o, sub_r = (b, a, sub_b, sub_a) if a in reached else (a, b, sub_a,
-                                                                                    sub_b)
-        # outputs tok+e+h, routing tok+e, result tok+h
-        if (len(sub_o) >= 2 and sub_r == sub_o[:-1] and out == sub_o[:-2] + sub_o[-1]):
-            return node, outputs, routing
-    return None
-
-
 def _positions(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
+def _unsupported(path: str, node: fx.Node, what: str | None = None) -> str:
+    what = what or f"{node.target}"
+    return (f"MoE layer {path}: its experts compute {what} ({node.name}), which the "
+            f"expert-parallel pass cannot run per token: it runs experts whose GEMMs use stacked "
+            f"(E, in, out) weights (einsum, Hugging Face's grouped_mm or batched_mm) with "
+            f"elementwise ops between them. Set ep=1 for this model")
+
+
 class _Rewriter:
-    """Builds one layer's sparse form before its combine and reroutes the combine's users."""
+    """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
     def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int) -> None:
         self.gm, self.layer, self.ep, self.rank = gm, layer, ep, rank
@@ -128,113 +236,139 @@ class _Rewriter:
         self.rows_of: dict[fx.Node, fx.Node] = {}
         self.weights: list[fx.Node] = []
         self.expert_ops: list[str] = []
-        self.region: set[fx.Node] = set()
+        self.replaced: set[fx.Node] = set()
         self.counts: fx.Node | None = None
+        self.local = layer.num_experts // ep
 
     def run(self) -> MoELayer:
         layer, graph = self.layer, self.graph
-        experts, local = layer.num_experts, layer.num_experts // self.ep
+        experts = layer.num_experts
         k = int(tensor_of(layer.indices).shape[-1])
-        tokens = self._tokens()
-        *token_dims, hidden = tuple(tensor_of(tokens).shape)
+        *token_dims, hidden = tuple(tensor_of(layer.tokens).shape)
         count = math.prod(token_dims)
-        # Every new node goes just before the combine, after the ones inserted before it.
-        with graph.inserting_before(layer.combine):
-            flat_tokens = self._call(aten.reshape.default, (tokens, [count, hidden]))
+        # Every new node goes just before the exit, after the ones inserted before it.
+        with graph.inserting_before(layer.exit):
+            flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
             dispatch = graph.call_function(ops.moe_dispatch, (flat_tokens, flat_indices, "ep",
                                                               experts),
                                            {"group_size": self.ep})
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
                 tensor_of(flat_tokens).new_empty(count * k, hidden),
-                tensor_of(flat_indices).new_empty(self.ep, local))
+                tensor_of(flat_indices).new_empty(self.ep, self.local))
             rows = self._call(operator.getitem, (dispatch, 0))
             self.counts = self._call(operator.getitem, (dispatch, 1))
-            self._localize_weights(local)
-            rows_out = self._rows(layer.expert_out, tokens, rows)
+            expert_out = layer.expert_out if layer.form == "dense" else layer.exit
+            start = layer.tokens if layer.form == "dense" else layer.entry
+            rows_out = self._rows(expert_out, start, rows)
             back = self._call(ops.moe_return, (rows_out, flat_indices, self.counts, "ep",
                                                experts), {"group_size": self.ep})
-            routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
-            gates = self._call(aten.gather.default, (routing, 1, flat_indices))
-            weighted = self._call(aten.mul.Tensor,
-                                  (back, self._call(aten.unsqueeze.default, (gates, -1))))
-            summed = self._call(aten.sum.dim_IntList, (weighted, [1]))
-            out = self._call(aten.reshape.default,
-                             (summed, list(tensor_of(layer.combine).shape)))
-        layer.combine.replace_all_uses_with(out)
-        self._erase_dense(layer.combine)
-        return MoELayer(path=layer.path, num_experts=experts, topk=k,
-                        local_experts=(self.rank * local, (self.rank + 1) * local),
+            if layer.form == "dense":
+                routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
+                gates = self._call(aten.gather.default, (routing, 1, flat_indices))
+                weighted = self._call(aten.mul.Tensor,
+                                      (back, self._call(aten.unsqueeze.default, (gates, -1))))
+                summed = self._call(aten.sum.dim_IntList, (weighted, [1]))
+                out = self._call(aten.reshape.default,
+                                 (summed, list(tensor_of(layer.exit).shape)))
+            else:  # the model weights, unsorts and sums the rows itself
+                out = self._call(aten.reshape.default, (back, [count * k, back.meta["val"]
+                                                               .shape[-1]]))
+                if layer.form == "sorted":
+                    out = self._call(aten.index.Tensor, (out, [layer.order]))
+        layer.exit.replace_all_uses_with(out)
+        self._erase_replaced(layer.exit)
+        # The layer is the module holding the router and the experts (a router's top-k may
+        # sit in a submodule of its own, as Hugging Face's `gate`).
+        paths = [layer.path.split(".")] + [w.target.split(".")[:-1] for w in self.weights]
+        common = [parts[0] for parts in zip(*paths) if len(set(parts)) == 1]
+        return MoELayer(path=".".join(common) or layer.path, num_experts=experts, topk=k,
+                        local_experts=(self.rank * self.local, (self.rank + 1) * self.local),
                         weights=tuple(w.target for w in self.weights),
                         expert_ops=tuple(self.expert_ops), tokens=count)
 
-    def _tokens(self) -> fx.Node:
-        """What the experts' first GEMMs read: an einsum operand without the expert dim,
-        beside a stacked weight. All of them must read the same tensor."""
-        found, stack, seen = set(), [self.layer.expert_out], set()
-        while stack:
-            node = stack.pop()
-            if node in seen:
-                continue
-            seen.add(node)
-            parts = _einsum_parts(node)
-            if parts is not None and len(parts[2]) == 2:
-                (sub_a, sub_b), out, (a, b) = parts
-                if _is_stacked(b, self.layer.num_experts) and sub_b[0] not in sub_a:
-                    found.add(a)
-                    continue
-                if _is_stacked(a, self.layer.num_experts) and sub_a[0] not in sub_b:
-                    found.add(b)
-                    continue
-            stack.extend(node.all_input_nodes)
-        if len(found) != 1:
-            what = ("no GEMM of the tokens with a stacked (E, in, out) expert weight"
-                    if not found else f"GEMMs of {len(found)} different token tensors")
-            raise PassError(self._unsupported(self.layer.expert_out, what))
-        return found.pop()
-
     # --- the experts, per row -----------------------------------------------------------
-    def _rows(self, node: fx.Node, tokens: fx.Node, rows: fx.Node) -> fx.Node:
-        """`node` of the dense experts (tokens..., [E,] features) computed on dispatched rows
-        (N, features): the same op per row, GEMMs against stacked weights grouped by expert."""
+    def _rows(self, node: fx.Node, start: fx.Node, rows: fx.Node) -> fx.Node:
+        """`node` of the model's experts computed on the dispatched rows (N, features): the
+        same op per row, each GEMM grouped by expert over this rank's experts. `start` (the
+        tokens, or the row forms' entry rows) is what becomes the dispatched rows."""
+        if node is start:
+            return rows
         if node in self.rows_of:
             return self.rows_of[node]
-        self.region.add(node)
-        parts = _einsum_parts(node)
-        if parts is not None and len(parts[2]) == 2:
-            out = self._grouped_mm(node, parts, tokens, rows)
+        self.replaced.add(node)
+        gemm = self._gemm(node)
+        if gemm is not None:
+            source, weight, transpose = gemm
+            out = self._grouped_mm(self._rows(source, start, rows), weight, transpose)
         elif node.target in _ELEMENTWISE or node.target in _SPLITS or (
                 node.target is operator.getitem):
-            out = self._pointwise(node, tokens, rows)
+            out = self._pointwise(node, start, rows)
         else:
             raise PassError(self._unsupported(node))
         self.rows_of[node] = out
         return out
 
-    def _grouped_mm(self, node: fx.Node, parts, tokens: fx.Node, rows: fx.Node) -> fx.Node:
-        (sub_a, sub_w), out, (a, w) = parts
-        if not _is_stacked(w, self.layer.num_experts):
-            (sub_a, sub_w), (a, w) = (sub_w, sub_a), (w, a)
-        if not _is_stacked(w, self.layer.num_experts):
-            raise PassError(self._unsupported(node, "an einsum with no stacked (E, in, out) "
-                                                    "expert weight"))
-        e, inner, outer = sub_w
-        tokens_part = out[:-2]
-        if (len(sub_w) != 3 or out[-2:] != e + outer or sub_a[-1] != inner
-                or sub_a[:-1] not in (tokens_part, tokens_part + e)):
-            raise PassError(self._unsupported(node, f"einsum {node.args[0]!r} is not one GEMM "
-                                                    f"per expert"))
-        source = rows if a is tokens else self._rows(a, tokens, rows)
-        if any(user not in self.region and user.target is not aten.einsum.default
-               for user in w.users):
-            raise PassError(self._unsupported(node, f"the expert weight {w.target} is used "
-                                                    f"outside the experts"))
-        if w not in self.weights:
-            self.weights.append(w)
-        self.expert_ops.append("grouped_mm")
-        return self._call(ops.grouped_mm, (source, w, self.counts))
+    def _gemm(self, node: fx.Node) -> tuple[fx.Node, fx.Node, bool] | None:
+        """(rows it reads, stacked weight, whether the weight is (E, out, in)) when `node` is
+        one GEMM per expert in any of the forms, else None."""
+        experts = self.layer.num_experts
+        parts = _einsum_parts(node)
+        if parts is not None and len(parts[2]) == 2:
+            (sub_a, sub_w), out, (a, w) = parts
+            if not _is_stacked(w, experts):
+                (sub_a, sub_w), (a, w) = (sub_w, sub_a), (w, a)
+            if not _is_stacked(w, experts) or len(sub_w) != 3:
+                raise PassError(self._unsupported(node, "an einsum with no stacked (E, in, out) "
+                                                        "expert weight"))
+            e, inner, outer = sub_w
+            tokens_part = out[:-2]
+            if (out[-2:] != e + outer or sub_a[-1] != inner
+                    or sub_a[:-1] not in (tokens_part, tokens_part + e)):
+                raise PassError(self._unsupported(node, f"einsum {node.args[0]!r}, not one GEMM "
+                                                        f"per expert"))
+            self.replaced.add(node)
+            return a, w, False
+        if str(node.target) == _HF_GROUPED_MM:  # (rows, W (E, in, out) or W^T, offsets)
+            source, weight = node.args[0], node.args[1]
+            transposed = weight.target is aten.transpose.int and weight.op == "call_function"
+            stacked = weight.args[0] if transposed else weight
+            if not _is_stacked(stacked, experts):
+                raise PassError(self._unsupported(node, "a grouped GEMM without a stacked "
+                                                        "expert weight"))
+            if transposed:
+                self.replaced.add(weight)
+            # the offsets (histc + cumsum of the sorted indices) are no longer read
+            self.replaced.update(_ancestors_within(node.args[2], self.layer.indices))
+            return source, stacked, transposed
+        if node.target is aten.squeeze.dim and node.args[0].target is aten.bmm.default:
+            bmm = node.args[0]
+            picked, column = bmm.args  # W[ids] (S, out, in) @ x.unsqueeze(-1) (S, in, 1)
+            if (picked.target is aten.index.Tensor and column.target is aten.unsqueeze.default
+                    and _is_stacked(picked.args[0], experts)):
+                self.replaced.update({bmm, picked, column})
+                return column.args[0], picked.args[0], True
+            row, picked = bmm.args  # x.unsqueeze(1) (S, 1, in) @ W[ids] (S, in, out)
+            if (picked.target is aten.index.Tensor and row.target is aten.unsqueeze.default
+                    and _is_stacked(picked.args[0], experts)):
+                self.replaced.update({bmm, picked, row})
+                return row.args[0], picked.args[0], False
+        return None
 
-    def _pointwise(self, node: fx.Node, tokens: fx.Node, rows: fx.Node) -> fx.Node:
+    def _grouped_mm(self, source: fx.Node, weight: fx.Node, transposed: bool) -> fx.Node:
+        if any(user not in self.replaced for user in weight.users):
+            raise PassError(self._unsupported(weight, f"the expert weight {weight.target} also "
+                                                      f"used outside the experts"))
+        if weight not in self.weights:
+            self.weights.append(weight)
+            val = tensor_of(weight)
+            weight.meta["val"] = val.new_empty(self.local, *val.shape[1:])
+        if transposed:
+            weight = self._call(aten.transpose.int, (weight, -2, -1))
+        self.expert_ops.append("grouped_mm")
+        return self._call(ops.grouped_mm, (source, weight, self.counts))
+
+    def _pointwise(self, node: fx.Node, start: fx.Node, rows: fx.Node) -> fx.Node:
         val = tensor_of(node)
         args = []
         for arg in node.args:
@@ -245,7 +379,7 @@ class _Rewriter:
                         tensor_of(arg).dim() != val.dim()):
                     raise PassError(self._unsupported(node, "an operand broadcast over the "
                                                             "experts or tokens"))
-                arg = self._rows(arg, tokens, rows)
+                arg = self._rows(arg, start, rows)
             args.append(arg)
         if node.target in _SPLITS:
             dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
@@ -253,18 +387,14 @@ class _Rewriter:
                 raise PassError(self._unsupported(node, "a split of a dim other than the "
                                                         "features"))
             args = [args[0], args[1], -1]
-        if node.target is not operator.getitem:
+        if node.target is not operator.getitem and not _is_cast(node):
             self.expert_ops.append(str(node.target).split(".")[-2] if "." in str(node.target)
                                    else str(node.target))
         return self._call(node.target, tuple(args), {k: v for k, v in node.kwargs.items()
                                                      if k != "dim"})
 
     def _unsupported(self, node: fx.Node, what: str | None = None) -> str:
-        what = what or f"{node.target}"
-        return (f"MoE layer {self.layer.path}: its experts compute {what} ({node.name}), which "
-                f"the expert-parallel pass cannot run per token: it runs experts built from "
-                f"einsum GEMMs with stacked (E, in, out) weights and elementwise ops between "
-                f"them. Set ep=1 for this model")
+        return _unsupported(self.layer.path, node, what)
 
     # --- graph edits ------------------------------------------------------------------------
     def _call(self, target, args, kwargs=None) -> fx.Node:
@@ -273,18 +403,29 @@ class _Rewriter:
         node.meta["val"] = target(*vals[0], **vals[1])
         return node
 
-    def _erase_dense(self, combine: fx.Node) -> None:
+    def _erase_replaced(self, exit: fx.Node) -> None:
+        """The model's own experts (and the routing values only they read), now unused."""
         position = _positions(self.graph)
-        dead = [combine] + sorted(self.region, key=position.get, reverse=True)
-        for node in dead:
-            if not node.users:
+        for node in sorted(self.replaced | {exit}, key=position.get, reverse=True):
+            if not node.users and not node.is_impure():
                 self.graph.erase_node(node)
 
-    def _localize_weights(self, local: int) -> None:
-        for weight in self.weights:
-            val = tensor_of(weight)
-            if val.shape[0] != local:
-                weight.meta["val"] = val.new_empty(local, *val.shape[1:])
+
+def _ancestors_within(node: fx.Node, root: fx.Node) -> set[fx.Node]:
+    """`node` and its ancestors that descend from `root` (a value computed from the indices)."""
+    below = _descendants(root)
+    found, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current in below and current not in found:
+            found.add(current)
+            stack.extend(current.all_input_nodes)
+    return found
+
+
+def _is_cast(node: fx.Node) -> bool:
+    return node.target in (aten.to.dtype, aten._to_copy.default, aten.alias.default,
+                           aten.clone.default, aten.contiguous.default)
 
 
 def _is_stacked(node: fx.Node, num_experts: int) -> bool:

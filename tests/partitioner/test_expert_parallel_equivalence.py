@@ -1,14 +1,15 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks, with
 pp, with microbatches; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
-(DeepSeek-style) routers; experts and a whole rank that receive no tokens. Two spawns."""
+(DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
+Mixtral unchanged, with both of its exported expert forms. Two spawns."""
 
 from __future__ import annotations
 
 import torch
 
 from equivalence import assert_passed, equivalence_worker
-from model_zoo import starved_moe
+from model_zoo import hf_mixtral, starved_moe
 from runtime import spawn
 
 F64 = torch.float64
@@ -23,6 +24,12 @@ TWO_RANKS = [
     # expert 0 and every expert of rank 1 receive no token
     ("moe-ep2-no-tokens", starved_moe, {}, "ep=2", F64),
 ]
+HF = [
+    # torch's eager grouped GEMM (the reference's path) takes no float64
+    ("hf-mixtral-grouped-mm-ep2", hf_mixtral, {}, "ep=2", torch.float32),
+    ("hf-mixtral-batched-mm-ep2", hf_mixtral, {"experts_implementation": "batched_mm"}, "ep=2",
+     F64),
+]
 FOUR_RANKS = [
     ("moe-ep4", "tiny_moe", {}, "ep=4", F64),
     ("moe-ep2-dp4", "tiny_moe", {}, "dp=4,ep=2", F64),  # edp=2: expert gradients summed
@@ -32,7 +39,12 @@ FOUR_RANKS = [
 
 
 def test_ep_on_two_ranks_matches_one_device():
-    assert_passed(spawn(2, equivalence_worker, TWO_RANKS), TWO_RANKS)
+    try:
+        import transformers  # noqa: F401  (the Hugging Face cases need it)
+        cases = TWO_RANKS + HF
+    except ImportError:
+        cases = TWO_RANKS
+    assert_passed(spawn(2, equivalence_worker, cases), cases)
 
 
 def test_ep_with_dp_and_pp_on_four_ranks_matches_one_device():

@@ -68,6 +68,25 @@ def test_gelu_experts_and_dense_leading_blocks():
     assert "experts 0..1 here" in str(record)
 
 
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+def test_hugging_face_mixtral_experts_are_found_in_both_exported_forms(implementation):
+    pytest.importorskip("transformers")
+    from model_zoo import hf_mixtral
+
+    captured = _captured(hf_mixtral, batch=2, seq=8, experts_implementation=implementation)
+    program = _program(captured, "ep=2", 2, rank=1)
+    record = program.stages[0].gm.meta[EP_RECORD]
+    assert [layer.path for layer in record.layers] == ["model.layers.0.mlp",
+                                                       "model.layers.1.mlp"]
+    assert all(layer.local_experts == (4, 8) for layer in record.layers)
+    nodes = _nodes(program)
+    # Hugging Face's own expert GEMMs are gone: no per-row weight picked by index, no opaque
+    # grouped GEMM over every expert
+    assert not [n for n in nodes if n.target is aten.bmm.default
+                or str(n.target) == "transformers.grouped_mm_fallback.default"]
+    assert sum(n.target is ops.grouped_mm for n in nodes) == 4
+
+
 def test_experts_that_do_not_split_over_ep_name_the_valid_values():
     captured = _captured("tiny_moe", batch=3, seq=8)
     with pytest.raises(PassError, match=r"blocks.0.mlp has 8 experts, which do not split evenly "
