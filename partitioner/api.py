@@ -28,6 +28,7 @@ from partitioner.executor import Executor, Programs
 from partitioner.loss_route import LossFn, LossRouter
 from partitioner.report.program import explain
 from partitioner.state import LocalState
+from runtime.expert_parallel import RECEIVED
 from runtime.failure import watch_failures
 from runtime.mesh import Mesh, default_device
 
@@ -112,6 +113,8 @@ class ParallelModel(nn.Module):
         self.losses = LossRouter(loss_fn, self.mesh, self.state, self.rank, self.device)
         self.executor = Executor(plan, self.mesh, self.device, programs, self.state,
                                  self.losses, self.failures)
+        self.last_expert_rows: list[list[int]] = []
+        """Rows this rank's experts received in the last step, one list per dispatch (ep)."""
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
@@ -123,7 +126,10 @@ class ParallelModel(nn.Module):
         Gradients equal the single-device gradients of that loss and accumulate into `.grad`
         of `parameters()` as `loss.backward()` would.
         """
-        return self.executor.step(args, kwargs, target, lambda: list(self.parameters()))
+        RECEIVED.take()  # forward calls since the last step are not this step's
+        loss = self.executor.step(args, kwargs, target, lambda: list(self.parameters()))
+        self.last_expert_rows = RECEIVED.take()
+        return loss
 
     @property
     def loss_fn(self) -> LossFn | None:
@@ -189,7 +195,13 @@ class ParallelModel(nn.Module):
     def explain(self) -> str:
         """Per node: placement, inserted collectives, stage (this rank's training program);
         then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits)."""
-        return "\n".join([explain(self.program), *self.losses.explain_lines(self.program)])
+        lines = [explain(self.program), *self.losses.explain_lines(self.program)]
+        if self.last_expert_rows:
+            lines.append("rows this rank's experts received in the last step, per dispatch "
+                         "(MoE layers in order, microbatch by microbatch):")
+            lines += [f"  {index}: {rows} (total {sum(rows)})"
+                      for index, rows in enumerate(self.last_expert_rows, 1)]
+        return "\n".join(lines)
 
     def timeline(self) -> str:
         """Which pp rank runs which microbatch of which stage when (unit-time model)."""

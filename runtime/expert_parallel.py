@@ -82,6 +82,27 @@ def _unsort(sorted_rows: torch.Tensor, order: torch.Tensor, indices: torch.Tenso
     return out.view(*indices.shape, sorted_rows.shape[-1])
 
 
+# --- what the experts received ------------------------------------------------------------
+
+class ReceivedRows:
+    """Rows each of this rank's experts received, one list per dispatch since the last `take`:
+    the balance users watch. The counts are read on the host by the dispatch anyway."""
+
+    def __init__(self) -> None:
+        self._calls: list[list[int]] = []
+
+    def record(self, counts: torch.Tensor) -> None:
+        self._calls.append(counts.sum(0).tolist())
+
+    def take(self) -> list[list[int]]:
+        calls, self._calls = self._calls, []
+        return calls
+
+
+RECEIVED = ReceivedRows()
+"""This process's dispatches (`ParallelModel.step` takes them after each step)."""
+
+
 # --- dispatch ------------------------------------------------------------------------------
 
 def _dispatch(tokens, indices, group, num_experts, *, group_size=0):
@@ -93,6 +114,7 @@ def _dispatch(tokens, indices, group, num_experts, *, group_size=0):
     else:  # row s: how many rows source rank s sends to each of this rank's experts
         counts = _exchange(per_expert.view(size, local), [1] * size, [1] * size, group)
     rows = _send(tokens[order // indices.shape[-1]], per_expert, counts, group, size)
+    RECEIVED.record(counts)
     return rows, counts
 
 

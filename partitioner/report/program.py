@@ -86,6 +86,10 @@ def explain(program: RankProgram) -> str:
     context = program.stages[-1].gm.meta.get(meta.CP_RECORD)
     if context is not None:  # the layout, the padding and where the sequence was gathered
         lines.append(str(context))
+    experts = [stage.gm.meta[meta.EP_RECORD] for stage in program.stages
+               if meta.EP_RECORD in stage.gm.meta]
+    if experts:  # each MoE layer, the experts here, the dispatch
+        lines.append(str(experts[0]))
     lines += [_row(title, widths), _row(["-" * (w - 1) for w in widths], widths)]
     for r in rows:
         shape = "x".join(map(str, r["shape"])) if r["shape"] is not None else ""

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from core import ops
+from core import meta, ops
 from core.fx_utils import module_path, tensor_of
 from passes import PassError
 from passes.propagation.table import BINARY, UNARY, aten_ops
@@ -256,6 +256,7 @@ class _Rewriter:
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
                 tensor_of(flat_tokens).new_empty(count * k, hidden),
                 tensor_of(flat_indices).new_empty(self.ep, self.local))
+            dispatch.meta[meta.COLLECTIVE] = "all_to_all"
             rows = self._call(operator.getitem, (dispatch, 0))
             self.counts = self._call(operator.getitem, (dispatch, 1))
             expert_out = layer.expert_out if layer.form == "dense" else layer.exit
@@ -263,6 +264,7 @@ class _Rewriter:
             rows_out = self._rows(expert_out, start, rows)
             back = self._call(ops.moe_return, (rows_out, flat_indices, self.counts, "ep",
                                                experts), {"group_size": self.ep})
+            back.meta[meta.COLLECTIVE] = "all_to_all"
             if layer.form == "dense":
                 routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
                 gates = self._call(aten.gather.default, (routing, 1, flat_indices))

@@ -38,13 +38,39 @@ FOUR_RANKS = [
 ]
 
 
+def _balance() -> tuple[str, list[list[int]]]:
+    """explain() and the rows each of this rank's experts received in a step of the starved
+    model (batch 4 over ep=2 folded on dp=2: 2 sequences of 16 tokens per rank, top-2)."""
+    from partitioner import parallelize
+    from partitioner.check import lm_loss
+
+    model, (ids,) = starved_moe()
+    pm = parallelize(model.double(), "ep=2", example_inputs=(ids,), loss_fn=lm_loss)
+    pm.step(ids, target=ids)
+    return pm.explain(), pm.last_expert_rows
+
+
+def _two_ranks(cases):
+    return equivalence_worker(cases), _balance()
+
+
 def test_ep_on_two_ranks_matches_one_device():
     try:
         import transformers  # noqa: F401  (the Hugging Face cases need it)
         cases = TWO_RANKS + HF
     except ImportError:
         cases = TWO_RANKS
-    assert_passed(spawn(2, equivalence_worker, cases), cases)
+    results = spawn(2, _two_ranks, cases)
+    assert_passed([reports for reports, _ in results], cases)
+    (explain_0, rows_0), (explain_1, rows_1) = [balance for _, balance in results]
+    assert "blocks.0.mlp: 8 experts top-2, experts 0..3 here" in explain_0
+    assert "blocks.0.mlp: 8 experts top-2, experts 4..7 here" in explain_1
+    # one dispatch per layer; every (token, choice) of both ranks lands on rank 0's experts
+    # 1..3 (expert 0 and experts 4..7 are never chosen)
+    assert len(rows_0) == len(rows_1) == 2
+    assert all(rows[0] == 0 and sum(rows) == 2 * 2 * 16 * 2 for rows in rows_0)
+    assert rows_1 == [[0, 0, 0, 0]] * 2
+    assert "rows this rank's experts received in the last step" in explain_0
 
 
 def test_ep_with_dp_and_pp_on_four_ranks_matches_one_device():
