@@ -26,11 +26,13 @@ LANDED = [
     ("cp.py", [], "context: tokens 0..15 and 48..63 of 64, 2 of them padding"),
     # The guide's 4-D job at 8 ranks: tp=2, pp=2 with vpp=2, cp=2, sp.
     ("full.py", [], "rank 7: tp 1/2  pp 1/2  cp 1/2  dp 0/1  vpp 2"),
+    # ep folded onto the 2 data-parallel ranks; the fix printed for `--num-experts 3`, applied
+    ("ep.py", ["--num-experts", "4"], "rank 1: tp 0/1  pp 0/1  cp 0/1  dp 1/2  ep 1/2"),
 ]
 
 NOT_LANDED = [  # move each to LANDED when its pass lands
-    # the fix printed for `ep.py --num-experts 3`, applied
-    ("ep.py", ["--num-experts", "4"], "expert parallelism"),
+    # the guide's expert tensor parallelism (ep beside tp) has not landed
+    ("ep.py", ["--world-size", "4", "--plan", "tp=2"], "expert parallelism beside tensor"),
 ]
 
 GUIDE_ERRORS = [
