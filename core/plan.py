@@ -350,13 +350,15 @@ class Plan:
 _PENDING = {
     "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
                 "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
-    "ep": (lambda plan: plan.tp == 1 and plan.cp == 1,
-           "expert parallelism beside tensor or context parallelism (ep>1 with tp>1 or cp>1)",
-           "fold ep onto data-parallel ranks (tp=1, cp=1, dp a multiple of ep), or set ep=1"),
+    "ep": (lambda plan: plan.cp == 1 and plan.expert_tp == 1,
+           "expert parallelism with experts split inside or beside context parallelism "
+           "(ep>1 with etp>1 or cp>1; etp defaults to tp)",
+           "set etp=1 (each expert whole on one rank; under tp the tokens are split over tp "
+           "before dispatch) and cp=1, or set ep=1"),
     "zero": (lambda plan: plan.ep == 1, "ZeRO-1 with expert parallelism (zero=1 with ep>1)",
              "set zero=0 when ep>1"),
-    "etp": (lambda plan: plan.etp == plan.tp, "expert tensor parallelism (etp != tp)",
-            "leave etp unset (it follows tp) until expert parallelism lands"),
+    "etp": (lambda plan: plan.etp in (1, plan.tp), "expert tensor parallelism (etp>1)",
+            "set etp=1 (each expert whole on one rank) or leave it unset"),
     "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",
                         "leave capacity_factor unset (dropless) until expert parallelism lands"),
     "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",

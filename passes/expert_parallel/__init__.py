@@ -1,11 +1,14 @@
 """Expert parallelism: each MoE layer's experts split over the ep group, tokens dispatched to
 them by all-to-all.
 
-Runs after the dense strategies, on their graph (ep with tp or cp is refused by the plan until
-tokens are split over tp and the cp sharding is carried through routers). The ep group folds
-onto the dense ranks (Megatron-Core's parallel folding, `core.layout.RankLayout.expert`): with
-tp = cp = 1 the ep ranks are dp ranks, each with its own tokens, so "dp=4,ep=4" on 4 ranks holds
-a quarter of the experts per rank and sends each token to the ranks holding its experts.
+Runs after the dense strategies, on their graph (ep beside cp, and experts split inside by
+etp > 1, are refused by the plan until they land). The ep group folds onto the dense ranks
+(Megatron-Core's parallel folding, `core.layout.RankLayout.expert`), so the ranks of an ep group
+must hold distinct tokens: dp ranks do; the ranks of a tp group hold the same ones (the TP and SP
+passes leave the MoE block replicated over tp), so under tp each dispatches its 1/tp of the
+tokens (a `scatter`, whose backward gathers the gradients) and the returned rows are gathered
+whole again over tp. "dp=4,ep=4" on 4 ranks holds a quarter of the experts per rank and sends
+each token to the ranks holding its experts.
 
 `dispatch.find_layers` finds the layers from the router's dataflow; `dispatch._Rewriter` turns
 each dense-masked layer into dispatch -> grouped GEMMs -> return -> weighted sum. The stacked
@@ -48,7 +51,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                             f"(valid ep: {valid})")
     if problems:
         raise PassError("; ".join(problems))
-    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"]).run() for layer in layers]
+    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp).run()
+               for layer in layers]
     layouts = dict(gm.meta[meta.LAYOUTS])
     for record in records:
         for name in record.weights:

@@ -230,8 +230,9 @@ def _unsupported(path: str, node: fx.Node, what: str | None = None) -> str:
 class _Rewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
-    def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int) -> None:
-        self.gm, self.layer, self.ep, self.rank = gm, layer, ep, rank
+    def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int,
+                 tp: int = 1) -> None:
+        self.gm, self.layer, self.ep, self.rank, self.tp = gm, layer, ep, rank, tp
         self.graph = gm.graph
         self.rows_of: dict[fx.Node, fx.Node] = {}
         self.weights: list[fx.Node] = []
@@ -247,24 +248,36 @@ class _Rewriter:
         *token_dims, hidden = tuple(tensor_of(layer.tokens).shape)
         count = math.prod(token_dims)
         # Every new node goes just before the exit, after the ones inserted before it.
+        if count % self.tp:
+            raise PassError(f"MoE layer {layer.path} reads {count} tokens per microbatch, which "
+                            f"do not split over tp={self.tp}: the ranks of a tp group hold the "
+                            f"same tokens, and each dispatches its 1/tp of them so that no "
+                            f"token is sent twice. Use a batch*sequence divisible by {self.tp}")
         with graph.inserting_before(layer.exit):
             flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
-            dispatch = graph.call_function(ops.moe_dispatch, (flat_tokens, flat_indices, "ep",
+            sent_tokens, sent_indices = flat_tokens, flat_indices
+            if self.tp > 1:  # this tp rank's share of the (replicated) tokens
+                sent_tokens, sent_indices = (
+                    self._call(ops.scatter, (value, "tp", 0), {"group_size": self.tp})
+                    for value in (flat_tokens, flat_indices))
+            dispatch = graph.call_function(ops.moe_dispatch, (sent_tokens, sent_indices, "ep",
                                                               experts),
                                            {"group_size": self.ep})
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
-                tensor_of(flat_tokens).new_empty(count * k, hidden),
-                tensor_of(flat_indices).new_empty(self.ep, self.local))
+                tensor_of(sent_tokens).new_empty(count // self.tp * k, hidden),
+                tensor_of(sent_indices).new_empty(self.ep, self.local))
             dispatch.meta[meta.COLLECTIVE] = "all_to_all"
             rows = self._call(operator.getitem, (dispatch, 0))
             self.counts = self._call(operator.getitem, (dispatch, 1))
             expert_out = layer.expert_out if layer.form == "dense" else layer.exit
             start = layer.tokens if layer.form == "dense" else layer.entry
             rows_out = self._rows(expert_out, start, rows)
-            back = self._call(ops.moe_return, (rows_out, flat_indices, self.counts, "ep",
+            back = self._call(ops.moe_return, (rows_out, sent_indices, self.counts, "ep",
                                                experts), {"group_size": self.ep})
             back.meta[meta.COLLECTIVE] = "all_to_all"
+            if self.tp > 1:  # every tp rank's share, whole again (replicated over tp)
+                back = self._call(ops.all_gather, (back, "tp", 0), {"group_size": self.tp})
             if layer.form == "dense":
                 routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
                 gates = self._call(aten.gather.default, (routing, 1, flat_indices))
@@ -401,7 +414,7 @@ class _Rewriter:
     # --- graph edits ------------------------------------------------------------------------
     def _call(self, target, args, kwargs=None) -> fx.Node:
         node = self.graph.call_function(target, args, kwargs or {})
-        vals = fx.node.map_arg((args, kwargs or {}), lambda n: n.meta.get("val"))
+        vals = fx.node.map_arg((args, kwargs or {}), lambda n: _on_meta(n.meta.get("val")))
         node.meta["val"] = target(*vals[0], **vals[1])
         return node
 
@@ -423,6 +436,16 @@ def _ancestors_within(node: fx.Node, root: fx.Node) -> set[fx.Node]:
             found.add(current)
             stack.extend(current.all_input_nodes)
     return found
+
+
+def _on_meta(val):
+    """A shape-only copy of a node's value: earlier passes leave FakeTensors and meta tensors
+    side by side, which do not mix in one op."""
+    if isinstance(val, torch.Tensor):
+        return torch.empty(val.shape, dtype=val.dtype, device="meta")
+    if isinstance(val, (tuple, list)):
+        return type(val)(_on_meta(v) for v in val)
+    return val
 
 
 def _is_cast(node: fx.Node) -> bool:

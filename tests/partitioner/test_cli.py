@@ -51,7 +51,7 @@ def test_dump_passes_prints_the_ordered_pipeline_with_each_record(capsys):
                      "expert_parallel", "pipeline_split", "recompute", "kernels", "device",
                      "collectives", "lowering"]
     rows = {line.split()[1]: line for line in out.splitlines()[2:]}
-    assert "skipped" in rows["tensor_parallel"] and "not landed" in rows["expert_parallel"]
+    assert "skipped" in rows["tensor_parallel"] and "skipped" in rows["expert_parallel"]
     assert "4 segments -> 2 stages: pre..blocks.0 | blocks.1..post" in rows["pipeline_split"]
     assert "2 attention cores recomputed" in rows["recompute"]
     assert "2 stage submodules on 2 pp ranks" in rows["lowering"]
@@ -80,7 +80,7 @@ def test_dump_hugging_face_config_json(capsys, tmp_path):
     (["dump", "no-such-preset", "--plan", "dp=1"], "unknown model 'no-such-preset'"),
     (["dump", "partitioner.models:tiny", "--plan", "dp=1", "--rank", "5"], "outside a world"),
     (["dump", "partitioner.models:tiny", "--plan", "ep=2", "--world-size", "2"],
-     "expert parallelism"),
+     "this model has none that the expert-parallel pass recognises"),
     (["dump", "gpt:layers=2,hidden=64,heads=4,seq=18,vocab=128", "--plan", "cp=2,cp_pad=off"],
      "sequence length 18 does not split into 2*cp=4 chunks"),
     (["dump", "partitioner.models:tiny", "--plan", "pp=8"], "the model has only 4 cuttable segments"),

@@ -1,6 +1,6 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
-gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks, with
-pp, with microbatches; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
+gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
+onto tensor-parallel ranks (with and without sp), with pp, with microbatches; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
 Mixtral unchanged, with both of its exported expert forms. Two spawns."""
 
@@ -23,18 +23,25 @@ TWO_RANKS = [
     ("moe-ep2-float32", "tiny_moe", {}, "ep=2", torch.float32),
     # expert 0 and every expert of rank 1 receive no token
     ("moe-ep2-no-tokens", starved_moe, {}, "ep=2", F64),
+    # ep over the tp ranks: each dispatches its half of the (replicated) tokens
+    ("moe-tp2-ep2", "tiny_moe", {}, "tp=2,ep=2,etp=1", F64),
+    ("moe-tp2-sp-ep2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64
     ("hf-mixtral-grouped-mm-ep2", hf_mixtral, {}, "ep=2", torch.float32),
     ("hf-mixtral-batched-mm-ep2", hf_mixtral, {"experts_implementation": "batched_mm"}, "ep=2",
      F64),
+    ("hf-mixtral-tp2-ep2", hf_mixtral, {"experts_implementation": "batched_mm"},
+     "tp=2,ep=2,etp=1", F64),
 ]
 FOUR_RANKS = [
     ("moe-ep4", "tiny_moe", {}, "ep=4", F64),
     ("moe-ep2-dp4", "tiny_moe", {}, "dp=4,ep=2", F64),  # edp=2: expert gradients summed
     ("moe-ep2-pp2", "tiny_moe", {}, "ep=2,pp=2,mb=2", F64),
     ("deepseek-ep4-dense-first", "tiny_moe", {**DEEPSEEK, "dense_layers": 1}, "ep=4", F64),
+    ("moe-tp2-ep4", "tiny_moe", {}, "tp=2,ep=4,etp=1", F64),  # one ep group over tp x dp
+    ("moe-tp2-sp-ep2-dp2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
 ]
 
 

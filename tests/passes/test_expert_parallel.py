@@ -128,8 +128,9 @@ def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
 
 
 @pytest.mark.parametrize("plan, message", [
-    ("tp=2,ep=2", "expert parallelism beside tensor or context parallelism"),
-    ("cp=2,ep=2", "expert parallelism beside tensor or context parallelism"),
+    ("tp=2,ep=2", "expert parallelism with experts split inside"),  # etp defaults to tp
+    ("tp=2,ep=2,etp=2", "expert parallelism with experts split inside"),
+    ("cp=2,ep=2,etp=1", "beside context parallelism"),
     ("ep=2,zero=1", "ZeRO-1 with expert parallelism"),
 ])
 def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):

@@ -30,7 +30,7 @@ def test_the_pipeline_is_one_ordered_list_of_the_design_card():
         "causal_mask", "tensor_parallel", "sequence_parallel", "context_parallel",
         "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "collectives",
         "lowering"]
-    assert [entry.name for entry in PIPELINE if entry.run is None] == ["expert_parallel"]
+    assert [entry.name for entry in PIPELINE if entry.run is None] == []  # every pass landed
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
         "causal_mask", "pipeline_split", "recompute", "kernels", "device", "collectives",
         "lowering"]
@@ -44,7 +44,15 @@ def test_every_entry_is_logged_with_its_record():
     assert log["device"].summary.startswith("device arguments set to meta")
     assert log["pipeline_split"].status == "skipped" and "pp*vpp > 1" in \
         log["pipeline_split"].summary
+    assert log["expert_parallel"].status == "skipped"
+
+
+def test_an_entry_without_its_pass_is_logged_as_not_landed(monkeypatch):
+    monkeypatch.setattr(registry, "PIPELINE", _replace("expert_parallel", None))
+    gm = run_passes(_graph(), _context(Plan().resolve(1)))
+    log = {outcome.name: outcome for outcome in gm.meta[meta.PASS_LOG]}
     assert log["expert_parallel"].status == "not landed"
+    assert "ep > 1 is refused by the plan until it lands" in log["expert_parallel"].summary
 
 
 def _replace(name: str, run) -> tuple[PassEntry, ...]:
@@ -82,4 +90,4 @@ def test_pass_errors_pass_through_and_records_may_be_strings(monkeypatch):
 
 def test_plans_asking_for_passes_not_landed_are_refused_before_any_pass():
     with pytest.raises(NotLanded, match="expert parallelism"):
-        run_passes(_graph(), _context(Plan(ep=2).resolve(2)))
+        run_passes(_graph(), _context(Plan(ep=2, cp=2).resolve(2)))
