@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, PlanError, PassError, CaptureError, NotImplementedError, ValueError,
             KeyError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        # One line, except where the message lists what it found (every problem of a model).
+        message = str(error).strip() or repr(error)
         print(f"partitioner {args.command}: error: {message}", file=sys.stderr)
         return 2
 

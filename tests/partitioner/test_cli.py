@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -89,6 +90,25 @@ def test_errors_are_one_line_and_exit_2(capsys, argv, fragment):
     code, out, err = _run(capsys, *argv)
     assert code == 2 and out == ""
     assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+GQA_SPEC = "gpt:layers=4,hidden=64,heads=4,kv_heads=2,vocab=128,seq=32"
+
+
+def test_dump_says_heads_and_lists_every_problem_and_its_fixes_are_accepted(capsys):
+    code, out, err = _run(capsys, "dump", GQA_SPEC, "--plan", "tp=3", "--world-size", "3")
+    assert code == 2 and out == "" and "Traceback" not in err
+    first, *listed = err.strip().splitlines()
+    assert "its 4 attention heads (2 kv heads) do not divide by tp=3" in first
+    assert "tp=1, tp=2 or tp=4 (the tp values that split this model" in first
+    # the rules fix names real module paths (blocks.0.attn.q_proj), with the layer as a glob
+    (rules,) = re.findall(r"rules=(\S+)", first)
+    assert "blocks.*.attn.q_proj:replicate" in rules.split(";")
+    count = int(re.search(r"\((\d+) problems, listed below\)", first).group(1))
+    assert len(listed) == count and all(line.startswith("  - node ") for line in listed)
+    for plan in ("tp=2", "tp=4", f"tp=3,rules={rules}"):
+        code, out, err = _run(capsys, "dump", GQA_SPEC, "--plan", plan)
+        assert code == 0 and err == "", (plan, err)
 
 
 def test_console_script_check_and_demo_run_end_to_end():
