@@ -122,3 +122,20 @@ def test_console_script_check_and_demo_run_end_to_end():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS: plan dp=2,zero=1 on 2 CPU ranks" in done.stdout
+
+
+def test_check_says_in_one_line_which_rank_died_and_why(capsys, monkeypatch):
+    import runtime
+    from runtime.launch import RankError, death_message
+
+    def killed(world, *args, **kwargs):
+        message = death_message(1, -9, world)
+        raise RankError(message, rank=1, summary=message)
+
+    monkeypatch.setattr(runtime, "spawn", killed)
+    code, out, err = _run(capsys, "check", "llama3-70b", "--plan", "tp=2,pp=2",
+                          "--world-size", "4")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "rank 1 of 4 was killed (SIGKILL)" in err and "out-of-memory" in err
+    # the preset was shrunk first, and the shrink said
+    assert "checking it shrunk to" in out and "layers 80 -> 2" in out
