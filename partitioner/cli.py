@@ -175,8 +175,12 @@ def cmd_check(args) -> int:
 
 def cmd_demo(args) -> int:
     from partitioner.demo import run_demo
+    from runtime import RankError
 
-    return run_demo(world_size=args.world_size, plan=args.plan, steps=args.steps)
+    try:
+        return run_demo(world_size=args.world_size, plan=args.plan, steps=args.steps)
+    except RankError as error:
+        raise CliError(error.summary()) from None
 
 
 # --- plan ----------------------------------------------------------------------------------

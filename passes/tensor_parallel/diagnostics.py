@@ -160,7 +160,7 @@ class Problems:
         if not self.found:
             return
         lines = _grouped(self.found)
-        head = _heads_problem(graph, plan.tp) or lines[0]
+        head = _heads_problem(graph, plan.tp, self.found) or lines[0]
         tps = _working_tps(graph, plan, analyse)
         rules = [f"{fix.text(plan)} ({why}; checked)"
                  for fix, why in _rules_fixes(self, plan, analyse)]
@@ -192,6 +192,11 @@ def attention_heads(graph: fx.Graph) -> list[tuple[int, int]]:
     """(attention heads, kv heads) of every scaled-dot-product attention, in graph order: the
     query's head dimension, and the key's before any repeat of its heads (GQA's
     repeat_interleave, or HF's unsqueeze/expand/reshape)."""
+    return [heads for _, heads in _attentions(graph)]
+
+
+def _attentions(graph: fx.Graph) -> list[tuple[str, tuple[int, int]]]:
+    """(module path, (heads, kv heads)) of every attention; see `attention_heads`."""
     found = []
     for node in graph.nodes:
         if node.op == "call_function" and "scaled_dot_product" in str(node.target):
@@ -206,7 +211,7 @@ def attention_heads(graph: fx.Graph) -> list[tuple[int, int]]:
                     break
                 todo = todo.args[0]
             if len(heads) == 4 and kv_heads:
-                found.append((heads[1], min(kv_heads)))
+                found.append((module_path(node), (heads[1], min(kv_heads))))
     return found
 
 
@@ -222,9 +227,13 @@ def _heads_split(heads: int, kv_heads: int, tp: int) -> bool:
     return heads % tp == 0 and (kv_heads % tp == 0 or tp % kv_heads == 0)
 
 
-def _heads_problem(graph: fx.Graph, tp: int) -> str | None:
-    bad = [(h, kv) for h, kv in dict.fromkeys(attention_heads(graph))
-           if not _heads_split(h, kv, tp)]
+def _heads_problem(graph: fx.Graph, tp: int, found: list[Problem]) -> str | None:
+    """The attention heads tp does not split, when a problem lies in such an attention (rules
+    may keep it replicated, leaving the problems elsewhere)."""
+    at = [module_path(p.node) for p in found if p.node is not None]
+    bad = list(dict.fromkeys(
+        heads for path, heads in _attentions(graph) if not _heads_split(*heads, tp)
+        and any(place == path or place.startswith(path + ".") for place in at)))
     if not bad:
         return None
     counts = ", ".join(f"{h} attention heads" + (f" ({kv} kv heads)" if kv != h else "")

@@ -358,6 +358,7 @@ SUGGESTING = [
     ("tiny", "tp=3", dict(n_head=3, n_embd=48, ffn_hidden=128)),  # the MLP width
     ("tiny", "tp=2,rules=lm_head:vocab;wte:replicate", {}),  # one use of a tied weight
     ("tiny", "tp=2,rules=wte:vocab;nosuch:replicate", {}),  # a rule matching nothing
+    ("tiny", "tp=3,rules=blocks.*.attn.*:replicate", dict(n_head=4, n_embd=64)),  # the MLP
 ]
 
 
@@ -392,6 +393,15 @@ def test_the_tp_values_offered_are_computed_from_the_model():
     message = str(info.value)
     assert "its 6 attention heads do not divide by tp=4" in message
     assert "tp=1, tp=2, tp=3 or tp=6 (the tp values that split this model" in message
+
+
+def test_heads_are_not_blamed_when_rules_keep_attention_whole():
+    captured = _captured("tiny", n_head=4, n_embd=64)
+    with pytest.raises(PassError) as info:
+        plan = Plan.parse("tp=3,rules=blocks.*.attn.*:replicate").resolve(3)
+        compile_rank(captured, plan, 0, "meta")
+    first = str(info.value).splitlines()[0]
+    assert "attention heads" not in first and "module 'blocks.0.mlp.up_proj'" in first
 
 
 def test_no_region_is_an_error():
