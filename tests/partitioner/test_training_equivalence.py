@@ -21,9 +21,11 @@ STRATEGIES = [
     ("tp", "tp=2", 2),
     ("tp+sp", "tp=2,sp=on", 2),
     ("pp 1F1B", "pp=2,mb=2,schedule=1f1b", 2),
+    ("pp interleaved 1F1B", "pp=2,vpp=2,mb=2,schedule=interleaved-1f1b", 2),
     ("dp", "dp=2", 2),
     ("dp zero-1", "dp=2,zero=1", 2),
     ("cp ring", "cp=2,cp_algo=ring", 2),
+    ("cp all-to-all", "cp=2,cp_algo=a2a", 2),
     ("tp+sp+pp+recompute", "tp=2,sp=on,pp=2,mb=2,recompute=selective", 4),
 ]
 
