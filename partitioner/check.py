@@ -104,12 +104,15 @@ class _Errors:
 
 def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int = 2,
                lr: float = 1e-2, token_weighted: bool = False, meta: bool = False,
-               factory_kwargs: dict | None = None, seed: int = 0) -> EquivalenceReport:
+               factory_kwargs: dict | None = None, seed: int = 0,
+               weights_every_step: bool = False) -> EquivalenceReport:
     """On this rank: compare the plan with the single-device model (see module docstring).
 
     `factory` is a callable or `pkg.module:factory` returning (model, (input_ids,)). With
     `meta=True` the parallel model is built on the meta device and filled with
-    `load_full_state_dict` from the reference model's state dict.
+    `load_full_state_dict` from the reference model's state dict. `weights_every_step`
+    compares every weight after each AdamW step, not only after the last (a gathered state
+    dict per step).
     """
     import torch.distributed as dist
 
@@ -169,13 +172,19 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
         pm.clip_grad_norm_(1.0)
         ref_opt.step()
         opt.step()
-    state = pm.full_state_dict()
-    for name, value in reference.state_dict().items():
-        errors.add("weights_after_adamw", state.get(name, torch.full((1,), math.inf)),
-                   value)
+        if weights_every_step or step == steps - 1:
+            _compare_weights(errors, pm, reference)
+    if steps == 0:
+        _compare_weights(errors, pm, reference)
     errors.add("output_after_adamw", lm_logits(pm(ids)), lm_logits(reference(ids)))
     return EquivalenceReport(rank=dist.get_rank(), dtype=str(dtype).removeprefix("torch."),
                              errors=errors.relative(), tolerance=TOLERANCES[dtype])
+
+
+def _compare_weights(errors: _Errors, pm, reference: nn.Module) -> None:
+    state = pm.full_state_dict()
+    for name, value in reference.state_dict().items():
+        errors.add("weights_after_adamw", state.get(name, torch.full((1,), math.inf)), value)
 
 
 def _vocab_size(model: nn.Module) -> int:

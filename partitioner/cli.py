@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -112,33 +111,58 @@ def cmd_dump(args) -> int:
 
 # --- check ---------------------------------------------------------------------------------
 
-def _check_worker(model_spec: str, plan: str, dtype_name: str, steps: int):
+def _check_worker(model, plan: str, dtype_name: str, steps: int):
     import torch
 
     from partitioner.check import check_rank
 
-    return check_rank(_ModelFactory(model_spec), plan, dtype=getattr(torch, dtype_name),
-                      steps=steps)
+    return check_rank(_ModelFactory(model), plan, dtype=getattr(torch, dtype_name), steps=steps)
 
 
 class _ModelFactory:
-    """Picklable factory for `check`: MODEL resolved on CPU with a small batch."""
+    """Picklable factory for `check`: MODEL (a spec, or a shrunk config) on CPU, a small batch."""
 
-    def __init__(self, spec: str, batch: int = 4, seq: int | None = None) -> None:
-        self.spec, self.batch, self.seq = spec, batch, seq
+    def __init__(self, model, batch: int = 4, seq: int | None = None) -> None:
+        self.model, self.batch, self.seq = model, batch, seq
 
     def __call__(self):
-        return resolve_model(self.spec, batch=self.batch, seq=self.seq, device="cpu")
+        from partitioner import models
+
+        if isinstance(self.model, models.GPTConfig):
+            return models.build(self.model, batch=self.batch, seq=self.seq, device="cpu")
+        return resolve_model(self.model, batch=self.batch, seq=self.seq, device="cpu")
+
+
+def _checked_model(spec: str, plan):
+    """MODEL for `check`: a preset or `gpt:` shape too large for CPU ranks is shrunk, with the
+    same structure and divisibility facts under the plan, and the shrink is said."""
+    from partitioner import models
+    from partitioner.shrink import needs_shrinking, parameters_text, shrink
+
+    if os.path.isfile(spec) or (":" in spec and not spec.startswith("gpt:")):
+        return spec
+    config = models.resolve_config(spec)
+    if not needs_shrinking(config):
+        return spec
+    small = shrink(config, plan)
+    print(f"check: {spec} has {parameters_text(config.num_parameters())} parameters, too many "
+          f"for CPU ranks; checking it shrunk to {parameters_text(small.config.num_parameters())}"
+          f" with the same structure and the same divisibility by the plan ({small})")
+    return small.config
 
 
 def cmd_check(args) -> int:
     from core.plan import Plan
-    from runtime import spawn
+    from runtime import RankError, spawn
 
     plan = Plan.parse(args.plan)
     world = _world_size(plan, args.world_size)
     plan.resolve(world)  # reject a bad plan before starting ranks
-    reports = spawn(world, _check_worker, args.model, args.plan, args.dtype, args.steps)
+    model = _checked_model(args.model, plan)
+    try:
+        reports = spawn(world, _check_worker, model, args.plan, args.dtype, args.steps)
+    except RankError as error:
+        raise CliError(error.summary()) from None
     for report in reports:
         print(report)
     failed = [r.rank for r in reports if not r.passed]
@@ -151,8 +175,12 @@ def cmd_check(args) -> int:
 
 def cmd_demo(args) -> int:
     from partitioner.demo import run_demo
+    from runtime import RankError
 
-    return run_demo(world_size=args.world_size, plan=args.plan, steps=args.steps)
+    try:
+        return run_demo(world_size=args.world_size, plan=args.plan, steps=args.steps)
+    except RankError as error:
+        raise CliError(error.summary()) from None
 
 
 # --- plan ----------------------------------------------------------------------------------
@@ -221,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CliError, PlanError, PassError, CaptureError, NotImplementedError, ValueError,
             KeyError, FileNotFoundError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+        # One line, except where the message lists what it found (every problem of a model).
+        message = str(error).strip() or repr(error)
         print(f"partitioner {args.command}: error: {message}", file=sys.stderr)
         return 2
 

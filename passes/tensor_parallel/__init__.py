@@ -45,42 +45,61 @@ logits; the passes after it read this instead of the graph).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import fx
 
 from core.meta import LAYOUTS, TP_RECORD
 from core.placement import ParamLayout
+from core.plan import Plan
 from passes import PassContext, PassError
 from passes.tensor_parallel.diagnostics import Problems
-from passes.tensor_parallel.policy import choose_policy, split_regions
+from passes.tensor_parallel.policy import Policy, RegionSplits, choose_policy, split_regions
 from passes.tensor_parallel.projections import find_projections
 from passes.tensor_parallel.regions import find_regions
 from passes.tensor_parallel.rewrite import Rewriter
 from passes.tensor_parallel.rules import MESH_DIM
 
-__all__ = ["MESH_DIM", "tensor_parallel"]
+__all__ = ["MESH_DIM", "analyse", "tensor_parallel"]
 
 
 def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Split column/row-parallel regions over the "tp" mesh dimension (see module docstring)."""
     tp, graph = ctx.plan.tp, gm.graph
     layouts = seeded_layouts(gm)
-    projs, lookups = find_projections(graph)
-    policy = choose_policy(graph, projs, lookups, ctx.plan)
-    problems = Problems()
-    problems.check_rules_match(ctx.plan, list(projs) + lookups)
-    regions, why_not = find_regions(projs, policy.rule_of, policy.skip)
-    problems.check_policy(policy, why_not)
-    split = split_regions(graph, regions, policy, tp, problems, why_not)
-    problems.check_something_splits(tp, policy, split.regions, why_not)
-    problems.raise_if_any(tp)
-    rewriter = Rewriter(gm, projs, split.states, layouts, tp, ctx.coords[MESH_DIM])
-    record = rewriter.run(split.regions, split.rewrites, policy.vocab_heads,
-                          policy.vocab_lookups)
+    found = analyse(graph, ctx.plan)
+    found.problems.raise_if_any(ctx.plan, graph, lambda plan: analyse(graph, plan).problems)
+    rewriter = Rewriter(gm, found.projs, found.split.states, layouts, tp, ctx.coords[MESH_DIM])
+    record = rewriter.run(found.split.regions, found.split.rewrites, found.policy.vocab_heads,
+                          found.policy.vocab_lookups)
     gm.meta[LAYOUTS] = layouts
     gm.meta[TP_RECORD] = record
     graph.lint()
     gm.recompile()
     return gm
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """What the pass would do to a graph under a plan, and every problem in the way; the graph
+    is not changed, so a report can analyse it again under the plans it suggests."""
+
+    projs: dict
+    policy: Policy
+    split: RegionSplits
+    problems: Problems
+
+
+def analyse(graph: fx.Graph, plan: Plan) -> Analysis:
+    projs, lookups = find_projections(graph)
+    policy = choose_policy(graph, projs, lookups, plan)
+    problems = Problems()
+    problems.check_rules_match(plan, list(projs) + lookups)
+    regions, why_not = find_regions(projs, policy.rule_of, policy.skip)
+    problems.check_policy(policy, why_not)
+    split = split_regions(graph, regions, policy, plan.tp, problems, why_not)
+    problems.check_something_splits(plan.tp, policy, split.regions, why_not)
+    return Analysis(projs, policy, split, problems)
 
 
 def seeded_layouts(gm: fx.GraphModule) -> dict[str, ParamLayout]:

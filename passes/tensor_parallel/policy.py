@@ -18,7 +18,7 @@ from torch import fx
 from core.fx_utils import module_path
 from core.plan import Plan, RuleKind
 from passes.propagation import tensor_shape
-from passes.tensor_parallel.diagnostics import Problems
+from passes.tensor_parallel.diagnostics import Fix, Problems, replicate
 from passes.tensor_parallel.projections import (RESHAPES, Projection, fused_blocks,
                                                 lookup_arg)
 from passes.tensor_parallel.regions import Region, split_region
@@ -179,8 +179,10 @@ def split_regions(graph: fx.Graph, regions: list[Region], policy: Policy, tp: in
             for col in region.columns:
                 why_not[col] = f"{structural[0][0].name}: {structural[0][1].rule}"
             continue
+        # Fixed by keeping the region's column linears (and so the region) replicated.
+        keep = sum((replicate(module_path(col)) for col in region.columns), Fix())
         for node, error in errors:
-            problems.at(node, error.rule)
+            problems.at(node, error.rule, keep)
         split.states.update(found.states)
         split.rewrites.update(found.rewrites)
         split.regions.append(region)

@@ -121,3 +121,32 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     with pytest.raises(NotLanded, match="hybrid context parallelism"):
         Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()
     assert Plan(cp=2).pending() == []
+
+
+def _refusal(text: str, world: int) -> str:
+    with pytest.raises(PlanError) as info:
+        Plan.parse(text).resolve(world)
+    return str(info.value)
+
+
+def test_the_fixes_plan_messages_print_are_accepted():
+    """Each value a message suggests, applied, gives a plan that resolves."""
+    import re
+
+    message = _refusal("tp=2,pp=2", 6)  # launch (4 or 8) ranks, or degrees dividing 6
+    launch = re.search(r"launch a multiple of 4 ranks \((\d+) or (\d+)\)", message)
+    for world in map(int, launch.groups()):
+        Plan.parse("tp=2,pp=2").resolve(world)
+    products = re.search(r"whose product divides 6 \(([\d, ]+)\)", message).group(1)
+    for product in map(int, products.split(", ")):
+        Plan(tp=product).resolve(6)
+    dp = re.search(r"set dp=(\d+)", _refusal("tp=2,dp=2", 8)).group(1)
+    Plan.parse(f"tp=2,dp={dp}").resolve(8)
+    mb = re.search(r"use mb=(\d+)", _refusal("pp=2,vpp=2,schedule=interleaved-1f1b,mb=3", 2))
+    Plan.parse(f"pp=2,vpp=2,schedule=interleaved-1f1b,mb={mb.group(1)}").resolve(2)
+    fits = re.search(r"ep values that fit with etp=2: ([\d, ]+)", _refusal("tp=2,ep=4,dp=2", 4))
+    for ep in map(int, fits.group(1).split(", ")):
+        Plan(tp=2, ep=ep, dp=2).resolve(4)
+    valid = re.search(r"\(valid: ([\d, ]+)\)", _refusal("cp=8,cp_algo=hybrid,cp_a2a=3", 8))
+    for size in map(int, valid.group(1).split(", ")):
+        Plan(cp=8, cp_algo="hybrid", cp_a2a=size).resolve(8)

@@ -1,9 +1,9 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
-import torch
 
 from partitioner.cli import main
 
@@ -91,6 +91,25 @@ def test_errors_are_one_line_and_exit_2(capsys, argv, fragment):
     assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+GQA_SPEC = "gpt:layers=4,hidden=64,heads=4,kv_heads=2,vocab=128,seq=32"
+
+
+def test_dump_says_heads_and_lists_every_problem_and_its_fixes_are_accepted(capsys):
+    code, out, err = _run(capsys, "dump", GQA_SPEC, "--plan", "tp=3", "--world-size", "3")
+    assert code == 2 and out == "" and "Traceback" not in err
+    first, *listed = err.strip().splitlines()
+    assert "its 4 attention heads (2 kv heads) do not divide by tp=3" in first
+    assert "tp=1, tp=2 or tp=4 (the tp values that split this model" in first
+    # the rules fix names real module paths (blocks.0.attn.q_proj), with the layer as a glob
+    (rules,) = re.findall(r"rules=(\S+)", first)
+    assert "blocks.*.attn.q_proj:replicate" in rules.split(";")
+    count = int(re.search(r"\((\d+) problems, listed below\)", first).group(1))
+    assert len(listed) == count and all(line.startswith("  - node ") for line in listed)
+    for plan in ("tp=2", "tp=4", f"tp=3,rules={rules}"):
+        code, out, err = _run(capsys, "dump", GQA_SPEC, "--plan", plan)
+        assert code == 0 and err == "", (plan, err)
+
+
 def test_console_script_check_and_demo_run_end_to_end():
     done = subprocess.run([sys.executable, "-m", "partitioner.cli", "demo", "--steps", "2"],
                           capture_output=True, text=True, timeout=300)
@@ -102,3 +121,20 @@ def test_console_script_check_and_demo_run_end_to_end():
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASS: plan dp=2,zero=1 on 2 CPU ranks" in done.stdout
+
+
+def test_check_says_in_one_line_which_rank_died_and_why(capsys, monkeypatch):
+    import runtime
+    from runtime.launch import RankError, death_message
+
+    def killed(world, *args, **kwargs):
+        message = death_message(1, -9, world)
+        raise RankError(message, rank=1, summary=message)
+
+    monkeypatch.setattr(runtime, "spawn", killed)
+    code, out, err = _run(capsys, "check", "llama3-70b", "--plan", "tp=2,pp=2",
+                          "--world-size", "4")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "rank 1 of 4 was killed (SIGKILL)" in err and "out-of-memory" in err
+    # the preset was shrunk first, and the shrink said
+    assert "checking it shrunk to" in out and "layers 80 -> 2" in out

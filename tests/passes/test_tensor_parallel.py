@@ -4,6 +4,7 @@ single-device model on real gloo ranks (one spawn per world size, cases batched)
 from __future__ import annotations
 
 import functools
+import re
 from collections import Counter
 
 import pytest
@@ -322,9 +323,11 @@ def test_heads_not_divisible_names_node_module_and_fix():
         _program("tiny", Plan(tp=8).resolve(8), n_head=4, n_embd=64)
     message = str(info.value)
     assert "tp=8" in message and "blocks.0.attn" in message and "view" in message
-    assert "rules=" in message
-    # every broken rule is listed, not only the first
-    assert message.count("blocks.1.attn") >= 1
+    assert "4 attention heads do not divide by tp=8" in message
+    assert "tp=1, tp=2 or tp=4 (the tp values that split this model" in message
+    assert "rules=blocks.*.attn.q_proj:replicate;" in message
+    # every broken rule is listed, those repeated in every layer once
+    assert "(and the same at 5 more nodes in blocks.*.attn)" in message
 
 
 def test_kv_heads_neither_multiple_nor_divisor_of_tp():
@@ -344,6 +347,61 @@ def test_fused_qkv_cannot_replicate_kv_heads():
 def test_hidden_not_divisible():
     with pytest.raises(PassError, match="do not divide by tp=3"):
         _program("tiny", Plan(tp=3).resolve(3), n_head=3, n_embd=48, ffn_hidden=128)
+
+
+# A failing plan per kind of problem; every fix its message suggests is applied and accepted.
+SUGGESTING = [
+    ("tiny_llama", "tp=3", dict(n_head=4, n_kv_head=2, n_embd=64)),  # heads, kv heads, widths
+    ("tiny", "tp=8", dict(n_head=4, n_embd=64)),  # heads only
+    ("tiny_llama", "tp=2", dict(n_head=6, n_kv_head=3, n_embd=48)),  # kv heads
+    ("tiny_llama", "tp=4", dict(n_kv_head=2, fused_qkv=True)),  # fused kv cannot replicate
+    ("tiny", "tp=3", dict(n_head=3, n_embd=48, ffn_hidden=128)),  # the MLP width
+    ("tiny", "tp=2,rules=lm_head:vocab;wte:replicate", {}),  # one use of a tied weight
+    ("tiny", "tp=2,rules=wte:vocab;nosuch:replicate", {}),  # a rule matching nothing
+    ("tiny", "tp=3,rules=blocks.*.attn.*:replicate", dict(n_head=4, n_embd=64)),  # the MLP
+]
+
+
+def suggested_fixes(message: str) -> list[str]:
+    """The plan items a message suggests after its `fix:` (tp=.., rules=..)."""
+    fixes = message.splitlines()[0].partition("; fix: ")[2]
+    return re.findall(r"\b(tp=\d+|rules=[^\s]+)", fixes)
+
+
+def with_item(plan: str, item: str) -> Plan:
+    items = dict(part.split("=", 1) for part in plan.split(","))
+    key, value = item.split("=", 1)
+    return Plan.parse(",".join(f"{k}={v}" for k, v in {**items, key: value}.items()))
+
+
+@pytest.mark.parametrize("factory, plan, overrides", SUGGESTING)
+def test_every_suggested_fix_is_accepted(factory, plan, overrides):
+    captured = _captured(factory, **overrides)
+    with pytest.raises(PassError) as info:
+        compile_rank(captured, Plan.parse(plan).resolve(Plan.parse(plan).tp), 0, "meta")
+    fixes = suggested_fixes(str(info.value))
+    assert fixes and "rules=" in " ".join(fixes), str(info.value)
+    for fix in fixes:
+        fixed = with_item(plan, fix)
+        compile_rank(captured, fixed.resolve(fixed.tp), 0, "meta")  # accepted: no PassError
+
+
+def test_the_tp_values_offered_are_computed_from_the_model():
+    captured = _captured("tiny_llama", n_head=6, n_kv_head=6, n_embd=48, ffn_hidden=96)
+    with pytest.raises(PassError) as info:
+        compile_rank(captured, Plan(tp=4).resolve(4), 0, "meta")
+    message = str(info.value)
+    assert "its 6 attention heads do not divide by tp=4" in message
+    assert "tp=1, tp=2, tp=3 or tp=6 (the tp values that split this model" in message
+
+
+def test_heads_are_not_blamed_when_rules_keep_attention_whole():
+    captured = _captured("tiny", n_head=4, n_embd=64)
+    with pytest.raises(PassError) as info:
+        plan = Plan.parse("tp=3,rules=blocks.*.attn.*:replicate").resolve(3)
+        compile_rank(captured, plan, 0, "meta")
+    first = str(info.value).splitlines()[0]
+    assert "attention heads" not in first and "module 'blocks.0.mlp.up_proj'" in first
 
 
 def test_no_region_is_an_error():
@@ -385,11 +443,11 @@ def _hf_llama_model():
 def test_vocab_rule_on_one_use_of_a_tied_weight_is_an_error():
     with pytest.raises(PassError, match="tied") as info:
         _program("tiny", Plan(tp=2, rules="lm_head:vocab;wte:replicate").resolve(2))
-    assert "rules=wte:vocab as well" in str(info.value)
+    assert "rules=wte:vocab;lm_head:vocab (fixes it; checked)" in str(info.value)
     with pytest.raises(PassError, match="tied") as info:  # the other way round
         _program("tiny", Plan(tp=2, rules="wte:vocab;lm_head:replicate").resolve(2))
     message = str(info.value)
-    assert "module 'wte'" in message and "rules=lm_head:vocab as well" in message
+    assert "module 'wte'" in message and "rules=lm_head:vocab;wte:vocab (fixes it" in message
 
 
 def test_vocab_embedding_masks_ids_and_all_reduces():

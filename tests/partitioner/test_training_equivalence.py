@@ -1,0 +1,56 @@
+"""Several AdamW steps through the parallel model keep every weight equal to single-device
+training (float64, tight), for every strategy that has landed: one spawn per world size, every
+strategy of that size checked in it. A strategy that lands joins with one line in STRATEGIES
+(the guard below fails until it does)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.plan import Plan
+from equivalence import assert_passed, equivalence_worker
+from passes.registry import PIPELINE
+from runtime import spawn
+
+STEPS = 3
+
+# (name, plan, world size): one line per strategy, on the same Llama-style model (GQA, RoPE,
+# SwiGLU, untied embeddings, vocab-parallel head under tp).
+STRATEGIES = [
+    ("tp", "tp=2", 2),
+    ("tp+sp", "tp=2,sp=on", 2),
+    ("pp 1F1B", "pp=2,mb=2,schedule=1f1b", 2),
+    ("pp interleaved 1F1B", "pp=2,vpp=2,mb=2,schedule=interleaved-1f1b", 2),
+    ("dp", "dp=2", 2),
+    ("dp zero-1", "dp=2,zero=1", 2),
+    ("cp ring", "cp=2,cp_algo=ring", 2),
+    ("cp all-to-all", "cp=2,cp_algo=a2a", 2),
+    ("tp+sp+pp+recompute", "tp=2,sp=on,pp=2,mb=2,recompute=selective", 4),
+]
+
+
+def _cases(world: int) -> list:
+    options = dict(steps=STEPS, weights_every_step=True)
+    return [(name, "tiny_llama", {}, plan, torch.float64, options)
+            for name, plan, size in STRATEGIES if size == world]
+
+
+@pytest.mark.parametrize("world", sorted({size for _, _, size in STRATEGIES}))
+def test_adamw_steps_keep_every_weight_equal_to_one_device(world):
+    cases = _cases(world)
+    results = spawn(world, equivalence_worker, cases)
+    assert_passed(results, cases)
+    for reports in results:  # every step's weights were compared, not only the last
+        assert all("weights_after_adamw" in report.errors for _, report in reports)
+
+
+def test_every_landed_strategy_is_in_the_list():
+    """A pass that a plan switches on (not the always-on ones) and that has landed is run by
+    some line above; dp and zero-1 (runtime, not passes) are listed by hand."""
+    plans = [Plan.parse(plan) for _, plan, _ in STRATEGIES]
+    for entry in PIPELINE:
+        if entry.run is not None and not entry.applies(Plan()):
+            assert any(entry.applies(plan) for plan in plans), (
+                f"{entry.name} ({entry.when}) has landed: add a line to STRATEGIES")
+    assert any(plan.zero for plan in plans) and any((plan.dp or 1) > 1 for plan in plans)
