@@ -15,8 +15,8 @@ from runtime import spawn
 
 STEPS = 3
 
-# (name, plan, world size): one line per strategy, on the same Llama-style model (GQA, RoPE,
-# SwiGLU, untied embeddings, vocab-parallel head under tp).
+# (name, plan, world size[, model]): one line per strategy, on the same Llama-style model (GQA,
+# RoPE, SwiGLU, untied embeddings, vocab-parallel head under tp); its MoE variant for ep.
 STRATEGIES = [
     ("tp", "tp=2", 2),
     ("tp+sp", "tp=2,sp=on", 2),
@@ -26,17 +26,19 @@ STRATEGIES = [
     ("dp zero-1", "dp=2,zero=1", 2),
     ("cp ring", "cp=2,cp_algo=ring", 2),
     ("cp all-to-all", "cp=2,cp_algo=a2a", 2),
+    ("ep", "ep=2", 2, "tiny_moe"),
     ("tp+sp+pp+recompute", "tp=2,sp=on,pp=2,mb=2,recompute=selective", 4),
+    ("ep over tp, pp", "tp=2,ep=2,etp=1,pp=2,mb=2", 4, "tiny_moe"),
 ]
 
 
 def _cases(world: int) -> list:
     options = dict(steps=STEPS, weights_every_step=True)
-    return [(name, "tiny_llama", {}, plan, torch.float64, options)
-            for name, plan, size in STRATEGIES if size == world]
+    return [(name, model[0] if model else "tiny_llama", {}, plan, torch.float64, options)
+            for name, plan, size, *model in STRATEGIES if size == world]
 
 
-@pytest.mark.parametrize("world", sorted({size for _, _, size in STRATEGIES}))
+@pytest.mark.parametrize("world", sorted({size for _, _, size, *_ in STRATEGIES}))
 def test_adamw_steps_keep_every_weight_equal_to_one_device(world):
     cases = _cases(world)
     results = spawn(world, equivalence_worker, cases)
@@ -48,7 +50,7 @@ def test_adamw_steps_keep_every_weight_equal_to_one_device(world):
 def test_every_landed_strategy_is_in_the_list():
     """A pass that a plan switches on (not the always-on ones) and that has landed is run by
     some line above; dp and zero-1 (runtime, not passes) are listed by hand."""
-    plans = [Plan.parse(plan) for _, plan, _ in STRATEGIES]
+    plans = [Plan.parse(plan) for _, plan, *_ in STRATEGIES]
     for entry in PIPELINE:
         if entry.run is not None and not entry.applies(Plan()):
             assert any(entry.applies(plan) for plan in plans), (
