@@ -63,11 +63,17 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
         raise PlanError("plan='auto' needs a transformer shape: the model has no `.config`; "
                         "pass a Plan instead")
     batch, seq = batch_size(example_inputs, {}), example_inputs[0].shape[-1]
-    # expert parallelism has no pass yet: the search must not pick it
-    fields = auto_plan(TransformerShape.from_gpt_config(config), world_size, _hardware_name(),
-                       global_batch=batch, seq=seq, fixed={"ep": 1})
-    fields = {k: v for k, v in fields.items() if k != "dp"}
-    return coerce_plan(fields)
+    shape = TransformerShape.from_gpt_config(config)
+    # Experts whole on their ranks (etp=1) is the expert parallelism that has landed; ep beside
+    # cp or with zero=1 has not: a pick that pairs them is searched again without them.
+    plan = None
+    for fixed in ({"etp": 1}, {"etp": 1, "zero": 0}, {"ep": 1}):
+        fields = auto_plan(shape, world_size, _hardware_name(), global_batch=batch, seq=seq,
+                           fixed=fixed)
+        plan = coerce_plan({k: v for k, v in fields.items() if k != "dp"})
+        if not plan.pending():
+            break
+    return plan
 
 
 def _hardware_name() -> str:

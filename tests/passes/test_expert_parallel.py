@@ -136,3 +136,13 @@ def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
 def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):
     with pytest.raises(NotLanded, match=message):
         Plan.parse(plan).refuse_pending()
+
+
+def test_the_auto_plan_picks_ep_for_an_moe_model_only_in_forms_that_have_landed():
+    from partitioner.api import _auto_plan
+
+    model, (ids,) = models.tiny_moe()
+    plan = _auto_plan(model, 2, (ids,))
+    assert plan.ep == 2 and plan.pending() == []  # the search weighs ep; etp=1, zero off
+    dense, (ids,) = models.tiny()
+    assert _auto_plan(dense, 2, (ids,)).ep == 1
