@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from core import meta
-from core.plan import Plan
+from core.plan import Plan, PlanError
 from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch
 from partitioner.capture import Captured, capture, input_key
@@ -67,6 +67,7 @@ class Programs:
         if program is not None:
             return program
         model = self._model_ref[0]
+        refuse_batch_statistics(model, self.plan, kwargs)
         capture_device = "meta" if self.model_is_meta else None
         captured: Captured = capture(model, *(on_device((args, kwargs), capture_device)
                                               if capture_device else (args, kwargs)))
@@ -85,6 +86,27 @@ class Programs:
         elif self.on_compile is not None:
             self.on_compile(program)
         return program
+
+
+def refuse_batch_statistics(model: nn.Module, plan: Plan, kwargs: dict) -> None:
+    """A Hugging Face MoE model given `labels` and `output_router_logits` adds a load-balancing
+    loss computed over every token of the batch (fractions of tokens and of router probability
+    per expert, multiplied). Split over dp or cp ranks, each rank would compute it over its own
+    tokens: a different loss, and router gradients tens of percent off, silently. Reducing such
+    statistics across ranks has not landed, so it is refused before anything runs."""
+    config = getattr(model, "config", None)
+    wants = kwargs.get("output_router_logits", getattr(config, "output_router_logits", False))
+    weight = getattr(config, "router_aux_loss_coef", 0)
+    shares = {name: degree for name, degree in (("dp", plan.dp), ("cp", plan.cp)) if degree > 1}
+    if wants and weight and kwargs.get("labels") is not None and shares:
+        split = ", ".join(f"{name}={degree}" for name, degree in shares.items())
+        raise PlanError(
+            f"the model adds its router load-balancing loss (output_router_logits=True, "
+            f"router_aux_loss_coef={weight}) computed over all of the batch's tokens; with "
+            f"{split} each rank holds a share of them and would compute a different loss (the "
+            f"router's gradients wrong). Reducing that statistic across ranks has not landed: "
+            f"set output_router_logits=False (or router_aux_loss_coef=0), or split the model "
+            f"only with tp, pp and ep (no dp or cp)")
 
 
 class Executor:
