@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -94,7 +95,7 @@ def _commit(partial: str, path: str) -> None:
         shutil.rmtree(old)
 
 
-def _save_entries(key: str, layout: ParamLayout, local: torch.Tensor, mesh: DeviceMesh,
+def _save_entries(key: str, layout: ParamLayout, local: torch.Tensor, mesh: "Meshes",
                   state) -> dict[str, object]:
     splits = list(layout.placements.splits())
     if not splits:
@@ -125,7 +126,8 @@ def _unpadded(local: torch.Tensor, layout: ParamLayout, state) -> torch.Tensor:
     return local
 
 
-def _dtensor(local: torch.Tensor, mesh: DeviceMesh, splits: dict, shape) -> DTensor:
+def _dtensor(local: torch.Tensor, mesh: "Meshes", splits: dict, shape) -> DTensor:
+    mesh = mesh.expert if set(splits) & _EXPERT_DIMS else mesh.dense
     placements = [DShard(splits[dim].dim) if dim in splits else DReplicate()
                   for dim in mesh.mesh_dim_names]
     return DTensor.from_local(local.contiguous(), mesh, placements, run_check=False,
@@ -140,17 +142,34 @@ def _contiguous_stride(shape) -> tuple[int, ...]:
     return tuple(reversed(out))
 
 
-def _device_mesh(state) -> DeviceMesh:
-    """The plan's dense mesh as a DeviceMesh (made once per model: it creates groups)."""
-    mesh = getattr(state, "_checkpoint_mesh", None)
-    if mesh is None:
-        layout = RankLayout.dense(state.program.plan)
-        names = tuple(dim for dim, _ in reversed(layout.sizes))  # slowest first
-        ranks = torch.arange(layout.world_size).reshape([size for _, size in
-                                                         reversed(layout.sizes)])
-        mesh = DeviceMesh(state.device.type, ranks, mesh_dim_names=names)
-        state._checkpoint_mesh = mesh
-    return mesh
+_EXPERT_DIMS = {"etp", "ep", "edp"}
+
+
+@dataclass(frozen=True)
+class Meshes:
+    """The plan's rank layouts as DeviceMeshes: dense (tp-cp-dp-pp) for every tensor, expert
+    (etp-ep-edp-pp) for the experts split over ep (None without ep)."""
+
+    dense: DeviceMesh
+    expert: DeviceMesh | None
+
+
+def _device_mesh(state) -> Meshes:
+    """Made once per model (a DeviceMesh creates groups: every rank builds the same ones)."""
+    meshes = getattr(state, "_checkpoint_mesh", None)
+    if meshes is None:
+        plan = state.program.plan
+        meshes = Meshes(_as_device_mesh(RankLayout.dense(plan), state.device),
+                        _as_device_mesh(RankLayout.expert(plan), state.device)
+                        if plan.ep > 1 else None)
+        state._checkpoint_mesh = meshes
+    return meshes
+
+
+def _as_device_mesh(layout: RankLayout, device: torch.device) -> DeviceMesh:
+    names = tuple(dim for dim, _ in reversed(layout.sizes))  # slowest first
+    ranks = torch.arange(layout.world_size).reshape([size for _, size in reversed(layout.sizes)])
+    return DeviceMesh(device.type, ranks, mesh_dim_names=names)
 
 
 # --- optimizer state ---------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
 onto tensor-parallel ranks (with and without sp), with pp, with microbatches; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
-Mixtral unchanged, with both of its exported expert forms. Two spawns."""
+Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 and
+dp=2. Two spawns."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_mixtral, starved_moe
+from partitioner.models import tiny_moe
 from runtime import spawn
 
 F64 = torch.float64
@@ -57,19 +59,58 @@ def _balance() -> tuple[str, list[list[int]]]:
     return pm.explain(), pm.last_expert_rows
 
 
-def _two_ranks(cases):
-    return equivalence_worker(cases), _balance()
+def _checkpoints(path: str) -> dict[str, float]:
+    """Save under ep=2 after an AdamW step, load under dp=2 (experts whole on every rank) and
+    under ep=2 again, and the other way: the same weights and the same next step."""
+    import torch.distributed as dist
+
+    from partitioner import parallelize
+    from partitioner.check import lm_loss, relative_error
+
+    model, (ids,) = tiny_moe()
+    model = model.double()
+    out = {}
+    for saved_under, loaded_under in (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2")):
+        torch.manual_seed(0)
+        pm = parallelize(model, saved_under, example_inputs=(ids,), loss_fn=lm_loss)
+        opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
+        pm.step(ids, target=ids)
+        opt.step()
+        where = f"{path}/{saved_under}-{loaded_under}"
+        pm.save(where, optimizer=opt)
+        weights = pm.full_state_dict()
+        other = parallelize(model, loaded_under, example_inputs=(ids,), loss_fn=lm_loss)
+        other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
+        other.load(where, optimizer=other_opt)
+        loaded = other.full_state_dict()
+        name = f"{saved_under}->{loaded_under}"
+        out[f"{name} weights"] = max(relative_error(loaded[k], v) for k, v in weights.items())
+        for p, q in ((pm, opt), (other, other_opt)):
+            q.zero_grad()
+            p.step(ids, target=ids)
+            q.step()
+        after, other_after = pm.full_state_dict(), other.full_state_dict()
+        out[f"{name} next step"] = max(relative_error(other_after[k], v)
+                                       for k, v in after.items())
+        dist.barrier()
+    return out
 
 
-def test_ep_on_two_ranks_matches_one_device():
+def _two_ranks(cases, path):
+    return equivalence_worker(cases), _balance(), _checkpoints(path)
+
+
+def test_ep_on_two_ranks_matches_one_device(tmp_path):
     try:
         import transformers  # noqa: F401  (the Hugging Face cases need it)
         cases = TWO_RANKS + HF
     except ImportError:
         cases = TWO_RANKS
-    results = spawn(2, _two_ranks, cases)
-    assert_passed([reports for reports, _ in results], cases)
-    (explain_0, rows_0), (explain_1, rows_1) = [balance for _, balance in results]
+    results = spawn(2, _two_ranks, cases, str(tmp_path))
+    assert_passed([reports for reports, _, _ in results], cases)
+    for _, _, checkpoints in results:
+        assert max(checkpoints.values()) < 1e-12, checkpoints
+    (explain_0, rows_0), (explain_1, rows_1) = [balance for _, balance, _ in results]
     assert "blocks.0.mlp: 8 experts top-2, experts 0..3 here" in explain_0
     assert "blocks.0.mlp: 8 experts top-2, experts 4..7 here" in explain_1
     # one dispatch per layer; every (token, choice) of both ranks lands on rank 0's experts
