@@ -450,7 +450,7 @@ def main() -> None:
         print(f"{'variant':<10}{'loss':>12}{'|dloss|':>10}{'ms/step':>10}{'vs 1 rank [95%]':>22}"
               f"{'sent MiB':>10}{'(calls)':>9}{'saved MiB':>11}{'vs 1 rank':>10}"
               f"{'attn op MiB':>12}")
-        entry = {"times_s": times, "loss": rows["loss"], "saved_bytes": {}, "sent_bytes": {},
+        entry = {"times_s": times, "loss": rows["loss"],
                  "sent_by_call": {n: rows["calls"][n] for n in VARIANTS},
                  "attention_work": _attention_work(seq), "variants": {}}
         for n in VARIANTS:

@@ -355,8 +355,6 @@ _PENDING = {
            "(ep>1 with etp>1 or cp>1; etp defaults to tp)",
            "set etp=1 (each expert whole on one rank; under tp the tokens are split over tp "
            "before dispatch) and cp=1, or set ep=1"),
-    "zero": (lambda plan: plan.ep == 1, "ZeRO-1 with expert parallelism (zero=1 with ep>1)",
-             "set zero=0 when ep>1"),
     "etp": (lambda plan: plan.etp in (1, plan.tp), "expert tensor parallelism (etp>1)",
             "set etp=1 (each expert whole on one rank) or leave it unset"),
     "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",

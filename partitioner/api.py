@@ -65,9 +65,9 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
     batch, seq = batch_size(example_inputs, {}), example_inputs[0].shape[-1]
     shape = TransformerShape.from_gpt_config(config)
     # Experts whole on their ranks (etp=1) is the expert parallelism that has landed; ep beside
-    # cp or with zero=1 has not: a pick that pairs them is searched again without them.
+    # cp has not: a pick that pairs them is searched again without ep.
     plan = None
-    for fixed in ({"etp": 1}, {"etp": 1, "zero": 0}, {"ep": 1}):
+    for fixed in ({"etp": 1}, {"ep": 1}):
         fields = auto_plan(shape, world_size, _hardware_name(), global_batch=batch, seq=seq,
                            fixed=fixed)
         plan = coerce_plan({k: v for k, v in fields.items() if k != "dp"})

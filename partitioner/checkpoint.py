@@ -183,31 +183,31 @@ def _optimizer_values(state, optimizer):
             for key, value in entry.items():
                 yield names[id(param)], key, value
         return
-    shards = {id(shard): dtype for dtype, shard in state.zero.shards.items()}
+    shards = {id(shard): shard_key for shard_key, shard in state.zero.shards.items()}
     for param, entry in optimizer.state.items():
-        dtype = shards[id(param)]
+        shard_key = shards[id(param)]
         for key, value in entry.items():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                flat = _gather_flat(state, dtype, value)
-                for p, view in _per_parameter(state, dtype, flat):
+                flat = _gather_flat(state, shard_key, value)
+                for p, view in _per_parameter(state, shard_key, flat):
                     yield names[id(p)], key, view
             else:
-                for p in state.zero.params[dtype]:
+                for p in state.zero.params[shard_key]:
                     yield names[id(p)], key, value
 
 
-def _gather_flat(state, dtype, shard_value: torch.Tensor) -> torch.Tensor:
-    flat = torch.empty_like(state.zero.flat[dtype], dtype=shard_value.dtype)
-    if state.zero.group is None:
+def _gather_flat(state, key, shard_value: torch.Tensor) -> torch.Tensor:
+    flat = torch.empty_like(state.zero.flat[key], dtype=shard_value.dtype)
+    if state.zero.group(key) is None:
         flat.copy_(shard_value)
     else:
-        dist.all_gather_into_tensor(flat, shard_value.contiguous(), group=state.zero.group)
+        dist.all_gather_into_tensor(flat, shard_value.contiguous(), group=state.zero.group(key))
     return flat
 
 
-def _per_parameter(state, dtype, flat: torch.Tensor):
+def _per_parameter(state, key, flat: torch.Tensor):
     offset = 0
-    for p in state.zero.params[dtype]:
+    for p in state.zero.params[key]:
         yield p, flat[offset: offset + p.numel()].view_as(p)
         offset += p.numel()
 
@@ -335,15 +335,15 @@ def _optimizer_targets(state, optimizer, saved, mesh, targets, finish):
                 optimizer.state[param] = {slot: values[(name, slot)]
                                           for slot in keys_of.get(name, [])}
             return
-        for dtype, shard in state.zero.shards.items():
+        for key, shard in state.zero.shards.items():
             entry = {}
-            for slot in keys_of.get(names[id(state.zero.params[dtype][0])], []):
-                sample = values[(names[id(state.zero.params[dtype][0])], slot)]
-                if sample.shape == state.zero.params[dtype][0].shape:
-                    flat = torch.zeros_like(state.zero.flat[dtype], dtype=sample.dtype)
-                    for p, view in _per_parameter(state, dtype, flat):
+            for slot in keys_of.get(names[id(state.zero.params[key][0])], []):
+                sample = values[(names[id(state.zero.params[key][0])], slot)]
+                if sample.shape == state.zero.params[key][0].shape:
+                    flat = torch.zeros_like(state.zero.flat[key], dtype=sample.dtype)
+                    for p, view in _per_parameter(state, key, flat):
                         view.copy_(values[(names[id(p)], slot)])
-                    entry[slot] = state.zero._my_slice(flat).clone()
+                    entry[slot] = state.zero.my_slice(key, flat).clone()
                 else:
                     entry[slot] = sample
             optimizer.state[shard] = entry

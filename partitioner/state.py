@@ -21,7 +21,7 @@ from core.placement import ParamLayout, unshard
 from passes import PassContext
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
-from runtime.data_parallel import GradReducer, ZeroShards
+from runtime.data_parallel import GradReducer, ZeroGroup, ZeroShards
 from runtime.mesh import GRADIENTS, Mesh
 
 
@@ -60,12 +60,15 @@ class LocalState:
             if not layout.is_buffer:
                 (expert if _is_expert(layout) else dense).append(self.local(name))
         group = mesh.group(GRADIENTS)  # dp, or dp x cp
-        self.zero = (ZeroShards(dense, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS))
-                     if zero else None)  # the plan refuses zero=1 with experts split over ep
-        self.reducer = None if zero else GradReducer(dense, group)
         # An expert's gradient already holds every token of its ep group (the dispatch's
         # backward brought them); the ranks holding the same experts are the edp group.
-        self.expert_reducer = GradReducer(expert, mesh.group("edp")) if expert else None
+        self.zero = ZeroShards([
+            ZeroGroup("dense", dense, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS)),
+            ZeroGroup("expert", expert, mesh.group("edp"), mesh.coord("edp"), mesh.size("edp")),
+        ]) if zero else None
+        self.reducer = None if zero else GradReducer(dense, group)
+        self.expert_reducer = (GradReducer(expert, mesh.group("edp")) if expert and not zero
+                               else None)
 
     def _materialize(self, model: nn.Module, model_is_meta: bool) -> None:
         sizes, coords = self.program.sizes, self.program.coords
@@ -116,8 +119,8 @@ class LocalState:
 
     def named_parameters(self, prefix: str = "", recurse: bool = True):
         if self.zero is not None:
-            for dtype, shard in self.zero.shards.items():
-                yield f"{prefix}zero_shard.{str(dtype).removeprefix('torch.')}", shard
+            for key, shard in self.zero.shards.items():
+                yield f"{prefix}zero_shard.{key}", shard
         else:
             yield from self.store.named_parameters(prefix=prefix, recurse=recurse)
 
@@ -165,9 +168,9 @@ class LocalState:
         replicas = {id(self.local(name)): self._replicas(layout)
                     for name, layout in self.program.layouts.items() if not layout.is_buffer}
         if self.zero is not None:
-            # Each element's master copy lives on one dp rank of the replicas.
-            pieces = [(grad, replicas[id(p)] // self.mesh.size(GRADIENTS))
-                      for p, grad in self.zero.owned_pieces()]
+            # Each element's master copy lives on one rank of the group its state is split over.
+            pieces = [(grad, replicas[id(p)] // size)
+                      for p, grad, size in self.zero.owned_pieces()]
         else:
             pieces = [(p.grad, replicas[id(p)]) for p in self.parameters() if p.grad is not None]
         grads = [p.grad for p in self.parameters() if p.grad is not None]

@@ -5,16 +5,19 @@ soon as every gradient of the bucket is final during the last microbatch's backw
 reduction overlaps the rest of backward, as in PyTorch DDP and Megatron's DistributedDataParallel.
 
 `ZeroShards` is the distributed optimizer (ZeRO-1): the model's parameters become views into one
-flat buffer per dtype, and each dp rank owns a 1/dp slice of it as a separate leaf tensor. The
-user's optimizer updates only those slices (so its state is 1/dp); gradients are
-reduce-scattered into the slices, and the updated slices are all-gathered back into the flat
-buffer before the next forward.
+flat buffer per group and dtype, and each rank of the group owns a 1/size slice of it as a
+separate leaf tensor. The user's optimizer updates only those slices (so its state is 1/size);
+gradients are reduce-scattered into the slices, and the updated slices are all-gathered back
+into the flat buffer before the next forward. The groups (`ZeroGroup`) are the ranks that sum
+the parameters' gradients: dp x cp for dense parameters, the expert-data-parallel ranks for
+experts split over ep (Megatron's distributed optimizer keeps the same two).
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -97,23 +100,44 @@ class GradReducer:
         self._hooks = []
 
 
-class ZeroShards:
-    """ZeRO-1 over `group`: flat parameter buffers per dtype, one 1/dp leaf slice per rank."""
+@dataclass(frozen=True)
+class ZeroGroup:
+    """Parameters whose optimizer state is split over one process group (ZeRO-1): the dense
+    parameters over dp x cp, experts split over ep over the expert-data-parallel group."""
 
-    def __init__(self, params: list[nn.Parameter], group, rank: int, size: int):
-        self.group, self.rank, self.size = group, rank, size
-        by_dtype: dict[torch.dtype, list[nn.Parameter]] = defaultdict(list)
-        for p in params:
-            if p.requires_grad:
-                by_dtype[p.dtype].append(p)
-        self.params = by_dtype
-        self.flat: dict[torch.dtype, torch.Tensor] = {}
-        self.shards: dict[torch.dtype, nn.Parameter] = {}
-        for dtype, group_params in by_dtype.items():
+    name: str
+    params: list
+    group: object
+    """The process group, or None for a group of one."""
+    rank: int
+    size: int
+
+
+class ZeroShards:
+    """ZeRO-1: per (group, dtype) key a flat parameter buffer, one 1/size leaf slice per rank.
+
+    Keys are `"dense.float32"`-like strings (`ZeroGroup.name` and the dtype)."""
+
+    def __init__(self, groups: list[ZeroGroup]):
+        self.params: dict[str, list[nn.Parameter]] = {}
+        self.dtype: dict[str, torch.dtype] = {}
+        self._group: dict[str, ZeroGroup] = {}
+        for zero_group in groups:
+            by_dtype: dict[torch.dtype, list[nn.Parameter]] = defaultdict(list)
+            for p in zero_group.params:
+                if p.requires_grad:
+                    by_dtype[p.dtype].append(p)
+            for dtype, group_params in by_dtype.items():
+                key = f"{zero_group.name}.{str(dtype).removeprefix('torch.')}"
+                self.params[key], self.dtype[key], self._group[key] = (group_params, dtype,
+                                                                      zero_group)
+        self.flat: dict[str, torch.Tensor] = {}
+        self.shards: dict[str, nn.Parameter] = {}
+        for key, group_params in self.params.items():
             total = sum(p.numel() for p in group_params)
-            padded = math.ceil(total / size) * size
+            padded = math.ceil(total / self.size(key)) * self.size(key)
             device = group_params[0].device
-            flat = torch.zeros(padded, dtype=dtype, device=device)
+            flat = torch.zeros(padded, dtype=self.dtype[key], device=device)
             offset = 0
             with torch.no_grad():
                 for p in group_params:
@@ -121,26 +145,34 @@ class ZeroShards:
                     view.copy_(p)
                     p.data = view  # the model now reads the flat buffer
                     offset += p.numel()
-            self.flat[dtype] = flat
-            self.shards[dtype] = nn.Parameter(self._my_slice(flat).clone())
+            self.flat[key] = flat
+            self.shards[key] = nn.Parameter(self.my_slice(key, flat).clone())
 
-    def _my_slice(self, flat: torch.Tensor) -> torch.Tensor:
-        n = flat.numel() // self.size
-        return flat[self.rank * n: (self.rank + 1) * n]
+    def group(self, key: str):
+        return self._group[key].group
+
+    def size(self, key: str) -> int:
+        return self._group[key].size
+
+    def my_slice(self, key: str, flat: torch.Tensor) -> torch.Tensor:
+        n = flat.numel() // self.size(key)
+        rank = self._group[key].rank
+        return flat[rank * n: (rank + 1) * n]
 
     def owned_pieces(self):
-        """(model parameter, the slice of our shard's gradient that belongs to it) for every
-        parameter overlapping this rank's slice (for norms that weigh parameters differently)."""
-        for dtype, group_params in self.params.items():
-            shard = self.shards[dtype]
+        """(model parameter, the slice of our shard's gradient that belongs to it, the size of
+        the group the parameter's state is split over) for every parameter overlapping this
+        rank's slice (for norms that weigh parameters differently)."""
+        for key, group_params in self.params.items():
+            shard = self.shards[key]
             if shard.grad is None:
                 continue
             n = shard.numel()
-            start, offset = self.rank * n, 0
+            start, offset = self._group[key].rank * n, 0
             for p in group_params:
                 lo, hi = max(offset, start), min(offset + p.numel(), start + n)
                 if lo < hi:
-                    yield p, shard.grad[lo - start: hi - start]
+                    yield p, shard.grad[lo - start: hi - start], self.size(key)
                 offset += p.numel()
 
     def shard_parameters(self) -> list[nn.Parameter]:
@@ -149,23 +181,24 @@ class ZeroShards:
     @torch.no_grad()
     def gather(self) -> None:
         """Every rank's updated slice -> the full flat buffer (and so the model's parameters)."""
-        for dtype, flat in self.flat.items():
-            if self.group is None:
-                flat.copy_(self.shards[dtype])
+        for key, flat in self.flat.items():
+            if self.group(key) is None:
+                flat.copy_(self.shards[key])
             else:
-                all_gather_into(flat, self.shards[dtype].detach(), self.group)
+                all_gather_into(flat, self.shards[key].detach(), self.group(key))
 
     @torch.no_grad()
     def refresh_shards(self) -> None:
         """The flat buffer was written (a state dict was loaded): copy our slices from it."""
-        for dtype, flat in self.flat.items():
-            self.shards[dtype].copy_(self._my_slice(flat))
+        for key, flat in self.flat.items():
+            self.shards[key].copy_(self.my_slice(key, flat))
 
     @torch.no_grad()
     def reduce_grads(self) -> None:
-        """Sum model gradients over dp into our slice's `.grad` (accumulating); free the rest."""
-        for dtype, group_params in self.params.items():
-            flat = self.flat[dtype]
+        """Sum model gradients over each group into our slice's `.grad` (accumulating); free
+        the rest."""
+        for key, group_params in self.params.items():
+            flat = self.flat[key]
             flat_grad = torch.zeros_like(flat)
             offset = 0
             for p in group_params:
@@ -173,12 +206,13 @@ class ZeroShards:
                     flat_grad[offset: offset + p.numel()].copy_(p.grad.reshape(-1))
                     p.grad = None
                 offset += p.numel()
-            if self.group is None:
+            if self.group(key) is None:
                 mine = flat_grad
             else:
-                mine = torch.empty(flat.numel() // self.size, dtype=dtype, device=flat.device)
-                reduce_scatter_into(mine, flat_grad, self.group)
-            shard = self.shards[dtype]
+                mine = torch.empty(flat.numel() // self.size(key), dtype=flat.dtype,
+                                   device=flat.device)
+                reduce_scatter_into(mine, flat_grad, self.group(key))
+            shard = self.shards[key]
             if shard.grad is None:
                 shard.grad = mine
             else:
@@ -188,14 +222,14 @@ class ZeroShards:
     def full_grads(self) -> dict[int, torch.Tensor]:
         """id(model parameter) -> its full reduced gradient, gathered from every rank's slice."""
         out = {}
-        for dtype, group_params in self.params.items():
-            shard = self.shards[dtype]
+        for key, group_params in self.params.items():
+            shard = self.shards[key]
             mine = shard.grad if shard.grad is not None else torch.zeros_like(shard)
-            flat = torch.empty_like(self.flat[dtype])
-            if self.group is None:
+            flat = torch.empty_like(self.flat[key])
+            if self.group(key) is None:
                 flat.copy_(mine)
             else:
-                all_gather_into(flat, mine.contiguous(), self.group)
+                all_gather_into(flat, mine.contiguous(), self.group(key))
             offset = 0
             for p in group_params:
                 out[id(p)] = flat[offset: offset + p.numel()].view_as(p).clone()

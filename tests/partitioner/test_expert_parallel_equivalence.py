@@ -1,6 +1,6 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
-onto tensor-parallel ranks (with and without sp), with pp, with microbatches; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
+onto tensor-parallel ranks (with and without sp), with pp, with microbatches, with ZeRO-1; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
 Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 and
 dp=2. Two spawns."""
@@ -28,6 +28,7 @@ TWO_RANKS = [
     # ep over the tp ranks: each dispatches its half of the (replicated) tokens
     ("moe-tp2-ep2", "tiny_moe", {}, "tp=2,ep=2,etp=1", F64),
     ("moe-tp2-sp-ep2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
+    ("moe-ep2-zero", "tiny_moe", {}, "ep=2,zero=1", F64),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64
@@ -44,6 +45,8 @@ FOUR_RANKS = [
     ("deepseek-ep4-dense-first", "tiny_moe", {**DEEPSEEK, "dense_layers": 1}, "ep=4", F64),
     ("moe-tp2-ep4", "tiny_moe", {}, "tp=2,ep=4,etp=1", F64),  # one ep group over tp x dp
     ("moe-tp2-sp-ep2-dp2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
+    # ZeRO-1: dense state split over dp=4, the experts' over edp=2
+    ("moe-ep2-dp4-zero", "tiny_moe", {}, "dp=4,ep=2,zero=1", F64),
 ]
 
 
@@ -70,7 +73,8 @@ def _checkpoints(path: str) -> dict[str, float]:
     model, (ids,) = tiny_moe()
     model = model.double()
     out = {}
-    for saved_under, loaded_under in (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2")):
+    for saved_under, loaded_under in (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2"),
+                                      ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1")):
         torch.manual_seed(0)
         pm = parallelize(model, saved_under, example_inputs=(ids,), loss_fn=lm_loss)
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)

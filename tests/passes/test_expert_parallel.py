@@ -131,7 +131,6 @@ def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
     ("tp=2,ep=2", "expert parallelism with experts split inside"),  # etp defaults to tp
     ("tp=2,ep=2,etp=2", "expert parallelism with experts split inside"),
     ("cp=2,ep=2,etp=1", "beside context parallelism"),
-    ("ep=2,zero=1", "ZeRO-1 with expert parallelism"),
 ])
 def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):
     with pytest.raises(NotLanded, match=message):
@@ -143,6 +142,6 @@ def test_the_auto_plan_picks_ep_for_an_moe_model_only_in_forms_that_have_landed(
 
     model, (ids,) = models.tiny_moe()
     plan = _auto_plan(model, 2, (ids,))
-    assert plan.ep == 2 and plan.pending() == []  # the search weighs ep; etp=1, zero off
+    assert plan.ep == 2 and plan.pending() == []  # the search weighs ep (with etp=1)
     dense, (ids,) = models.tiny()
     assert _auto_plan(dense, 2, (ids,)).ep == 1
