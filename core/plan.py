@@ -350,13 +350,11 @@ class Plan:
 _PENDING = {
     "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
                 "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
-    "ep": (lambda plan: plan.cp == 1 and plan.expert_tp == 1,
-           "expert parallelism with experts split inside or beside context parallelism "
-           "(ep>1 with etp>1 or cp>1; etp defaults to tp)",
-           "set etp=1 (each expert whole on one rank; under tp the tokens are split over tp "
-           "before dispatch) and cp=1, or set ep=1"),
-    "etp": (lambda plan: plan.etp in (1, plan.tp), "expert tensor parallelism (etp>1)",
-            "set etp=1 (each expert whole on one rank) or leave it unset"),
+    "ep": (lambda plan: plan.cp == 1, "expert parallelism beside context parallelism "
+           "(ep>1 with cp>1)", "set cp=1 (fold ep onto dp or tp ranks), or set ep=1"),
+    "etp": (lambda plan: plan.etp in (1, plan.tp),
+            "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
+            "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),
     "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",
                         "leave capacity_factor unset (dropless) until expert parallelism lands"),
     "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",

@@ -100,17 +100,18 @@ def _save_entries(key: str, layout: ParamLayout, local: torch.Tensor, mesh: "Mes
     splits = list(layout.placements.splits())
     if not splits:
         return {key: local}
-    strided = [p for _, p in splits if isinstance(p, StridedShard)]
-    if strided:
-        (mesh_dim, placement), = splits  # only tp splits fused projections
+    strided = [(d, p) for d, p in splits if isinstance(p, StridedShard)]
+    if strided:  # fused projections (tp), an expert's gate|up (etp): each block on its own
+        (mesh_dim, placement), = strided
+        others = {d: p for d, p in splits if d != mesh_dim}
         parts = state.program.sizes[mesh_dim]
         pieces = local.split([b // parts for b in placement.blocks], dim=placement.dim)
         out = {}
         for i, (block, piece) in enumerate(zip(placement.blocks, pieces, strict=True)):
             shape = list(layout.full_shape)
             shape[placement.dim] = block
-            out[f"{key}{BLOCK}{i}"] = _dtensor(piece, mesh, {mesh_dim: Shard(placement.dim)},
-                                               tuple(shape))
+            out[f"{key}{BLOCK}{i}"] = _dtensor(
+                piece, mesh, {**others, mesh_dim: Shard(placement.dim)}, tuple(shape))
         return out
     return {key: _dtensor(_unpadded(local, layout, state), mesh, dict(splits), layout.full_shape)}
 

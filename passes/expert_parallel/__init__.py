@@ -25,7 +25,6 @@ from torch import fx
 
 from core import meta
 from core.divisibility import divisors
-from core.placement import Shard
 from passes import PassContext, PassError
 from passes.expert_parallel.dispatch import _Rewriter, find_layers
 from passes.expert_parallel.record import ExpertParallelRecord, MoELayer
@@ -51,14 +50,12 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                             f"(valid ep: {valid})")
     if problems:
         raise PassError("; ".join(problems))
-    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp).run()
+    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp, ctx.plan.expert_tp).run()
                for layer in layers]
     layouts = dict(gm.meta[meta.LAYOUTS])
     for record in records:
-        for name in record.weights:
-            layout = layouts[name]
-            layouts[name] = dataclasses.replace(
-                layout, placements=layout.placements.with_("ep", Shard(0)))
+        for name, placements in record.placements:
+            layouts[name] = dataclasses.replace(layouts[name], placements=placements)
     gm.meta[meta.LAYOUTS] = layouts
     gm.meta[meta.EP_RECORD] = ExpertParallelRecord(ep, ctx.coords["ep"], tuple(records))
     gm.graph.lint()

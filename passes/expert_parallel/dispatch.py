@@ -38,6 +38,7 @@ import torch
 from torch import fx
 
 from core import meta, ops
+from core.placement import Placements, Shard, StridedShard
 from core.fx_utils import module_path, tensor_of
 from passes import PassError
 from passes.propagation.table import BINARY, UNARY, aten_ops
@@ -230,12 +231,14 @@ def _unsupported(path: str, node: fx.Node, what: str | None = None) -> str:
 class _Rewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
-    def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int,
-                 tp: int = 1) -> None:
-        self.gm, self.layer, self.ep, self.rank, self.tp = gm, layer, ep, rank, tp
+    def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int, tp: int = 1,
+                 etp: int = 1) -> None:
+        self.gm, self.layer, self.ep, self.rank, self.tp, self.etp = gm, layer, ep, rank, tp, etp
         self.graph = gm.graph
         self.rows_of: dict[fx.Node, fx.Node] = {}
         self.weights: list[fx.Node] = []
+        self.split_dims: list[int] = []
+        """Per expert GEMM (in dataflow order), the weight dim etp splits."""
         self.expert_ops: list[str] = []
         self.replaced: set[fx.Node] = set()
         self.counts: fx.Node | None = None
@@ -247,8 +250,10 @@ class _Rewriter:
         k = int(tensor_of(layer.indices).shape[-1])
         *token_dims, hidden = tuple(tensor_of(layer.tokens).shape)
         count = math.prod(token_dims)
-        # Every new node goes just before the exit, after the ones inserted before it.
-        if count % self.tp:
+        # With etp = tp the tp ranks split each expert and need the same tokens; with etp = 1
+        # they split the tokens instead.
+        token_split = self.tp if self.etp == 1 else 1
+        if count % token_split:
             raise PassError(f"MoE layer {layer.path} reads {count} tokens per microbatch, which "
                             f"do not split over tp={self.tp}: the ranks of a tp group hold the "
                             f"same tokens, and each dispatches its 1/tp of them so that no "
@@ -257,7 +262,7 @@ class _Rewriter:
             flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
             sent_tokens, sent_indices = flat_tokens, flat_indices
-            if self.tp > 1:  # this tp rank's share of the (replicated) tokens
+            if token_split > 1:  # this tp rank's share of the (replicated) tokens
                 sent_tokens, sent_indices = (
                     self._call(ops.scatter, (value, "tp", 0), {"group_size": self.tp})
                     for value in (flat_tokens, flat_indices))
@@ -265,18 +270,22 @@ class _Rewriter:
                                                               experts),
                                            {"group_size": self.ep})
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
-                tensor_of(sent_tokens).new_empty(count // self.tp * k, hidden),
+                tensor_of(sent_tokens).new_empty(count // token_split * k, hidden),
                 tensor_of(sent_indices).new_empty(self.ep, self.local))
             dispatch.meta[meta.COLLECTIVE] = "all_to_all"
             rows = self._call(operator.getitem, (dispatch, 0))
             self.counts = self._call(operator.getitem, (dispatch, 1))
+            if self.etp > 1:  # f: every etp rank's slice of the experts reads the same rows
+                rows = self._call(ops.copy_to_region, (rows, "etp"))
             expert_out = layer.expert_out if layer.form == "dense" else layer.exit
             start = layer.tokens if layer.form == "dense" else layer.entry
             rows_out = self._rows(expert_out, start, rows)
             back = self._call(ops.moe_return, (rows_out, sent_indices, self.counts, "ep",
                                                experts), {"group_size": self.ep})
             back.meta[meta.COLLECTIVE] = "all_to_all"
-            if self.tp > 1:  # every tp rank's share, whole again (replicated over tp)
+            if self.etp > 1:  # g: the row GEMMs' partial sums over the experts' slices
+                back = self._call(ops.all_reduce, (back, "etp"))
+            elif token_split > 1:  # every tp rank's share, whole again (replicated over tp)
                 back = self._call(ops.all_gather, (back, "tp", 0), {"group_size": self.tp})
             if layer.form == "dense":
                 routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
@@ -291,6 +300,11 @@ class _Rewriter:
                                                                .shape[-1]]))
                 if layer.form == "sorted":
                     out = self._call(aten.index.Tensor, (out, [layer.order]))
+        if self.etp > 1 and len(self.split_dims) != 2:
+            raise PassError(self._unsupported(
+                layer.exit, f"{len(self.split_dims)} GEMMs per expert (etp={self.etp} splits "
+                            f"an expert as one column GEMM then one row GEMM, Megatron's expert "
+                            f"tensor parallelism; set etp=1)"))
         layer.exit.replace_all_uses_with(out)
         self._erase_replaced(layer.exit)
         # The layer is the module holding the router and the experts (a router's top-k may
@@ -300,7 +314,24 @@ class _Rewriter:
         return MoELayer(path=".".join(common) or layer.path, num_experts=experts, topk=k,
                         local_experts=(self.rank * self.local, (self.rank + 1) * self.local),
                         weights=tuple(w.target for w in self.weights),
-                        expert_ops=tuple(self.expert_ops), tokens=count)
+                        expert_ops=tuple(self.expert_ops), tokens=count,
+                        placements=tuple((w.target, self._placements(i))
+                                         for i, w in enumerate(self.weights)))
+
+    def _placements(self, gemm: int) -> Placements:
+        """Experts split along dim 0 over ep; with etp > 1 the column GEMM's weight split on
+        its output dim (sub-blocks split each, when the output is chunked as SwiGLU's gate|up)
+        and the row GEMM's on its input dim."""
+        placements = Placements().with_("ep", Shard(0))
+        if self.etp == 1:
+            return placements
+        dim = self.split_dims[gemm]
+        chunks = [n for n in self.replaced if n.target is aten.chunk.default]
+        if gemm == 0 and chunks:
+            size = int(tensor_of(self.weights[0]).shape[dim]) * self.etp
+            pieces = int(chunks[0].args[1])
+            return placements.with_("etp", StridedShard(dim, (size // pieces,) * pieces))
+        return placements.with_("etp", Shard(dim))
 
     # --- the experts, per row -----------------------------------------------------------
     def _rows(self, node: fx.Node, start: fx.Node, rows: fx.Node) -> fx.Node:
@@ -376,8 +407,20 @@ class _Rewriter:
                                                       f"used outside the experts"))
         if weight not in self.weights:
             self.weights.append(weight)
-            val = tensor_of(weight)
-            weight.meta["val"] = val.new_empty(self.local, *val.shape[1:])
+            # the first GEMM is column-parallel over etp (its output dim split), the second
+            # row-parallel (its input dim): which weight dim that is depends on the layout
+            column = len(self.split_dims) == 0
+            dim = (1 if transposed else 2) if column else (2 if transposed else 1)
+            self.split_dims.append(dim)
+            shape = list(tensor_of(weight).shape)
+            shape[0] = self.local
+            if self.etp > 1:
+                if shape[dim] % self.etp:
+                    raise PassError(self._unsupported(weight, f"an expert dim of {shape[dim]}, "
+                                                              f"which etp={self.etp} does not "
+                                                              f"divide"))
+                shape[dim] //= self.etp
+            weight.meta["val"] = tensor_of(weight).new_empty(shape)
         if transposed:
             weight = self._call(aten.transpose.int, (weight, -2, -1))
         self.expert_ops.append("grouped_mm")

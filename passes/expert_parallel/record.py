@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from core.placement import Placements
+
 
 @dataclass(frozen=True)
 class MoELayer:
@@ -21,13 +23,15 @@ class MoELayer:
     """What each expert computes on its rows, in order (grouped_mm, gelu, ...)."""
     tokens: int
     """Tokens of one microbatch on this rank (each sent to `topk` experts)."""
+    placements: tuple[tuple[str, Placements], ...] = ()
+    """Each expert weight's placements: dim 0 over ep; with etp > 1 also split inside."""
 
     def __str__(self) -> str:
         first, last = self.local_experts
         return (f"{self.path}: {self.num_experts} experts top-{self.topk}, experts "
                 f"{first}..{last - 1} here; {self.tokens} tokens x {self.topk} dispatched by "
-                f"all-to-all; experts run {' -> '.join(self.expert_ops)}; "
-                f"weights {', '.join(self.weights)} split over ep")
+                f"all-to-all; experts run {' -> '.join(self.expert_ops)}; weights "
+                f"{', '.join(f'{name} {placements}' for name, placements in self.placements)}")
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,8 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     assert Plan(tp=4, etp=4).pending() == []  # etp equal to tp is the default layout
     asks = Plan.parse("tp=2,cp=2,ep=2,etp=1,compile=on,schedule=zb-h1,pp=2").pending()
     assert [a.split(" is not available")[0] for a in asks] == [
-        "expert parallelism with experts split inside or beside context parallelism "
-        "(ep>1 with etp>1 or cp>1; etp defaults to tp)", "compiled per-rank graphs (compile)",
+        "expert parallelism beside context parallelism (ep>1 with cp>1)",
+        "compiled per-rank graphs (compile)",
         "zero-bubble pipeline schedules (zb-h1, zb-v)"]
     assert "(the plan asks compile=on); set compile=off" in asks[1]
     with pytest.raises(NotLanded, match="hybrid context parallelism"):

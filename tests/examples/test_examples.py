@@ -31,8 +31,8 @@ LANDED = [
 ]
 
 NOT_LANDED = [  # move each to LANDED when its pass lands
-    # the guide's expert tensor parallelism (etp=tp=2: experts split inside) has not landed
-    ("ep.py", ["--world-size", "4", "--plan", "tp=2"], "experts split inside"),
+    # ep beside cp has not landed
+    ("ep.py", ["--world-size", "4", "--plan", "cp=2"], "expert parallelism beside context"),
 ]
 
 GUIDE_ERRORS = [

@@ -1,6 +1,7 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
-onto tensor-parallel ranks (with and without sp), with pp, with microbatches, with ZeRO-1; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
+onto tensor-parallel ranks (with and without sp), experts split inside by etp = tp, with pp,
+with microbatches, with ZeRO-1; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
 Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 and
 dp=2. Two spawns."""
@@ -47,6 +48,13 @@ FOUR_RANKS = [
     ("moe-tp2-sp-ep2-dp2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
     # ZeRO-1: dense state split over dp=4, the experts' over edp=2
     ("moe-ep2-dp4-zero", "tiny_moe", {}, "dp=4,ep=2,zero=1", F64),
+    # etp = tp = 2 (Megatron's default): each expert column/row split over the tp ranks
+    ("moe-tp2-ep2-etp2", "tiny_moe", {}, "tp=2,ep=2", F64),
+    ("moe-gelu-tp2-sp-ep2-etp2", "tiny", {"n_experts": 4, "topk": 2}, "tp=2,sp=on,ep=2", F64),
+]
+HF_FOUR_RANKS = [
+    ("hf-mixtral-batched-mm-tp2-ep2-etp2", hf_mixtral, {"experts_implementation": "batched_mm"},
+     "tp=2,ep=2", F64),
 ]
 
 
@@ -62,9 +70,14 @@ def _balance() -> tuple[str, list[list[int]]]:
     return pm.explain(), pm.last_expert_rows
 
 
-def _checkpoints(path: str) -> dict[str, float]:
-    """Save under ep=2 after an AdamW step, load under dp=2 (experts whole on every rank) and
-    under ep=2 again, and the other way: the same weights and the same next step."""
+TWO_RANK_CHECKPOINTS = (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2"),
+                        ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"))
+FOUR_RANK_CHECKPOINTS = (("tp=2,ep=2", "dp=4"), ("dp=4,zero=1", "tp=2,ep=2,zero=1"))
+
+
+def _checkpoints(path: str, pairs) -> dict[str, float]:
+    """Save under one plan after an AdamW step, load under another (experts split over ep or
+    etp, or whole on every rank): the same weights and the same next step."""
     import torch.distributed as dist
 
     from partitioner import parallelize
@@ -73,8 +86,7 @@ def _checkpoints(path: str) -> dict[str, float]:
     model, (ids,) = tiny_moe()
     model = model.double()
     out = {}
-    for saved_under, loaded_under in (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2"),
-                                      ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1")):
+    for saved_under, loaded_under in pairs:
         torch.manual_seed(0)
         pm = parallelize(model, saved_under, example_inputs=(ids,), loss_fn=lm_loss)
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
@@ -101,7 +113,11 @@ def _checkpoints(path: str) -> dict[str, float]:
 
 
 def _two_ranks(cases, path):
-    return equivalence_worker(cases), _balance(), _checkpoints(path)
+    return equivalence_worker(cases), _balance(), _checkpoints(path, TWO_RANK_CHECKPOINTS)
+
+
+def _four_ranks(cases, path):
+    return equivalence_worker(cases), _checkpoints(path, FOUR_RANK_CHECKPOINTS)
 
 
 def test_ep_on_two_ranks_matches_one_device(tmp_path):
@@ -125,5 +141,13 @@ def test_ep_on_two_ranks_matches_one_device(tmp_path):
     assert "rows this rank's experts received in the last step" in explain_0
 
 
-def test_ep_with_dp_and_pp_on_four_ranks_matches_one_device():
-    assert_passed(spawn(4, equivalence_worker, FOUR_RANKS), FOUR_RANKS)
+def test_ep_with_tp_dp_pp_and_expert_tp_on_four_ranks_matches_one_device(tmp_path):
+    try:
+        import transformers  # noqa: F401  (the Hugging Face cases need it)
+        cases = FOUR_RANKS + HF_FOUR_RANKS
+    except ImportError:
+        cases = FOUR_RANKS
+    results = spawn(4, _four_ranks, cases, str(tmp_path))
+    assert_passed([reports for reports, _ in results], cases)
+    for _, checkpoints in results:
+        assert max(checkpoints.values()) < 1e-12, checkpoints

@@ -29,6 +29,7 @@ STRATEGIES = [
     ("ep", "ep=2", 2, "tiny_moe"),
     ("tp+sp+pp+recompute", "tp=2,sp=on,pp=2,mb=2,recompute=selective", 4),
     ("ep over tp, pp", "tp=2,ep=2,etp=1,pp=2,mb=2", 4, "tiny_moe"),
+    ("ep with expert tp", "tp=2,ep=2", 4, "tiny_moe"),
 ]
 
 

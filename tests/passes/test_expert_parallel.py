@@ -128,9 +128,8 @@ def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
 
 
 @pytest.mark.parametrize("plan, message", [
-    ("tp=2,ep=2", "expert parallelism with experts split inside"),  # etp defaults to tp
-    ("tp=2,ep=2,etp=2", "expert parallelism with experts split inside"),
-    ("cp=2,ep=2,etp=1", "beside context parallelism"),
+    ("tp=4,ep=2,etp=2", "expert tensor parallelism other than 1 or tp"),
+    ("cp=2,ep=2,etp=1", "expert parallelism beside context parallelism"),
 ])
 def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):
     with pytest.raises(NotLanded, match=message):
