@@ -188,8 +188,10 @@ class ParallelModel(nn.Module):
     # --- reports ---------------------------------------------------------------------------
     def explain(self) -> str:
         """Per node: placement, inserted collectives, stage (this rank's training program);
-        then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits)."""
-        return "\n".join([explain(self.program), *self.losses.explain_lines(self.program)])
+        then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits) and,
+        under compile=on, each graph's compile time or why it runs eagerly."""
+        return "\n".join([explain(self.program), *self.losses.explain_lines(self.program),
+                          *self.executor.compile_lines()])
 
     def timeline(self) -> str:
         """Which pp rank runs which microbatch of which stage when (unit-time model)."""

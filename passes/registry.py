@@ -105,7 +105,7 @@ def _recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    gm = use_kernels(gm)
+    gm = use_kernels(gm, compiled=ctx.plan.compile)
     used = Counter(node.meta[meta.KERNEL] for module in gm.modules()
                    if isinstance(module, fx.GraphModule)
                    for node in module.graph.nodes if meta.KERNEL in node.meta)
