@@ -38,9 +38,11 @@ class CompileRecord:
     """Which graph: stage and input shape, as the executor names it."""
     compile_s: float = 0.0
     """Seconds spent compiling: the first call (dynamo + AOTAutograd + inductor's forward,
-    and that one run) and inductor's backward at the first backward."""
+    and that one run), inductor's backward at the first backward, and any recompilation
+    (a call under another grad mode)."""
     graphs: int = 0
-    """Graphs handed to inductor (1: the whole stage; more would mean graph breaks)."""
+    """Graphs handed to inductor: one per stage graph and grad mode it ran under (a stage cut
+    by graph breaks would hand over several)."""
     collectives: int = 0
     """Collective ops inside those graphs (compiled with the compute around them)."""
     eager: str | None = None
@@ -86,8 +88,9 @@ class CompiledGraphs:
 
     def _first_call(self, gm: fx.GraphModule, name: str, args: tuple, kwargs: dict):
         record = CompileRecord(name)
-        compiled = torch.compile(gm, backend=self._backend(record), fullgraph=True,
-                                 dynamic=False)
+        first_call = [True]  # timed whole while it runs; later compilations time themselves
+        compiled = torch.compile(gm, backend=self._backend(record, first_call),
+                                 fullgraph=True, dynamic=False)
         start = time.perf_counter()
         try:
             out = compiled(*args, **kwargs)
@@ -96,11 +99,13 @@ class CompiledGraphs:
             reason = _first_line(error)
             self.eager(gm, name, f"inductor could not compile it: {reason}")
             return gm(*args, **kwargs)
+        finally:
+            first_call[0] = False
         record.compile_s += time.perf_counter() - start
         self._entries[id(gm)] = (gm, compiled, record)
         return out
 
-    def _backend(self, record: CompileRecord):
+    def _backend(self, record: CompileRecord, first_call: list[bool]):
         from torch._inductor.compile_fx import compile_fx, compile_fx_inner
         from torch._inductor.decomposition import select_decomp_table
 
@@ -109,23 +114,26 @@ class CompiledGraphs:
 
         in_forward = [False]
 
-        def inner(*args, **kwargs):  # forward at the first call, backward at the first backward
+        def inner(*args, **kwargs):  # the forward inside `backend`; the backward lazily
             start = time.perf_counter()
             try:
                 return compile_fx_inner(*args, **kwargs)
             finally:
-                if not in_forward[0]:  # the backward, compiled lazily
+                if not in_forward[0]:
                     record.compile_s += time.perf_counter() - start
 
         def backend(gm: fx.GraphModule, example_inputs):
             record.graphs += 1
             record.collectives += sum(node.target in ops.GROUPED for node in gm.graph.nodes)
             in_forward[0] = True
+            start = time.perf_counter()
             try:
                 return compile_fx(gm, example_inputs, inner_compile=inner,
                                   decompositions=decompositions)
             finally:
                 in_forward[0] = False
+                if not first_call[0]:  # a recompilation (the first call is timed whole)
+                    record.compile_s += time.perf_counter() - start
         return backend
 
 
