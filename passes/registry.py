@@ -70,7 +70,7 @@ class PassOutcome:
 
 
 # --- adapters for passes that leave only node metadata ---------------------------------------
-# recompute and kernels mark the nodes they rewrite (meta["recompute"], meta["kernel"]); until
+# recompute and kernels mark the nodes they rewrite (meta.RECOMPUTE, meta.KERNEL); until
 # they write their own records, these adapters read those marks into one.
 
 @dataclass(frozen=True)

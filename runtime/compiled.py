@@ -138,5 +138,7 @@ class CompiledGraphs:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:300] if text else type(error).__name__
+    """The cause in one line: the backend's own error where dynamo wrapped one."""
+    cause = getattr(error, "inner_exception", None) or error
+    text = [line for line in str(cause).strip().splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {text[0][:300] if text else ''}"

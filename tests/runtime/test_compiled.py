@@ -26,6 +26,10 @@ def _cases():
              for plan in PLANS]
     cases.append(("gpt tp=2,sp=on compile f64", "tiny", {}, "tp=2,sp=on,compile=on",
                   torch.float64))
+    # checkpointed attention inside the compiled graph (our node marks must not read as
+    # torch's own "recompute" policy key)
+    cases.append(("gpt tp=2 recompute=selective compile f32", "tiny", {},
+                  "tp=2,recompute=selective,compile=on", f32))
     if importlib.util.find_spec("transformers") is None:
         return cases
     return cases + [(f"hf llama {plan} compile f32", hf_llama, {}, f"{plan},compile=on", f32)
@@ -33,13 +37,18 @@ def _cases():
 
 
 def _compiled_worker(cases):
-    """Every case, then: dynamo's graph-break counts over all of them, and the compile records
-    and explain() of one tp=2,sp=on program (its graphs are in the cache by then)."""
+    """Every case, then: dynamo's graph-break counts over all of them, the compile records
+    and explain() of one tp=2,sp=on program (its graphs are in the cache by then), and every
+    line logged about a graph run eagerly."""
     from torch._dynamo.utils import counters
 
     from partitioner import models, parallelize
     from partitioner.check import lm_loss
 
+    eager_lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: eager_lines.append(record.getMessage())
+    logging.getLogger("partitioner.compile").addHandler(handler)
     reports = equivalence_worker(cases)
     breaks = {reason: count for reason, count in counters["graph_break"].items()}
     model, (ids,) = models.tiny()
@@ -47,14 +56,15 @@ def _compiled_worker(cases):
     pm.step(ids, target=ids.roll(-1, 1))
     records = [(r.graphs, r.collectives, r.eager, r.compile_s)
                for r in pm.executor.compiled.records()]
-    return reports, breaks, records, pm.explain()
+    return reports, breaks, records, pm.explain(), eager_lines
 
 
 def test_compiled_ranks_match_one_device_without_graph_breaks():
     cases = _cases()
     results = spawn(2, _compiled_worker, cases, timeout=1500)
     assert_passed([reports for reports, *_ in results], cases)
-    for _, breaks, records, explained in results:
+    for _, breaks, records, explained, eager_lines in results:
+        assert eager_lines == [], eager_lines  # every graph of every case ran compiled
         assert breaks == {}, f"graph breaks: {breaks}"
         assert records, "no graph ran compiled"
         for graphs, collectives, eager, compile_s in records:
