@@ -1,4 +1,4 @@
-"""Tensor-parallel fwd+bwd step time against PyTorch DTensor `parallelize_module` (issue 3).
+"""Tensor-parallel fwd+bwd step time against DTensor and hand-written Megatron TP (issues 3, 17).
 
 Same Hugging Face LlamaForCausalLM (4 layers, hidden 256, batch 8 x 128), same 2 gloo ranks:
 DTensor with the usual Llama plan (q/k/v/gate/up ColwiseParallel, o/down RowwiseParallel, local
@@ -8,7 +8,14 @@ head, cross-entropy on the logit shards) and `tp=2,sp=on`. Each timed step is fo
 cross-entropy and backward; the runners alternate step by step so machine noise falls on all.
 Goal: ours at most 0.8x of DTensor. Prints a table and saves JSON.
 
-    python benchmarks/tensor_parallel.py [--layers 4] [--hidden 256] [--steps 8]
+Compiled (issue 17), in the same run: ours with `compile=on` (the same placements; each rank's
+forward and backward through inductor), DTensor under `torch.compile`, and a hand-written
+Megatron-style TP of the same HF model (q/k/v/gate/up weights split by rows, o/down by columns,
+Megatron's f (identity forward, all-reduce backward) at each attention and MLP input and g
+(all-reduce forward) after o_proj and down_proj, eager). Targets: our compiled step at most
+0.95x the hand-written eager TP, and faster than DTensor under torch.compile.
+
+    python benchmarks/tensor_parallel.py [--layers 4] [--hidden 256] [--steps 8] [--quick]
 """
 
 from __future__ import annotations
@@ -20,9 +27,25 @@ import os
 from round_robin import slowest_rank_median, time_round_robin
 
 
+def _transformers_llama():
+    """transformers' Llama, imported without this directory on sys.path: our `kernels.py`
+    would shadow the `kernels` package transformers looks for."""
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = list(sys.path)
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    finally:
+        sys.path[:] = saved
+    return LlamaConfig, LlamaForCausalLM
+
+
 def _model(args):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaConfig, LlamaForCausalLM = _transformers_llama()
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=args.hidden, intermediate_size=4 * args.hidden,
@@ -41,7 +64,7 @@ def _loss(output, target):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
-def _dtensor_runner(args):
+def _dtensor_runner(args, compiled: bool = False):
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -60,6 +83,88 @@ def _dtensor_runner(args):
         plan[f"model.layers.{i}.mlp.down_proj"] = RowwiseParallel()
     parallelize_module(model, mesh, plan)
     target = torch.roll(ids, -1, 1)
+    run = torch.compile(model) if compiled else model
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        _loss(run(ids), target).backward()
+    return step
+
+
+def _dtensor_compiled_runner(args):
+    """DTensor's model under torch.compile (the loss and backward as usual); compiled here,
+    at its first step, so compile time stays out of the timed steps."""
+    step = _dtensor_runner(args, compiled=True)
+    step()
+    return step
+
+
+def _megatron_mappings():
+    """Megatron's f and g on the world group (tensor_parallel/mappings.py)."""
+    import torch
+    import torch.distributed as dist
+
+    class Copy(torch.autograd.Function):  # f: identity forward, all-reduce backward
+        @staticmethod
+        def forward(ctx, x):
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad = grad.contiguous().clone()
+            dist.all_reduce(grad)
+            return grad
+
+    class Reduce(torch.autograd.Function):  # g: all-reduce forward, identity backward
+        @staticmethod
+        def forward(ctx, x):
+            x = x.contiguous().clone()
+            dist.all_reduce(x)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+    return Copy.apply, Reduce.apply
+
+
+def _megatron_runner(args):
+    """Hand-written Megatron-style TP of the HF model, eager: column-split q/k/v and gate/up,
+    row-split o_proj and down_proj, f once at each attention and MLP input, g after o_proj and
+    down_proj (what Megatron's ParallelAttention and ParallelMLP do with fused projections)."""
+    import copy
+
+    import torch
+    import torch.distributed as dist
+
+    copy_to_region, reduce_from_region = _megatron_mappings()
+    model, ids = _model(args)
+    reference = copy.deepcopy(model)
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def split(linear, dim):
+        weight = linear.weight.detach().chunk(world, dim=dim)[rank].clone()
+        linear.weight = torch.nn.Parameter(weight)
+
+    def f_at_input(module, args_, kwargs):
+        if args_:
+            return (copy_to_region(args_[0]), *args_[1:]), kwargs
+        return args_, {**kwargs, "hidden_states": copy_to_region(kwargs["hidden_states"])}
+
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for linear in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
+            split(linear, 0)
+        for linear in (attn.o_proj, mlp.down_proj):
+            split(linear, 1)
+            linear.register_forward_hook(lambda m, i, out: reduce_from_region(out))
+        attn.register_forward_pre_hook(f_at_input, with_kwargs=True)
+        mlp.register_forward_pre_hook(f_at_input, with_kwargs=True)
+    target = torch.roll(ids, -1, 1)
+    with torch.no_grad():  # the hand-written split is the same model
+        ours, theirs = _loss(model(ids), target), _loss(reference(ids), target)
+    if abs(ours.item() - theirs.item()) > 1e-4 * abs(theirs.item()):
+        raise AssertionError(f"hand-written TP loss {ours.item()} != one device {theirs.item()}")
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -67,14 +172,16 @@ def _dtensor_runner(args):
     return step
 
 
+_OURS = "tp=2,rules=model.embed_tokens:replicate;lm_head:replicate"
 VARIANTS = {
-    "ours": "tp=2,rules=model.embed_tokens:replicate;lm_head:replicate",
+    "ours": _OURS,
+    "ours_compiled": _OURS + ",compile=on",
     "ours_default": "tp=2",
     "ours_sp": "tp=2,sp=on",
 }
-"""Our plans: the placements of DTensor's plan (embedding and LM head whole), then our default
-(embedding and LM head vocab-parallel, the cross-entropy on logit shards), then with sequence
-parallelism."""
+"""Our plans: the placements of DTensor's plan (embedding and LM head whole), eager and
+compiled, then our default (embedding and LM head vocab-parallel, the cross-entropy on logit
+shards), then with sequence parallelism."""
 
 
 def _our_runner(args, plan):
@@ -90,13 +197,27 @@ def _our_runner(args, plan):
         for p in pm.parameters():
             p.grad = None
         pm.step(ids, target=target)
+    step()  # compile=on compiles here, outside the timed steps
+    step.compile_s = (sum(r.compile_s for r in pm.executor.compiled.records())
+                      if pm.executor.compiled is not None else 0.0)
     return step
 
 
 def _rank_main(args):
-    runners = {"dtensor": _dtensor_runner(args)}
-    runners.update({name: _our_runner(args, plan) for name, plan in VARIANTS.items()})
-    return time_round_robin(runners, args.steps)
+    import time
+
+    runners, setup_s = {}, {}
+    for name, make in (("dtensor", _dtensor_runner),
+                       ("dtensor_compiled", _dtensor_compiled_runner),
+                       ("megatron", _megatron_runner),
+                       *((name, lambda a, plan=plan: _our_runner(a, plan))
+                         for name, plan in VARIANTS.items())):
+        start = time.perf_counter()
+        runners[name] = make(args)
+        setup_s[name] = time.perf_counter() - start
+    times = time_round_robin(runners, args.steps)
+    return {"times": times, "setup_s": setup_s,
+            "ours_compile_s": runners["ours_compiled"].compile_s}
 
 
 def main() -> None:
@@ -106,12 +227,16 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="4 timed steps per runner")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "tensor_parallel.json"))
     args = parser.parse_args()
     from runtime import spawn
 
-    per_rank = spawn(2, _rank_main, args, timeout=1200)
+    if args.quick:
+        args.steps = min(args.steps, 4)
+    results = spawn(2, _rank_main, args, timeout=1200)
+    per_rank = [result["times"] for result in results]
     median = {name: slowest_rank_median(per_rank, name) for name in per_rank[0]}
     ratio = median["ours"] / median["dtensor"]
     print(f"HF Llama {args.layers} layers, hidden {args.hidden}, batch {args.batch}x{args.seq},"
@@ -119,13 +244,30 @@ def main() -> None:
     print(f"  DTensor parallelize_module: {median['dtensor'] * 1e3:8.1f} ms/step")
     print(f"  partitioner, same placements:{median['ours'] * 1e3:8.1f} ms/step  "
           f"({ratio:.2f}x DTensor; goal <= 0.8x)")
-    for name, plan in list(VARIANTS.items())[1:]:
+    for name, plan in list(VARIANTS.items())[2:]:
         print(f"  {'partitioner ' + name + ':':<28}{median[name] * 1e3:8.1f} ms/step  "
               f"({median[name] / median['dtensor']:.2f}x DTensor)  {plan}")
+    compiled = median["ours_compiled"]
+    vs_megatron = compiled / median["megatron"]
+    vs_dtensor_compiled = compiled / median["dtensor_compiled"]
+    targets = {"ours_compiled_vs_megatron_eager <= 0.95": vs_megatron <= 0.95,
+               "ours_compiled_vs_dtensor_compiled < 1": vs_dtensor_compiled < 1.0}
+    print(f"  DTensor under torch.compile:  {median['dtensor_compiled'] * 1e3:8.1f} ms/step")
+    print(f"  hand-written Megatron TP:     {median['megatron'] * 1e3:8.1f} ms/step  (eager)")
+    print(f"  partitioner compile=on:       {compiled * 1e3:8.1f} ms/step  "
+          f"(compiled in {max(r['ours_compile_s'] for r in results):.0f}s)")
+    print(f"  {'PASS' if targets['ours_compiled_vs_megatron_eager <= 0.95'] else 'MISS'}: "
+          f"ours compiled {vs_megatron:.2f}x hand-written eager TP (target <= 0.95x)")
+    print(f"  {'PASS' if targets['ours_compiled_vs_dtensor_compiled < 1'] else 'MISS'}: "
+          f"ours compiled {vs_dtensor_compiled:.2f}x DTensor under torch.compile "
+          f"(target < 1x)")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"config": vars(args), "median_s": median, "ratio": ratio, "raw": per_rank},
-                  f, indent=1)
+        json.dump({"config": vars(args), "median_s": median, "ratio": ratio,
+                   "compiled_vs_megatron_eager": vs_megatron,
+                   "compiled_vs_dtensor_compiled": vs_dtensor_compiled,
+                   "targets_met": targets, "setup_s": [r["setup_s"] for r in results],
+                   "raw": per_rank}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ COLLECTIVE = "collective"
 """node: the collective an inserted node performs, where its target does not say."""
 PP_STAGE = "pp.stage"
 """node: the pipeline stage (virtual stage index) a computing node runs in."""
-RECOMPUTE = "recompute"
-"""node: the recompute region a node belongs to."""
+RECOMPUTE = "recompute.region"
+"""node: the recompute region a node belongs to ("selective", "full", "sp"). Not torch's own
+"recompute" key, which AOTAutograd reads as a CheckpointPolicy when the graph is compiled."""
 KERNEL = "kernel"
 """node: the runtime kernel the kernels pass pointed the node at."""
 

@@ -360,7 +360,6 @@ _PENDING = {
     "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",
                      "leave stage_layers unset: the cost model cuts the stages"),
     "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),
-    "compile": (lambda plan: False, "compiled per-rank graphs (compile)", "set compile=off"),
     "param_dtype": (lambda plan: False, "mixed precision (param_dtype)",
                     "leave param_dtype unset and pass a model in the dtype to train in"),
     "reduce_dtype": (lambda plan: False, "mixed precision (reduce_dtype)",

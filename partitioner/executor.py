@@ -27,6 +27,7 @@ from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossRouter, microbatch_loss
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
+from runtime.compiled import CompiledGraphs
 from runtime.context_parallel import gather_sequence
 from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
@@ -125,6 +126,15 @@ class Executor:
         self.losses = losses
         self.last_pipeline_stats: dict[str, float] = {}
         """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
+        self.compiled = CompiledGraphs() if plan.compile else None
+        """compile=on: every stage graph run through inductor at its first call."""
+        self.eager_reason: str | None = None
+        """compile=on, yet every graph runs eagerly: why (logged once)."""
+        if plan.compile and plan.schedule in ("zb-h1", "zb-v") and plan.stages > 1:
+            self.compiled, self.eager_reason = None, (
+                f"schedule={plan.schedule} runs each backward as an input-gradient step and a "
+                f"weight-gradient step, which one compiled backward does not give")
+            log.warning("compile=on: every graph runs eagerly: %s", self.eager_reason)
 
     @contextlib.contextmanager
     def _running(self):
@@ -134,15 +144,32 @@ class Executor:
 
     def _run(self, gm, args: tuple, kwargs: dict):
         with self._running():
+            if self.compiled is not None:
+                return self.compiled(gm, lambda: _graph_name(0, args, kwargs), *args, **kwargs)
             return gm(*args, **kwargs)
 
     def _run_stage(self, stage, inputs: list[torch.Tensor]):
         with self._running():
+            if self.compiled is not None:
+                return self.compiled(
+                    stage.gm, lambda: _graph_name(stage.index, inputs, {}), *inputs)
             return stage.gm(*inputs)
 
     def _runner(self, program: RankProgram, stages: list | None = None) -> PipelineRunner:
         return PipelineRunner(program.pipeline, stages or program.stages, self.mesh.group("pp"),
                               self.mesh.ranks("pp"), self._run_stage, self.device)
+
+    def compile_lines(self) -> list[str]:
+        """compile=on: each graph compiled so far, its compile time or why it runs eagerly."""
+        if self.eager_reason is not None:
+            return [f"compile=on: every graph runs eagerly: {self.eager_reason}"]
+        if self.compiled is None:
+            return []
+        records = self.compiled.records()
+        total = sum(record.compile_s for record in records)
+        lines = [f"compile=on: {len(records)} graph(s) run so far, {total:.1f}s compiling"
+                 + ("" if records else " (each graph compiles at its first call)")]
+        return lines + [f"  {record.summary()}" for record in records]
 
     # --- forward ---------------------------------------------------------------------------
     def forward(self, args: tuple, kwargs: dict):
@@ -286,6 +313,13 @@ class Executor:
             if old is not None:
                 p.grad = old if p.grad is None else p.grad.add_(old)
         return loss.to(_output_dtype(program))
+
+
+def _graph_name(stage: int, args, kwargs) -> str:
+    """A stage graph as compile reports name it: its stage and its input shapes."""
+    shapes = [tuple(leaf.shape) for leaf in pytree.tree_leaves((args, kwargs))
+              if isinstance(leaf, torch.Tensor)]
+    return f"stage {stage} {' '.join('x'.join(map(str, s)) or 'scalar' for s in shapes)}"
 
 
 IGNORE_INDEX = -100

@@ -131,19 +131,28 @@ RULES = (
 )
 
 
-def use_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+# What inductor does not generate itself (compile=on): attention with its log-sum-exp. Norms
+# and swiglu stay aten ops there, which inductor fuses with their neighbours (an opaque kernel
+# op would cut the fusion).
+COMPILED_RULES = RULES[:1]
+
+
+def use_kernels(gm: fx.GraphModule, compiled: bool = False) -> fx.GraphModule:
+    """Point hot ops at runtime kernels; `compiled` (inductor compiles the graph) keeps only
+    the kernels inductor does not generate."""
+    rules = COMPILED_RULES if compiled else RULES
     for module in gm.modules():  # checkpointed regions are graphs of their own
         if isinstance(module, fx.GraphModule):
-            _rewrite(module)
+            _rewrite(module, rules)
     return gm
 
 
-def _rewrite(gm: fx.GraphModule) -> None:
+def _rewrite(gm: fx.GraphModule, rules) -> None:
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
         replacement = None
-        for target, rule in RULES:  # the first rule of this op that applies
+        for target, rule in rules:  # the first rule of this op that applies
             if node.target is target:
                 replacement = rule(node)
                 if replacement is not None:

@@ -28,7 +28,7 @@ import operator
 import torch
 from torch import fx
 
-from core import ops
+from core import meta, ops
 from core.ops import CheckpointedRegion
 from passes import PassContext
 from passes.pipeline_split import block_prefix, segment_of_nodes
@@ -42,7 +42,7 @@ def recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         for node in gm.graph.nodes:
             if node.op == "call_function" and node.target in _ATTENTION_OPS:
                 node.target = ops.checkpointed_attention  # same arguments, same results
-                node.meta["recompute"] = "selective"
+                node.meta[meta.RECOMPUTE] = "selective"
     elif ctx.plan.recompute == "full":
         names, assignment = segment_of_nodes(gm)
         prefix = block_prefix(gm)
@@ -111,7 +111,7 @@ def _checkpoint_region(gm: fx.GraphModule, nodes: list[fx.Node], name: str,
     with gm.graph.inserting_before(nodes[-1].next):
         call = gm.graph.call_module(name, tuple(inputs))
         call.meta = {"nn_module_stack": nodes[0].meta.get("nn_module_stack", {}),
-                     "recompute": "full" if not recomputed else "sp"}
+                     meta.RECOMPUTE: "full" if not recomputed else "sp"}
         replacements = []
         for i, node in enumerate(outputs):
             item = gm.graph.call_function(operator.getitem, (call, i))

@@ -71,7 +71,7 @@ class PassOutcome:
 
 
 # --- adapters for passes that leave only node metadata ---------------------------------------
-# recompute and kernels mark the nodes they rewrite (meta["recompute"], meta["kernel"]); until
+# recompute and kernels mark the nodes they rewrite (meta.RECOMPUTE, meta.KERNEL); until
 # they write their own records, these adapters read those marks into one.
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def _recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _kernels(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    gm = use_kernels(gm)
+    gm = use_kernels(gm, compiled=ctx.plan.compile)
     used = Counter(node.meta[meta.KERNEL] for module in gm.modules()
                    if isinstance(module, fx.GraphModule)
                    for node in module.graph.nodes if meta.KERNEL in node.meta)

@@ -88,22 +88,27 @@ def _all_to_all(x: torch.Tensor, group: str, size: int, scatter_dim: int,
 
 # --- the ops: forward implementations --------------------------------------------------------
 
-def _register_forward(op, fn) -> None:
-    torch.library.impl(op._name, "CompositeExplicitAutograd")(fn)
+FORWARD = {
+    ops.all_reduce: _all_reduce,
+    ops.all_gather: lambda x, group, tensor_dim, *, group_size=0:
+        _all_gather(x, group, _size(group, group_size), tensor_dim),
+    ops.gather_for_region: lambda x, group, tensor_dim, *, group_size=0:
+        _all_gather(x, group, _size(group, group_size), tensor_dim),
+    ops.scatter: lambda x, group, tensor_dim, *, group_size=0:
+        _split(x, group, _size(group, group_size), tensor_dim),
+    ops.reduce_scatter: lambda x, group, tensor_dim, *, group_size=0:
+        _reduce_scatter(x, group, _size(group, group_size), tensor_dim),
+    ops.all_to_all: lambda x, group, scatter_dim, gather_dim, *, group_size=0:
+        _all_to_all(x, group, _size(group, group_size), scatter_dim, gather_dim),
+}
+"""Each collective op's forward in `_c10d_functional` ops: its implementation, and the
+decomposition a compiled graph inlines (runtime.compiled), so inductor sees the collectives
+themselves in forward as it does in backward."""
 
-
-_register_forward(ops.copy_to_region, lambda x, group: x.view_as(x))
-_register_forward(ops.all_reduce, _all_reduce)
-_register_forward(ops.all_gather, lambda x, group, tensor_dim, *, group_size=0:
-                  _all_gather(x, group, _size(group, group_size), tensor_dim))
-_register_forward(ops.gather_for_region, lambda x, group, tensor_dim, *, group_size=0:
-                  _all_gather(x, group, _size(group, group_size), tensor_dim))
-_register_forward(ops.scatter, lambda x, group, tensor_dim, *, group_size=0:
-                  _split(x, group, _size(group, group_size), tensor_dim))
-_register_forward(ops.reduce_scatter, lambda x, group, tensor_dim, *, group_size=0:
-                  _reduce_scatter(x, group, _size(group, group_size), tensor_dim))
-_register_forward(ops.all_to_all, lambda x, group, scatter_dim, gather_dim, *, group_size=0:
-                  _all_to_all(x, group, _size(group, group_size), scatter_dim, gather_dim))
+torch.library.impl(ops.copy_to_region._name, "CompositeExplicitAutograd")(
+    lambda x, group: x.view_as(x))
+for _op, _forward in FORWARD.items():
+    torch.library.impl(_op._name, "CompositeExplicitAutograd")(_forward)
 
 
 # --- the ops: backward, each the conjugate of its forward -----------------------------------

@@ -97,7 +97,7 @@ def test_full_recompute_wraps_each_block():
     calls = [n for n in program.stages[0].gm.graph.nodes if n.op == "call_module"]
     assert [c.target for c in calls] == [f"recompute_blocks_{i}" for i in range(3)]
     program = compile_rank(captured, Plan(recompute="selective").resolve(1), 0, "meta")
-    assert sum(n.meta.get("recompute") == "selective"
+    assert sum(n.meta.get(meta.RECOMPUTE) == "selective"
                for n in program.stages[0].gm.graph.nodes) == 3
 
 

@@ -1,0 +1,99 @@
+"""compile=on: every rank's stage graphs through inductor, checked against one device.
+
+One spawn runs every plan on both models (each rank pays torch's import and every compile; the
+inductor cache in /tmp makes later runs much faster), then reports the graph breaks dynamo
+counted over all of them and one program's compile records."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+import torch
+from torch import fx
+
+from equivalence import assert_passed, equivalence_worker
+from model_zoo import hf_llama
+from runtime import spawn
+from runtime.compiled import CompiledGraphs
+
+PLANS = ("tp=2", "tp=2,sp=on", "pp=2,mb=2,schedule=1f1b", "dp=2,zero=1")
+
+
+def _cases():
+    f32 = torch.float32
+    cases = [(f"gpt {plan} compile f32", "tiny", {}, f"{plan},compile=on", f32)
+             for plan in PLANS]
+    cases.append(("gpt tp=2,sp=on compile f64", "tiny", {}, "tp=2,sp=on,compile=on",
+                  torch.float64))
+    # checkpointed attention inside the compiled graph (our node marks must not read as
+    # torch's own "recompute" policy key)
+    cases.append(("gpt tp=2 recompute=selective compile f32", "tiny", {},
+                  "tp=2,recompute=selective,compile=on", f32))
+    if importlib.util.find_spec("transformers") is None:
+        return cases
+    return cases + [(f"hf llama {plan} compile f32", hf_llama, {}, f"{plan},compile=on", f32)
+                    for plan in PLANS]
+
+
+def _compiled_worker(cases):
+    """Every case, then: dynamo's graph-break counts over all of them, the compile records
+    and explain() of one tp=2,sp=on program (its graphs are in the cache by then), and every
+    line logged about a graph run eagerly."""
+    from torch._dynamo.utils import counters
+
+    from partitioner import models, parallelize
+    from partitioner.check import lm_loss
+
+    eager_lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: eager_lines.append(record.getMessage())
+    logging.getLogger("partitioner.compile").addHandler(handler)
+    reports = equivalence_worker(cases)
+    breaks = {reason: count for reason, count in counters["graph_break"].items()}
+    model, (ids,) = models.tiny()
+    pm = parallelize(model, "tp=2,sp=on,compile=on", example_inputs=(ids,), loss_fn=lm_loss)
+    pm.step(ids, target=ids.roll(-1, 1))
+    records = [(r.graphs, r.collectives, r.eager, r.compile_s)
+               for r in pm.executor.compiled.records()]
+    return reports, breaks, records, pm.explain(), eager_lines
+
+
+def test_compiled_ranks_match_one_device_without_graph_breaks():
+    cases = _cases()
+    results = spawn(2, _compiled_worker, cases, timeout=1500)
+    assert_passed([reports for reports, *_ in results], cases)
+    for _, breaks, records, explained, eager_lines in results:
+        assert eager_lines == [], eager_lines  # every graph of every case ran compiled
+        assert breaks == {}, f"graph breaks: {breaks}"
+        assert records, "no graph ran compiled"
+        for graphs, collectives, eager, compile_s in records:
+            assert eager is None
+            assert graphs == 1  # the whole stage, collectives inside: no break at them
+            assert collectives > 0 and compile_s > 0
+        assert "compile=on:" in explained and "s compiling" in explained
+
+
+def _breaking_graph() -> fx.GraphModule:
+    """x * 2 + 1 with a dynamo graph break between (fullgraph cannot take it)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    doubled = graph.call_function(torch.mul, (x, 2))
+    graph.call_function(torch._dynamo.graph_break)
+    graph.output(graph.call_function(torch.add, (doubled, 1)))
+    return fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_a_graph_that_cannot_compile_runs_eagerly_with_one_logged_line(caplog):
+    gm = _breaking_graph()
+    compiled = CompiledGraphs()
+    x = torch.arange(4.0)
+    with caplog.at_level(logging.WARNING, logger="partitioner.compile"):
+        first = compiled(gm, lambda: "stage 0 4", x)
+        second = compiled(gm, lambda: "stage 0 4", x)
+    torch.testing.assert_close(first, x * 2 + 1)
+    torch.testing.assert_close(second, first)
+    lines = [r.getMessage() for r in caplog.records if r.name == "partitioner.compile"]
+    assert len(lines) == 1 and "stage 0 4 runs eagerly" in lines[0], lines
+    (record,) = compiled.records()
+    assert record.eager is not None and "eager" in record.summary()
