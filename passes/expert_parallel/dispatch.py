@@ -112,10 +112,40 @@ def _dense_layer(topk, indices, experts, position) -> _Layer | None:
                                                                                     sub_b)
         # outputs tok+e+h, routing tok+e, result tok+h
         if len(sub_o) >= 2 and sub_r == sub_o[:-1] and out == sub_o[:-2] + sub_o[-1]:
+            if not _zero_outside_top_k(routing, indices):
+                path = module_path(topk) or topk.name
+                raise PassError(
+                    f"MoE layer {path}: the routing weights its experts' outputs are combined "
+                    f"with ({routing.name}) are not the router's top-k values scattered into "
+                    f"zeros, so computing each token's top-k experts only would change the "
+                    f"numbers (ep dispatches each token to its top-k experts). Build them as "
+                    f"torch.zeros_like(scores).scatter(-1, top_k_indices, top_k_weights), or "
+                    f"set ep=1")
             tokens = _dense_tokens(outputs, experts, topk)
             return _Layer(topk, indices, experts, "dense", tokens, node, expert_out=outputs,
                           routing=routing)
     return None
+
+
+_ZEROS = frozenset({aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default})
+_SAME_VALUES = frozenset({aten.view.default, aten.reshape.default, aten.to.dtype,
+                          aten._to_copy.default, aten.clone.default, aten.contiguous.default,
+                          aten.alias.default})
+
+
+def _zero_outside_top_k(routing: fx.Node, indices: fx.Node) -> bool:
+    """The routing weights are a scatter of values at the top-k indices into zeros (possibly
+    reshaped or cast): what makes the dense combine equal to the sparse one."""
+    def source(node):
+        while isinstance(node, fx.Node) and node.target in _SAME_VALUES:
+            node = node.args[0]
+        return node
+
+    scatter = source(routing)
+    if scatter.target not in (aten.scatter.src, aten.scatter.value):
+        return False
+    base, _, index = scatter.args[:3]
+    return source(base).target in _ZEROS and source(index) is indices
 
 
 def _dense_tokens(expert_out: fx.Node, experts: int, topk: fx.Node) -> fx.Node:

@@ -144,3 +144,29 @@ def test_the_auto_plan_picks_ep_for_an_moe_model_only_in_forms_that_have_landed(
     assert plan.ep == 2 and plan.pending() == []  # the search weighs ep (with etp=1)
     dense, (ids,) = models.tiny()
     assert _auto_plan(dense, 2, (ids,)).ep == 1
+
+
+class _DenseSoftmaxCombine(nn.Module):
+    """Every expert weighted by the whole softmax (not zero outside the top-k), beside a top-k
+    used elsewhere: computing only the top-k experts would change the numbers."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 8)
+        self.router = nn.Linear(8, 4)
+        self.w = nn.Parameter(torch.randn(4, 8, 8))
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        probs = self.router(x).softmax(-1)
+        top_p, top_i = probs.topk(2, -1)
+        weights = probs + 0 * torch.zeros_like(probs).scatter(-1, top_i, top_p)
+        out = torch.einsum("bsh,eho->bseo", x, self.w)
+        return torch.einsum("bseh,bse->bsh", out, weights)
+
+
+def test_routing_weights_that_are_not_zero_outside_the_top_k_are_refused():
+    captured = capture(_DenseSoftmaxCombine(), (torch.randint(0, 32, (2, 4)),))
+    with pytest.raises(PassError, match="are not the router's top-k values scattered into "
+                                        "zeros.*set ep=1"):
+        _program(captured, "ep=2", 2)
