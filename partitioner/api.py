@@ -200,8 +200,10 @@ class ParallelModel(nn.Module):
     # --- reports ---------------------------------------------------------------------------
     def explain(self) -> str:
         """Per node: placement, inserted collectives, stage (this rank's training program);
-        then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits)."""
-        lines = [explain(self.program), *self.losses.explain_lines(self.program)]
+        then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits), and
+        the input shapes this rank has captured programs for."""
+        lines = [explain(self.program), *self.losses.explain_lines(self.program),
+                 *self.executor.programs.explain_lines()]
         if self.last_expert_rows:
             lines.append("rows this rank's experts received in the last step, per dispatch "
                          "(MoE layers in order, microbatch by microbatch):")
