@@ -71,14 +71,15 @@ def plans(draw, config: dict, world: int) -> str:
     world, heads, experts and the batch; only forms that have landed)."""
     heads, kv = config["n_head"], config["n_kv_head"]
     experts = config.get("n_experts", 0)
-    tp = draw(st.sampled_from([t for t in _divisors(world) if heads % t == 0
-                               and (kv % t == 0 or t % kv == 0)]))
-    pp = draw(st.sampled_from(_divisors(world // tp)))
-    ep = draw(st.sampled_from([2, 1])) if experts and world // (tp * pp) > 1 else 1
-    cp = 1 if ep > 1 else draw(st.sampled_from(_divisors(world // (tp * pp))))
-    dp = world // (tp * pp * cp)
-    if ep > 1 and (experts % ep or (tp * dp) % ep):
-        ep = 1
+    # one draw over every factorization, so that cp is as likely as tp (drawn one after the
+    # other, cp would come only when tp and pp both drew 1)
+    shapes = [(tp, pp, cp, world // (tp * pp * cp)) for tp in _divisors(world)
+              if heads % tp == 0 and (kv % tp == 0 or tp % kv == 0)
+              for pp in _divisors(world // tp) for cp in _divisors(world // (tp * pp))]
+    tp, pp, cp, dp = draw(st.sampled_from(shapes))
+    ep = 1
+    if experts and cp == 1 and experts % 2 == 0 and (tp * dp) % 2 == 0:
+        ep = draw(st.sampled_from([2, 1]))  # experts over 2 of the tp*dp ranks (etp=1)
     items = [f"tp={tp}", f"pp={pp}", f"cp={cp}", f"dp={dp}"]
     if tp > 1 and _on_or_off(draw):
         items.append("sp=on")
