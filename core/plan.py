@@ -208,9 +208,13 @@ class Plan:
                 return [f"cp_a2a={self.cp_a2a} sizes hybrid CP's all-to-all sub-group; set "
                         f"cp_algo=hybrid or drop cp_a2a"]
             return []
+        if not proper_divisors(self.cp):  # cp=1, 2 or prime: no sub-group to make
+            return [f"cp_algo=hybrid needs a cp with a divisor strictly between 1 and cp (cp=4, "
+                    f"6, 8, ...) for its all-to-all sub-groups; cp={self.cp} has none: use "
+                    f"cp_algo=ring or cp_algo=a2a"]
         if self.cp_a2a is None:
-            return ["cp_algo=hybrid needs cp_a2a, the all-to-all sub-group size (a divisor of "
-                    f"cp={self.cp} between 2 and {self.cp // 2})"]
+            return ["cp_algo=hybrid needs cp_a2a, the all-to-all sub-group size (one of "
+                    f"{words(proper_divisors(self.cp))} for cp={self.cp})"]
         if not 1 < self.cp_a2a < self.cp or self.cp % self.cp_a2a:
             valid = words(proper_divisors(self.cp)) or "none for this cp"
             return [f"cp_a2a={self.cp_a2a} must divide cp={self.cp} and lie strictly between "

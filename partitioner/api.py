@@ -201,10 +201,11 @@ class ParallelModel(nn.Module):
     def explain(self) -> str:
         """Per node: placement, inserted collectives, stage (this rank's training program);
         then the loss path `step` chose (vocab-parallel cross-entropy or gathered logits),
-        the rows this rank's experts received in the last step (ep) and, under compile=on,
-        each graph's compile time or why it runs eagerly."""
+        the input shapes this rank has captured programs for, the rows this rank's experts
+        received in the last step (ep) and, under compile=on, each graph's compile time or why
+        it runs eagerly."""
         lines = [explain(self.program), *self.losses.explain_lines(self.program),
-                 *self.executor.compile_lines()]
+                 *self.executor.programs.explain_lines(), *self.executor.compile_lines()]
         if self.last_expert_rows:
             lines.append("rows this rank's experts received in the last step, per dispatch "
                          "(MoE layers in order, microbatch by microbatch):")

@@ -88,6 +88,22 @@ class Programs:
             self.on_compile(program)
         return program
 
+    def explain_lines(self) -> list[str]:
+        """The input shapes this rank has programs for: one line each, with what runs it."""
+        lines = ["programs on this rank, by captured input shapes (step captures one "
+                 "microbatch of this rank's share; a new shape is captured at its first call):"]
+        for use, programs in (("step and forward", self.training),
+                              ("forward only", self.forward_only)):
+            lines += [f"  {_describe_key(key)}: {use}" for key in programs]
+        return lines
+
+
+def _describe_key(key: tuple) -> str:
+    """`input_key`'s tensor leaves as `(4, 16) int64`, other leaves by value."""
+    _, leaves = key
+    return ", ".join(f"{tuple(leaf[1])} {str(leaf[2]).removeprefix('torch.')}"
+                     if leaf[0] == "T" else repr(leaf[1]) for leaf in leaves)
+
 
 def refuse_batch_statistics(model: nn.Module, plan: Plan, kwargs: dict) -> None:
     """A Hugging Face MoE model given `labels` and `output_router_logits` adds a load-balancing

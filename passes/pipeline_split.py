@@ -54,7 +54,8 @@ class PipelineCut:
 
 
 def block_prefix(gm: fx.GraphModule) -> str | None:
-    """The module-path prefix of the repeated blocks (the one most nodes live under)."""
+    """The module-path prefix of the repeated blocks (the one most nodes live under); a model
+    of one block has its only indexed prefix taken."""
     counts: Counter[str] = Counter()
     indices: dict[str, set[int]] = {}
     for node in gm.graph.nodes:
@@ -63,6 +64,8 @@ def block_prefix(gm: fx.GraphModule) -> str | None:
             counts[match["prefix"]] += 1
             indices.setdefault(match["prefix"], set()).add(int(match["index"]))
     candidates = [p for p, _ in counts.most_common() if len(indices[p]) >= 2]
+    if not candidates and len(counts) == 1:  # one block: blocks.0 is still a segment
+        candidates = list(counts)
     return candidates[0] if candidates else None
 
 
@@ -87,7 +90,7 @@ def segment_of_nodes(gm: fx.GraphModule) -> tuple[list[str], dict[fx.Node, int]]
             name = block_of[node]
         elif not names:
             name = "pre"
-        elif position > last_block:
+        elif last_block >= 0 and position > last_block:
             name = "post"
         else:
             name = names[-1]

@@ -53,7 +53,9 @@ def test_rules_first_match_wins():
     ("rules=lm_head:shard", "kind 'shard' is unknown"),
     ("tp=2,dp=1,ep=4,etp=1", "etp*ep=1*4=4 must divide tp*cp*dp"),
     ("tp=2,dp=1,ep=2", "etp*ep=2*2=4 must divide tp*cp*dp=2*1*1=2"),
-    ("cp=4,cp_algo=hybrid", "cp_algo=hybrid needs cp_a2a"),
+    ("cp=4,cp_algo=hybrid", "cp_algo=hybrid needs cp_a2a, the all-to-all sub-group size (one of "
+                            "2 for cp=4)"),
+    ("cp=2,cp_algo=hybrid", "cp=2 has none: use cp_algo=ring or cp_algo=a2a"),
     ("cp=4,cp_algo=hybrid,cp_a2a=3", "cp_a2a=3 must divide cp=4 and lie strictly between 1 and cp "
                                      "(valid: 2)"),
     ("cp=2,cp_a2a=2", "set cp_algo=hybrid or drop cp_a2a"),

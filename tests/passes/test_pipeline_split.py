@@ -33,6 +33,20 @@ def test_segments_are_pre_blocks_post(factory, prefix):
     assert order == sorted(order)  # contiguous in graph order
 
 
+def test_one_block_is_a_segment_and_pp_puts_parameters_on_every_stage():
+    """A one-layer model has segments pre, blocks.0, post (it was cut after its first node,
+    leaving stage 0 without parameters: a rank whose optimizer got an empty list)."""
+    captured = _captured(tiny, n_layer=1, n_embd=8, n_head=2, tie_embeddings=False)
+    names, _ = segment_of_nodes(captured.gm)
+    assert names == ["pre", "blocks.0", "post"]
+    for plan in (Plan(pp=2).resolve(2), Plan(tp=2, sp=True, pp=2).resolve(4)):
+        for rank in range(plan.world_size):
+            program = compile_rank(captured, plan, rank, "meta")
+            held = [n for stage in program.stages for n in stage.gm.graph.nodes
+                    if n.op == "get_attr"]
+            assert held, (plan, rank)
+
+
 def test_stages_hold_their_blocks_and_values_cross_cuts():
     captured = _captured(tiny, n_layer=4)
     plan = Plan(pp=2).resolve(2)
