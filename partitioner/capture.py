@@ -9,8 +9,11 @@ several names, like GPT-2's wte/lm_head) are read through one canonical name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import traceback
+from collections import OrderedDict
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -49,9 +52,49 @@ def input_key(args: tuple, kwargs: dict) -> tuple:
     return (str(spec), described)
 
 
+_SHARED_LIMIT = 64
+"""Captures kept for `shared_captures` scopes (each a meta graph: no parameter memory)."""
+_shared: OrderedDict[tuple, Captured] = OrderedDict()
+_shared_model: ContextVar[tuple | None] = ContextVar("shared_model", default=None)
+
+
+@contextlib.contextmanager
+def shared_captures(model_key: tuple):
+    """Inside, `capture` reuses what it captured before, in this process, for `model_key`
+    and the same input shapes, dtypes and device, instead of exporting again.
+
+    The caller vouches that every model captured under one key is built by the same code
+    with the same arguments (`check.check_rank`: one factory, its kwargs, one dtype). The
+    graph depends only on that and on the inputs (capture detaches it from the weights, and
+    compiling copies it), so a reused capture is the one a new export would give; export
+    costs most of a small model's `parallelize`, and a test process checks one model under
+    many plans."""
+    token = _shared_model.set(model_key)
+    try:
+        yield
+    finally:
+        _shared_model.reset(token)
+
+
 def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captured:
     """Export `model(*args, **kwargs)` to one aten fx graph (inputs may be fake or meta)."""
     kwargs = dict(kwargs or {})
+    model_key = _shared_model.get()
+    if model_key is None:
+        return _export(model, args, kwargs)
+    devices = tuple(str(leaf.device) for leaf in pytree.tree_leaves((args, kwargs))
+                    if isinstance(leaf, torch.Tensor))
+    key = (model_key, input_key(args, kwargs), devices)
+    if key in _shared:
+        _shared.move_to_end(key)
+        return _shared[key]
+    captured = _shared[key] = _export(model, args, kwargs)
+    if len(_shared) > _SHARED_LIMIT:
+        _shared.popitem(last=False)
+    return captured
+
+
+def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     try:
         exported = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context below

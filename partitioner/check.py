@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from partitioner.capture import shared_captures
+
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-3}
 """Largest allowed max|a-b| / (max|b| + 1e-12) per dtype."""
 
@@ -114,10 +116,6 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
     compares every weight after each AdamW step, not only after the last (a gathered state
     dict per step).
     """
-    import torch.distributed as dist
-
-    from partitioner.api import parallelize
-
     factory = load_factory(factory) if isinstance(factory, str) else factory
     torch.manual_seed(seed)
     model, (ids,) = factory(**(factory_kwargs or {}))
@@ -141,6 +139,30 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
             parallel_source = factory(**(factory_kwargs or {}))[0].to(dtype)
     else:
         parallel_source = model
+    # one model, many plans: capture once per input shape (see shared_captures)
+    with shared_captures(_model_key(factory, factory_kwargs, dtype, seed)):
+        return _check(parallel_source, reference, ids, target, plan, dtype=dtype, steps=steps,
+                      lr=lr, meta=meta, loss_fn=loss_fn, reference_loss=reference_loss,
+                      weights_every_step=weights_every_step)
+
+
+def _model_key(factory, factory_kwargs: dict | None, dtype: torch.dtype, seed: int):
+    """What builds the checked model, when that says everything about it: a module-level
+    factory (not a lambda or a closure, whose captured state a name does not show) and its
+    arguments by value."""
+    name = f"{getattr(factory, '__module__', '')}:{getattr(factory, '__qualname__', '')}"
+    if "<" in name or name.startswith(":") or name.endswith(":"):
+        return None
+    return (name, repr(sorted((factory_kwargs or {}).items())), str(dtype), seed)
+
+
+def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, *, dtype,
+           steps, lr, meta, loss_fn, reference_loss, weights_every_step) -> EquivalenceReport:
+    """check_rank's comparison, once both models exist."""
+    import torch.distributed as dist
+
+    from partitioner.api import parallelize
+
     pm = parallelize(parallel_source, plan, example_inputs=(ids,), loss_fn=loss_fn)
     if meta:
         pm.load_full_state_dict(reference.state_dict())

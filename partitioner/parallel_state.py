@@ -24,12 +24,11 @@ group (pure arithmetic), which is how tests compare the layout with Megatron's r
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch.distributed as dist
 
 from core.plan import Plan
-from runtime.mesh import Mesh
+from runtime.mesh import Mesh, process_group
 
 _LAYOUT_DIMS = ("tp", "cp", "dp", "pp", "etp", "ep", "edp")
 """Dimensions that the Mesh holds directly (dense tp-cp-dp-pp, expert etp-ep-edp-pp)."""
@@ -107,7 +106,7 @@ class ModelParallelState:
                 continue
             for ranks in _partitions(lambda r: _combined_ranks(self.mesh.dense, inner, r),
                                      self.mesh.world_size):
-                group = dist.new_group(ranks)
+                group = process_group(ranks)
                 if self.rank in ranks:
                     self._groups[dim] = group
 

@@ -4,7 +4,7 @@
 Kernels live in `runtime.kernels`; Triton is imported only where a kernel runs.
 """
 
-from runtime.launch import RankError, spawn
+from runtime.launch import RankError, RankPool, spawn
 # What the ops of core.ops do (collectives, kernel dispatch, checkpointed attention), registered
 # with torch.library by importing these: every program the passes build runs once the runtime
 # is imported, whichever of its parts the caller imported.
@@ -12,4 +12,4 @@ from runtime import collectives as _collectives, recompute as _recompute  # noqa
 from runtime import context_parallel as _context_parallel  # noqa: F401, E402
 from runtime import expert_parallel as _expert_parallel  # noqa: F401, E402
 
-__all__ = ["RankError", "spawn"]
+__all__ = ["RankError", "RankPool", "spawn"]

@@ -4,7 +4,8 @@
 torchrun: every rank runs `fn(*args)` inside an initialized process group; the return values come
 back as a list indexed by rank. An exception on any rank is re-raised in the parent with that
 rank's traceback, and the other ranks (possibly blocked in a collective) are killed, so a failure
-never turns into a hang. `timeout` bounds the whole run.
+never turns into a hang. `timeout` bounds the whole run. `RankPool` keeps the ranks up for many
+runs (the test suite's: each spawn costs seconds of process start and torch import per rank).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import queue
 import signal
 import socket
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -75,45 +77,118 @@ def free_port() -> int:
 
 def spawn(world_size: int, fn, *args, timeout: float = 600.0, threads_per_rank: int | None = None):
     """Run `fn(*args)` on `world_size` gloo ranks; return [result of rank 0, rank 1, ...]."""
-    if world_size < 1:
-        raise ValueError(f"world_size={world_size} must be >= 1")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = free_port()
-    threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
-    procs = [ctx.Process(target=_rank_main, daemon=True,
-                         args=(rank, world_size, port, threads, timeout, fn, args, results))
-             for rank in range(world_size)]
-    for proc in procs:
-        proc.start()
-    outputs: dict[int, object] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while len(outputs) < world_size:
+    with RankPool(world_size, timeout=timeout, threads_per_rank=threads_per_rank) as pool:
+        return pool.run(fn, *args, timeout=timeout)
+
+
+class RankPool:
+    """`world_size` gloo ranks that stay up between runs: `pool.run(fn, *args)` is `spawn`'s
+    contract (results in rank order, a rank's error re-raised, never a hang) without starting
+    the processes, importing torch and initializing the process group again for every run.
+
+    Runs happen one at a time, each on every rank. Whatever a run leaves in a rank's process
+    (imported modules, process groups, caches) is there for the next one, as it is for later
+    code in one `spawn`. A run that fails or times out ends the pool, since its ranks may be
+    anywhere (blocked in a collective, or between two): `alive` turns False and the next pool
+    starts fresh. So does a run in which some rank recorded a failure that its own code then
+    caught (the other ranks would be stopped by it in a later run). `timeout` bounds the
+    process group's collectives over the pool's whole life; each run has its own.
+    """
+
+    def __init__(self, world_size: int, *, timeout: float = 600.0,
+                 threads_per_rank: int | None = None) -> None:
+        if world_size < 1:
+            raise ValueError(f"world_size={world_size} must be >= 1")
+        self.world_size = world_size
+        ctx = mp.get_context("spawn")
+        self._results = ctx.Queue()
+        self._tasks = [ctx.Queue() for _ in range(world_size)]
+        port = free_port()
+        threads = threads_per_rank or max(1, (os.cpu_count() or 1) // world_size)
+        self._procs = [ctx.Process(target=_rank_main, daemon=True,
+                                   args=(rank, world_size, port, threads, timeout,
+                                         self._tasks[rank], self._results))
+                       for rank in range(world_size)]
+        for proc in self._procs:
+            proc.start()
+        self._broken = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._broken and all(proc.is_alive() for proc in self._procs)
+
+    def run(self, fn, *args, timeout: float = 600.0) -> list:
+        """`fn(*args)` on every rank; [result of rank 0, rank 1, ...]."""
+        if not self.alive:
+            raise RuntimeError("this RankPool was closed or a run on it failed: start a new one")
+        for tasks in self._tasks:
+            tasks.put((fn, args))
+        try:
+            outputs = self._collect(timeout)
+        except BaseException:
+            self._stop(kill=True)
+            raise
+        return [outputs[rank] for rank in range(self.world_size)]
+
+    def close(self) -> None:
+        """End the ranks (each leaves the process group cleanly when the pool is healthy)."""
+        self._stop(kill=not self.alive)
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _collect(self, timeout: float) -> dict[int, object]:
+        outputs: dict[int, object] = {}
+        deadline = time.monotonic() + timeout
+        while len(outputs) < self.world_size:
             try:
-                rank, ok, payload = results.get(timeout=1.0)
+                rank, ok, payload = self._results.get(timeout=1.0)
             except queue.Empty:
-                _raise_if_dead(procs, outputs)
-                if time.monotonic() > deadline:
-                    raise RankError(f"spawn({world_size}) timed out after {timeout:.0f}s; "
-                                    f"ranks still running: "
-                                    f"{sorted(set(range(world_size)) - set(outputs))}")
-                continue
+                report = self._late_report()
+                if report is None:
+                    _raise_if_dead(self._procs, outputs)
+                    if time.monotonic() > deadline:
+                        raise RankError(
+                            f"spawn({self.world_size}) timed out after {timeout:.0f}s; ranks "
+                            f"still running: "
+                            f"{sorted(set(range(self.world_size)) - set(outputs))}") from None
+                    continue
+                rank, ok, payload = report
             if not ok:
                 # A rank killed by a signal makes its peers fail in their collectives: name
-                # the cause, not the first peer to notice.
-                _raise_if_dead(procs, outputs, wait=_SETTLE_S, signalled_only=True)
+                # the cause, not the first peer to notice (nor this rank, ending after its
+                # report).
+                _raise_if_dead(self._procs, {**outputs, rank: None}, wait=_SETTLE_S,
+                               signalled_only=True)
                 summary, trace = payload if isinstance(payload, tuple) else (None, payload)
                 raise RankError(f"rank {rank} failed:\n{trace}", rank=rank,
                                 summary=f"rank {rank} failed: {summary}" if summary else None)
             outputs[rank] = payload
-    finally:
-        for proc in procs:
-            proc.join(timeout=5 if len(outputs) == world_size else 0.1)
+        return outputs
+
+    def _late_report(self):
+        """A failing rank reports, then ends at once: once a rank has ended, its report may
+        be readable only now (so it is not taken for a rank that died without one)."""
+        if all(proc.is_alive() for proc in self._procs):
+            return None
+        try:
+            return self._results.get(timeout=_SETTLE_S)
+        except queue.Empty:
+            return None
+
+    def _stop(self, kill: bool) -> None:
+        self._broken = True
+        if not kill:
+            for tasks in self._tasks:
+                tasks.put(None)
+        for proc in self._procs:
+            proc.join(timeout=0.1 if kill else 5)
             if proc.is_alive():
                 proc.kill()
                 proc.join()
-    return [outputs[rank] for rank in range(world_size)]
 
 
 _SETTLE_S = 1.0
@@ -135,9 +210,11 @@ def _raise_if_dead(procs, outputs: dict, wait: float = 0.0, signalled_only: bool
         time.sleep(0.05)
 
 
-def _rank_main(rank, world_size, port, threads, timeout, fn, args, results):
+def _rank_main(rank, world_size, port, threads, timeout, tasks, results):
     import torch
     import torch.distributed as dist
+
+    from runtime.failure import FAILURE_KEY
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -147,18 +224,33 @@ def _rank_main(rank, world_size, port, threads, timeout, fn, args, results):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
         watch = watch_failures(on_exit=lambda message: _deliver(results, rank, message))
-        with watch.scope():
-            result = fn(*args)
-        results.put((rank, True, result))
+        while (task := tasks.get()) is not None:
+            fn, args = task
+            with watch.scope():
+                result = fn(*args)
+            # Every rank ends the run here, so a failure a rank recorded during it (and caught)
+            # is seen by all of them: the run fails rather than stopping a later one.
+            dist.barrier()
+            store = dist.distributed_c10d._get_default_store()
+            if store.check([FAILURE_KEY]):
+                raise RuntimeError(store.get(FAILURE_KEY).decode())
+            results.put((rank, True, result))
     except BaseException as error:  # noqa: BLE001 - every failure must reach the parent
         first_line = (str(error).strip().splitlines() or [""])[0]
         summary = f"{type(error).__name__}: {first_line}"
         results.put((rank, False, (summary, traceback.format_exc())))
-        return
+        # End now, the report flushed: the process group cannot be left cleanly while peers
+        # wait in a collective, and its threads torn down at interpreter exit can abort the
+        # process ("terminate called without an active exception"), which would read as a crash.
+        results.close()
+        results.join_thread()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     try:
         dist.barrier()
         dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - the result is already delivered
+    except Exception:  # noqa: BLE001 - the results are already delivered
         pass
 
 

@@ -77,10 +77,34 @@ def _new_groups(partitions: list[list[int]], rank: int, world_size: int):
         return dist.group.WORLD
     mine = None
     for ranks in partitions:  # collective: every rank creates every group, in the same order
-        group = dist.new_group(ranks)
+        group = process_group(ranks)
         if rank in ranks:
             mine = group
     return mine
+
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+_GROUPS_WORLD: list = [None]
+"""The default group `_GROUPS` was made under (a new one, after destroy_process_group and
+init again, empties the cache)."""
+
+
+def process_group(ranks: list[int]):
+    """The process group of `ranks`, made at the first request and kept for the process.
+
+    Collective like `torch.distributed.new_group` (every rank asks for every group, in the
+    same order), and since every rank then also finds the same groups cached, a hit is a hit
+    on every rank. Each model, plan and parallel_state call would otherwise add groups that
+    live as long as the process: gloo keeps threads per group, and a process that
+    parallelizes many models (a notebook, a plan search, the test suite's ranks) would run
+    hundreds of them."""
+    if _GROUPS_WORLD[0] is not dist.group.WORLD:
+        _GROUPS.clear()
+        _GROUPS_WORLD[0] = dist.group.WORLD
+    key = tuple(ranks)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(list(ranks))
+    return _GROUPS[key]
 
 
 def default_device() -> torch.device:

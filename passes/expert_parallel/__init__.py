@@ -1,20 +1,22 @@
 """Expert parallelism: each MoE layer's experts split over the ep group, tokens dispatched to
 them by all-to-all.
 
-Runs after the dense strategies, on their graph (ep beside cp, and experts split inside by
-etp > 1, are refused by the plan until they land). The ep group folds onto the dense ranks
-(Megatron-Core's parallel folding, `core.layout.RankLayout.expert`), so the ranks of an ep group
-must hold distinct tokens: dp ranks do; the ranks of a tp group hold the same ones (the TP and SP
-passes leave the MoE block replicated over tp), so under tp each dispatches its 1/tp of the
-tokens (a `scatter`, whose backward gathers the gradients) and the returned rows are gathered
-whole again over tp. "dp=4,ep=4" on 4 ranks holds a quarter of the experts per rank and sends
-each token to the ranks holding its experts.
+Runs after the dense strategies, on their graph (ep beside cp, and 1 < etp != tp, are refused
+by the plan until they land). The ep group folds onto the dense ranks (Megatron-Core's parallel
+folding, `core.layout.RankLayout.expert`), so the ranks of an ep group must hold distinct
+tokens: dp ranks do; the ranks of a tp group hold the same ones (the TP and SP passes leave the
+MoE block replicated over tp). So under tp either each expert is split over the tp ranks
+(etp = tp, Megatron's default: they dispatch the same tokens, each computes its slice of every
+expert, the partial results are all-reduced) or each tp rank dispatches its 1/tp of the tokens
+(etp = 1: a `scatter`, whose backward gathers the gradients, and the returned rows gathered
+whole again). "dp=4,ep=4" on 4 ranks holds a quarter of the experts per rank and sends each
+token to the ranks holding its experts.
 
-`dispatch.find_layers` finds the layers from the router's dataflow; `dispatch._Rewriter` turns
-each dense-masked layer into dispatch -> grouped GEMMs -> return -> weighted sum. The stacked
-expert weights are split along their expert dim over ep (`Shard(0)@ep`), so their gradients are
-this rank's experts', summed by the runtime over the expert-data-parallel group (edp), while
-dense gradients stay summed over dp x cp.
+`dispatch.find_layers` finds the layers from the router's dataflow; `dispatch.LayerRewriter`
+turns each into dispatch -> grouped GEMMs -> return. The stacked expert weights are split along
+their expert dim over ep (`Shard(0)@ep`, and inside over etp), so their gradients are this
+rank's experts', summed by the runtime over the expert-data-parallel group (edp), while dense
+gradients stay summed over dp x cp.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import fx
 from core import meta
 from core.divisibility import divisors
 from passes import PassContext, PassError
-from passes.expert_parallel.dispatch import _Rewriter, find_layers
+from passes.expert_parallel.dispatch import LayerRewriter, find_layers
 from passes.expert_parallel.record import ExpertParallelRecord, MoELayer
 
 __all__ = ["ExpertParallelRecord", "MoELayer", "expert_parallel"]
@@ -50,8 +52,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                             f"(valid ep: {valid})")
     if problems:
         raise PassError("; ".join(problems))
-    records = [_Rewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp, ctx.plan.expert_tp).run()
-               for layer in layers]
+    records = [LayerRewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp,
+                             ctx.plan.expert_tp).run() for layer in layers]
     layouts = dict(gm.meta[meta.LAYOUTS])
     for record in records:
         for name, placements in record.placements:

@@ -258,7 +258,7 @@ def _unsupported(path: str, node: fx.Node, what: str | None = None) -> str:
             f"elementwise ops between them. Set ep=1 for this model")
 
 
-class _Rewriter:
+class LayerRewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
     def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int, tp: int = 1,

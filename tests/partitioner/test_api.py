@@ -5,7 +5,7 @@ import torch
 
 from partitioner import PlanError, parallelize
 from partitioner.models import tiny
-from runtime import spawn
+from ranks import on_ranks
 
 
 def test_parallelize_without_a_process_group_says_how_to_launch():
@@ -43,7 +43,7 @@ def _bad_inputs():
 
 
 def test_bad_inputs_fail_the_same_way_on_every_rank():
-    for messages in spawn(2, _bad_inputs, timeout=240):
+    for messages in on_ranks(2, _bad_inputs, timeout=240):
         assert "does not split into dp*microbatches=2*4=8" in messages["batch_not_divisible"]
         assert "!= world size 2" in messages["world_mismatch"]
         assert "mixed precision (param_dtype) is not available yet" in messages["not_built_yet"]

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 from core.fx_utils import module_path
-from partitioner.capture import CaptureError, capture
-from partitioner.models import GPTConfig, build, tiny, tiny_llama
+from partitioner.capture import CaptureError, capture, shared_captures
+from partitioner.models import build, tiny, tiny_llama
 from model_zoo import hf_gpt2, hf_llama
 
 
@@ -48,6 +48,30 @@ def test_tied_weights_read_through_one_canonical_name():
     assert captured.aliases == {"lm_head.weight": "wte.weight"}
     targets = [n.target for n in captured.gm.graph.find_nodes(op="get_attr")]
     assert "lm_head.weight" not in targets and targets.count("wte.weight") == 1
+
+
+def test_a_shared_capture_is_reused_only_for_its_key_and_input_shapes(monkeypatch):
+    import partitioner.capture as capture_module
+
+    exports = []
+    real_export = capture_module._export
+    monkeypatch.setattr(capture_module, "_export",
+                        lambda *a: exports.append(a[1][0].shape) or real_export(*a))
+    (first, (ids,)), (second, _) = tiny_llama(), tiny_llama()
+    with torch.device("meta"):
+        on_meta, _ = tiny_llama()
+    with shared_captures(("tiny_llama", 0)):
+        captured = capture(first, (ids,))
+        assert capture(second, (ids,)) is captured  # another instance of the same model
+        assert capture(second, (ids[:1],)) is not captured  # another input shape
+        assert capture(on_meta, (ids.to("meta"),)) is not captured  # another device
+    with shared_captures(("tiny_llama", 1)):
+        assert capture(second, (ids,)) is not captured
+    with shared_captures(None):  # nothing vouches for the model: export every time
+        capture(first, (ids,))
+        capture(first, (ids,))
+    assert capture(first, (ids,)) is not captured  # outside any scope
+    assert len(exports) == 7
 
 
 @pytest.mark.parametrize("factory", [hf_llama, hf_gpt2], ids=["llama", "gpt2"])

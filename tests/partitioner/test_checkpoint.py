@@ -5,14 +5,14 @@ single-device state dict loads; an interrupted save leaves nothing that loads.""
 import copy
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 
+from partitioner.capture import shared_captures
 from partitioner.check import lm_loss
 from partitioner.checkpoint import CheckpointError
 from partitioner.models import tiny_llama
-from runtime import spawn
+from ranks import on_ranks
 
 ROUTES = {  # saved under -> loaded under (the same plan last: that one must be bitwise)
     "tp=2,pp=2,mb=2": ["dp=4", "tp=4", "tp=2,dp=2,zero=1", "tp=2,pp=2,mb=2"],
@@ -35,6 +35,11 @@ def _train_step(pm, opt, ids):
 
 
 def _worker(path: str):
+    with shared_captures(("test_checkpoint", "_model")):  # one model, captured once
+        return _save_and_load(path)
+
+
+def _save_and_load(path: str):
     from partitioner import parallelize
 
     model, ids = _model(0)
@@ -69,7 +74,7 @@ def _worker(path: str):
 
 
 def test_a_checkpoint_moves_between_plans(tmp_path):
-    results = spawn(4, _worker, str(tmp_path / "ckpt"), timeout=900)
+    results = on_ranks(4, _worker, str(tmp_path / "ckpt"), timeout=900)
     for errors, plain_error in results:
         assert len(errors) == sum(len(plans) for plans in ROUTES.values())
         assert all(err < 1e-12 for err in errors.values()), errors  # reduction order differs
@@ -107,6 +112,6 @@ def _interrupted(path: str):
 
 
 def test_an_interrupted_save_is_not_a_checkpoint(tmp_path):
-    messages = spawn(2, _interrupted, str(tmp_path / "ckpt"), timeout=600)
+    messages = on_ranks(2, _interrupted, str(tmp_path / "ckpt"), timeout=600)
     for message in messages:
         assert "no checkpoint at" in message and "interrupted save" in message

@@ -13,7 +13,7 @@ from torch import nn
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 from partitioner.check import EquivalenceReport, TOLERANCES, lm_loss_sum, relative_error
-from runtime import spawn
+from ranks import on_ranks
 
 F64 = torch.float64
 
@@ -191,7 +191,7 @@ def test_cp_on_two_ranks_matches_one_device():
         hf = True
     except ImportError:
         hf = False
-    results = spawn(2, _two_ranks, TWO_RANKS, _masked_cases(), hf)
+    results = on_ranks(2, _two_ranks, TWO_RANKS, _masked_cases(), hf)
     names = [c[0] for c in TWO_RANKS] + [c[0] for c in _masked_cases()] + (
         [c[0] for c in HF] + ["hf-llama-labels-16", "hf-llama-labels-15"] if hf else [])
     assert_passed([reports for reports, _ in results], names)
@@ -203,4 +203,4 @@ def test_cp_on_two_ranks_matches_one_device():
 
 
 def test_cp_with_tp_sp_dp_zero_pp_on_four_ranks_matches_one_device():
-    assert_passed(spawn(4, equivalence_worker, FOUR_RANKS), FOUR_RANKS)
+    assert_passed(on_ranks(4, equivalence_worker, FOUR_RANKS), FOUR_RANKS)

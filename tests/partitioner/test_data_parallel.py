@@ -7,7 +7,7 @@ import torch
 from equivalence import assert_passed
 from partitioner.check import check_rank
 from partitioner.models import tiny, tiny_llama
-from runtime import spawn
+from ranks import on_ranks
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -32,7 +32,7 @@ IN_REPO = [
 
 
 def test_in_repo_models_dp2_match_one_device():
-    assert_passed(spawn(2, _run_cases, IN_REPO), IN_REPO)
+    assert_passed(on_ranks(2, _run_cases, IN_REPO), IN_REPO)
 
 
 def _hf_cases():
@@ -50,7 +50,7 @@ def _run_hf():
 
 def test_hugging_face_models_dp2_match_one_device():
     pytest.importorskip("transformers")
-    assert_passed(spawn(2, _run_hf), _hf_cases())
+    assert_passed(on_ranks(2, _run_hf), _hf_cases())
 
 
 def _semantics():
@@ -100,7 +100,7 @@ def _semantics():
 
 
 def test_accumulation_zero_shards_and_call_shapes():
-    results = spawn(2, _semantics)
+    results = on_ranks(2, _semantics)
     for r in results:
         assert r["accumulates"] < 1e-12
         assert r["params_are_local_copies"] and r["params_once"]

@@ -13,7 +13,7 @@ import torch
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_mixtral, starved_moe
 from partitioner.models import tiny_moe
-from runtime import spawn
+from ranks import on_ranks
 
 F64 = torch.float64
 DEEPSEEK = {"router": "sigmoid", "shared_experts": 1}
@@ -78,6 +78,13 @@ FOUR_RANK_CHECKPOINTS = (("tp=2,ep=2", "dp=4"), ("dp=4,zero=1", "tp=2,ep=2,zero=
 def _checkpoints(path: str, pairs) -> dict[str, float]:
     """Save under one plan after an AdamW step, load under another (experts split over ep or
     etp, or whole on every rank): the same weights and the same next step."""
+    from partitioner.capture import shared_captures
+
+    with shared_captures(("tiny_moe", "float64")):  # one model, captured once per shape
+        return _save_and_load(path, pairs)
+
+
+def _save_and_load(path: str, pairs) -> dict[str, float]:
     import torch.distributed as dist
 
     from partitioner import parallelize
@@ -126,7 +133,7 @@ def test_ep_on_two_ranks_matches_one_device(tmp_path):
         cases = TWO_RANKS + HF
     except ImportError:
         cases = TWO_RANKS
-    results = spawn(2, _two_ranks, cases, str(tmp_path))
+    results = on_ranks(2, _two_ranks, cases, str(tmp_path))
     assert_passed([reports for reports, _, _ in results], cases)
     for _, _, checkpoints in results:
         assert max(checkpoints.values()) < 1e-12, checkpoints
@@ -147,7 +154,7 @@ def test_ep_with_tp_dp_pp_and_expert_tp_on_four_ranks_matches_one_device(tmp_pat
         cases = FOUR_RANKS + HF_FOUR_RANKS
     except ImportError:
         cases = FOUR_RANKS
-    results = spawn(4, _four_ranks, cases, str(tmp_path))
+    results = on_ranks(4, _four_ranks, cases, str(tmp_path))
     assert_passed([reports for reports, _ in results], cases)
     for _, checkpoints in results:
         assert max(checkpoints.values()) < 1e-12, checkpoints

@@ -16,7 +16,7 @@ import pytest
 
 from partitioner import parallel_state
 from core.plan import Plan
-from runtime import spawn
+from ranks import on_ranks
 
 
 def megatron_get_ranks(sizes: dict[str, int], order: str, token: str) -> list[list[int]]:
@@ -183,7 +183,7 @@ def _live_worker():
 def test_live_getters_follow_the_most_recent_state():
     plans = {"init cp=2": Plan(cp=2, etp=1), "mesh tp=2,pp=2": Plan(tp=2, pp=2),
              "init pp=2,vpp=2": Plan(pp=2, etp=1)}
-    for rank, results in enumerate(spawn(4, _live_worker, timeout=300)):
+    for rank, results in enumerate(on_ranks(4, _live_worker, timeout=300)):
         for key, plan in plans.items():
             groups = megatron_groups(plan.resolve(4))
             for dim, (ranks, index, size) in results[key].items():

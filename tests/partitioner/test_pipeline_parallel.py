@@ -6,7 +6,7 @@ import torch
 
 from equivalence import assert_passed
 from partitioner.check import check_rank
-from runtime import spawn
+from ranks import on_ranks
 
 
 def _run(cases):
@@ -33,7 +33,7 @@ TWO_RANKS = [
 
 
 def test_pp2_schedules_match_one_device():
-    assert_passed(spawn(2, _run, TWO_RANKS), TWO_RANKS)
+    assert_passed(on_ranks(2, _run, TWO_RANKS), TWO_RANKS)
 
 
 def _four_rank_cases():
@@ -60,7 +60,7 @@ def _run_four():
 
 def test_pp4_and_dp2_pp2_match_one_device():
     pytest.importorskip("transformers")
-    assert_passed(spawn(4, _run_four), _four_rank_cases())
+    assert_passed(on_ranks(4, _run_four), _four_rank_cases())
 
 
 def _recompute_is_exact_and_saves_memory():
@@ -92,7 +92,7 @@ def _recompute_is_exact_and_saves_memory():
 
 
 def test_recompute_is_bit_exact_and_saves_activation_memory():
-    for by_mode, grads_equal in spawn(2, _recompute_is_exact_and_saves_memory):
+    for by_mode, grads_equal in on_ranks(2, _recompute_is_exact_and_saves_memory):
         assert grads_equal
         assert by_mode["none"][0] == by_mode["selective"][0] == by_mode["full"][0]
         assert by_mode["selective"][1] < by_mode["none"][1]

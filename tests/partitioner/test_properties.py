@@ -23,7 +23,7 @@ from equivalence import assert_passed, equivalence_worker
 from partitioner import models
 from partitioner.compiler import rank_programs
 from passes import PassError
-from runtime import spawn
+from ranks import on_ranks
 
 BATCH, SEQ = 4, 16
 REFUSALS = (PlanError, PassError, NotLanded)
@@ -178,7 +178,7 @@ def _worker(cases, dynamic_plans):
 def test_random_models_and_plans_match_one_device(world):
     cases = draw_cases(world, examples(world))
     assert len(cases) == examples(world)
-    results = spawn(world, _worker, cases, DYNAMIC_PLANS[world])
+    results = on_ranks(world, _worker, cases, DYNAMIC_PLANS[world])
     assert_passed([equivalence for equivalence, _ in results], cases)
     for rank, (_, dynamic) in enumerate(results):
         for plan, (errors, explained) in zip(DYNAMIC_PLANS[world], dynamic, strict=True):

@@ -11,7 +11,7 @@ import torch
 from core.plan import Plan
 from equivalence import assert_passed, equivalence_worker
 from passes.registry import PIPELINE
-from runtime import spawn
+from ranks import on_ranks
 
 STEPS = 3
 
@@ -42,7 +42,7 @@ def _cases(world: int) -> list:
 @pytest.mark.parametrize("world", sorted({size for _, _, size, *_ in STRATEGIES}))
 def test_adamw_steps_keep_every_weight_equal_to_one_device(world):
     cases = _cases(world)
-    results = spawn(world, equivalence_worker, cases)
+    results = on_ranks(world, equivalence_worker, cases)
     assert_passed(results, cases)
     for reports in results:  # every step's weights were compared, not only the last
         assert all("weights_after_adamw" in report.errors for _, report in reports)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from partitioner import models
-from runtime import spawn
+from ranks import on_ranks
 
 V = 511  # padded to 512 over tp=2
 
@@ -150,7 +150,7 @@ TWO_RANK_CASES = [
 
 
 def test_two_ranks_vocab_parallel_loss_matches_one_device_without_gathering():
-    per_rank = spawn(2, _two_rank_worker, TWO_RANK_CASES, timeout=300)
+    per_rank = on_ranks(2, _two_rank_worker, TWO_RANK_CASES, timeout=300)
     _assert_vocab_parallel_and_equal([checks for checks, _ in per_rank], TWO_RANK_CASES,
                                      deciders=2)
     bad = []
@@ -162,10 +162,10 @@ def test_two_ranks_vocab_parallel_loss_matches_one_device_without_gathering():
             # forward gathers the logits once; step runs 2 microbatches: none or both gather
             if forward != 1 or step != (0 if fast else 2):
                 bad.append(f"rank {rank} {name}: all_gathers forward {forward}, step {step}")
-            line = explain.splitlines()[-1]
-            if not line.startswith("step loss path: " + (
-                    "vocab-parallel" if fast else "gathered logits")):
-                bad.append(f"rank {rank} {name}: explain says {line!r}")
+            lines = [line for line in explain.splitlines() if line.startswith("step loss path: ")]
+            want = "step loss path: " + ("vocab-parallel" if fast else "gathered logits")
+            if len(lines) != 1 or not lines[0].startswith(want):
+                bad.append(f"rank {rank} {name}: explain's loss path lines are {lines!r}")
     assert not bad, "\n".join(bad)
 
 
@@ -190,7 +190,7 @@ def _four_rank_worker(cases):
 
 
 def test_four_ranks_dp_pp_zero_match_one_device():
-    per_rank = spawn(4, _four_rank_worker, FOUR_RANK_CASES, timeout=600)
+    per_rank = on_ranks(4, _four_rank_worker, FOUR_RANK_CASES, timeout=600)
     for index, (name, plan, *_rest) in enumerate(FOUR_RANK_CASES):
         # with pp only the two ranks of the last stage choose a loss path
         deciders = 2 if "pp=2" in plan else 4

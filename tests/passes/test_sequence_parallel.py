@@ -23,7 +23,7 @@ from passes import PassContext, PassError
 from passes.sequence_parallel import SequenceNotDivisible, sequence_parallel
 from passes.tensor_parallel import tensor_parallel
 from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
-from runtime import spawn
+from ranks import on_ranks
 from core.ops import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
@@ -182,7 +182,7 @@ def test_equivalence_two_ranks():
     else:
         cases += [("hf gpt2 tp=2 sp f64", hf_gpt2, {}, "tp=2,sp=on", f64),
                   ("hf llama tp=2 sp f32", hf_llama, {}, "tp=2,sp=on", torch.float32)]
-    assert_passed(spawn(2, equivalence_worker, cases, timeout=300), cases)
+    assert_passed(on_ranks(2, equivalence_worker, cases, timeout=300), cases)
 
 
 def test_equivalence_four_ranks():
@@ -207,7 +207,7 @@ def test_equivalence_four_ranks():
                    "tp=2,pp=2,mb=2,sp=on,zero=1,recompute=full", f64),
                   ("hf gpt2 tp=2 x dp=2 sp f32", hf_gpt2, {}, "tp=2,dp=2,sp=on",
                    torch.float32)]
-    assert_passed(spawn(4, equivalence_worker, cases, timeout=300), cases)
+    assert_passed(on_ranks(4, equivalence_worker, cases, timeout=300), cases)
 
 
 # --- activation memory ----------------------------------------------------------------------
@@ -239,7 +239,7 @@ def _saved_activation_bytes(plans):
 def test_sequence_parallel_cuts_activation_memory():
     """Korthikanti et al.: sp stores the 10 sbh per layer that tp alone replicates split over
     tp; with tp=2 the per-rank activations must fall well below tp alone."""
-    for by_plan in spawn(2, _saved_activation_bytes, ["tp=2", "tp=2,sp=on"]):
+    for by_plan in on_ranks(2, _saved_activation_bytes, ["tp=2", "tp=2,sp=on"]):
         assert by_plan["tp=2,sp=on"] < 0.85 * by_plan["tp=2"], by_plan
 
 
@@ -262,6 +262,6 @@ def _forward_of_any_length():
 
 
 def test_forward_of_a_length_sp_cannot_split_runs_without_sp():
-    for error, refused in spawn(2, _forward_of_any_length):
+    for error, refused in on_ranks(2, _forward_of_any_length):
         assert error < 1e-12
         assert refused is not None and "sequence length 15 is not divisible by tp=2" in refused

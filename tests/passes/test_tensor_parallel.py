@@ -24,7 +24,7 @@ from passes import PassContext, PassError
 from passes.registry import planned
 from passes.tensor_parallel import tensor_parallel
 from passes.tensor_parallel.record import LOGITS_GATHER, LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
-from runtime import spawn
+from ranks import on_ranks
 from equivalence import assert_passed, equivalence_worker
 from model_zoo import hf_gpt2, hf_llama
 from core.ops import copy_to_region
@@ -575,7 +575,7 @@ def test_equivalence_two_ranks():
                    "tp=2,rules=transformer.wte:vocab;lm_head:vocab", f64),
                   ("hf llama embed_tokens + lm_head vocab tp=2 f64", hf_llama, {},
                    "tp=2,rules=model.embed_tokens:vocab;lm_head:vocab", f64)]
-    assert_passed(spawn(2, equivalence_worker, cases, timeout=300), cases)
+    assert_passed(on_ranks(2, equivalence_worker, cases, timeout=300), cases)
 
 
 def test_equivalence_four_ranks():
@@ -599,4 +599,4 @@ def test_equivalence_four_ranks():
                   ("hf llama mqa kv=1 tp=4 vocab padded 255 f32", hf_llama,
                    dict(num_key_value_heads=1, vocab_size=255),
                    "tp=4,rules=model.embed_tokens:vocab;lm_head:vocab", torch.float32)]
-    assert_passed(spawn(4, equivalence_worker, cases, timeout=600), cases)
+    assert_passed(on_ranks(4, equivalence_worker, cases, timeout=600), cases)

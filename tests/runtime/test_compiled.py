@@ -78,6 +78,8 @@ def _compiled_worker(cases):
 
 def test_compiled_ranks_match_one_device_without_graph_breaks():
     cases = _cases()
+    # fresh ranks, not the session's pool: dynamo's counters and inductor's state are
+    # process-wide, and a pool rank would carry them into (and out of) this test
     results = spawn(2, _compiled_worker, cases, timeout=1500)
     assert_passed([reports for reports, *_ in results], cases)
     for _, breaks, records, explained, eager_lines in results:

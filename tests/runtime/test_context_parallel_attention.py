@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from core.sequence_layout import SequenceLayout
-from runtime import spawn
+from ranks import on_ranks
 from runtime.context_parallel import (AttentionMask, _block_forward, a2a_attention, merge_blocks,
                                       ring_attention)
 
@@ -93,6 +93,6 @@ def _cp_worker(algo: str):
 
 @pytest.mark.parametrize("algo, cp", [("ring", 2), ("ring", 4), ("a2a", 2)])
 def test_cp_attention_equals_one_device(algo, cp):
-    results = spawn(cp, _cp_worker, algo, timeout=300)
+    results = on_ranks(cp, _cp_worker, algo, timeout=300)
     for errors in results:
         assert errors and all(err < 1e-12 for err in errors.values()), errors

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from core.plan import Plan
-from runtime import RankError, spawn
+from runtime import RankError, RankPool, spawn
 from core import ops as C
 from runtime.mesh import Mesh
 
@@ -30,6 +30,47 @@ def test_spawn_reraises_a_rank_error_without_hanging():
     with pytest.raises(RankError, match="rank 1 failed(.|\n)*boom on rank one"):
         spawn(2, _fail_on_rank_one, timeout=120)
     assert time.monotonic() - start < 60
+
+
+def _pid_and_sum(value):
+    import os
+
+    total = torch.tensor([float(value)])
+    dist.all_reduce(total)
+    return os.getpid(), total.item()
+
+
+def _catch_a_recorded_failure():
+    """A failure reported to the other ranks (as the executor does while graphs run) that the
+    rank's own code then catches."""
+    from runtime.failure import watch_failures
+
+    if dist.get_rank() == 0:
+        try:
+            with watch_failures().scope():
+                raise ValueError("caught on rank zero")
+        except ValueError:
+            pass
+    time.sleep(1.0)  # the other rank's watcher may stop it here, or the run's end does
+    return "done"
+
+
+def test_a_rank_pool_runs_many_times_on_the_same_ranks_and_a_failure_ends_it():
+    with RankPool(2, timeout=120) as pool:
+        first = pool.run(_pid_and_sum, 1)
+        second = pool.run(_pid_and_sum, 2)
+        assert [total for _, total in first] == [2.0, 2.0]
+        assert [total for _, total in second] == [4.0, 4.0]
+        assert [pid for pid, _ in first] == [pid for pid, _ in second]  # no new processes
+        with pytest.raises(RankError, match="rank 1 failed(.|\n)*boom on rank one"):
+            pool.run(_fail_on_rank_one, timeout=120)
+        assert not pool.alive
+        with pytest.raises(RuntimeError, match="start a new one"):
+            pool.run(_pid_and_sum, 1)
+    with RankPool(2, timeout=120) as pool:  # a caught failure fails its run, not a later one
+        with pytest.raises(RankError, match="caught on rank zero"):
+            pool.run(_catch_a_recorded_failure, timeout=120)
+        assert not pool.alive
 
 
 def _collective_checks():
@@ -75,6 +116,10 @@ def _collective_checks():
     x = base.clone().requires_grad_()
     y = C.copy_to_region(x, group)
     results["copy_to_region_is_a_view"] = (y._base is x, True)  # f costs no copy
+    # another model's mesh over the same ranks gets the same process groups, not new ones
+    again, other = Mesh(Plan(tp=2, dp=2).resolve(4)), Mesh(Plan(tp=2, pp=2).resolve(4))
+    results["groups_made_once"] = (again.group("tp") is mesh.group("tp"),
+                                   other.group("pp") is mesh.group("dp"))
     return results
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from core.plan import Plan
-from runtime import spawn
+from ranks import on_ranks
 from runtime.mesh import Mesh
 from runtime.vocab_parallel import vocab_parallel_cross_entropy
 
@@ -147,7 +147,7 @@ def _two_rank_worker(cases):
 
 
 def test_two_ranks_match_cross_entropy_on_full_logits():
-    per_rank = spawn(2, _two_rank_worker, CASES, timeout=240)
+    per_rank = on_ranks(2, _two_rank_worker, CASES, timeout=240)
     bad = []
     for rank, results in enumerate(per_rank):
         assert len(results) == len(CASES)
