@@ -4,7 +4,8 @@ seconds of process start, torch's import and first-call warm-up; the suite's few
 would pay that few dozen times. A run that fails ends its pool (the next run starts a fresh
 one), so one failing test cannot leave ranks in a state that fails the next.
 
-The tests of spawn itself (launch, failure propagation, a killed rank) use `runtime.spawn`."""
+The tests of spawn itself (launch, failure propagation, a killed rank) and the compile test
+(dynamo's counters are per process) use `runtime.spawn`: fresh ranks."""
 
 from __future__ import annotations
 
