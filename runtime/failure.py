@@ -15,6 +15,7 @@ stops within `poll_s + grace_s` of the first failure.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import os
@@ -118,6 +119,17 @@ def _raise_in(thread_id: int, kind: type[BaseException]) -> None:
 _WATCH: FailureWatch | None = None
 
 
+def _stop_at_exit() -> None:
+    """Stop the watcher while the interpreter is whole. A daemon thread that comes back from
+    the store's C++ code during interpreter finalization is ended where it stands, unwinding
+    through C++ frames that may not be unwound: the process aborts ("terminate called without
+    an active exception", SIGABRT) after a run that succeeded, and torchrun reports it failed."""
+    global _WATCH
+    if _WATCH is not None:
+        _WATCH.stop()
+        _WATCH = None
+
+
 def watch_failures(poll_s: float = 0.2, grace_s: float = 5.0,
                    on_exit: Callable[[str], None] | None = None) -> FailureWatch:
     """This process's watch over the default process group (started on first call; later
@@ -127,7 +139,9 @@ def watch_failures(poll_s: float = 0.2, grace_s: float = 5.0,
 
     store = dist.distributed_c10d._get_default_store()
     if _WATCH is None or _WATCH.store is not store:
-        if _WATCH is not None:
+        if _WATCH is None:
+            atexit.register(_stop_at_exit)  # once per process: later watches replace _WATCH
+        else:
             _WATCH.stop()
         _WATCH = FailureWatch(store, dist.get_rank(), poll_s, grace_s, on_exit).start()
     else:

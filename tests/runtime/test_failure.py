@@ -73,3 +73,29 @@ def test_a_killed_rank_is_named_with_why_and_what_to_do():
 def test_death_message_says_which_rank_why_and_the_fix(exitcode, fragment):
     message = death_message(1, exitcode, 4)
     assert fragment in message and len(message.splitlines()) == 1 and "fix: " in message
+
+
+def _watcher_at_exit():
+    import atexit
+
+    from runtime import failure
+
+    calls = []
+    real_register = atexit.register
+    atexit.register = lambda fn: calls.append(fn) or real_register(fn)
+    try:
+        failure._stop_at_exit()  # start from no watch in this process
+        watch = watch_failures()
+    finally:
+        atexit.register = real_register
+    running = watch._thread.is_alive()
+    for fn in calls:
+        fn()  # what the interpreter runs at exit, before finalization
+    return calls == [failure._stop_at_exit], running, watch._thread.is_alive()
+
+
+def test_the_watcher_stops_at_exit_before_the_interpreter_finalizes():
+    """A daemon thread back from the store's C++ code during finalization aborts the process
+    after a successful run (torchrun then reports it failed): exit stops the watcher first."""
+    for registered, running, alive_after in spawn(2, _watcher_at_exit, timeout=120):
+        assert registered and running and not alive_after
