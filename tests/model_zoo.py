@@ -3,7 +3,22 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+
+@functools.lru_cache(maxsize=None)
+def capture_once(factory, **overrides):
+    """The capture of a model and its example batch, once per process: graph-level tests
+    compile one model under many plans. `factory` is a name in partitioner.models or a
+    callable. compile_rank copies the graph; a test must not change it."""
+    from partitioner import models
+    from partitioner.capture import capture
+
+    factory = getattr(models, factory) if isinstance(factory, str) else factory
+    model, (ids,) = factory(**overrides)
+    return capture(model, (ids,))
 
 
 def _ids(vocab: int, batch: int, seq: int) -> torch.Tensor:

@@ -3,8 +3,6 @@ sequence is sharded, how attention is replaced, and the errors for what cp canno
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,19 +12,12 @@ from core import ops
 from core.meta import CP_RECORD
 from core.plan import NotLanded, Plan
 from core.sequence_layout import SequenceLayout
-from partitioner import models
+from model_zoo import capture_once
 from partitioner.capture import capture
 from partitioner.compiler import compile_rank
 from passes import PassError
 
 aten = torch.ops.aten
-
-
-@functools.lru_cache(maxsize=None)
-def _captured(factory, **overrides):
-    factory = getattr(models, factory) if isinstance(factory, str) else factory
-    model, (ids,) = factory(**overrides)
-    return capture(model, (ids,))
 
 
 def _program(captured, plan: str, world: int, rank: int = 0, **kwargs):
@@ -43,7 +34,7 @@ def _record(program):
 
 @pytest.mark.parametrize("factory", ["tiny", "tiny_llama"])
 def test_ring_runs_every_layer_on_the_balanced_layout(factory):
-    captured = _captured(factory, batch=2, seq=16)
+    captured = capture_once(factory, batch=2, seq=16)
     for rank in range(2):
         program = _program(captured, "cp=2", 2, rank)
         record = _record(program)
@@ -67,7 +58,7 @@ def test_positions_follow_the_layout():
     """RoPE tables (computed from arange over the whole sequence) and learned positions are
     taken at the global positions of the rank's tokens, by the same slices as the tokens."""
     for factory in ("tiny", "tiny_llama"):
-        program = _program(_captured(factory, batch=2, seq=16), "cp=2", 2, rank=1)
+        program = _program(capture_once(factory, batch=2, seq=16), "cp=2", 2, rank=1)
         nodes = _graph_nodes(program)
         sliced = {n.args[0].target for n in nodes if n.target is aten.slice.Tensor
                   and n.args[0].op == "call_function"}
@@ -78,7 +69,7 @@ def test_positions_follow_the_layout():
 
 
 def test_a2a_switches_heads_and_sequence_around_attention():
-    program = _program(_captured("tiny_llama", batch=2, seq=16), "cp=2,cp_algo=a2a", 2)
+    program = _program(capture_once("tiny_llama", batch=2, seq=16), "cp=2,cp_algo=a2a", 2)
     record = _record(program)
     assert record.layout == SequenceLayout(16, 2, balanced=False)
     nodes = _graph_nodes(program)
@@ -89,7 +80,7 @@ def test_a2a_switches_heads_and_sequence_around_attention():
 
 
 def test_tp_sp_cp_compose():
-    program = _program(_captured("tiny_llama", batch=2, seq=16), "tp=2,sp=on,cp=2", 4, rank=3)
+    program = _program(capture_once("tiny_llama", batch=2, seq=16), "tp=2,sp=on,cp=2", 4, rank=3)
     record = _record(program)
     assert record.gathered == () and len(record.attention) == 2
     rings = [n for n in _graph_nodes(program) if n.target is ops.ring_attention]
@@ -127,7 +118,7 @@ def test_a_loss_the_model_computes_reads_the_sequence_whole_and_says_so():
 # --- bad input: a clear error before any collective --------------------------------------------
 
 def test_a_length_that_does_not_split_is_padded_under_causal_attention():
-    captured = _captured("tiny", batch=2, seq=18)
+    captured = capture_once("tiny", batch=2, seq=18)
     for rank in range(2):
         program = _program(captured, "cp=2", 2, rank)
         record = _record(program)
@@ -141,9 +132,9 @@ def test_length_not_divisible_names_the_lengths_that_work():
     with pytest.raises(PassError, match=r"sequence length 18 does not split into 2\*cp=4 "
                                         r"chunks.*multiple of 4, and cp_pad=off forbids "
                                         r"padding it.*16 or 20"):
-        _program(_captured("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2)
+        _program(capture_once("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2)
     with pytest.raises(PassError, match=r"each split again over tp=2 by sp.*multiple of 8"):
-        _program(_captured("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2,cp_pad=off", 4)
+        _program(capture_once("tiny", batch=2, seq=12), "tp=2,sp=on,cp=2,cp_pad=off", 4)
     bidirectional = capture(_MaskedAttention(causal=False),
                             (torch.zeros(2, 17, dtype=torch.long),))
     with pytest.raises(PassError, match=r"exact only for causal or masked attention.*16 or 18"):
@@ -151,7 +142,7 @@ def test_length_not_divisible_names_the_lengths_that_work():
 
 
 def test_forward_only_programs_step_aside_for_such_lengths():
-    program = _program(_captured("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2,
+    program = _program(capture_once("tiny", batch=2, seq=18), "cp=2,cp_pad=off", 2,
                        forward_only=True)
     record = _record(program)
     assert record.stepped_aside and "18" in record.stepped_aside
@@ -160,7 +151,7 @@ def test_forward_only_programs_step_aside_for_such_lengths():
 
 def test_a2a_heads_not_divisible_suggests_ring():
     with pytest.raises(PassError, match=r"4 heads .*do not divide by cp=8; use cp_algo=ring"):
-        _program(_captured("tiny_llama", batch=1, seq=16), "cp=8,cp_algo=a2a", 8)
+        _program(capture_once("tiny_llama", batch=1, seq=16), "cp=8,cp_algo=a2a", 8)
 
 
 class _MaskedAttention(nn.Module):

@@ -3,8 +3,6 @@ what they become, and the errors for what ep cannot do."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch import nn
@@ -14,18 +12,12 @@ from core.meta import EP_RECORD, LAYOUTS
 from core.placement import Shard
 from core.plan import NotLanded, Plan
 from partitioner import models
+from model_zoo import capture_once
 from partitioner.capture import capture
 from partitioner.compiler import compile_rank
 from passes import PassError
 
 aten = torch.ops.aten
-
-
-@functools.lru_cache(maxsize=None)
-def _captured(factory, **overrides):
-    factory = getattr(models, factory) if isinstance(factory, str) else factory
-    model, (ids,) = factory(**overrides)
-    return capture(model, (ids,))
 
 
 def _program(captured, plan: str, world: int, rank: int = 0):
@@ -38,7 +30,7 @@ def _nodes(program):
 
 @pytest.mark.parametrize("overrides", [{}, {"router": "sigmoid", "shared_experts": 1}])
 def test_every_moe_layer_becomes_dispatch_grouped_gemms_and_return(overrides):
-    captured = _captured("tiny_moe", batch=2, seq=8, **overrides)
+    captured = capture_once("tiny_moe", batch=2, seq=8, **overrides)
     for rank in range(2):
         program = _program(captured, "ep=2", 2, rank)
         gm = program.stages[0].gm
@@ -61,7 +53,7 @@ def test_every_moe_layer_becomes_dispatch_grouped_gemms_and_return(overrides):
 
 
 def test_gelu_experts_and_dense_leading_blocks():
-    captured = _captured("tiny", batch=2, seq=8, n_experts=4, topk=1, dense_layers=1)
+    captured = capture_once("tiny", batch=2, seq=8, n_experts=4, topk=1, dense_layers=1)
     record = _program(captured, "ep=2", 2).stages[0].gm.meta[EP_RECORD]
     assert [layer.path for layer in record.layers] == ["blocks.1.mlp"]
     assert record.layers[0].expert_ops == ("grouped_mm", "gelu", "grouped_mm")
@@ -73,7 +65,7 @@ def test_hugging_face_mixtral_experts_are_found_in_both_exported_forms(implement
     pytest.importorskip("transformers")
     from model_zoo import hf_mixtral
 
-    captured = _captured(hf_mixtral, batch=2, seq=8, experts_implementation=implementation)
+    captured = capture_once(hf_mixtral, batch=2, seq=8, experts_implementation=implementation)
     program = _program(captured, "ep=2", 2, rank=1)
     record = program.stages[0].gm.meta[EP_RECORD]
     assert [layer.path for layer in record.layers] == ["model.layers.0.mlp",
@@ -88,7 +80,7 @@ def test_hugging_face_mixtral_experts_are_found_in_both_exported_forms(implement
 
 
 def test_experts_that_do_not_split_over_ep_name_the_valid_values():
-    captured = _captured("tiny_moe", batch=3, seq=8)
+    captured = capture_once("tiny_moe", batch=3, seq=8)
     with pytest.raises(PassError, match=r"blocks.0.mlp has 8 experts, which do not split evenly "
                                         r"over ep=3: .*valid ep: 1, 2, 4, 8"):
         _program(captured, "ep=3", 3)
@@ -97,7 +89,7 @@ def test_experts_that_do_not_split_over_ep_name_the_valid_values():
 def test_ep_on_a_model_without_moe_layers_says_so():
     with pytest.raises(PassError, match="this model has none that the expert-parallel pass "
                                         "recognises.*Set ep=1"):
-        _program(_captured("tiny", batch=2, seq=8), "ep=2", 2)
+        _program(capture_once("tiny", batch=2, seq=8), "ep=2", 2)
 
 
 class _BiasedExperts(nn.Module):

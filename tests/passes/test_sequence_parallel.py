@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 from collections import Counter
 
@@ -13,7 +12,6 @@ import pytest
 import torch
 
 from partitioner import models
-from partitioner.capture import capture
 from core.meta import LAYOUTS, SP_RECORD, TP_PLACEMENT, TP_RECORD
 from core.placement import Placements, Shard
 from partitioner.compiler import compile_rank, layouts_from_capture
@@ -26,22 +24,15 @@ from passes.tensor_parallel.record import LOOKUP_SUM, REGION_ENTRY, REGION_EXIT
 from ranks import on_ranks
 from core.ops import copy_to_region, scatter
 from equivalence import assert_passed, equivalence_worker
-from model_zoo import hf_gpt2, hf_llama
+from model_zoo import capture_once, hf_gpt2, hf_llama
 
 aten = torch.ops.aten
-
-
-@functools.lru_cache(maxsize=None)
-def _captured(factory, **overrides):
-    factory = getattr(models, factory) if isinstance(factory, str) else factory
-    model, (ids,) = factory(**overrides)
-    return capture(model, (ids,))
 
 
 def _program(factory, plan: str, rank: int = 0, **overrides):
     plan = Plan.parse(plan)
     world = plan.tp * plan.pp * (plan.dp or 1)
-    return compile_rank(_captured(factory, **overrides), plan.resolve(world), rank, "meta")
+    return compile_rank(capture_once(factory, **overrides), plan.resolve(world), rank, "meta")
 
 
 def _collectives(program) -> Counter:
@@ -106,7 +97,7 @@ def test_the_pass_reads_the_tensor_parallel_record_and_writes_its_own():
 
 
 def test_the_pass_needs_the_tensor_parallel_record():
-    captured = _captured("tiny_llama")
+    captured = capture_once("tiny_llama")
     plan = Plan.parse("tp=2,sp=on").resolve(2)
     gm = torch.fx.GraphModule(captured.gm, captured.gm.graph)  # the graph, no records
     with pytest.raises(PassError, match="runs after tensor_parallel"):
@@ -140,7 +131,7 @@ def test_sequence_not_divisible_by_tp_is_a_clear_error():
 
 
 def test_a_forward_only_program_of_a_length_sp_cannot_split_keeps_the_tp_graph(caplog):
-    captured = _captured("tiny_llama", seq=15)
+    captured = capture_once("tiny_llama", seq=15)
     plan = Plan.parse("tp=2,sp=on").resolve(2)
     gm = copy.deepcopy(captured.gm)
     gm.meta[LAYOUTS] = layouts_from_capture(captured)
