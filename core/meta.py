@@ -29,6 +29,8 @@ PASS_LOG = "passes.log"
 # Each pass's result record (graph keys): a value with `summary() -> str` (or a str) that the
 # passes after it read and `dump --passes` prints.
 CAUSAL_MASK_RECORD = "causal_mask.record"
+STATISTICS_RECORD = "statistics.record"
+"""graph: the reductions over the batch's tokens made whole over dp (BatchStatisticsRecord)."""
 TP_RECORD = "tp.record"
 """graph: what the tensor-parallel pass split and inserted (TensorParallelRecord)."""
 SP_RECORD = "sp.record"

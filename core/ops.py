@@ -15,6 +15,8 @@ live group. Each is an autograd pair (Megatron-Core's mappings):
     reduce_scatter     reduce-scatter         / all-gather        (sp: leaves a row region)
     gather_for_region  all-gather             / reduce-scatter    (sp: enters a column region)
     all_to_all         all-to-all             / all-to-all with the dims swapped
+    batch_statistic    all-reduce (sum/mean)  / the same all-reduce (a statistic over the
+                                                batch's tokens, passes/batch_statistics.py)
 
 Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
 wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
@@ -46,6 +48,7 @@ _COLLECTIVE_SCHEMAS = {
     "gather_for_region": "(Tensor x, str group, int tensor_dim, *, int group_size=0) -> Tensor",
     "all_to_all": ("(Tensor x, str group, int scatter_dim, int gather_dim, *, "
                    "int group_size=0) -> Tensor"),
+    "batch_statistic": "(Tensor x, str group, bool mean) -> Tensor",
 }
 for _name, _schema in _COLLECTIVE_SCHEMAS.items():
     _LIB.define(_name + _schema)
@@ -57,9 +60,10 @@ scatter = torch.ops.partitioner.scatter.default
 reduce_scatter = torch.ops.partitioner.reduce_scatter.default
 gather_for_region = torch.ops.partitioner.gather_for_region.default
 all_to_all = torch.ops.partitioner.all_to_all.default
+batch_statistic = torch.ops.partitioner.batch_statistic.default
 
 COLLECTIVES = (copy_to_region, all_reduce, all_gather, scatter, reduce_scatter,
-               gather_for_region, all_to_all)
+               gather_for_region, all_to_all, batch_statistic)
 
 OP_NAME = {op: str(op._schema.name).removeprefix("partitioner::") for op in COLLECTIVES}
 """Op -> its name ("all_reduce"), as the passes' records give an inserted collective's kind."""
@@ -75,6 +79,7 @@ COLLECTIVE_KINDS = {
     reduce_scatter: "reduce_scatter",
     gather_for_region: "all_gather",
     all_to_all: "all_to_all",
+    batch_statistic: "all_reduce",
 }
 """Graph nodes whose target is one of these are inserted collectives; the value is the name
 reports use (DESIGN.md's `collective` field)."""
@@ -91,6 +96,11 @@ def _resized(x: torch.Tensor, dim: int, multiply: int = 1, divide: int = 1) -> t
     shape = list(x.shape)
     shape[dim] = shape[dim] * multiply // divide
     return x.new_empty(shape)
+
+
+@torch.library.register_fake("partitioner::batch_statistic")
+def _batch_statistic_fake(x, group, mean):
+    return torch.empty_like(x)
 
 
 @torch.library.register_fake("partitioner::copy_to_region")

@@ -31,6 +31,15 @@ def split_batch(tree, parts: int, batch: int) -> list:
     return [pytree.tree_unflatten(piece, spec) for piece in pieces]
 
 
+def tile_batch(tree, times: int):
+    """`tree` with every tensor whose dim 0 is the batch repeated `times` along dim 0: the
+    shape of `times` ranks' shares put together (other leaves unchanged)."""
+    batch = batch_size(*tree)
+    return pytree.tree_map(
+        lambda leaf: torch.cat([leaf] * times) if isinstance(leaf, torch.Tensor)
+        and leaf.dim() > 0 and leaf.shape[0] == batch else leaf, tree)
+
+
 def first_microbatch(plan: Plan, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The (args, kwargs) of one microbatch of the global example batch: the shape `step`
     runs and so the shape to capture. Raises PlanError when the batch does not split."""

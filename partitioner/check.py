@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils import _pytree as pytree
+
+from partitioner.batches import batch_size, split_batch
 from partitioner.capture import shared_captures
 
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-3}
@@ -40,6 +43,30 @@ def lm_loss_sum(output, target: torch.Tensor):
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), flat, ignore_index=-100,
                            reduction="sum")
     return loss, (flat != -100).sum()
+
+
+def global_microbatches(args: tuple, kwargs: dict, dp: int,
+                        microbatches: int) -> list[tuple[tuple, dict]]:
+    """The single-device reference's batches for a model that reduces over its batch inside the
+    forward (a router's load-balancing loss; passes/batch_statistics makes it whole over dp).
+
+    `step` splits the global batch into dp shares and each share into `microbatches`; the
+    j-th microbatches of all dp ranks run together and their statistics are reduced over dp.
+    One device must therefore run, for each j, the j-th microbatches of the dp shares put
+    together, and average the losses over j (as `step` does). With one microbatch that is
+    the global batch itself."""
+    batch = batch_size(args, kwargs)
+    shares = [split_batch(share, microbatches, batch // dp)
+              for share in split_batch((tuple(args), dict(kwargs)), dp, batch)]
+    piece = batch // (dp * microbatches)
+    together = []
+    for j in range(microbatches):
+        parts = [pytree.tree_leaves(share[j]) for share in shares]
+        leaves = [torch.cat(column) if isinstance(column[0], torch.Tensor)
+                  and column[0].dim() > 0 and column[0].shape[0] == piece else column[0]
+                  for column in zip(*parts)]
+        together.append(pytree.tree_unflatten(leaves, pytree.tree_structure(shares[0][j])))
+    return together
 
 
 def load_factory(spec: str):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from typing import Callable
 
 import torch
 from torch import fx, nn
@@ -19,7 +20,7 @@ from core import meta
 from core.layout import RankLayout, rank_coords
 from core.placement import ParamLayout
 from core.plan import Plan
-from partitioner.batches import first_microbatch
+from partitioner.batches import first_microbatch, tile_batch
 from partitioner.capture import Captured, capture
 from passes import PassContext
 from passes.lowering.program import RankProgram
@@ -44,12 +45,14 @@ def layouts_from_capture(captured: Captured) -> dict[str, ParamLayout]:
 
 def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device | str = "cpu",
                  stage_starts: tuple[str, ...] | None = None, *, forward_only: bool = False,
-                 group_names: dict[str, str] | None = None) -> RankProgram:
+                 group_names: dict[str, str] | None = None,
+                 capture_batch: Callable[[int], fx.GraphModule] | None = None) -> RankProgram:
     """Run the pass registry for one rank and read its program (pure, no groups).
 
     `stage_starts` (an earlier program's `pipeline.stage_starts`) fixes the pipeline cut, so
-    every input shape of one model keeps each parameter on the same stage. `forward_only` and
-    `group_names` go to the passes through `PassContext`.
+    every input shape of one model keeps each parameter on the same stage. `forward_only`,
+    `group_names` and `capture_batch` (the model captured at k times the batch) go to the
+    passes through `PassContext`.
     """
     coords = rank_coords(plan, rank)
     with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
@@ -59,7 +62,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     gm.meta[meta.LAYOUTS] = layouts_from_capture(captured)
     ctx = PassContext(plan=plan, coords=coords, stage_starts=stage_starts,
                       forward_only=forward_only, group_names=group_names,
-                      device=torch.device(device))
+                      device=torch.device(device), capture_batch=capture_batch)
     gm = run_passes(gm, ctx)
     return RankProgram.read(gm, plan, rank, coords)
 
@@ -71,8 +74,10 @@ def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,
     The example inputs are one global batch; each rank's program is compiled at the
     microbatch shape it would run in `step`.
     """
-    captured = capture(model, *first_microbatch(plan, tuple(example_inputs),
-                                                dict(example_kwargs or {})))
+    inputs = first_microbatch(plan, tuple(example_inputs), dict(example_kwargs or {}))
+    captured = capture(model, *inputs)
     world = RankLayout.dense(plan).world_size
-    return [compile_rank(captured, plan, rank, "meta")
+    return [compile_rank(captured, plan, rank, "meta",
+                         capture_batch=lambda times: capture(model, *tile_batch(inputs,
+                                                                                times)).gm)
             for rank in (range(world) if ranks is None else ranks)]

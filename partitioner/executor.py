@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 from core import meta
 from core.plan import Plan, PlanError
 from core.schedules import Action, schedule
-from partitioner.batches import batch_size, input_leaves, on_device, split_batch
+from partitioner.batches import batch_size, input_leaves, on_device, split_batch, tile_batch
 from partitioner.capture import Captured, capture, input_key
 from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossRouter, microbatch_loss
@@ -61,24 +61,34 @@ class Programs:
     def get(self, args: tuple, kwargs: dict, forward_only: bool = False) -> RankProgram:
         """The program for these input shapes, compiled at first use. For a forward-only call
         the passes may step aside where this shape cannot take the plan's split (sp on a
-        sequence tp does not divide, with a warning); `step` keeps the plan and its error."""
+        sequence tp does not divide, with a warning); `step` keeps the plan and its error.
+        Under dp a forward call holds the whole batch on every rank, so a training program
+        that reduces statistics over dp does not serve it."""
         key = input_key(args, kwargs)
-        program = self.training.get(key) or (self.forward_only.get(key)
-                                             if forward_only else None)
-        if program is not None:
+        program = (self.forward_only.get(key) if forward_only else None) or \
+            self.training.get(key)
+        if program is not None and not (forward_only and _makes_statistics_whole(program)):
             return program
         model = self._model_ref[0]
         refuse_batch_statistics(model, self.plan, kwargs)
         capture_device = "meta" if self.model_is_meta else None
-        captured: Captured = capture(model, *(on_device((args, kwargs), capture_device)
-                                              if capture_device else (args, kwargs)))
+
+        def capture_at(call: tuple) -> Captured:
+            return capture(model, *(on_device(call, capture_device) if capture_device
+                                    else call))
+
+        captured = capture_at((args, kwargs))
         starts = (self.first.pipeline.stage_starts
                   if self.first is not None and self.first.pipeline else None)
         program = compile_rank(captured, self.plan, self.rank, self.device, starts,
-                               forward_only=forward_only, group_names=self.group_names)
-        records = (program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
-                                                                    meta.CP_RECORD))
-        if any(r is not None and r.stepped_aside for r in records):  # forward calls only
+                               forward_only=forward_only, group_names=self.group_names,
+                               capture_batch=lambda times: capture_at(
+                                   tile_batch((args, kwargs), times)).gm)
+        records = [program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
+                                                                    meta.CP_RECORD)]
+        statistics = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)
+        if any(r is not None and r.stepped_aside for r in records) or (
+                statistics is not None and statistics.whole_batch_only):  # forward calls only
             self.forward_only[key] = program
         else:
             self.training[key] = program
@@ -105,25 +115,28 @@ def _describe_key(key: tuple) -> str:
                      if leaf[0] == "T" else repr(leaf[1]) for leaf in leaves)
 
 
+def _makes_statistics_whole(program: RankProgram) -> bool:
+    record = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)
+    return record is not None and bool(record.statistics)
+
+
 def refuse_batch_statistics(model: nn.Module, plan: Plan, kwargs: dict) -> None:
     """A Hugging Face MoE model given `labels` and `output_router_logits` adds a load-balancing
     loss computed over every token of the batch (fractions of tokens and of router probability
-    per expert, multiplied). Split over dp or cp ranks, each rank would compute it over its own
-    tokens: a different loss, and router gradients tens of percent off, silently. Reducing such
-    statistics across ranks has not landed, so it is refused before anything runs."""
+    per expert, multiplied). Over dp, passes/batch_statistics makes it whole; split over cp
+    ranks, each rank would compute it over its own tokens: a different loss, and router
+    gradients tens of percent off, silently. So cp refuses it before anything runs."""
     config = getattr(model, "config", None)
     wants = kwargs.get("output_router_logits", getattr(config, "output_router_logits", False))
     weight = getattr(config, "router_aux_loss_coef", 0)
-    shares = {name: degree for name, degree in (("dp", plan.dp), ("cp", plan.cp)) if degree > 1}
-    if wants and weight and kwargs.get("labels") is not None and shares:
-        split = ", ".join(f"{name}={degree}" for name, degree in shares.items())
+    if wants and weight and kwargs.get("labels") is not None and plan.cp > 1:
         raise PlanError(
             f"the model adds its router load-balancing loss (output_router_logits=True, "
             f"router_aux_loss_coef={weight}) computed over all of the batch's tokens; with "
-            f"{split} each rank holds a share of them and would compute a different loss (the "
-            f"router's gradients wrong). Reducing that statistic across ranks has not landed: "
-            f"set output_router_logits=False (or router_aux_loss_coef=0), or split the model "
-            f"only with tp, pp and ep (no dp or cp)")
+            f"cp={plan.cp} each rank holds a share of every sequence and would compute a "
+            f"different loss (the router's gradients wrong). Reducing that statistic over cp "
+            f"has not landed (over dp it has): set output_router_logits=False (or "
+            f"router_aux_loss_coef=0), or split the batch with dp instead of cp")
 
 
 class Executor:

@@ -36,6 +36,10 @@ class PassContext:
     leaves collectives naming their mesh dimension."""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     """The device this rank runs on: factory ops of the captured graph are moved to it."""
+    capture_batch: Callable[[int], fx.GraphModule] | None = None
+    """The same model captured with the batch of its inputs `k` times larger (the shape of k
+    dp ranks' shares together): how passes/batch_statistics tells which dims and constants
+    of the graph count the batch's tokens. None where no model is at hand."""
 
 
 class PassError(ValueError):

@@ -1,6 +1,6 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
-causal-mask fold -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
+causal-mask fold -> batch statistics -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
 collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
@@ -24,6 +24,7 @@ from torch import fx
 from core import meta
 from core.plan import Plan
 from passes import Pass, PassContext, PassError
+from passes.batch_statistics import batch_statistics
 from passes.causal_mask import fold_causal_masks
 from passes.context_parallel import context_parallel
 from passes.expert_parallel import expert_parallel
@@ -121,6 +122,8 @@ def _always(plan: Plan) -> bool:
 PIPELINE: tuple[PassEntry, ...] = (
     PassEntry("causal_mask", fold_causal_masks, _always, "always",
               meta.CAUSAL_MASK_RECORD),
+    PassEntry("batch_statistics", batch_statistics, lambda plan: plan.dp > 1, "dp > 1",
+              meta.STATISTICS_RECORD),
     PassEntry("tensor_parallel", tensor_parallel, lambda plan: plan.tp > 1, "tp > 1",
               meta.TP_RECORD),
     PassEntry("sequence_parallel", sequence_parallel, lambda plan: plan.sp, "sp=on",

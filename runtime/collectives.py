@@ -55,6 +55,11 @@ def _all_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
     return _F.wait_tensor(_F.all_reduce(x, "sum", group))  # all_reduce clones x, contiguous
 
 
+def _batch_statistic(x: torch.Tensor, group: str, mean: bool) -> torch.Tensor:
+    total = _F.wait_tensor(_F.all_reduce(x, "sum", group))  # gloo has no "avg"
+    return total / _size(group) if mean else total
+
+
 def _all_gather(x: torch.Tensor, group: str, size: int, dim: int) -> torch.Tensor:
     out = _F.wait_tensor(_F.all_gather_into_tensor(x.contiguous(), size, group))
     if dim == 0:
@@ -90,6 +95,7 @@ def _all_to_all(x: torch.Tensor, group: str, size: int, scatter_dim: int,
 
 FORWARD = {
     ops.all_reduce: _all_reduce,
+    ops.batch_statistic: _batch_statistic,
     ops.all_gather: lambda x, group, tensor_dim, *, group_size=0:
         _all_gather(x, group, _size(group, group_size), tensor_dim),
     ops.gather_for_region: lambda x, group, tensor_dim, *, group_size=0:
@@ -146,6 +152,17 @@ def _backward(conjugate):
 torch.library.register_autograd(  # g: all-reduce forward, identity backward
     ops.all_reduce._name, lambda ctx, grad: (grad, None),
     setup_context=lambda ctx, inputs, output: None)
+# A statistic over the batch's tokens: every rank's loss reads the reduced value and the
+# gradients are summed over the same ranks (the loss is scaled by 1/ranks), so each rank's share
+# gets the same reduction of the upstream gradient: sum for a sum, mean for a mean.
+def _remember_statistic(ctx, inputs, output) -> None:
+    _, ctx.group, ctx.mean = inputs
+
+
+torch.library.register_autograd(
+    ops.batch_statistic._name,
+    lambda ctx, grad: (_batch_statistic(grad, ctx.group, ctx.mean), None, None),
+    setup_context=_remember_statistic)
 for _op, _conjugate in ((ops.all_gather, _split),                # keep our slice
                         (ops.scatter, _all_gather),              # gather every slice
                         (ops.reduce_scatter, _all_gather),

@@ -86,6 +86,9 @@ def explain(program: RankProgram) -> str:
     context = program.stages[-1].gm.meta.get(meta.CP_RECORD)
     if context is not None:  # the layout, the padding and where the sequence was gathered
         lines.append(str(context))
+    statistics = program.stages[-1].gm.meta.get(meta.STATISTICS_RECORD)
+    if statistics is not None and (statistics.statistics or statistics.per_rank):
+        lines.append(str(statistics))
     experts = [stage.gm.meta[meta.EP_RECORD] for stage in program.stages
                if meta.EP_RECORD in stage.gm.meta]
     if experts:  # each MoE layer, the experts here, the dispatch

@@ -1,44 +1,162 @@
-"""A loss the model computes over every token of the batch (Hugging Face's router
-load-balancing loss) cannot be split over ranks holding different tokens yet: refused before
-anything runs, never silently per rank. Programs are compiled without a process group here."""
+"""Statistics a model computes over every token of its batch (Hugging Face Mixtral's router
+load-balancing loss): made whole over dp by passes/batch_statistics, so loss and every gradient
+equal one device's on the dp ranks' microbatches put together (`check.global_microbatches`);
+refused under cp before anything runs. Graph-level checks compile without process groups; the
+equivalence runs on real gloo ranks, one pool call per world size."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
+from core import meta
 from core.plan import Plan, PlanError
+from partitioner.batches import split_batch
+from partitioner.check import TOLERANCES, global_microbatches, relative_error
 from partitioner.executor import Programs
+from partitioner.report.program import explain
+from passes import PassError
+from ranks import on_ranks
 
 pytest.importorskip("transformers")
 
+AUX = 0.5
+"""A router loss weight large enough that a per-rank aux loss would show in every check."""
 
-def _mixtral(**config):
+
+def _mixtral(batch=2, layers=1, dtype=torch.float64, **config):
     from model_zoo import hf_mixtral
 
-    model, (ids,) = hf_mixtral(batch=2, seq=8, experts_implementation="batched_mm",
-                               num_hidden_layers=1, **config)
-    return model, ids
+    model, (ids,) = hf_mixtral(batch=batch, seq=8, experts_implementation="batched_mm",
+                               num_hidden_layers=layers, **config)
+    return model.to(dtype), ids
 
 
-@pytest.mark.parametrize("plan", ["dp=2", "cp=2", "ep=2"])
-def test_router_aux_loss_over_split_tokens_is_refused_with_the_way_out(plan):
+def _program(model, plan, world, call, forward_only=False):
+    programs = Programs(model, Plan.parse(plan).resolve(world), 0, torch.device("meta"))
+    return programs.get((), call, forward_only=forward_only)
+
+
+def _statistics(model, plan, world, call, forward_only=False):
+    program = _program(model, plan, world, call, forward_only)
+    return program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)
+
+
+@pytest.mark.parametrize("layers, rows", [(1, 16), (2, 32)])
+def test_the_router_loss_is_found_and_its_token_count_made_whole(layers, rows):
+    model, ids = _mixtral(layers=layers, output_router_logits=True)
+    program = _program(model, "dp=2", 2, {"input_ids": ids, "labels": ids})
+    record = program.stages[0].gm.meta[meta.STATISTICS_RECORD]
+    # per layer: the top-k counts (histc) and the summed router probabilities
+    assert [s.op for s in record.statistics] == ["histc.default", "sum.dim_IntList"] * layers
+    assert {s.reduction for s in record.statistics} == {"sum"}
+    # Hugging Face divides both by total_rows, a number the capture baked in per rank
+    assert {(c.local, c.whole) for c in record.constants} == {(rows, 2 * rows)}
+    shown = explain(program)
+    assert f"batch statistics: {2 * layers} reductions over the batch made whole over dp=2" \
+        in shown and "partitioner.check.global_microbatches" in shown
+
+
+def test_forward_calls_hold_the_whole_batch_and_reduce_nothing():
     model, ids = _mixtral(output_router_logits=True)
-    programs = Programs(model, Plan.parse(plan).resolve(2), 0, torch.device("cpu"))
+    record = _statistics(model, "dp=2", 2, {"input_ids": ids, "labels": ids}, forward_only=True)
+    assert record.statistics == () and record.whole_batch_only  # never serves step
+
+
+def test_a_model_without_batch_reductions_gets_no_second_capture(monkeypatch):
+    model, ids = _mixtral(output_router_logits=False)
+    calls = []
+    import partitioner.executor as executor
+
+    monkeypatch.setattr(executor, "tile_batch", lambda *a: calls.append(a) or a[0])
+    record = _statistics(model, "dp=2", 2, {"input_ids": ids, "labels": ids})
+    assert record.statistics == () and calls == []
+
+
+class _MaxOverBatch(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.proj(x)
+        return (h - h.amax(dim=0)).square().mean()
+
+
+def test_a_reduction_no_all_reduce_makes_whole_is_refused():
+    programs = Programs(_MaxOverBatch(), Plan.parse("dp=2").resolve(2), 0,
+                        torch.device("meta"))
+    with pytest.raises(PassError, match=r"amax.default at amax.*only sums and means can be "
+                                        r"made whole.*Use dp=1"):
+        programs.get((torch.randn(4, 4),), {})
+
+
+def test_router_aux_loss_over_context_parallel_tokens_is_refused_with_the_way_out():
+    model, ids = _mixtral(output_router_logits=True)
+    programs = Programs(model, Plan.parse("cp=2").resolve(2), 0, torch.device("cpu"))
     with pytest.raises(PlanError, match=r"router load-balancing loss \(output_router_logits="
-                                        r"True, router_aux_loss_coef=0.0\d+\).*set "
+                                        r"True, router_aux_loss_coef=0.0\d+\).*cp=2.*set "
                                         r"output_router_logits=False"):
         programs.get((), {"input_ids": ids, "labels": ids})
 
 
-@pytest.mark.parametrize("plan, config, kwargs", [
-    ("ep=2,tp=2,etp=1,dp=1", {"output_router_logits": True}, {"labels": True}),  # same tokens
-    ("dp=2", {"output_router_logits": False}, {"labels": True}),
-    ("dp=2", {"output_router_logits": True}, {}),  # no labels: no loss from the model
-    ("dp=2", {"output_router_logits": True, "router_aux_loss_coef": 0.0}, {"labels": True}),
-])
-def test_what_computes_no_split_statistic_compiles(plan, config, kwargs):
-    model, ids = _mixtral(**config)
-    world = 4 if "tp=2" in plan and "dp=2" in plan else 2
-    programs = Programs(model, Plan.parse(plan).resolve(world), 0, torch.device("meta"))
-    programs.get((), {"input_ids": ids, **({"labels": ids} if kwargs else {})})
+# --- on ranks ---------------------------------------------------------------------------------
+
+TWO_RANKS = [("dp=2", 1), ("dp=2,mb=2", 1), ("dp=2,ep=2", 2)]
+FOUR_RANKS = [("dp=2,tp=2", 1), ("dp=2,ep=2,tp=2,etp=1", 1), ("dp=4,ep=2,mb=2", 1),
+              ("dp=2,pp=2,mb=2", 2)]
+
+
+def _whole_batch_router_loss(cases):
+    """On each rank, per (plan, layers): the largest relative error of the loss, the logits
+    of a forward call, and every gradient against one device; and what the per-rank loss
+    would have been off (the statistic not made whole)."""
+    from partitioner.api import parallelize
+
+    out = {}
+    for plan, layers in cases:
+        model, ids = _mixtral(batch=8, layers=layers, output_router_logits=True,
+                              router_aux_loss_coef=AUX)
+        reference = copy.deepcopy(model)
+        parsed = Plan.parse(plan).resolve(torch.distributed.get_world_size())
+        dp = parsed.dp
+        call = {"input_ids": ids, "labels": ids}
+        batches = global_microbatches((), call, dp, parsed.microbatches)
+        ref_loss = sum(reference(*a, **k).loss for a, k in batches) / len(batches)
+        ref_loss.backward()
+        pm = parallelize(model, plan, example_kwargs=call)
+        loss = pm.step(**call)
+        grads = pm.full_grad_dict()
+        errors = {"loss": relative_error(loss, ref_loss),
+                  "logits": relative_error(pm(**call).logits, reference(**call).logits),
+                  "gradients": max(relative_error(grads[name], p.grad)
+                                   for name, p in reference.named_parameters()
+                                   if p.grad is not None)}
+        # the same step with every rank's statistic its own: what the pass prevents
+        shares = split_batch(((), call), dp * parsed.microbatches, len(ids))
+        per_rank = sum(reference(*a, **k).loss for a, k in shares) / len(shares)
+        out[plan] = errors, relative_error(per_rank, ref_loss)
+    return out
+
+
+def _assert_whole(results, cases):
+    for by_plan in results:
+        for plan, _ in cases:
+            errors, per_rank_error = by_plan[plan]
+            # Hugging Face computes the router loss in float32 whatever the model's dtype
+            # (routing_weights.float(), histc), so the loss sums float32 partials
+            assert errors["loss"] < 1e-6, (plan, errors)
+            assert max(errors["logits"], errors["gradients"]) < TOLERANCES[torch.float64], \
+                (plan, errors)
+            assert per_rank_error > 1e-6, (plan, per_rank_error)  # the check can fail
+
+
+def test_router_loss_under_dp_equals_one_device_on_two_ranks():
+    _assert_whole(on_ranks(2, _whole_batch_router_loss, TWO_RANKS), TWO_RANKS)
+
+
+def test_router_loss_under_dp_with_tp_and_ep_equals_one_device_on_four_ranks():
+    _assert_whole(on_ranks(4, _whole_batch_router_loss, FOUR_RANKS), FOUR_RANKS)
