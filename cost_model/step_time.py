@@ -23,7 +23,7 @@ hardware FLOPs add what recomputation executes again. MFU and HFU are over the d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from core.plan import Plan, PlanError, coerce_plan
@@ -75,6 +75,17 @@ class Estimate:
     stage_work_s: tuple = ()
     """Per pipeline rank, seconds of work per step (compute and collective transfers, no
     waiting): what ranks sharing a core compete for."""
+    step_terms_s: dict = field(default_factory=dict)
+    """The step split by term, seconds summing to `step_time_s` (STEP_TERMS, every key present):
+    the pipeline ranks' mean busy time per step split into compute, recompute (compute run
+    again; its collectives stay under their strategy) and exposed tp / cp / ep / pp (p2p)
+    seconds (tp includes the vocab-parallel embedding and head), then the bubble, the exposed
+    dp gradient sync, the tied-embedding sync, the loss sum, the optimizer, and shared_cores:
+    where ranks share a node's cores, the step beyond all these (other ranks' work fills the
+    bubble there). Only where layers split unevenly do tp/cp/ep differ from `comm_s`, which
+    are the slowest rank's."""
+    stage_memory_parts: tuple = ()
+    """Per pipeline rank, its MemoryBreakdown (totals in `stage_memory`)."""
 
     @property
     def memory_gib(self) -> float:
@@ -115,7 +126,17 @@ class Estimate:
                 "memory_gib_per_gpu": self.memory_gib, "bubble_fraction": self.bubble_fraction,
                 "comm_fraction": self.comm_fraction, "hfu": self.hfu, "fits": self.fits,
                 "micro_batch_size": self.micro_batch_size,
-                "comm_breakdown_s": dict(self.comm_s)}
+                "comm_breakdown_s": dict(self.comm_s), "step_terms_s": dict(self.step_terms_s),
+                "memory_breakdown_gib": {"rank": self.memory.rank, **_gib(self.memory)},
+                "stages": [{"stage": r, "fwd_s": f, "bwd_s": b, "memory_gib": _gib(mb)}
+                           for r, (f, b, mb) in enumerate(zip(
+                               self.stage_fwd_s, self.stage_bwd_s, self.stage_memory_parts,
+                               strict=True))]}
+
+
+def _gib(mb: mem.MemoryBreakdown) -> dict:
+    """A rank's memory in GiB by part, and its total."""
+    return {k: v / GiB for k, v in mb.as_dict().items() if k != "rank"}
 
 
 class PlanRejected(PlanError):
@@ -177,6 +198,8 @@ class BlockTime:
     """Exposed tensor-parallel seconds, forward, backward and recomputed forward."""
     cp: float
     ep: float
+    recompute: float
+    """Of `bwd`, the compute run again (the collectives run again are in tp, cp and ep)."""
     act: float
     """Activation bytes kept until backward."""
     full_act: float
@@ -201,7 +224,7 @@ def block_time(tr: Traits, bc: BlockCosts, moe: bool) -> BlockTime:
         work=fwd + bwd + t.work_fwd + t.work_bwd + c.work_fwd + c.work_bwd +
         (e.work_fwd + e.work_bwd) + rec_work,
         tp=t.fwd + t.bwd + (t.fwd if full else 0.0), cp=c.fwd + c.bwd + (c.fwd if full else 0.0),
-        ep=e.fwd + e.bwd + (e.fwd if full else 0.0),
+        ep=e.fwd + e.bwd + (e.fwd if full else 0.0), recompute=fwd if full else rec,
         act=bc.activation(p.recompute, *args),
         full_act=bc.act_none(*args) if full else 0.0)
 
@@ -209,6 +232,19 @@ def block_time(tr: Traits, bc: BlockCosts, moe: bool) -> BlockTime:
 class StrategySeconds(NamedTuple):
     """Exposed seconds by strategy (p2p hops for pp)."""
 
+    tp: float
+    cp: float
+    ep: float
+    pp: float
+
+
+class MicrobatchSplit(NamedTuple):
+    """A pipeline rank's seconds per microbatch (fwd + bwd) by term: exposed collectives by
+    strategy (tp with the stage ends' vocab-parallel collectives), the compute run again, and
+    compute: the rest (blocks, embedding, head and loss, gradient accumulation)."""
+
+    compute: float
+    recompute: float
     tp: float
     cp: float
     ep: float
@@ -228,6 +264,8 @@ class RankTime:
     phases: RankPhases
     comm: StrategySeconds
     """Exposed seconds per microbatch by strategy."""
+    split: MicrobatchSplit
+    """`fwd + bwd` by term."""
     memory: mem.MemoryBreakdown
     optimizer_s: float
     dp_exposed_s: float
@@ -278,6 +316,10 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
         work_mb += p2p_work
     comm = StrategySeconds(tp=nd * dense.tp + nm * moe.tp, cp=nd * dense.cp + nm * moe.cp,
                            ep=nd * dense.ep + nm * moe.ep, pp=p2p)
+    ends_tp = (step.embedding.comm if r == 0 else 0.0) + (step.head.comm if r == pp - 1 else 0.0)
+    exposed = MicrobatchSplit(0.0, nd * dense.recompute + nm * moe.recompute, comm.tp + ends_tp,
+                              comm.cp, comm.ep, p2p if pp > 1 else 0.0)
+    split = exposed._replace(compute=F + B - sum(exposed))
 
     # optimizer (fused AdamW reads grad, master, m, v and writes master, m, v, param) plus
     # grad-norm read and zeroing, over this rank's shard
@@ -297,7 +339,7 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
         sum(c.transfer for c in sync) + opt + (tied.transfer if ends else 0.0) + loss.transfer,
         sum(c.latency for c in sync) / buckets + (tied.latency if ends else 0.0) + loss.latency)
     return RankTime(fwd=F, bwd=B, work=work, phases=RankPhases(forward, backward, tail),
-                    comm=comm, memory=_rank_memory(tr, step, r, nd, nm, p_dense, p_exp),
+                    comm=comm, split=split, memory=_rank_memory(tr, step, r, nd, nm, p_dense, p_exp),
                     optimizer_s=opt, dp_exposed_s=dp.exposed(sync_s, buckets, B))
 
 
@@ -413,6 +455,8 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
     comm = {k: m * seconds for k, seconds in slowest.comm._asdict().items()}
     comm["dp"] = dp_exposed
     comm["embedding"] = tied.seconds
+    syncs = {"bubble": bubble, "dp": dp_exposed, "embedding": tied.seconds, "loss": loss.seconds,
+             "optimizer": opt_time}
 
     tokens = global_batch * seq
     model_flops = shape.model_flops_per_token(seq) * tokens
@@ -433,7 +477,29 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
         device_memory_bytes=hw.memory_bytes, model_flops=model_flops,
         hardware_flops=model_flops + extra, peak_flops=hw.peak_flops,
         critical_path_s=critical_path, shared_cores_s=shared,
-        stage_work_s=tuple(rt.work for rt in per_rank))
+        stage_work_s=tuple(rt.work for rt in per_rank),
+        step_terms_s=_step_terms([rt.split for rt in per_rank], m, syncs,
+                                 step_s if critical_path < shared else None),
+        stage_memory_parts=tuple(rt.memory for rt in per_rank))
+
+
+STEP_TERMS = ("compute", "recompute", "tp", "cp", "ep", "pp", "dp", "embedding", "loss",
+              "optimizer", "bubble", "shared_cores")
+"""The keys of `Estimate.step_terms_s`, in the order reports draw them."""
+
+
+def _step_terms(splits: list[MicrobatchSplit], m: int, syncs: dict,
+                shared_step_s: float | None) -> dict:
+    """Estimate.step_terms_s: the mean rank's m microbatches by term (the span less its bubble),
+    the step-wide terms `syncs`, and where the shared cores set the step (`shared_step_s`),
+    what they add beyond them."""
+    pp = len(splits)
+    terms = {k: m * sum(getattr(s, k) for s in splits) / pp for k in MicrobatchSplit._fields}
+    for k, v in syncs.items():
+        terms[k] = terms.get(k, 0.0) + v
+    if shared_step_s is not None:
+        terms["shared_cores"] = shared_step_s - sum(terms.values())
+    return {k: terms.get(k, 0.0) for k in STEP_TERMS}
 
 
 def _by_mix(values: dict, ranks, per_rank, r: int):

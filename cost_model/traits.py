@@ -105,6 +105,9 @@ class Extra(NamedTuple):
     work_fwd: float
     """Of `fwd`, what keeps a core busy (compute and transfers, no latency)."""
     work_bwd: float
+    comm: float = 0.0
+    """Of `fwd + bwd`, the exposed seconds of its tensor-parallel collectives (reports split
+    the step by term with it)."""
 
     @property
     def work(self) -> float:

@@ -61,8 +61,9 @@ def embedding(tr: Traits) -> Extra:
     summed = collective_parts("all_reduce", hw.elem_bytes * tr.tokens * tr.shape.hidden,
                               tr.groups.tp, hw) if tr.vocab_parallel else CollectiveCost(0.0, 0.0)
     work_fwd, work_bwd = fwd + summed.transfer, bwd + (0.0 if p.sp else summed.transfer)
+    comm = summed.seconds + (summed.seconds if not p.sp else 0.0)
     return Extra(fwd + summed.seconds, bwd + (summed.seconds if not p.sp else 0.0),
-                 work_fwd, work_bwd)
+                 work_fwd, work_bwd, comm)
 
 
 def head(tr: Traits) -> Extra:
@@ -82,4 +83,5 @@ def head(tr: Traits) -> Extra:
         else CollectiveCost(0.0, 0.0)
     fwd += gather.seconds
     bwd += n_final * final.seconds + back.seconds
-    return Extra(fwd, bwd, fwd - gather.latency, bwd - n_final * final.latency - back.latency)
+    return Extra(fwd, bwd, fwd - gather.latency, bwd - n_final * final.latency - back.latency,
+                 gather.seconds + n_final * final.seconds + back.seconds)

@@ -7,14 +7,23 @@ pipeline timeline, which replays the chosen schedule with the per-stage times of
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 
 GiB = 1024 ** 3
-_COLORS = {"compute": "#4e79a7", "bubble": "#e15759", "comm": "#f28e2b", "other": "#bab0ac",
-           "fwd": "#4e79a7", "bwd": "#59a14f", "weights": "#4e79a7", "grads": "#76b7b2",
-           "optimizer": "#edc948", "activations": "#59a14f", "temporary": "#b07aa1",
-           "reserved": "#bab0ac", "tp": "#f28e2b", "cp": "#e15759", "ep": "#9c755f",
-           "pp": "#76b7b2", "dp": "#59a14f", "embedding": "#b07aa1"}
+_COLORS = {"compute": "#4e79a7", "recompute": "#a0cbe8", "tp": "#f28e2b", "cp": "#ffbe7d",
+           "ep": "#9c755f", "pp": "#76b7b2", "dp": "#59a14f", "embedding": "#b07aa1",
+           "loss": "#ff9da7", "optimizer": "#edc948", "bubble": "#e15759",
+           "shared_cores": "#bab0ac", "fwd": "#4e79a7", "bwd": "#59a14f", "weights": "#4e79a7",
+           "grads": "#76b7b2", "activations": "#59a14f", "temporary": "#b07aa1",
+           "reserved": "#bab0ac"}
+TERM_NAMES = {"compute": "compute", "recompute": "recompute", "tp": "TP comm (exposed)",
+              "cp": "CP comm (exposed)", "ep": "EP comm (exposed)", "pp": "PP p2p (exposed)",
+              "dp": "DP gradient sync (exposed)", "embedding": "tied-embedding sync",
+              "loss": "loss sum", "optimizer": "optimizer", "bubble": "pipeline bubble",
+              "shared_cores": "shared cores"}
+"""Estimate.step_terms_s keys as reports name them."""
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "temporary", "reserved")
 
 
 def _plan_str(est) -> str:
@@ -51,12 +60,24 @@ def render_text(result, title: str = "model") -> str:
     for i, r in enumerate(rows):
         lines.append("  ".join(r[k].ljust(widths[k]) for k in keys) + ("  <- chosen" if i == 0
                                                                        else ""))
+    lines += ["", *_terms_text(result.chosen)]
     if result.rejected:
         lines += ["", "rejected families:"]
         lines += [f"  {r.family}: {r.reason}" for r in result.rejected[:12]]
         if len(result.rejected) > 12:
             lines.append(f"  ... and {len(result.rejected) - 12} more")
     return "\n".join(lines) + "\n"
+
+
+def _terms_text(est) -> list[str]:
+    """The chosen plan's step time by term, one line each, and its MFU."""
+    terms = {k: v for k, v in est.step_terms_s.items() if v > 0}
+    width = max(len(TERM_NAMES[k]) for k in terms)
+    lines = [f"chosen plan: {est.step_time_s:.3f} s/step, MFU {est.mfu:.1%} "
+             f"({est.tflops_per_gpu:.1f} TFLOP/s/GPU); step time by term:"]
+    lines += [f"  {TERM_NAMES[k].ljust(width)}  {v:8.4f} s  {v / est.step_time_s:6.1%}"
+              for k, v in terms.items()]
+    return lines
 
 
 def render_markdown(result, title: str = "model") -> str:
@@ -74,64 +95,91 @@ def render_markdown(result, title: str = "model") -> str:
                                             for k in keys) + " |")
     out += ["", "## Chosen plan: per pipeline stage", "",
             "| stage | fwd (ms/mb) | bwd (ms/mb) | memory (GiB) |", "|---|---|---|---|"]
-    for r, (f, b_, m) in enumerate(zip(best.stage_fwd_s, best.stage_bwd_s, best.stage_memory,
-                                       strict=True)):
-        out.append(f"| {r} | {f * 1e3:.2f} | {b_ * 1e3:.2f} | {m / GiB:.1f} |")
+    for r, (f, b_, m) in enumerate(zip(best.stage_fwd_s, best.stage_bwd_s,
+                                       best.stage_memory_parts, strict=True)):
+        out.append(f"| {r} | {f * 1e3:.2f} | {b_ * 1e3:.2f} | {m.total / GiB:.1f} ("
+                   + ", ".join(f"{k} {getattr(m, k) / GiB:.1f}" for k in MEMORY_PARTS) + ") |")
     mem = best.memory.as_dict()
     out += ["", f"Memory of the fullest rank ({mem['rank']}): " + ", ".join(
         f"{k} {mem[k] / GiB:.2f} GiB" for k in ("weights", "grads", "optimizer", "activations",
                                                  "temporary", "reserved")), "",
-            "## Step time breakdown", "", "| part | seconds | share |", "|---|---|---|"]
-    for name, val in _breakdown(best).items():
-        out.append(f"| {name} | {val:.4f} | {val / best.step_time_s:.1%} |")
-    out += ["", "## Exposed communication", "", "| kind | seconds |", "|---|---|"]
-    out += [f"| {k} | {v:.4f} |" for k, v in best.comm_s.items() if v > 0] or ["| none | 0 |"]
+            "## Step time by term", "", "| term | seconds | share |", "|---|---|---|"]
+    for name, val in best.step_terms_s.items():
+        if val > 0:
+            out.append(f"| {TERM_NAMES[name]} | {val:.4f} | {val / best.step_time_s:.1%} |")
+    out.append(f"| **step** | **{best.step_time_s:.4f}** | MFU {best.mfu:.1%} |")
     if result.rejected:
         out += ["", "## Rejected families", "", "| family | why |", "|---|---|"]
         out += [f"| `{r.family}` | {r.reason} |" for r in result.rejected]
     return "\n".join(out) + "\n"
 
 
-def _breakdown(est) -> dict:
-    comm = sum(est.comm_s.values())
-    compute = max(0.0, est.step_time_s - est.bubble_s - comm - est.optimizer_s)
-    return {"compute": compute, "bubble": est.bubble_s, "comm": comm,
-            "other": est.optimizer_s}
-
-
 # --- SVG ------------------------------------------------------------------------------------
-def _svg(width: int, height: int, body: list[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-            f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">'
-            + "".join(body) + "</svg>")
+def _svg(width: int, height: int, body: list[str], chart_id: str = "") -> str:
+    ident = f' id="{chart_id}"' if chart_id else ""
+    return (f'<svg xmlns="http://www.w3.org/2000/svg"{ident} class="chart" width="{width}" '
+            f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+            f'font-size="11">' + "".join(body) + "</svg>")
 
 
 def _text(x, y, s, anchor="start", **kw) -> str:
-    extra = "".join(f' {k.replace("_", "-")}="{v}"' for k, v in kw.items())
+    extra = "".join(f' {k.strip("_").replace("_", "-")}="{v}"' for k, v in kw.items())
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{extra}>{html.escape(s)}</text>'
 
 
-def _rect(x, y, w, h, color, title="") -> str:
+def _rect(x, y, w, h, color, title="", part="") -> str:
     tip = f"<title>{html.escape(title)}</title>" if title else ""
-    return (f'<rect x="{x:.1f}" y="{y:.1f}" width="{max(w, 0):.1f}" height="{h:.1f}" '
-            f'fill="{color}">{tip}</rect>')
+    data = f' data-part="{part}"' if part else ""
+    return (f'<rect x="{x:.3f}" y="{y:.1f}" width="{max(w, 0):.3f}" height="{h:.1f}" '
+            f'fill="{color}"{data}>{tip}</rect>')
+
+
+_CHAR_W = 0.62 * 11
+"""Width of one character of the charts' monospace labels (11 px; monospace fonts advance
+0.6 em), rounded up so that an estimated box holds the drawn text."""
+
+
+def _label_width(label: str) -> float:
+    return len(label) * _CHAR_W
+
+
+def _figure(value: float) -> str:
+    """Four significant figures, trailing zeros kept (7.790, 65.15, 224.8, 1235)."""
+    digits = 3 - math.floor(math.log10(abs(value))) if value else 3
+    return f"{value:.{max(0, digits)}f}"
 
 
 def stacked_bars(rows: list[tuple[str, dict]], unit: str, limit: float | None = None,
-                 width: int = 760) -> str:
-    """Horizontal stacked bars: [(label, {part: value})]; an optional limit line."""
-    label_w, bar_h, gap = 250, 16, 6
+                 width: int = 760, names: dict | None = None, chart_id: str = "") -> str:
+    """Horizontal stacked bars: [(label, {part: value})], an optional limit line. Labels that
+    fit a left column go there, longer ones (plans) on a line of their own above their bar; the
+    chart widens rather than cut a label. Each row is a `<g data-label>`, each segment a
+    `<rect data-part>` whose width is its value on the chart's scale."""
+    names = names or {}
+    longest = max(_label_width(label) for label, _ in rows)
+    above = longest > 140
+    label_w = 4 if above else longest + 10
+    width = int(max(width, longest + 12 if above else label_w + 240))
+    bar_h, gap, head = 16, 6, (14 if above else 0)
     total_max = max([sum(p.values()) for _, p in rows] + [limit or 0]) or 1.0
-    scale = (width - label_w - 80) / total_max
+    scale = (width - label_w - 90) / total_max
     body, y = [], 8
     for label, parts in rows:
-        body.append(_text(label_w - 6, y + bar_h - 4, label[:42], "end"))
-        x = label_w
+        body.append(f'<g class="row" data-label="{html.escape(label)}">')
+        if above:
+            body.append(_text(label_w, y + 10, label, font_family="monospace", class_="label"))
+        else:
+            body.append(_text(label_w - 6, y + bar_h - 4, label, "end", font_family="monospace",
+                              class_="label"))
+        x, y = label_w, y + head
         for name, val in parts.items():
-            body.append(_rect(x, y, val * scale, bar_h, _COLORS.get(name, "#888"),
-                              f"{name}: {val:.4g} {unit}"))
-            x += val * scale
-        body.append(_text(x + 4, y + bar_h - 4, f"{sum(parts.values()):.3g} {unit}"))
+            if val > 0:
+                body.append(_rect(x, y, val * scale, bar_h, _COLORS.get(name, "#888"),
+                                  f"{names.get(name, name)}: {val:.4g} {unit}", part=name))
+                x += val * scale
+        body.append(_text(x + 4, y + bar_h - 4, f"{_figure(sum(parts.values()))} {unit}",
+                          class_="total"))
+        body.append("</g>")
         y += bar_h + gap
     if limit:
         lx = label_w + limit * scale
@@ -139,13 +187,18 @@ def stacked_bars(rows: list[tuple[str, dict]], unit: str, limit: float | None = 
                     f'stroke-dasharray="4 3"/>')
         body.append(_text(lx, y + 10, f"device {limit:.0f} {unit}", "middle", fill="#d00"))
         y += 14
-    names = list(dict.fromkeys(n for _, p in rows for n in p))
-    x = label_w
-    for name in names:
-        body.append(_rect(x, y + 4, 10, 10, _COLORS.get(name, "#888")))
-        body.append(_text(x + 14, y + 13, name))
-        x += 18 + 7 * len(name)
-    return _svg(width, y + 22, body)
+    shown = list(dict.fromkeys(n for _, p in rows for n, v in p.items() if v > 0))
+    x, y = label_w, y + 4
+    for name in shown:
+        text = names.get(name, name)
+        step = 22 + 6.2 * len(text)
+        if x + step > width and x > label_w:
+            x, y = label_w, y + 16
+        body.append(f'<g class="legend" data-part="{name}">'
+                    + _rect(x, y, 10, 10, _COLORS.get(name, "#888")) + _text(x + 14, y + 9, text)
+                    + "</g>")
+        x += step
+    return _svg(width, y + 18, body, chart_id)
 
 
 def pipeline_timeline(fwd: tuple, bwd: tuple, microbatches: int, schedule: str,
@@ -171,10 +224,11 @@ def pipeline_timeline(fwd: tuple, bwd: tuple, microbatches: int, schedule: str,
                                                  f"{t0 * 1e3:.1f}-{t1 * 1e3:.1f} ms"))
     y = 6 + len(show) * (row_h + 3)
     note = f"{m} of {microbatches} microbatches, {schedule}" + (
-        "" if p <= max_ranks else f", {len(show)} of {p} stages")
+        " drawn as 1F1B, a rank's virtual stages together" if schedule.startswith("interleaved")
+        else "") + ("" if p <= max_ranks else f", {len(show)} of {p} stages")
     body.append(_text(label_w, y + 12, f"0 … {end * 1e3:.1f} ms   ({note}; blue forward, "
                                         f"green backward)"))
-    return _svg(width, y + 20, body)
+    return _svg(width, y + 20, body, "timeline")
 
 
 def simulate_pipeline(fwd, bwd, m: int, schedule: str) -> list[tuple]:
@@ -222,57 +276,90 @@ def simulate_pipeline(fwd, bwd, m: int, schedule: str) -> list[tuple]:
     return events
 
 
+_STYLE = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;color:#222}"
+          "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;"
+          "padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:left}"
+          "tr.chosen{background:#eef6ee}code{font-size:12px}.field{white-space:nowrap}"
+          "h2{margin-top:1.6em}td.why,th.why,td.plan{text-align:left}")
+
+
 def render_html(result, title: str = "model") -> str:
+    """One self-contained page (inline SVG, no script): each part a `<section id>`."""
     best = result.chosen
     e = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Plan for {e(title)}"
-             "</title><style>body{font-family:sans-serif;max-width:1000px;margin:2em auto;"
-             "color:#222}table{border-collapse:collapse;font-size:13px}td,th{border:1px solid "
-             "#ccc;padding:3px 7px;text-align:right}td:first-child,th:first-child{text-align:"
-             "left}tr.chosen{background:#eef6ee}code{font-size:12px}h2{margin-top:1.6em}"
-             "</style></head><body>", f"<h1>Plan for {e(title)}</h1>"]
+             f"</title><style>{_STYLE}</style></head><body>", f"<h1>Plan for {e(title)}</h1>",
+             "<section id='summary'>"]
     parts += [f"<p>{e(line)}</p>" for line in _header(result, title)]
-    parts.append(f"<p><b>Chosen:</b> <code>{e(_plan_str(best))}</code> — "
-                 f"{best.step_time_s:.3f} s/step, {best.tflops_per_gpu:.1f} TFLOP/s/GPU, MFU "
-                 f"{best.mfu:.1%}, HFU {best.hfu:.1%}, {best.memory_gib:.1f} GiB/GPU</p>")
-    parts.append("<h2>Candidates side by side</h2><table><tr><th>#</th>")
+    parts.append(f"<p id='chosen'><b>Chosen:</b> <code>{e(_plan_str(best))}</code> — "
+                 f"<span class='step'>{best.step_time_s:.3f} s/step</span>, "
+                 f"{best.tflops_per_gpu:.1f} TFLOP/s/GPU, <span class='mfu'>MFU "
+                 f"{best.mfu:.1%}</span>, HFU {best.hfu:.1%}, {best.memory_gib:.1f} GiB/GPU</p>")
+    parts.append("</section>")
+    parts += _terms_html(best)
+    parts.append("<section id='candidates'><h2>Candidates side by side</h2>"
+                 "<table><tr><th>#</th>")
     rows = [_row(x) for x in result.plans]
     parts.append("".join(f"<th>{e(k)}</th>" for k in rows[0]) + "</tr>")
     for i, r in enumerate(rows):
         parts.append(f"<tr class='{'chosen' if i == 0 else ''}'><td>{i}</td>" + "".join(
-            f"<td><code>{e(v)}</code></td>" if k == "plan" else f"<td>{e(v)}</td>"
-            for k, v in r.items()) + "</tr>")
+            f"<td class='plan'><code>{_wrappable(v)}</code></td>" if k == "plan"
+            else f"<td>{e(v)}</td>" for k, v in r.items()) + "</tr>")
     parts.append("</table>")
-    parts.append("<h3>Step time of each candidate</h3>")
-    parts.append(stacked_bars([(f"#{i} {_plan_str(x)}", _breakdown(x))
-                               for i, x in enumerate(result.plans)], "s"))
-    parts.append("<h3>Memory per GPU of each candidate</h3>")
+    parts.append("<h3>Step time of each candidate by term</h3>")
+    parts.append(stacked_bars([(f"#{i} {_plan_str(x)}", x.step_terms_s)
+                               for i, x in enumerate(result.plans)], "s", names=TERM_NAMES,
+                              chart_id="candidates-time"))
+    parts.append("<h3>Memory per GPU of each candidate (fullest rank)</h3>")
     parts.append(stacked_bars([(f"#{i} {_plan_str(x)}", _mem_parts(x.memory))
                                for i, x in enumerate(result.plans)], "GiB",
-                              limit=best.device_memory_bytes / GiB))
-    parts.append("<h2>Chosen plan per pipeline stage</h2><h3>Time per microbatch (ms)</h3>")
+                              limit=best.device_memory_bytes / GiB,
+                              chart_id="candidates-memory"))
+    parts.append("</section><section id='stages'><h2>Chosen plan per pipeline stage</h2>"
+                 "<h3>Time per microbatch (ms)</h3>")
     stage_rows = [(f"stage {r}", {"fwd": f * 1e3, "bwd": b_ * 1e3})
                   for r, (f, b_) in enumerate(zip(best.stage_fwd_s, best.stage_bwd_s,
                                                   strict=True))]
-    parts.append(stacked_bars(_thin(stage_rows), "ms"))
+    parts.append(stacked_bars(_thin(stage_rows), "ms", chart_id="stage-time"))
     parts.append("<h3>Memory (GiB)</h3>")
-    parts.append(stacked_bars(_thin([(f"stage {r}", {"activations": m / GiB})
-                                     for r, m in enumerate(best.stage_memory)]), "GiB",
-                              limit=best.device_memory_bytes / GiB))
+    parts.append(stacked_bars(_thin([(f"stage {r}", _mem_parts(m))
+                                     for r, m in enumerate(best.stage_memory_parts)]), "GiB",
+                              limit=best.device_memory_bytes / GiB, chart_id="stage-memory"))
     parts.append("<h3>Pipeline timeline</h3>")
     parts.append(pipeline_timeline(best.stage_fwd_s, best.stage_bwd_s, best.plan.microbatches,
                                    best.plan.schedule))
-    parts.append("<h2>Exposed communication per step</h2>")
-    comm = {k: v for k, v in best.comm_s.items() if v > 0}
-    parts.append(stacked_bars([("chosen plan", comm)], "s") if comm else
-                 "<p>no communication on the critical path</p>")
+    parts.append("</section>")
     if result.rejected:
-        parts.append("<h2>Rejected families</h2><table><tr><th>family</th><th>why</th></tr>")
-        parts += [f"<tr><td><code>{e(str(r.family))}</code></td><td style='text-align:left'>"
+        parts.append("<section id='rejected'><h2>Rejected families</h2><table><tr><th>family"
+                     "</th><th class='why'>why</th></tr>")
+        parts += [f"<tr><td><code>{e(str(r.family))}</code></td><td class='why'>"
                   f"{e(r.reason)}</td></tr>" for r in result.rejected]
-        parts.append("</table>")
+        parts.append("</table></section>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def _wrappable(plan: str) -> str:
+    """A plan that wraps only between its fields (a browser would also break inside
+    `interleaved-1f1b`)."""
+    fields = plan.split(",")
+    return "<wbr>".join(f"<span class='field'>{html.escape(f)}{',' if i < len(fields) - 1 else ''}"
+                        f"</span>" for i, f in enumerate(fields))
+
+
+def _terms_html(est) -> list[str]:
+    """The chosen plan's step time by term: one stacked bar and its table, and the MFU."""
+    terms = {k: v for k, v in est.step_terms_s.items() if v > 0}
+    out = ["<section id='step-terms'><h2>Chosen plan: step time by term</h2>",
+           f"<p>{est.step_time_s:.4f} s per step, MFU {est.mfu:.1%} (model FLOPs over the "
+           f"dense 16-bit peak), HFU {est.hfu:.1%}.</p>",
+           stacked_bars([("chosen", terms)], "s", names=TERM_NAMES, chart_id="step-terms-bar"),
+           "<table id='step-terms-table'><tr><th>term</th><th>seconds</th><th>share</th></tr>"]
+    out += [f"<tr data-term='{k}'><td>{html.escape(TERM_NAMES[k])}</td><td>{v:.4f}</td>"
+            f"<td>{v / est.step_time_s:.1%}</td></tr>" for k, v in terms.items()]
+    out.append(f"<tr data-term='step'><th>step</th><th>{est.step_time_s:.4f}</th>"
+               f"<th>MFU {est.mfu:.1%}</th></tr></table></section>")
+    return out
 
 
 def _thin(rows: list, limit: int = 32) -> list:
@@ -283,9 +370,7 @@ def _thin(rows: list, limit: int = 32) -> list:
 
 
 def _mem_parts(mem) -> dict:
-    d = mem.as_dict()
-    return {k: d[k] / GiB for k in ("weights", "grads", "optimizer", "activations", "temporary",
-                                    "reserved")}
+    return {k: getattr(mem, k) / GiB for k in MEMORY_PARTS}
 
 
 def write_report(result, path: str, title: str = "model") -> None:

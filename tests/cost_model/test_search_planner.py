@@ -78,6 +78,36 @@ def test_plan_cli_json_schema(capsys):
     assert out["plans"][0]["step_time_s"] <= out["plans"][1]["step_time_s"]
 
 
+def test_plan_cli_prints_the_step_split_and_mfu(capsys):
+    """`plan --json` carries the chosen plan's step by term, its stages' memory by part, and the
+    text output prints the same split (each term's seconds and share) and the MFU."""
+    pytest.importorskip("partitioner.models")
+    from cost_model.step_time import STEP_TERMS
+    from partitioner.report.planning import TERM_NAMES
+
+    argv = ["gpt:layers=8,hidden=1024,heads=16", "--cluster", "16xH100", "--fix", "pp=2",
+            "--top", "2"]
+    assert _cli(argv + ["--json"]) == 0
+    best = json.loads(capsys.readouterr().out)["plans"][0]
+    terms = best["step_terms_s"]
+    assert tuple(terms) == STEP_TERMS
+    assert sum(terms.values()) == pytest.approx(best["step_time_s"], rel=1e-12)
+    assert len(best["stages"]) == 2 and best["stages"][1]["stage"] == 1
+    for stage in best["stages"]:
+        parts = stage["memory_gib"]
+        assert sum(v for k, v in parts.items() if k != "total") == pytest.approx(parts["total"])
+    assert best["memory_breakdown_gib"]["total"] == pytest.approx(best["memory_gib_per_gpu"])
+    assert _cli(argv) == 0
+    text = capsys.readouterr().out
+    assert (f"chosen plan: {best['step_time_s']:.3f} s/step, MFU {best['mfu']:.1%}" in text)
+    printed = {}
+    for line in text.split("step time by term:\n")[1].split("\n\n")[0].splitlines():
+        name, seconds, unit, share = line.strip().rsplit(None, 3)
+        printed[name] = (seconds, unit, share)
+    assert printed == {TERM_NAMES[k]: (f"{v:.4f}", "s", f"{v / best['step_time_s']:.1%}")
+                       for k, v in terms.items() if v > 0}
+
+
 def test_plan_cli_reports_and_hf_config(tmp_path, capsys):
     pytest.importorskip("partitioner.models")
     cfg = tmp_path / "config.json"
