@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from core import meta
-from core.plan import Plan, PlanError
+from core.plan import Plan
 from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch, tile_batch
 from partitioner.capture import Captured, capture, input_key
@@ -70,7 +70,6 @@ class Programs:
         if program is not None and not (forward_only and _makes_statistics_whole(program)):
             return program
         model = self._model_ref[0]
-        refuse_batch_statistics(model, self.plan, kwargs)
         capture_device = "meta" if self.model_is_meta else None
 
         def capture_at(call: tuple) -> Captured:
@@ -118,25 +117,6 @@ def _describe_key(key: tuple) -> str:
 def _makes_statistics_whole(program: RankProgram) -> bool:
     record = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)
     return record is not None and bool(record.statistics)
-
-
-def refuse_batch_statistics(model: nn.Module, plan: Plan, kwargs: dict) -> None:
-    """A Hugging Face MoE model given `labels` and `output_router_logits` adds a load-balancing
-    loss computed over every token of the batch (fractions of tokens and of router probability
-    per expert, multiplied). Over dp, passes/batch_statistics makes it whole; split over cp
-    ranks, each rank would compute it over its own tokens: a different loss, and router
-    gradients tens of percent off, silently. So cp refuses it before anything runs."""
-    config = getattr(model, "config", None)
-    wants = kwargs.get("output_router_logits", getattr(config, "output_router_logits", False))
-    weight = getattr(config, "router_aux_loss_coef", 0)
-    if wants and weight and kwargs.get("labels") is not None and plan.cp > 1:
-        raise PlanError(
-            f"the model adds its router load-balancing loss (output_router_logits=True, "
-            f"router_aux_loss_coef={weight}) computed over all of the batch's tokens; with "
-            f"cp={plan.cp} each rank holds a share of every sequence and would compute a "
-            f"different loss (the router's gradients wrong). Reducing that statistic over cp "
-            f"has not landed (over dp it has): set output_router_logits=False (or "
-            f"router_aux_loss_coef=0), or split the batch with dp instead of cp")
 
 
 class Executor:
