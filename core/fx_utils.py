@@ -46,3 +46,11 @@ def clean_module_path(path: str) -> str:
     """export spells submodules of a ModuleList as "blocks.0" but sometimes as
     "L['self'].blocks[0]"; this is the first spelling."""
     return path.replace("L['self'].", "").replace("[", ".").replace("]", "").strip(".")
+
+
+def eliminate_dead_code(graph: fx.Graph) -> None:
+    """fx's dead-code elimination, keeping calls of higher-order ops: their sub-graphs may
+    mutate state with no output to show for it (a `torch.no_grad()` block that updates a
+    buffer, as DeepSeek's selection bias from token counts), which fx would count as dead."""
+    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or isinstance(
+        node.target, torch._ops.HigherOrderOperator))

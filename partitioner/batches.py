@@ -35,9 +35,16 @@ def tile_batch(tree, times: int):
     """`tree` with every tensor whose dim 0 is the batch repeated `times` along dim 0: the
     shape of `times` ranks' shares put together (other leaves unchanged)."""
     batch = batch_size(*tree)
-    return pytree.tree_map(
-        lambda leaf: torch.cat([leaf] * times) if isinstance(leaf, torch.Tensor)
-        and leaf.dim() > 0 and leaf.shape[0] == batch else leaf, tree)
+    tiled: dict[int, torch.Tensor] = {}  # one tensor passed twice stays one (export aliases it)
+
+    def tile(leaf):
+        if not (isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == batch):
+            return leaf
+        if id(leaf) not in tiled:
+            tiled[id(leaf)] = torch.cat([leaf] * times)
+        return tiled[id(leaf)]
+
+    return pytree.tree_map(tile, tree)
 
 
 def first_microbatch(plan: Plan, args: tuple, kwargs: dict) -> tuple[tuple, dict]:

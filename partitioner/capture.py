@@ -20,6 +20,8 @@ import torch
 from torch import fx, nn
 from torch.utils import _pytree as pytree
 
+from core.fx_utils import eliminate_dead_code
+
 log = logging.getLogger(__name__)
 
 
@@ -143,7 +145,7 @@ def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
             seen[name] = node
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
-    graph.eliminate_dead_code()
+    eliminate_dead_code(graph)
     graph.lint()
     gm.recompile()
 

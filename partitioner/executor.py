@@ -86,15 +86,15 @@ class Programs:
         records = [program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
                                                                     meta.CP_RECORD)]
         statistics = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)
+        if self.first is None:
+            self.first = program
+        elif self.on_compile is not None:
+            self.on_compile(program)  # before it is kept: binding refuses moved layouts
         if any(r is not None and r.stepped_aside for r in records) or (
                 statistics is not None and statistics.whole_batch_only):  # forward calls only
             self.forward_only[key] = program
         else:
             self.training[key] = program
-        if self.first is None:
-            self.first = program
-        elif self.on_compile is not None:
-            self.on_compile(program)
         return program
 
     def explain_lines(self) -> list[str]:

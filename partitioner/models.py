@@ -62,6 +62,14 @@ class GPTConfig:
     shared_experts: int = 0
     """Always-on MLPs beside the routed experts (DeepSeek's shared experts), one MLP of
     shared_experts * expert inner size; they stay dense."""
+    aux_loss_coef: float = 0.0
+    """Weight of the load-balancing loss each MoE layer computes over the batch's tokens
+    (Switch Transformer's n_experts * sum_i f_i * P_i: the fraction of top-k choices and the
+    mean router probability per expert), added when `forward` is given labels."""
+    bias_update_rate: float = 0.0
+    """DeepSeek-V3's auxiliary-loss-free balancing (router="sigmoid"): in training, each forward
+    moves `expert_bias` by this rate towards balance, from the batch's token counts per expert
+    (a buffer changed outside the gradient)."""
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -77,6 +85,9 @@ class GPTConfig:
             problems.append("fused_gate_up needs swiglu=True")
         if self.n_experts and not 1 <= self.topk <= self.n_experts:
             problems.append(f"topk={self.topk} must be in [1, n_experts={self.n_experts}]")
+        if self.bias_update_rate and self.router != "sigmoid":
+            problems.append(f"bias_update_rate={self.bias_update_rate} updates the selection "
+                            f"bias of router='sigmoid' (got router={self.router!r})")
         if problems:
             raise ValueError("invalid GPTConfig: " + "; ".join(problems))
 
@@ -313,7 +324,9 @@ class MoE(nn.Module):
         self.shared = (MLP(config, config.shared_experts * f) if config.shared_experts
                        else None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor):
+        """The routed (and shared) experts' output; with `aux_loss_coef`, also the layer's
+        load-balancing loss: (output, aux)."""
         c = self.config
         logits = self.router(x)  # (B, S, E)
         if c.router == "sigmoid":
@@ -323,6 +336,10 @@ class MoE(nn.Module):
         else:
             scores = logits.softmax(dim=-1)
             top_p, top_i = scores.topk(c.topk, dim=-1)
+        if c.bias_update_rate and self.training:
+            with torch.no_grad():  # more tokens than the mean: a lower bias, and the reverse
+                load = F.one_hot(top_i, c.n_experts).to(scores.dtype).sum(dim=(0, 1, 2))
+                self.expert_bias.add_(c.bias_update_rate * torch.sign(load.mean() - load))
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
         weights = torch.zeros_like(scores).scatter(-1, top_i, top_p)  # (B, S, E)
         hidden = torch.einsum("bsh,ehf->bsef", x, self.w_in)  # (B, S, E, n_in*f)
@@ -333,7 +350,13 @@ class MoE(nn.Module):
             hidden = F.gelu(hidden)
         out = torch.einsum("bsef,efh->bseh", hidden, self.w_out)  # (B, S, E, h)
         routed = torch.einsum("bseh,bse->bsh", out, weights)
-        return routed if self.shared is None else routed + self.shared(x)
+        routed = routed if self.shared is None else routed + self.shared(x)
+        if not c.aux_loss_coef:
+            return routed
+        # of the top-k choices, per expert: (B, S, k, E) averaged over everything but E
+        fraction = F.one_hot(top_i, c.n_experts).to(scores.dtype).mean(dim=(0, 1, 2))
+        probability = scores.mean(dim=(0, 1))  # mean router score per expert
+        return routed, c.n_experts * (fraction * probability).sum()
 
 
 class Block(nn.Module):
@@ -344,13 +367,20 @@ class Block(nn.Module):
         self.ln_2 = _norm(config)
         self.mlp = MoE(config) if config.is_moe_layer(index) else MLP(config, config.ffn)
 
-    def forward(self, x: torch.Tensor, cos=None, sin=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos=None, sin=None):
+        """The block's output; an MoE block with `aux_loss_coef` also returns its
+        load-balancing loss: (output, aux)."""
         x = x + self.attn(self.ln_1(x), cos, sin)
-        return x + self.mlp(self.ln_2(x))
+        mlp = self.mlp(self.ln_2(x))
+        if isinstance(mlp, tuple):
+            return x + mlp[0], mlp[1]
+        return x + mlp
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer: `forward(input_ids (B, S)) -> logits (B, S, vocab)`."""
+    """Decoder-only transformer: `forward(input_ids (B, S)) -> logits (B, S, vocab)`; given
+    `labels` (B, S), the scalar loss: mean cross-entropy of the logits against the labels, plus
+    `aux_loss_coef` times the MoE layers' load-balancing losses."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -366,7 +396,8 @@ class GPT(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.apply(init_weights)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
         B, S = input_ids.shape
         x = self.wte(input_ids)  # (B, S, h)
         cos = sin = None
@@ -376,9 +407,17 @@ class GPT(nn.Module):
             # Computed, not a buffer: a model built on the meta device needs no re-init.
             cos, sin = rope_tables(S, self.config.head_dim, device=input_ids.device,
                                    dtype=x.dtype)  # (S, hd/2) each
+        aux = []
         for block in self.blocks:
             x = block(x, cos, sin)
-        return self.lm_head(self.ln_f(x))
+            if isinstance(x, tuple):
+                x, layer_aux = x
+                aux.append(layer_aux)
+        logits = self.lm_head(self.ln_f(x))
+        if labels is None:
+            return logits
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        return loss + self.config.aux_loss_coef * sum(aux) if aux else loss
 
 
 def init_weights(module: nn.Module) -> None:

@@ -18,6 +18,7 @@ from torch import fx, nn
 from core import meta
 from core.layout import RankLayout
 from core.placement import ParamLayout, unshard
+from core.plan import PlanError
 from passes import PassContext
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
@@ -91,6 +92,19 @@ class LocalState:
         """Point every stage graph of `program` at this rank's tensors, its collectives at this
         rank's process groups (the first program is compiled before the groups exist, so that
         bad input fails before any collective; it is lowered here)."""
+        moved = [f"{name}: {self.program.layouts[name]} -> {layout}"
+                 for name, layout in program.layouts.items()
+                 if name in self.program.layouts
+                 and layout.placements != self.program.layouts[name].placements]
+        if moved:
+            raise PlanError(
+                f"a call with these input shapes compiles to other splits of "
+                f"{len(moved)} parameters than the first program ({'; '.join(moved[:3])}"
+                f"{'; ...' if len(moved) > 3 else ''}): this rank holds the first program's "
+                f"pieces, so the new program would compute with the wrong ones. Call the "
+                f"model with inputs of the kind the first call had (both with or both without "
+                f"labels, for a model that computes its loss when given them), or parallelize "
+                f"a second model for the other use")
         lowering = PassContext(plan=program.plan, coords=program.coords,
                                group_names=self.mesh.group_names())
         for stage in program.stages:

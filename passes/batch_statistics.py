@@ -26,6 +26,7 @@ so their programs need no statistic made whole.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import operator
 from dataclasses import dataclass
@@ -133,7 +134,9 @@ class BatchStatisticsRecord:
 
 def batch_statistics(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     dp = ctx.plan.dp
-    candidates = [node for node in gm.graph.nodes if _may_reduce_the_batch(node)]
+    graphs = _graphs(gm)
+    candidates = [node for module in graphs.values() for node in module.graph.nodes
+                  if _may_reduce_the_batch(node)]
     if not candidates or ctx.forward_only:
         gm.meta[meta.STATISTICS_RECORD] = BatchStatisticsRecord(
             dp=dp, whole_batch_only=bool(candidates))
@@ -142,30 +145,16 @@ def batch_statistics(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise PassError(f"dp={dp}: {', '.join(n.name for n in candidates)} may reduce over the "
                         f"batch's tokens, which only a capture of the model at dp times the "
                         f"batch can tell; compile with the model at hand (parallelize)")
-    whole = {node.name: node for node in ctx.capture_batch(dp).graph.nodes}
-    token_dims = {node: _grown_dims(node, whole.get(node.name)) for node in gm.graph.nodes}
-
-    statistics, refused, per_rank = [], [], []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target in LOSSES or node.target in ops.GROUPED:
-            continue
-        inputs = [a for a in node.all_input_nodes if token_dims.get(a)]
-        if not inputs or token_dims.get(node) or tensor_of(node) is None:
-            continue  # reads no token dim, or its output still has one
-        if node.name not in whole:
-            raise PassError(f"dp={dp}: {node.name} ({node.target}) turns values over the "
-                            f"batch's tokens into one without, but the graph captured at dp "
-                            f"times the batch has no such node (the model's graph depends on "
-                            f"the batch size), so whether it must be reduced over dp cannot "
-                            f"be told; use dp=1 or make the graph independent of the batch")
-        reduction = _reduction(node, token_dims)
-        if reduction is None:
-            if node.target in NOT_WHOLE:
-                refused.append(node)
-            elif node.op == "call_function" and node.target is not operator.getitem:
-                per_rank.append(f"{node.target} at {node.name}")
-            continue
-        statistics.append(_make_whole(gm, node, reduction))
+    wholes = _graphs(ctx.capture_batch(dp))
+    statistics, constants, refused, per_rank = [], [], [], []
+    for path, module in graphs.items():
+        whole = (_twins(module.graph, wholes[path].graph) if path in wholes else {})
+        made, token_dims = _make_graph_whole(module, whole, dp, refused, per_rank)
+        statistics += made
+        if made:
+            constants += _whole_batch_constants(module, made, token_dims, whole)
+            module.graph.lint()
+            module.recompile()
     if refused:
         raise PassError(
             f"dp={dp}: the model reduces over the batch's tokens with "
@@ -173,15 +162,83 @@ def batch_statistics(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             f"share of the batch, and no all-reduce of a share's result gives the whole "
             f"batch's (only sums and means can be made whole). Use dp=1 (tp, pp, ep split "
             f"no batch), or compute the statistic from sums or means")
-    constants = _whole_batch_constants(gm, statistics, token_dims, whole)
     if per_rank:
         log.warning("dp=%d: results that depend on each rank's share of the batch, left per "
                     "rank: %s", dp, ", ".join(per_rank))
-    gm.graph.lint()
-    gm.recompile()
     gm.meta[meta.STATISTICS_RECORD] = BatchStatisticsRecord(
         tuple(statistics), tuple(constants), tuple(per_rank), dp)
     return gm
+
+
+def _graphs(gm: fx.GraphModule) -> dict[str, fx.GraphModule]:
+    """The graph and the graphs of its higher-order ops (a `torch.no_grad()` block exports as
+    one: DeepSeek's bias update from token counts sits in such a graph), by module path."""
+    return {path: module for path, module in gm.named_modules()
+            if isinstance(module, fx.GraphModule)}
+
+
+def _twins(ours: fx.Graph, whole: fx.Graph) -> dict[fx.Node, fx.Node]:
+    """Each node of `ours` -> the node computing the same value in `whole` (the capture at dp
+    times the batch). Export specializes sizes of 1, so at a batch of 1 a graph may lack a
+    no-op `expand` or `contiguous` the larger one has (and node names shift after it): the
+    two are aligned by their ops in order, and a pair is kept only when its inputs are pairs
+    too (reading through the whole graph's unpaired single-input nodes)."""
+    mine, theirs = list(ours.nodes), list(whole.nodes)
+    matcher = difflib.SequenceMatcher(a=[_op_key(n) for n in mine],
+                                      b=[_op_key(n) for n in theirs], autojunk=False)
+    twins = {mine[block.a + i]: theirs[block.b + i]
+             for block in matcher.get_matching_blocks() for i in range(block.size)}
+    paired = set(twins.values())
+
+    def through(value: fx.Node) -> fx.Node:
+        while value not in paired and len(value.all_input_nodes) == 1:
+            value = value.all_input_nodes[0]
+        return value
+
+    for node in mine:  # in order: an input unpaired before unpairs its users
+        twin = twins.get(node)
+        if twin is None:
+            continue
+        inputs, twin_inputs = node.all_input_nodes, [through(a) for a in twin.all_input_nodes]
+        if len(inputs) != len(twin_inputs) or any(
+                twins.get(a) is not b for a, b in zip(inputs, twin_inputs)):
+            del twins[node]
+            paired.discard(twin)
+    return twins
+
+
+def _op_key(node: fx.Node) -> tuple:
+    return (node.op, str(node.target) if node.op != "placeholder" else node.name)
+
+
+def _make_graph_whole(gm: fx.GraphModule, whole: dict[fx.Node, fx.Node], dp: int,
+                      refused: list, per_rank: list) -> tuple[list[Statistic], dict]:
+    """In one graph: each reduction over the batch's tokens made whole over dp (the nodes a
+    sum cannot make whole go to `refused`, unknown ones to `per_rank`); the statistics, and
+    each node's token dims."""
+    token_dims = {node: _grown_dims(node, whole.get(node)) for node in gm.graph.nodes}
+    statistics = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target in LOSSES or node.target in ops.GROUPED:
+            continue
+        inputs = [a for a in node.all_input_nodes if token_dims.get(a)]
+        if not inputs or token_dims.get(node) or tensor_of(node) is None:
+            continue  # reads no token dim, or its output still has one
+        if node not in whole:
+            raise PassError(f"dp={dp}: {node.name} ({node.target}) turns values over the "
+                            f"batch's tokens into one without, but the graph captured at dp "
+                            f"times the batch has no such node (the model's graph depends on "
+                            f"the batch size), so whether it must be reduced over dp cannot "
+                            f"be told; use dp=1 or make the graph independent of the batch")
+        reduction = _reduction(node)
+        if reduction is None:
+            if node.target in NOT_WHOLE:
+                refused.append(node)
+            elif node.target is not operator.getitem:
+                per_rank.append(f"{node.target} at {node.name}")
+            continue
+        statistics.append(_make_whole(gm, node, reduction))
+    return statistics, token_dims
 
 
 def _may_reduce_the_batch(node: fx.Node) -> bool:
@@ -215,7 +272,7 @@ def _grown_dims(node: fx.Node, whole: fx.Node | None) -> frozenset[int]:
     return frozenset(d for d, (a, b) in enumerate(zip(ours.shape, theirs.shape)) if a != b)
 
 
-def _reduction(node: fx.Node, token_dims: dict) -> str | None:
+def _reduction(node: fx.Node) -> str | None:
     """"sum" or "mean" when `node` reduces its inputs' token dims away and a sum or mean over
     dp makes it whole; None when it does not."""
     if node.target in SUMS or node.target in CONTRACTIONS:
@@ -236,7 +293,7 @@ def _make_whole(gm: fx.GraphModule, node: fx.Node, reduction: str) -> Statistic:
 
 
 def _whole_batch_constants(gm: fx.GraphModule, statistics: list[Statistic], token_dims: dict,
-                           whole: dict[str, fx.Node]) -> list[WholeBatchConstant]:
+                           whole: dict[fx.Node, fx.Node]) -> list[WholeBatchConstant]:
     """Numbers in the ops downstream of the statistics (on values without token dims) that the
     whole batch's capture holds otherwise: token counts the model divides by."""
     by_name = {node.name: node for node in gm.graph.nodes}
@@ -250,7 +307,7 @@ def _whole_batch_constants(gm: fx.GraphModule, statistics: list[Statistic], toke
                 continue
             seen.add(user)
             frontier.append(user)
-            twin = whole.get(user.name)
+            twin = whole.get(user)
             if twin is None or token_dims.get(user) or user.target is not twin.target:
                 continue
             args = list(user.args)

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from core import ops
+from core.fx_utils import eliminate_dead_code
 
 aten = torch.ops.aten
 
@@ -161,6 +162,6 @@ def _rewrite(gm: fx.GraphModule, rules) -> None:
             continue
         node.target, node.args, node.kwargs = replacement
         node.meta["kernel"] = node.target._opname
-    gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and rms_norm
+    eliminate_dead_code(gm.graph)  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
     gm.recompile()

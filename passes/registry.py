@@ -1,6 +1,6 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
-causal-mask fold -> batch statistics -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
+batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
 collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
@@ -120,10 +120,10 @@ def _always(plan: Plan) -> bool:
 
 
 PIPELINE: tuple[PassEntry, ...] = (
-    PassEntry("causal_mask", fold_causal_masks, _always, "always",
-              meta.CAUSAL_MASK_RECORD),
     PassEntry("batch_statistics", batch_statistics, lambda plan: plan.dp > 1, "dp > 1",
               meta.STATISTICS_RECORD),
+    PassEntry("causal_mask", fold_causal_masks, _always, "always",
+              meta.CAUSAL_MASK_RECORD),
     PassEntry("tensor_parallel", tensor_parallel, lambda plan: plan.tp > 1, "tp > 1",
               meta.TP_RECORD),
     PassEntry("sequence_parallel", sequence_parallel, lambda plan: plan.sp, "sp=on",

@@ -106,59 +106,94 @@ def test_under_cp_the_router_reads_whole_sequences():
 
 # --- on ranks ---------------------------------------------------------------------------------
 
-TWO_RANKS = [("dp=2", 1), ("dp=2,mb=2", 1), ("dp=2,ep=2", 2), ("cp=2", 1)]
-FOUR_RANKS = [("dp=2,ep=2,tp=2,etp=1", 1), ("dp=4,ep=2,mb=2", 1), ("dp=2,pp=2,mb=2", 2),
-              ("dp=2,cp=2", 1)]
+SWITCH = {"aux_loss_coef": AUX}
+"""The in-repo MoE with its own Switch-style load-balancing loss (means over the tokens)."""
+DEEPSEEK = {"router": "sigmoid", "shared_experts": 1, "bias_update_rate": 0.01}
+"""The in-repo DeepSeek style, its selection bias moved from the batch's token counts."""
+
+TWO_RANKS = [("mixtral", {}, "dp=2"), ("mixtral", {}, "dp=2,mb=2"),
+             ("mixtral", {"layers": 2}, "dp=2,ep=2"), ("mixtral", {}, "cp=2"),
+             ("moe", SWITCH, "dp=2,mb=2"), ("moe", DEEPSEEK, "dp=2,ep=2,mb=2")]
+FOUR_RANKS = [("mixtral", {}, "dp=2,ep=2,tp=2,etp=1"), ("mixtral", {}, "dp=4,ep=2,mb=2"),
+              ("mixtral", {"layers": 2}, "dp=2,pp=2,mb=2"), ("mixtral", {}, "dp=2,cp=2"),
+              ("moe", SWITCH, "dp=2,tp=2,sp=on,ep=2"), ("moe", DEEPSEEK, "dp=2,ep=2,pp=2,mb=2")]
 
 
-def _whole_batch_router_loss(cases):
-    """On each rank, per (plan, layers): the largest relative error of the loss, the logits
-    of a forward call, and every gradient against one device; and what the per-rank loss
-    would have been off (the statistic not made whole)."""
+def _model(kind: str, options: dict):
+    """(model, args, kwargs) of one global batch of 8 sequences, labels included."""
+    if kind == "mixtral":
+        model, ids = _mixtral(batch=8, layers=options.get("layers", 1),
+                              output_router_logits=True, router_aux_loss_coef=AUX)
+        return model, (), {"input_ids": ids, "labels": ids}
+    from partitioner.models import tiny_moe
+
+    model, (ids,) = tiny_moe(batch=8, **options)
+    return model.to(torch.float64), (ids,), {"labels": ids}
+
+
+def _loss(output) -> torch.Tensor:
+    return output.loss if hasattr(output, "loss") else output
+
+
+def _forward(model, args, kwargs) -> torch.Tensor:
+    """A forward call on the whole batch (labels included: one device's statistics): the
+    logits of a Hugging Face model, the loss of the in-repo one."""
+    out = model(*args, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _whole_batch_statistics(cases):
+    """On each rank, per case: the largest relative error of the loss, every gradient, the
+    buffers after the step (the selection bias) and a forward call on the whole batch against
+    one device; and how far the step would be off with every rank's statistic its own."""
     from partitioner.api import parallelize
 
     out = {}
-    for plan, layers in cases:
-        model, ids = _mixtral(batch=8, layers=layers, output_router_logits=True,
-                              router_aux_loss_coef=AUX)
-        reference = copy.deepcopy(model)
+    for kind, options, plan in cases:
+        model, args, kwargs = _model(kind, options)
+        reference, control = copy.deepcopy(model), copy.deepcopy(model)
         parsed = Plan.parse(plan).resolve(torch.distributed.get_world_size())
-        dp = parsed.dp
-        call = {"input_ids": ids, "labels": ids}
-        batches = global_microbatches((), call, dp, parsed.microbatches)
-        ref_loss = sum(reference(*a, **k).loss for a, k in batches) / len(batches)
+        batches = global_microbatches(args, kwargs, parsed.dp, parsed.microbatches)
+        ref_loss = sum(_loss(reference(*a, **k)) for a, k in batches) / len(batches)
         ref_loss.backward()
-        pm = parallelize(model, plan, example_kwargs=call)
-        loss = pm.step(**call)
-        grads = pm.full_grad_dict()
+        pm = parallelize(model, plan, example_inputs=args, example_kwargs=kwargs)
+        loss = pm.step(*args, **kwargs)
+        grads, state = pm.full_grad_dict(), pm.full_state_dict()
         errors = {"loss": relative_error(loss, ref_loss),
-                  "logits": relative_error(pm(**call).logits, reference(**call).logits),
                   "gradients": max(relative_error(grads[name], p.grad)
                                    for name, p in reference.named_parameters()
-                                   if p.grad is not None)}
-        # the same step with every rank's statistic its own: what the pass prevents
-        shares = split_batch(((), call), dp * parsed.microbatches, len(ids))
-        per_rank = sum(reference(*a, **k).loss for a, k in shares) / len(shares)
-        out[plan] = errors, relative_error(per_rank, ref_loss)
+                                   if p.grad is not None),
+                  "buffers": max((relative_error(state[name], b)
+                                  for name, b in reference.named_buffers()
+                                  if name in state), default=0.0),
+                  "forward": relative_error(_forward(pm, args, kwargs),
+                                            _forward(reference, args, kwargs))}
+        # what the pass prevents: dp rank 0 computing its statistics from its own share
+        shares = split_batch((args, kwargs), parsed.dp * parsed.microbatches,
+                             len(kwargs["labels"]))
+        per_rank = sum(_loss(control(*a, **k)) for a, k in shares) / len(shares)
+        drift = max((relative_error(b, dict(reference.named_buffers())[name])
+                     for name, b in control.named_buffers()), default=0.0)
+        out[f"{kind} {options} {plan}"] = errors, max(relative_error(per_rank, ref_loss), drift)
     return out
 
 
 def _assert_whole(results, cases):
-    for by_plan in results:
-        for plan, _ in cases:
-            errors, per_rank_error = by_plan[plan]
+    for by_case in results:
+        for kind, options, plan in cases:
+            errors, per_rank_error = by_case[f"{kind} {options} {plan}"]
             # Hugging Face computes the router loss in float32 whatever the model's dtype
             # (routing_weights.float(), histc), so the loss sums float32 partials
-            assert errors["loss"] < 1e-6, (plan, errors)
-            assert max(errors["logits"], errors["gradients"]) < TOLERANCES[torch.float64], \
-                (plan, errors)
+            assert errors["loss"] < (1e-6 if kind == "mixtral" else 1e-9), (plan, errors)
+            assert max(errors["forward"], errors["gradients"], errors["buffers"]) < \
+                TOLERANCES[torch.float64], (kind, options, plan, errors)
             if "dp=" in plan:  # each dp rank's own statistic would be off: the check can fail
-                assert per_rank_error > 1e-6, (plan, per_rank_error)
+                assert per_rank_error > 1e-6, (kind, options, plan, per_rank_error)
 
 
-def test_router_loss_under_dp_equals_one_device_on_two_ranks():
-    _assert_whole(on_ranks(2, _whole_batch_router_loss, TWO_RANKS), TWO_RANKS)
+def test_batch_statistics_under_dp_equal_one_device_on_two_ranks():
+    _assert_whole(on_ranks(2, _whole_batch_statistics, TWO_RANKS), TWO_RANKS)
 
 
-def test_router_loss_under_dp_with_tp_and_ep_equals_one_device_on_four_ranks():
-    _assert_whole(on_ranks(4, _whole_batch_router_loss, FOUR_RANKS), FOUR_RANKS)
+def test_batch_statistics_with_tp_sp_ep_pp_cp_equal_one_device_on_four_ranks():
+    _assert_whole(on_ranks(4, _whole_batch_statistics, FOUR_RANKS), FOUR_RANKS)

@@ -47,7 +47,7 @@ def test_dump_passes_prints_the_ordered_pipeline_with_each_record(capsys):
                         "pp=2,mb=2,recompute=selective", "--passes")
     assert code == 0
     names = [line.split()[1] for line in out.splitlines()[2:]]
-    assert names == ["causal_mask", "batch_statistics", "tensor_parallel",
+    assert names == ["batch_statistics", "causal_mask", "tensor_parallel",
                      "sequence_parallel", "context_parallel", "expert_parallel",
                      "pipeline_split", "recompute", "kernels", "device", "collectives",
                      "lowering"]

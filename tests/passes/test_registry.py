@@ -27,7 +27,7 @@ def _context(plan: Plan) -> PassContext:
 
 def test_the_pipeline_is_one_ordered_list_of_the_design_card():
     assert [entry.name for entry in PIPELINE] == [
-        "causal_mask", "batch_statistics", "tensor_parallel", "sequence_parallel",
+        "batch_statistics", "causal_mask", "tensor_parallel", "sequence_parallel",
         "context_parallel", "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "collectives",
         "lowering"]
     assert [entry.name for entry in PIPELINE if entry.run is None] == []  # every pass landed
