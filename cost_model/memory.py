@@ -49,6 +49,32 @@ def optimizer_bytes_per_param(zero: int, shards: int) -> float:
 
 
 @dataclass(frozen=True)
+class ParamBytes:
+    """Bytes per parameter a rank holds, by what they are."""
+
+    weights: float
+    """Held whole by every rank holding the parameter."""
+    grads: float
+    optimizer: float
+    """Split over the ZeRO-1 ranks when zero=1."""
+
+
+def param_bytes(param_dtype: str | None, zero: int) -> ParamBytes:
+    """Per parameter, following the plan's dtypes.
+
+    param_dtype unset: Megatron's convention, which the published runs the model is checked
+    against use (16-bit weights, an fp32 gradient buffer, the fp32 master and AdamW's two
+    moments sharded by the distributed optimizer). bf16/fp16: what partitioner's runtime holds,
+    a 16-bit compute copy and the fp32 main weight (2 + 4), the fp32 gradient (4), AdamW's two
+    fp32 moments (8), and under ZeRO-1 the 1/dp fp32 shard the optimizer updates (4, sharded).
+    fp32: the same without the compute copy."""
+    if param_dtype is None:
+        return ParamBytes(PARAM_BYTES, GRAD_BYTES, ADAM_BYTES)
+    copy = 0 if param_dtype == "fp32" else 2
+    return ParamBytes(copy + 4, 4, 8 + (4 if zero else 0))
+
+
+@dataclass(frozen=True)
 class MemoryBreakdown:
     """Bytes on one rank (the fullest one)."""
 
