@@ -20,7 +20,8 @@ from core.layout import RankLayout, rank_coords
 from core.placement import ParamLayout
 from core.plan import Plan
 from partitioner.batches import first_microbatch
-from partitioner.capture import Captured, capture
+from partitioner.capture import Captured
+from partitioner.precision import capture_cast
 from passes import PassContext
 from passes.lowering.program import RankProgram
 from passes.registry import run_passes
@@ -71,8 +72,8 @@ def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,
     The example inputs are one global batch; each rank's program is compiled at the
     microbatch shape it would run in `step`.
     """
-    captured = capture(model, *first_microbatch(plan, tuple(example_inputs),
-                                                dict(example_kwargs or {})))
+    captured = capture_cast(model, plan, *first_microbatch(plan, tuple(example_inputs),
+                                                           dict(example_kwargs or {})))
     world = RankLayout.dense(plan).world_size
     return [compile_rank(captured, plan, rank, "meta")
             for rank in (range(world) if ranks is None else ranks)]

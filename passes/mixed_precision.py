@@ -61,7 +61,7 @@ class MixedPrecisionRecord:
     def summary(self) -> str:
         kept = ", ".join(f"{kind} x{count}" for kind, count in self.kept) or "none"
         return (f"parameters compute in {self.dtype}; in fp32: {kept}; "
-                f"{self.outputs} outputs returned in fp32")
+                f"outputs returned in fp32: {self.outputs}")
 
 
 def keep_fp32(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
