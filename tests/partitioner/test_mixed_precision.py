@@ -22,7 +22,7 @@ import copy
 import pytest
 import torch
 
-from partitioner.models import tiny, tiny_llama
+from partitioner.models import tiny, tiny_llama, tiny_moe
 from ranks import on_ranks
 
 TOLERANCE_EPS = 4
@@ -190,10 +190,27 @@ def _checkpoint_round_trip(path: str) -> dict:
             "same_output": torch.equal(pm(ids), fresh(ids))}
 
 
+def _meta_model() -> dict:
+    """A model built on the meta device gets fp32 main weights, filled by a state dict."""
+    from partitioner import parallelize
+    from partitioner.check import relative_error
+    from partitioner.precision import CastReference
+
+    model, ids, _ = _lm_setup()
+    with torch.device("meta"):
+        empty, _ = tiny()
+    pm = parallelize(empty, "tp=2,param_dtype=bf16", example_inputs=(ids,))
+    pm.load_full_state_dict(model.state_dict())
+    return {"dtypes": sorted({str(p.dtype) for p in pm.parameters()}),
+            "output": relative_error(pm(ids), CastReference(model, "bf16")(ids))}
+
+
 def _world_of_two(path: str) -> dict:
     results = {(plan, dtype): _against_reference(plan, dtype)
                for dtype in ("bf16", "fp16") for plan in PLANS}
     results["llama tp=2,sp=on bf16"] = _against_reference("tp=2,sp=on", "bf16", tiny_llama)
+    results["moe dp=2,ep=2 bf16"] = _against_reference("dp=2,ep=2", "bf16", tiny_moe)
+    results["meta"] = _meta_model()
     results["curve"] = _loss_curve("tp=2,sp=on", "bf16")
     results["refresh_overflow"] = _refresh_and_overflow()
     results["checkpoint"] = _checkpoint_round_trip(path)
@@ -223,6 +240,18 @@ def test_rmsnorm_rope_swiglu_model_under_sequence_parallel(world_of_two):
     for results in world_of_two:
         errors = results["llama tp=2,sp=on bf16"]["errors"]
         assert max(errors.values()) <= _tolerance("bf16"), errors
+
+
+def test_experts_under_expert_parallelism(world_of_two):
+    for results in world_of_two:
+        errors = results["moe dp=2,ep=2 bf16"]["errors"]
+        assert max(errors.values()) <= _tolerance("bf16"), errors
+
+
+def test_a_meta_model_gets_fp32_main_weights(world_of_two):
+    for results in world_of_two:
+        assert results["meta"]["dtypes"] == ["torch.float32"]
+        assert results["meta"]["output"] <= _tolerance("bf16")
 
 
 def test_bf16_training_follows_fp32_training_by_the_loss_curve(world_of_two):
@@ -270,7 +299,6 @@ def test_the_pass_keeps_norms_softmax_and_outputs_in_fp32():
     from core import meta
     from core.plan import Plan
     from partitioner.compiler import compile_rank
-    from partitioner.models import tiny_moe
     from partitioner.precision import capture_cast
 
     plan = Plan(param_dtype="bf16").resolve(1)
