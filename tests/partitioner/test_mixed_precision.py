@@ -211,6 +211,8 @@ def _world_of_two(path: str) -> dict:
     results["llama tp=2,sp=on bf16"] = _against_reference("tp=2,sp=on", "bf16", tiny_llama)
     results["moe dp=2,ep=2 bf16"] = _against_reference("dp=2,ep=2", "bf16", tiny_moe)
     results["meta"] = _meta_model()
+    from partitioner.check import check_rank
+    results["check_rank"] = str(check_rank(tiny_llama, "tp=2,sp=on,param_dtype=bf16"))
     results["curve"] = _loss_curve("tp=2,sp=on", "bf16")
     results["refresh_overflow"] = _refresh_and_overflow()
     results["checkpoint"] = _checkpoint_round_trip(path)
@@ -252,6 +254,14 @@ def test_a_meta_model_gets_fp32_main_weights(world_of_two):
     for results in world_of_two:
         assert results["meta"]["dtypes"] == ["torch.float32"]
         assert results["meta"]["output"] <= _tolerance("bf16")
+
+
+def test_check_rank_compares_a_casting_plan_with_one_device_under_the_same_casting(
+        world_of_two):
+    for results in world_of_two:
+        report = results["check_rank"]
+        assert "(bf16 casting, tolerance 3e-02): PASS" in report, report
+        assert "weights_after_sgd" in report
 
 
 def test_bf16_training_follows_fp32_training_by_the_loss_curve(world_of_two):
