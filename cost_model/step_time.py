@@ -252,7 +252,7 @@ class StepParts:
 
 def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime:
     """Pipeline rank r, holding nd dense and nm MoE blocks."""
-    p, hw, shape = tr.plan, tr.hw, tr.shape
+    p, hw = tr.plan, tr.hw
     m, v, pp = p.microbatches, p.vpp, p.pp
     dense, moe = step.dense, step.moe
     p_dense, p_exp = _rank_params(tr, r, nd, nm)

@@ -1,7 +1,6 @@
 """Bad input to parallelize/step fails clearly, on every rank, before any collective."""
 
 import pytest
-import torch
 
 from partitioner import PlanError, parallelize
 from partitioner.models import tiny
