@@ -27,6 +27,7 @@ from ranks import on_ranks
 
 TOLERANCE_EPS = 4
 PLANS = ("tp=2", "tp=2,sp=on", "pp=2,mb=2", "dp=2,zero=1", "cp=2")
+REDUCE_IN_BF16 = ("dp=2,reduce_dtype=bf16", "dp=2,zero=1,reduce_dtype=bf16")
 
 
 def _tolerance(dtype: str) -> float:
@@ -208,6 +209,8 @@ def _meta_model() -> dict:
 def _world_of_two(path: str) -> dict:
     results = {(plan, dtype): _against_reference(plan, dtype)
                for dtype in ("bf16", "fp16") for plan in PLANS}
+    for plan in REDUCE_IN_BF16:
+        results[(plan, "bf16")] = _against_reference(plan, "bf16")
     results["llama tp=2,sp=on bf16"] = _against_reference("tp=2,sp=on", "bf16", tiny_llama)
     results["moe dp=2,ep=2 bf16"] = _against_reference("dp=2,ep=2", "bf16", tiny_moe)
     results["meta"] = _meta_model()
@@ -236,6 +239,16 @@ def test_each_strategy_matches_the_single_device_model_under_the_same_casting(
         assert result["main_dtypes"] == ["torch.float32"]  # the optimizer sees fp32
         assert result["grad_dtypes"] == ["torch.float32"]
         assert result["output_dtype"] == "torch.float32"  # the loss computes in fp32
+
+
+@pytest.mark.parametrize("plan", REDUCE_IN_BF16)
+def test_gradients_reduced_in_bf16(world_of_two, plan):
+    """reduce_dtype=bf16: the dp sum (bucketed all-reduce, or ZeRO-1's reduce-scatter) travels
+    in bf16, one more rounding of each gradient; accumulation stays fp32."""
+    for results in world_of_two:
+        result = results[(plan, "bf16")]
+        assert max(result["errors"].values()) <= _tolerance("bf16"), result["errors"]
+        assert result["grad_dtypes"] == ["torch.float32"]
 
 
 def test_rmsnorm_rope_swiglu_model_under_sequence_parallel(world_of_two):
