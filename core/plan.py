@@ -132,6 +132,11 @@ class Plan:
             problems.append("async_tp=on needs tp>1 (it overlaps TP's collectives); set tp>1 "
                             "or async_tp=off")
         problems += self._pipeline_problems() + self._context_problems()
+        if self.reduce_dtype != "fp32" and self.param_dtype in (None, "fp32"):
+            problems.append(f"reduce_dtype={self.reduce_dtype} is the dtype of gradient "
+                            f"reduction under mixed precision, which needs param_dtype=bf16 or "
+                            f"fp16 (got param_dtype={self.param_dtype}); drop reduce_dtype or "
+                            f"set param_dtype")
         if self.loss_scale is not None and self.param_dtype != "fp16":
             problems.append(f"loss_scale={self.loss_scale} is for param_dtype=fp16 (got "
                             f"param_dtype={self.param_dtype}); drop loss_scale or compute in fp16")
@@ -364,11 +369,9 @@ _PENDING = {
     "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",
                      "leave stage_layers unset: the cost model cuts the stages"),
     "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),
-    "param_dtype": (lambda plan: False, "mixed precision (param_dtype)",
-                    "leave param_dtype unset and pass a model in the dtype to train in"),
-    "reduce_dtype": (lambda plan: False, "mixed precision (reduce_dtype)",
-                     "leave reduce_dtype unset (gradients reduce in the model's dtype)"),
-    "loss_scale": (lambda plan: False, "loss scaling (loss_scale)", "leave loss_scale unset"),
+    "param_dtype": (lambda plan: not plan.compile or plan.param_dtype == "fp32",
+                    "mixed precision with compiled ranks (param_dtype with compile=on)",
+                    "set compile=off, or leave param_dtype unset"),
     "seed": (lambda plan: False, "the dropout generator (seed)",
              "leave seed unset (dropout under tp/sp/pp is not matched to one device yet)"),
     "schedule": (lambda plan: plan.schedule not in ("zb-h1", "zb-v"),

@@ -58,6 +58,9 @@ class Hardware:
     """Launch/tail cost of one kernel."""
     reserved_bytes: float = 2.0 * GiB
     """Context, allocator fragmentation and library workspaces."""
+    fp32_peak_ratio: float = 0.5
+    """fp32 matmul FLOP/s over the 16-bit peak: TF32 tensor cores run at half the bf16 rate
+    on A100, H100 and H200."""
     p2p_overlap: float = 0.0
     """Fraction of pipeline send/recv time hidden behind compute (0: blocking p2p)."""
     cores: int | None = None
@@ -192,7 +195,7 @@ def local_cpu() -> Hardware:
         pages = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         pages = 8 * GiB
-    return Hardware(name="cpu", peak_flops=50e9, memory_bytes=float(pages),
+    return Hardware(name="cpu", peak_flops=50e9, memory_bytes=float(pages), fp32_peak_ratio=1.0,
                     hbm_bw=10 * GB, intra_bw=5 * GB, inter_bw=1 * GB, gpus_per_node=cores,
                     gemm_eff=0.6, gemm_half=32.0, mem_eff=0.6, intra_eff=0.5, inter_eff=0.5,
                     intra_latency=50e-6, inter_latency=100e-6, kernel_latency=10e-6,

@@ -2,7 +2,8 @@
 
 Mixed-precision training as Megatron does it: 16-bit weights (2 B/param), fp32 gradient buffer
 (4 B/param), AdamW with an fp32 master copy and two fp32 moments (12 B/param), the optimizer state
-sharded over the data-parallel ranks with ZeRO-1. Activations per block come from
+sharded over the data-parallel ranks with ZeRO-1; a plan naming `param_dtype` counts what
+partitioner's runtime holds instead (`param_bytes`). Activations per block come from
 layer_costs.activation_bytes (Korthikanti et al. 2022); a pipeline rank holds the activations of
 the microbatches in flight of its schedule.
 """
@@ -46,6 +47,32 @@ def in_flight(schedule: str, rank: int, pp: int, microbatches: int, vpp: int) ->
 
 def optimizer_bytes_per_param(zero: int, shards: int) -> float:
     return PARAM_BYTES + GRAD_BYTES + ADAM_BYTES / (shards if zero else 1)
+
+
+@dataclass(frozen=True)
+class ParamBytes:
+    """Bytes per parameter a rank holds, by what they are."""
+
+    weights: float
+    """Held whole by every rank holding the parameter."""
+    grads: float
+    optimizer: float
+    """Split over the ZeRO-1 ranks when zero=1."""
+
+
+def param_bytes(param_dtype: str | None, zero: int) -> ParamBytes:
+    """Per parameter, following the plan's dtypes.
+
+    param_dtype unset: Megatron's convention, which the published runs the model is checked
+    against use (16-bit weights, an fp32 gradient buffer, the fp32 master and AdamW's two
+    moments sharded by the distributed optimizer). bf16/fp16: what partitioner's runtime holds,
+    a 16-bit compute copy and the fp32 main weight (2 + 4), the fp32 gradient (4), AdamW's two
+    fp32 moments (8), and under ZeRO-1 the 1/dp fp32 shard the optimizer updates (4, sharded).
+    fp32: the same without the compute copy."""
+    if param_dtype is None:
+        return ParamBytes(PARAM_BYTES, GRAD_BYTES, ADAM_BYTES)
+    copy = 0 if param_dtype == "fp32" else 2
+    return ParamBytes(copy + 4, 4, 8 + (4 if zero else 0))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ hardware FLOPs add what recomputation executes again. MFU and HFU are over the d
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -288,7 +289,7 @@ class StepParts:
 
 def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime:
     """Pipeline rank r, holding nd dense and nm MoE blocks."""
-    p, hw, shape = tr.plan, tr.hw, tr.shape
+    p, hw = tr.plan, tr.hw
     m, v, pp = p.microbatches, p.vpp, p.pp
     dense, moe = step.dense, step.moe
     p_dense, p_exp = _rank_params(tr, r, nd, nm)
@@ -368,17 +369,23 @@ def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense:
                  p_exp: float) -> mem.MemoryBreakdown:
     p, shape, T = tr.plan, tr.shape, tr.tokens
     p_local = p_dense + p_exp
-    optim = mem.ADAM_BYTES * _optimizer_shard(p, p_dense, p_exp)
+    per_param = mem.param_bytes(p.param_dtype, p.zero)
+    optim = per_param.optimizer * _optimizer_shard(p, p_dense, p_exp)
     flight = mem.in_flight(p.schedule, r, p.pp, p.microbatches, p.vpp)
-    act = flight * (nd * step.dense.act + nm * step.moe.act)
+    act = flight * (nd * step.dense.act + nm * step.moe.act) * _activation_scale(p)
     temp = max(step.dense.full_act, step.moe.full_act)
     temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
     if r == p.pp - 1:
         temp += T * shape.vocab / tr.vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
     if r == 0 and p.pp > 1:
         act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
-    return mem.MemoryBreakdown(r, mem.PARAM_BYTES * p_local, mem.GRAD_BYTES * p_local, optim,
-                               act, temp, tr.hw.reserved_bytes)
+    return mem.MemoryBreakdown(r, per_param.weights * p_local, per_param.grads * p_local,
+                               optim, act, temp, tr.hw.reserved_bytes)
+
+
+def _activation_scale(p: Plan) -> float:
+    """Activations are counted in 16 bits; an fp32 run keeps twice the bytes."""
+    return 2.0 if p.param_dtype == "fp32" else 1.0
 
 
 def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
@@ -405,7 +412,7 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
     seq = seq or shape.seq
     if seq != shape.seq:
         shape = shape.with_seq(seq)
-    hw = cluster.hardware
+    hw = peak_hw = cluster.hardware
     world = cluster.num_gpus
     try:
         plan = coerce_plan(plan)
@@ -413,6 +420,8 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
         raise PlanRejected(str(exc)) from None
     p, mbs = check_plan(shape, plan, world, global_batch, seq)
     m, v, pp = p.microbatches, p.vpp, p.pp
+    if p.param_dtype == "fp32":  # computes at the fp32 (TF32) peak; MFU stays over 16-bit's
+        hw = dataclasses.replace(hw, peak_flops=hw.peak_flops * hw.fp32_peak_ratio)
     tr = Traits(shape=shape, hw=hw, plan=p, mbs=mbs, groups=Groups.of(p, cluster),
                 runtime=runtime, vocab_parallel=vocab_parallel)
     dense = block_time(tr, block_costs(shape, hw, False), False)
@@ -475,7 +484,7 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
         stage_bwd_s=tuple(rt.bwd for rt in per_rank),
         stage_memory=tuple(rt.memory.total for rt in per_rank), memory=worst,
         device_memory_bytes=hw.memory_bytes, model_flops=model_flops,
-        hardware_flops=model_flops + extra, peak_flops=hw.peak_flops,
+        hardware_flops=model_flops + extra, peak_flops=peak_hw.peak_flops,
         critical_path_s=critical_path, shared_cores_s=shared,
         stage_work_s=tuple(rt.work for rt in per_rank),
         step_terms_s=_step_terms([rt.split for rt in per_rank], m, syncs,

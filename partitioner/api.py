@@ -26,6 +26,7 @@ from partitioner import checkpoint, parallel_state
 from partitioner.batches import batch_size, first_microbatch
 from partitioner.executor import Executor, Programs
 from partitioner.loss_route import LossFn, LossRouter
+from partitioner.precision import check_model as check_precision
 from partitioner.report.program import explain
 from partitioner.state import LocalState
 from runtime.expert_parallel import RECEIVED
@@ -102,6 +103,7 @@ class ParallelModel(nn.Module):
         self.rank = dist.get_rank()
 
         # 1-3: everything that can reject the inputs runs before the first collective.
+        check_precision(model, plan)
         programs = Programs(model, plan, self.rank, self.device)
         self.program = programs.get(*first_microbatch(plan, example_inputs, example_kwargs))
 
@@ -145,6 +147,18 @@ class ParallelModel(nn.Module):
     @loss_fn.setter
     def loss_fn(self, loss_fn: LossFn | None) -> None:
         self.losses.loss_fn = loss_fn
+
+    @property
+    def loss_scale(self) -> float | None:
+        """fp16 with loss_scale=dynamic: the current loss scale; None otherwise."""
+        scaler = self.executor.loss_scale
+        return None if scaler is None else scaler.scale
+
+    @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last `step` overflowed under loss scaling: its gradients were left None
+        (so `opt.step()` changes nothing) and the scale was lowered."""
+        return self.executor.last_step_skipped
 
     @property
     def last_pipeline_stats(self) -> dict[str, float]:

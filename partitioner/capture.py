@@ -86,7 +86,9 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captur
         return _export(model, args, kwargs)
     devices = tuple(str(leaf.device) for leaf in pytree.tree_leaves((args, kwargs))
                     if isinstance(leaf, torch.Tensor))
-    key = (model_key, input_key(args, kwargs), devices)
+    # the same model captured with its parameters cast (mixed precision) is another graph
+    dtypes = tuple(sorted({str(p.dtype) for p in model.parameters()}))
+    key = (model_key, input_key(args, kwargs), devices, dtypes)
     if key in _shared:
         _shared.move_to_end(key)
         return _shared[key]

@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 
 from partitioner.batches import batch_size, split_batch
 from partitioner.capture import shared_captures
+from partitioner.precision import CastReference
 
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-3}
 """Largest allowed max|a-b| / (max|b| + 1e-12) per dtype."""
@@ -144,6 +145,9 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
     dict per step).
     """
     factory = load_factory(factory) if isinstance(factory, str) else factory
+    casting = _casting(plan)
+    if casting is not None:  # fp32 main weights, compared with one device under the same casting
+        dtype = torch.float32
     torch.manual_seed(seed)
     model, (ids,) = factory(**(factory_kwargs or {}))
     model = model.to(dtype)
@@ -154,6 +158,8 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
         target[:, :2] = -100  # ignored tokens make the per-microbatch counts matter
     loss_fn = lm_loss_sum if token_weighted else lm_loss
     reference = copy.deepcopy(model)
+    if casting is not None:
+        reference = CastReference(reference, casting)
 
     def reference_loss(out):
         if token_weighted:
@@ -194,6 +200,8 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
     if meta:
         pm.load_full_state_dict(reference.state_dict())
 
+    casting = reference.plan.param_dtype if isinstance(reference, CastReference) else None
+    ref_model = reference.model if casting is not None else reference
     errors = _Errors()
     ref_out = lm_logits(reference(ids))
     errors.add("output", lm_logits(pm(ids)), ref_out)
@@ -203,14 +211,18 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
     loss = pm.step(ids, target=target)
     errors.add("loss", loss, ref_loss)
     grads = pm.full_grad_dict()
-    for name, p in reference.named_parameters():
+    for name, p in ref_model.named_parameters():
         if p.grad is not None:
             errors.add("gradients", grads.get(name, torch.full((1,), math.inf)), p.grad)
     ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9)
     errors.add("grad_norm", pm.clip_grad_norm_(1e9), ref_norm)
 
-    ref_opt = torch.optim.AdamW(reference.parameters(), lr=lr)
-    opt = torch.optim.AdamW(pm.parameters(), lr=lr)
+    # Under casting, SGD: AdamW's first steps move every weight by about +-lr whatever its
+    # gradient, so a gradient that is rounding noise would move its weight as far as a real one.
+    optimizer = torch.optim.SGD if casting is not None else torch.optim.AdamW
+    stepped = "sgd" if casting is not None else "adamw"
+    ref_opt = optimizer(reference.parameters(), lr=lr)
+    opt = optimizer(pm.parameters(), lr=lr)
     for step in range(steps):
         if step > 0:  # the first step reuses the gradients checked above
             ref_opt.zero_grad()
@@ -222,18 +234,45 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
         ref_opt.step()
         opt.step()
         if weights_every_step or step == steps - 1:
-            _compare_weights(errors, pm, reference)
+            _compare_weights(errors, pm, ref_model, f"weights_after_{stepped}")
     if steps == 0:
-        _compare_weights(errors, pm, reference)
-    errors.add("output_after_adamw", lm_logits(pm(ids)), lm_logits(reference(ids)))
+        _compare_weights(errors, pm, ref_model, f"weights_after_{stepped}")
+    errors.add(f"output_after_{stepped}", lm_logits(pm(ids)), lm_logits(reference(ids)))
+    if casting is not None:
+        return EquivalenceReport(rank=dist.get_rank(), dtype=f"{casting} casting",
+                                 errors=errors.relative(), tolerance=cast_tolerance(casting))
     return EquivalenceReport(rank=dist.get_rank(), dtype=str(dtype).removeprefix("torch."),
                              errors=errors.relative(), tolerance=TOLERANCES[dtype])
 
 
-def _compare_weights(errors: _Errors, pm, reference: nn.Module) -> None:
+CAST_TOLERANCE_EPS = 4
+"""Under param_dtype casting, plans match the single-device model under the same casting
+within this many machine epsilons of the compute dtype: a plan rounds in other places (tp's
+partial sums, microbatch sums, cp's block merges), one rounding each (see
+tests/partitioner/test_mixed_precision.py for the measured 1-2 eps)."""
+
+
+def cast_tolerance(param_dtype: str) -> float:
+    from core.precision import DTYPES
+
+    return CAST_TOLERANCE_EPS * torch.finfo(DTYPES[param_dtype]).eps
+
+
+def _casting(plan) -> str | None:
+    """The plan's param_dtype when it casts (bf16/fp16), else None."""
+    from core.plan import coerce_plan
+    from core.precision import compute_dtype
+
+    if isinstance(plan, str) and plan.strip() == "auto":
+        return None
+    plan = coerce_plan(plan)
+    return plan.param_dtype if compute_dtype(plan) is not None else None
+
+
+def _compare_weights(errors: _Errors, pm, reference: nn.Module, kind: str) -> None:
     state = pm.full_state_dict()
     for name, value in reference.state_dict().items():
-        errors.add("weights_after_adamw", state.get(name, torch.full((1,), math.inf)), value)
+        errors.add(kind, state.get(name, torch.full((1,), math.inf)), value)
 
 
 def _vocab_size(model: nn.Module) -> int:

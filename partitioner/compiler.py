@@ -21,7 +21,8 @@ from core.layout import RankLayout, rank_coords
 from core.placement import ParamLayout
 from core.plan import Plan
 from partitioner.batches import first_microbatch, tile_batch
-from partitioner.capture import Captured, capture
+from partitioner.capture import Captured
+from partitioner.precision import capture_cast
 from passes import PassContext
 from passes.lowering.program import RankProgram
 from passes.registry import run_passes
@@ -75,9 +76,9 @@ def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,
     microbatch shape it would run in `step`.
     """
     inputs = first_microbatch(plan, tuple(example_inputs), dict(example_kwargs or {}))
-    captured = capture(model, *inputs)
+    captured = capture_cast(model, plan, *inputs)
     world = RankLayout.dense(plan).world_size
     return [compile_rank(captured, plan, rank, "meta",
-                         capture_batch=lambda times: capture(model, *tile_batch(inputs,
-                                                                                times)).gm)
+                         capture_batch=lambda times: capture_cast(
+                             model, plan, *tile_batch(inputs, times)).gm)
             for rank in (range(world) if ranks is None else ranks)]

@@ -22,15 +22,17 @@ from core import meta
 from core.plan import Plan
 from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch, tile_batch
-from partitioner.capture import Captured, capture, input_key
+from partitioner.capture import Captured, input_key
 from partitioner.compiler import compile_rank
 from partitioner.loss_route import LossRouter, microbatch_loss
+from partitioner.precision import capture_cast
 from partitioner.state import LocalState
 from passes.lowering.program import RankProgram
 from runtime.compiled import CompiledGraphs
 from runtime.context_parallel import gather_sequence
 from runtime.failure import FailureWatch
 from runtime.mesh import Mesh
+from runtime.mixed_precision import DynamicLossScale
 from runtime.pipeline import PipelineRunner
 
 log = logging.getLogger("partitioner.api")
@@ -73,8 +75,8 @@ class Programs:
         capture_device = "meta" if self.model_is_meta else None
 
         def capture_at(call: tuple) -> Captured:
-            return capture(model, *(on_device(call, capture_device) if capture_device
-                                    else call))
+            return capture_cast(model, self.plan, *(on_device(call, capture_device)
+                                                    if capture_device else call))
 
         captured = capture_at((args, kwargs))
         starts = (self.first.pipeline.stage_starts
@@ -135,6 +137,10 @@ class Executor:
         self.losses = losses
         self.last_pipeline_stats: dict[str, float] = {}
         """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
+        self.loss_scale = DynamicLossScale() if plan.loss_scale == "dynamic" else None
+        """fp16's dynamic loss scale (None without loss_scale)."""
+        self.last_step_skipped = False
+        """Whether the last step overflowed under loss scaling (its gradients left None)."""
         self.compiled = CompiledGraphs() if plan.compile else None
         """compile=on: every stage graph run through inductor at its first call."""
         self.eager_reason: str | None = None
@@ -283,6 +289,8 @@ class Executor:
                                torch.tensor(float(tokens is not None), dtype=torch.float64,
                                             device=self.device)])
             totals["summary"] = totals["summary"] + row
+            if self.loss_scale is not None:  # fp16: gradients scaled up, unscaled after
+                scale = scale * self.loss_scale.scale
             return loss * scale
 
         if program.pipeline is None:
@@ -310,18 +318,44 @@ class Executor:
             if self.mesh.group(dim) is not None:
                 dist.all_reduce(summary, group=self.mesh.group(dim))
         loss = summary[0]
+        divisor = 1.0
         if summary[2] > 0:  # token-weighted: divide by the tokens of the whole global batch
             count = summary[1]
             if count <= 0:
                 raise ValueError("loss_fn reported no tokens in the whole batch")
             loss = loss / count
+            divisor = count
+        if self.loss_scale is not None:
+            divisor = divisor * self.loss_scale.scale
+            if self._skip_on_overflow(visible):
+                return loss.to(_output_dtype(program))
+        if summary[2] > 0 or self.loss_scale is not None:
+            divisor = torch.as_tensor(divisor, device=self.device)
             for p in visible:
                 if p.grad is not None:
-                    p.grad.div_(count.to(p.grad.dtype))
+                    p.grad.div_(divisor.to(p.grad.dtype))
         for p, old in zip(visible, stashed, strict=True):
             if old is not None:
                 p.grad = old if p.grad is None else p.grad.add_(old)
         return loss.to(_output_dtype(program))
+
+
+    def _skip_on_overflow(self, visible: list) -> bool:
+        """fp16 loss scaling: an inf or NaN in any rank's reduced gradients skips this step
+        (every gradient left None, so the user's opt.step() changes nothing) and lowers the
+        scale; True when skipped (collective over the world)."""
+        scaler = self.loss_scale
+        overflow = scaler.overflowed([p.grad for p in visible if p.grad is not None],
+                                     self.device)
+        old_scale = scaler.scale
+        scaler.update(overflow)
+        self.last_step_skipped = overflow
+        if overflow:
+            for p in visible:
+                p.grad = None
+            log.warning("step skipped: gradients overflowed at loss scale %g; the scale is now "
+                        "%g", old_scale, scaler.scale)
+        return overflow
 
 
 def _graph_name(stage: int, args, kwargs) -> str:

@@ -19,10 +19,12 @@ from core import meta
 from core.layout import RankLayout
 from core.placement import ParamLayout, unshard
 from core.plan import PlanError
+from core.precision import compute_dtype, reduce_dtype
 from passes import PassContext
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
 from runtime.data_parallel import GradReducer, ZeroGroup, ZeroShards
+from runtime.mixed_precision import ComputeCopies
 from runtime.mesh import GRADIENTS, Mesh
 
 
@@ -54,6 +56,7 @@ class LocalState:
         self.mesh = mesh
         self.device = device
         self.store = nn.Module()
+        self.compute: ComputeCopies | None = None
         self._materialize(model, model_is_meta)
         self.bind(program)
         dense, expert = [], []
@@ -67,9 +70,20 @@ class LocalState:
             ZeroGroup("dense", dense, group, mesh.coord(GRADIENTS), mesh.size(GRADIENTS)),
             ZeroGroup("expert", expert, mesh.group("edp"), mesh.coord("edp"), mesh.size("edp")),
         ]) if zero else None
-        self.reducer = None if zero else GradReducer(dense, group)
-        self.expert_reducer = (GradReducer(expert, mesh.group("edp")) if expert and not zero
-                               else None)
+        reduce_in = reduce_dtype(program.plan) if compute_dtype(program.plan) else None
+        if self.zero is not None:
+            self.zero.reduce_dtype = reduce_in
+        self.reducer = None if zero else GradReducer(dense, group, reduce_dtype=reduce_in)
+        self.expert_reducer = (GradReducer(expert, mesh.group("edp"), reduce_dtype=reduce_in)
+                               if expert and not zero else None)
+        # Mixed precision: the graphs read param_dtype copies of the main weights (the store).
+        cast = compute_dtype(program.plan)
+        self.compute = None if cast is None else ComputeCopies(
+            {name: self.local(name) for name, layout in program.layouts.items()
+             if not layout.is_buffer and layout.dtype.is_floating_point}, cast)
+        if self.compute is not None:
+            for stage in program.stages:  # bound to the main weights above: the copies now
+                self.bind_graph(stage.gm, program)
 
     def _materialize(self, model: nn.Module, model_is_meta: bool) -> None:
         sizes, coords = self.program.sizes, self.program.coords
@@ -113,15 +127,22 @@ class LocalState:
             self.bind_graph(stage.gm, program)
 
     def bind_graph(self, gm: fx.GraphModule, program: RankProgram) -> None:
+        copies = self.compute.copies if self.compute is not None else {}
         for node in gm.graph.find_nodes(op="get_attr"):
-            if node.target in program.layouts:
+            if node.target in copies:  # a non-leaf (its grad goes to the main weight)
+                set_tensor(gm, node.target, copies[node.target], is_buffer=True)
+            elif node.target in program.layouts:
                 set_tensor(gm, node.target, self.local(node.target),
                            program.layouts[node.target].is_buffer)
 
     def gather(self) -> None:
-        """ZeRO-1: the updated shards all-gathered into the full local tensors."""
+        """Before a forward: ZeRO-1's updated shards all-gathered into the full local tensors;
+        under mixed precision the compute copies refreshed if the optimizer changed the
+        main weights (their `_version`)."""
         if self.zero is not None:
             self.zero.gather()
+        if self.compute is not None:
+            self.compute.refresh(list(self.parameters()))
 
     # --- parameters ------------------------------------------------------------------------
     def parameters(self):

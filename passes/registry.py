@@ -1,6 +1,7 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
-batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> pp split -> recompute -> kernels -> device ->
+batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> mixed precision -> pp split ->
+recompute -> kernels -> device ->
 collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
@@ -23,6 +24,7 @@ from torch import fx
 
 from core import meta
 from core.plan import Plan
+from core.precision import compute_dtype
 from passes import Pass, PassContext, PassError
 from passes.batch_statistics import batch_statistics
 from passes.causal_mask import fold_causal_masks
@@ -32,6 +34,7 @@ from passes.device import retarget_device
 from passes.kernels import use_kernels
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.stages import lower_stages
+from passes.mixed_precision import keep_fp32
 from passes.pipeline_split import pipeline_split
 from passes.recompute import recompute
 from passes.sequence_parallel import sequence_parallel
@@ -132,6 +135,8 @@ PIPELINE: tuple[PassEntry, ...] = (
               meta.CP_RECORD),
     PassEntry("expert_parallel", expert_parallel, lambda plan: plan.ep > 1, "ep > 1",
               meta.EP_RECORD),
+    PassEntry("mixed_precision", keep_fp32, lambda plan: compute_dtype(plan) is not None,
+              "param_dtype=bf16|fp16", meta.MIXED_PRECISION_RECORD),
     PassEntry("pipeline_split", pipeline_split, lambda plan: plan.stages > 1, "pp*vpp > 1",
               meta.PP_SPLIT_RECORD),
     PassEntry("recompute", _recompute, lambda plan: plan.recompute != "none",

@@ -107,10 +107,17 @@ def _block_backward(q, k, v, out, lse, grad_out, mask, scale, causal: bool = Fal
     kv_heads = k.shape[1]
     k, v = _repeat_kv(k, q.shape[1]), _repeat_kv(v, q.shape[1])
     if _fused(q, mask, bias):
+        # the merged out may be held in more bits than q (bf16 blocks merged in fp32)
         grad_q, grad_k, grad_v = _FLASH_CPU_BACKWARD(
-            grad_out.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-            out.contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
+            grad_out.to(q.dtype).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+            out.to(q.dtype).contiguous(), lse.contiguous(), 0.0, causal, scale=scale)
         return grad_q, _fold_kv(grad_k, kv_heads), _fold_kv(grad_v, kv_heads)
+    if q.dtype.itemsize < 4:  # 16-bit blocks: the explicit softmax backward in fp32
+        low = q.dtype
+        grads = _block_backward(q.float(), k.float(), v.float(), out.float(), lse.float(),
+                                grad_out.float(), mask, scale, causal, bias)
+        return tuple(_fold_kv(g.to(low), kv_heads) if i else g.to(low)
+                     for i, g in enumerate(grads))
     if causal:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
     scores = torch.matmul(q, k.transpose(-2, -1)) * scale
@@ -240,8 +247,10 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
     """(out, lse) of this rank's queries over every rank's keys, the blocks passed in a ring."""
     ring = _Ring(group)
     me = ring.rank
-    out = torch.zeros_like(q)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype, device=q.device)
+    # 16-bit blocks merge in fp32 (flash attention's accumulators; its CPU kernel's lse is fp32)
+    acc = torch.float32 if q.dtype.itemsize < 4 else q.dtype
+    out = torch.zeros_like(q, dtype=acc)
+    lse = torch.full(q.shape[:-1], float("-inf"), dtype=acc, device=q.device)
     block = _pack(k, v)
     k_doc = doc
     for step in range(ring.size):
@@ -256,7 +265,7 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
         if pending is not None:
             block = _Ring.finish(pending)
             k_doc = _Ring.finish(pending_doc) if pending_doc is not None else None
-    return out, lse
+    return out.to(q.dtype), lse
 
 
 def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,

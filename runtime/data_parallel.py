@@ -31,8 +31,11 @@ DEFAULT_BUCKET_BYTES = 25 * 2**20
 class GradReducer:
     """Sum `.grad` of `params` over `group` (None: a group of one, nothing to do)."""
 
-    def __init__(self, params: list[nn.Parameter], group, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+    def __init__(self, params: list[nn.Parameter], group, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 reduce_dtype: torch.dtype | None = None):
         self.group = group
+        self.reduce_dtype = reduce_dtype
+        """The dtype the sums travel in (mixed precision's reduce_dtype); None: the grads'."""
         self.params = [p for p in params if p.requires_grad]
         # Backward produces gradients roughly in reverse order of use: fill buckets from the end.
         self.buckets: list[list[nn.Parameter]] = []
@@ -72,6 +75,8 @@ class GradReducer:
         bucket = self.buckets[index]
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in bucket])
+        if self.reduce_dtype is not None:
+            flat = flat.to(self.reduce_dtype)
         self._pending[index] = (dist.all_reduce(flat, group=self.group, async_op=True), flat)
 
     def finish(self) -> None:
@@ -89,7 +94,7 @@ class GradReducer:
                 piece = flat[offset: offset + p.numel()].view_as(p)
                 offset += p.numel()
                 if p.grad is None:
-                    p.grad = piece.clone()
+                    p.grad = piece.to(p.dtype, copy=True)
                 else:
                     p.grad.copy_(piece)
         self._pending = {}
@@ -131,6 +136,8 @@ class ZeroShards:
                 key = f"{zero_group.name}.{str(dtype).removeprefix('torch.')}"
                 self.params[key], self.dtype[key], self._group[key] = (group_params, dtype,
                                                                       zero_group)
+        self.reduce_dtype: torch.dtype | None = None
+        """The dtype gradients are reduce-scattered in (mixed precision); None: theirs."""
         self.flat: dict[str, torch.Tensor] = {}
         self.shards: dict[str, nn.Parameter] = {}
         for key, group_params in self.params.items():
@@ -209,9 +216,11 @@ class ZeroShards:
             if self.group(key) is None:
                 mine = flat_grad
             else:
-                mine = torch.empty(flat.numel() // self.size(key), dtype=flat.dtype,
+                wire = self.reduce_dtype or flat.dtype
+                mine = torch.empty(flat.numel() // self.size(key), dtype=wire,
                                    device=flat.device)
-                reduce_scatter_into(mine, flat_grad, self.group(key))
+                reduce_scatter_into(mine, flat_grad.to(wire), self.group(key))
+                mine = mine.to(flat.dtype)
             shard = self.shards[key]
             if shard.grad is None:
                 shard.grad = mine

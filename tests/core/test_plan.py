@@ -123,6 +123,17 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     with pytest.raises(NotLanded, match="hybrid context parallelism"):
         Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()
     assert Plan(cp=2).pending() == []
+    # mixed precision landed (issue 15), except beside compiled ranks
+    assert Plan.parse("tp=2,param_dtype=fp16,reduce_dtype=bf16,loss_scale=dynamic").pending() == []
+    assert Plan(param_dtype="bf16", compile=True).pending()[0].startswith(
+        "mixed precision with compiled ranks (param_dtype with compile=on) is not available yet")
+
+
+def test_reduce_dtype_needs_mixed_precision():
+    with pytest.raises(PlanError, match="reduce_dtype=bf16 is the dtype of gradient reduction "
+                                        "under mixed precision, which needs param_dtype"):
+        Plan(reduce_dtype="bf16")
+    assert Plan(param_dtype="bf16", reduce_dtype="bf16").reduce_dtype == "bf16"
 
 
 def _refusal(text: str, world: int) -> str:

@@ -204,3 +204,24 @@ def test_layer_costs_are_sympy_expressions_of_the_degrees():
     f1, f2 = bc.fwd(1, 1, 1, 0, 1, 1), bc.fwd(2, 1, 1, 0, 1, 1)
     assert f2 < f1 and bc.fwd(1, 1, 2, 0, 1, 1) > f1
     assert math.isfinite(bc.bwd(8, 2, 4, 1, 1, 1))
+
+
+def test_memory_and_time_follow_the_plans_dtypes():
+    """Per parameter: bf16 = 2 (compute copy) + 4 (fp32 main) weights, 4 fp32 gradient,
+    8 AdamW moments (+ 4 for ZeRO-1's fp32 shard, both split over dp); fp32 without the
+    copy, at the fp32 (TF32) peak; unset keeps Megatron's 2 + 4 + 12."""
+    assert memory.param_bytes("bf16", 0) == memory.ParamBytes(6, 4, 8)
+    assert memory.param_bytes("fp16", 1) == memory.ParamBytes(6, 4, 12)
+    assert memory.param_bytes("fp32", 0) == memory.ParamBytes(4, 4, 8)
+    assert memory.param_bytes(None, 1) == memory.ParamBytes(2, 4, 12)
+    cl = parse_cluster("8xA100-80G")
+    runs = {dtype: estimate(GPT, Plan(tp=2, dp=4, zero=1, param_dtype=dtype), cl, 8)
+            for dtype in (None, "bf16", "fp32")}
+    params = runs["bf16"].memory.grads / 4  # the fullest rank's parameters
+    assert runs["bf16"].memory.weights == pytest.approx(6 * params)
+    assert runs["bf16"].memory.optimizer == pytest.approx(12 * params / 4)
+    assert runs["fp32"].memory.weights == pytest.approx(4 * params)
+    assert runs[None].memory.weights == pytest.approx(2 * params)
+    assert runs["fp32"].memory.activations == pytest.approx(2 * runs["bf16"].memory.activations)
+    assert runs["fp32"].step_time_s > 1.3 * runs["bf16"].step_time_s
+    assert runs["fp32"].peak_flops == runs["bf16"].peak_flops  # MFU over the 16-bit peak

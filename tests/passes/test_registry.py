@@ -28,8 +28,8 @@ def _context(plan: Plan) -> PassContext:
 def test_the_pipeline_is_one_ordered_list_of_the_design_card():
     assert [entry.name for entry in PIPELINE] == [
         "batch_statistics", "causal_mask", "tensor_parallel", "sequence_parallel",
-        "context_parallel", "expert_parallel", "pipeline_split", "recompute", "kernels", "device", "collectives",
-        "lowering"]
+        "context_parallel", "expert_parallel", "mixed_precision", "pipeline_split", "recompute",
+        "kernels", "device", "collectives", "lowering"]
     assert [entry.name for entry in PIPELINE if entry.run is None] == []  # every pass landed
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
         "causal_mask", "pipeline_split", "recompute", "kernels", "device", "collectives",
