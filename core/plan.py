@@ -184,8 +184,8 @@ class Plan:
     def _pipeline_problems(self) -> list[str]:
         problems = []
         if self.vpp > 1 and self.schedule not in ("interleaved-1f1b", "zb-v"):
-            problems.append(f"vpp={self.vpp} needs schedule=interleaved-1f1b "
-                            f"(got schedule={self.schedule})")
+            problems.append(f"vpp={self.vpp} needs schedule=interleaved-1f1b, or zb-v with "
+                            f"vpp=2 (got schedule={self.schedule})")
         if self.schedule == "zb-v" and self.vpp != 2:
             problems.append(f"schedule=zb-v places two stages per rank in a V: set vpp=2 "
                             f"(got vpp={self.vpp})")
@@ -371,9 +371,6 @@ _PENDING = {
     "loss_scale": (lambda plan: False, "loss scaling (loss_scale)", "leave loss_scale unset"),
     "seed": (lambda plan: False, "the dropout generator (seed)",
              "leave seed unset (dropout under tp/sp/pp is not matched to one device yet)"),
-    "schedule": (lambda plan: plan.schedule not in ("zb-h1", "zb-v"),
-                 "zero-bubble pipeline schedules (zb-h1, zb-v)",
-                 "use schedule=1f1b or interleaved-1f1b"),
 }
 
 

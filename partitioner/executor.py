@@ -216,8 +216,7 @@ class Executor:
         pipeline = program.pipeline
         actions = [Action("F", 0, stage.index) for stage in program.stages]
         with torch.no_grad():
-            results = self._runner(program).run(
-                actions, [input_leaves(args, kwargs)], None, None)
+            results = self._runner(program).run(actions, [input_leaves(args, kwargs)], None)
         last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
         leaves = []
         for index, shape_dtype in enumerate(pipeline.output_meta):
@@ -306,8 +305,7 @@ class Executor:
             start = time.perf_counter()
             runner.run(
                 actions, leaves, loss_of=lambda index, outputs: scaled_loss(
-                    index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)),
-                backward_of=lambda loss: loss.backward())
+                    index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)))
             self.last_pipeline_stats = {"busy_s": runner.busy_s,
                                         "wall_s": time.perf_counter() - start}
         self.state.reduce_gradients(program)
