@@ -234,15 +234,20 @@ def action_graph(orders: list[list[Action]]) -> nx.DiGraph:
     return graph
 
 
-def unit_finish_times(orders: list[list[Action]]) -> dict[Action, int]:
-    """When each action ends, with unit-time F, I and W and 2-unit B per stage (`UNIT_TIME`),
-    each action starting when its rank is free and its inputs exist (no transfer time)."""
+def finish_times(orders: list[list[Action]], cost) -> dict[Action, float]:
+    """When each action ends if it takes `cost(action)`, each action starting when its rank is
+    free and its inputs exist (no transfer time)."""
     graph = action_graph(orders)
-    finish: dict[Action, int] = {}
+    finish: dict[Action, float] = {}
     for action in nx.topological_sort(graph):  # the rank's previous action is a predecessor
         start = max((finish[dep] for dep in graph.predecessors(action)), default=0)
-        finish[action] = start + UNIT_TIME[action.kind]
+        finish[action] = start + cost(action)
     return finish
+
+
+def unit_finish_times(orders: list[list[Action]]) -> dict[Action, int]:
+    """`finish_times` with unit-time F, I and W and 2-unit B per stage (`UNIT_TIME`)."""
+    return finish_times(orders, lambda action: UNIT_TIME[action.kind])
 
 
 def unit_bubble(orders: list[list[Action]]) -> float:

@@ -142,6 +142,8 @@ class Executor:
         self.losses = losses
         self.last_pipeline_stats: dict[str, float] = {}
         """busy_s / wall_s of this rank's last pipelined step (the measured bubble)."""
+        self.last_action_s: dict[Action, float] = {}
+        """Compute seconds of each of this rank's actions in its last pipelined step."""
         self.compiled = CompiledGraphs() if plan.compile else None
         """compile=on: every stage graph run through inductor at its first call."""
         self.eager_reason: str | None = None
@@ -308,6 +310,7 @@ class Executor:
                     index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)))
             self.last_pipeline_stats = {"busy_s": runner.busy_s,
                                         "wall_s": time.perf_counter() - start}
+            self.last_action_s = dict(runner.action_s)
         self.state.reduce_gradients(program)
 
         summary = totals["summary"]

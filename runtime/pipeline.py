@@ -38,6 +38,8 @@ class PipelineRunner:
         self._value_ids = {name: i for i, name in enumerate(sorted(pipeline.values))}
         self.busy_s = 0.0
         """Seconds of the last `run` spent computing (not waiting): 1 - busy/wall is the bubble."""
+        self.action_s: dict[Action, float] = {}
+        """Seconds each action of the last `run` spent computing."""
 
     # --- communication ------------------------------------------------------------------
     def _tag(self, microbatch: int, value: str, consumer: int, backward: bool) -> int:
@@ -88,6 +90,7 @@ class PipelineRunner:
         the "B" or "I" and "W" actions run. Returns the last stage's outputs per microbatch."""
         self._works = []
         self.busy_s = 0.0
+        self.action_s = {}
         self._local = {}  # (microbatch, value, consumer, backward?) -> tensor kept on this rank
         self._inputs, self._outputs, results = {}, {}, {}
         self._weight_steps: dict[tuple[int, int], WeightStep] = {}  # after "I", until "W"
@@ -95,6 +98,7 @@ class PipelineRunner:
         self._posted = {}  # tag -> (irecv work, buffer) posted ahead of need
         for index, action in enumerate(actions):
             stage = self.stages[action.stage]
+            busy = self.busy_s
             self._prefetch(action)
             if index + 1 < len(actions):
                 self._prefetch(actions[index + 1])
@@ -108,6 +112,7 @@ class PipelineRunner:
                 self.busy_s += time.perf_counter() - start
             else:
                 self._backward(stage, action.microbatch, split=action.kind == "I")
+            self.action_s[action] = self.busy_s - busy
         for work, _ in self._works:
             work.wait()
         self._works = []
