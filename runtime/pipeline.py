@@ -19,6 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from core.ops import CheckpointedRegion
 from core.schedules import Action
 from runtime.backward_split import WeightStep, backward_input
 
@@ -36,6 +37,14 @@ class PipelineRunner:
         self.run_stage = run_stage  # (stage, inputs) -> outputs tuple
         self.device = device
         self._value_ids = {name: i for i, name in enumerate(sorted(pipeline.values))}
+        self._splits = {stage.index: not any(isinstance(module, CheckpointedRegion)
+                                             for module in stage.gm.modules())
+                        for stage in stages}
+        """Stage -> whether its backward splits into I and W. A stage with checkpointed
+        regions (recompute=full, sp's gathered inputs) runs its whole backward in I and an
+        empty W: torch's checkpoint recomputes a region once per autograd call, and the weight
+        step is one call per group of weights (runtime.backward_split), which would recompute
+        each region (and redo its all-gathers) several times over."""
         self.busy_s = 0.0
         """Seconds of the last `run` spent computing (not waiting): 1 - busy/wall is the bubble."""
         self.action_s: dict[Action, float] = {}
@@ -180,11 +189,14 @@ class PipelineRunner:
                     tensors.append(tensor)
                     grads.append(total)
             start = time.perf_counter()  # the receives above are waiting, not work
-        if split:
+        if split and self._splits[stage.index]:
             leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
             self._weight_steps[(mb, stage.index)] = backward_input(tensors, grads, leaves)
-        elif tensors:
-            torch.autograd.backward(tensors, grads)
+        else:
+            if tensors:
+                torch.autograd.backward(tensors, grads)
+            if split:
+                self._weight_steps[(mb, stage.index)] = WeightStep()  # done above
         self.busy_s += time.perf_counter() - start
         for name, tensor in zip(stage.inputs, inputs, strict=True):
             value = self.pipeline.values[name]
