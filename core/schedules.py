@@ -135,7 +135,9 @@ def _zb_v(pp: int, m: int, ranks: tuple[int, ...]) -> list[list[Action]]:
     later stage first: it unblocks the stages before it), else an F (the later stage first;
     a new microbatch enters the rank's first stage only while fewer than 2p stage activations
     wait for their W or are due on its second stage, i.e. p microbatches of the rank's layers:
-    1F1B's peak), else the oldest waiting W. Rank r's stages are r and 2p-1-r."""
+    1F1B's peak), else the oldest waiting W. Rank r's stages are r and 2p-1-r. At unit costs
+    the span is 6m + p - 1 stage units at p = 2, the least any order can do (rank p-1 waits
+    p-1 forwards for its first input), and within p - 2 more of it up to p = 8."""
     stages = 2 * pp
     first = {r: ranks.index(r) for r in range(pp)}  # the rank's stage on the way down
     orders: list[list[Action]] = [[] for _ in range(pp)]

@@ -170,3 +170,19 @@ def test_zero_bubble_spans_match_theory_on_unit_costs(pp, m):
             > unit_bubble(schedule("zb-h1", pp, m)) > unit_bubble(schedule("zb-v", pp, m, 2)))
     assert "I0" in timeline(schedule("zb-h1", pp, m)) and "W0.1" in timeline(
         schedule("zb-v", pp, m, 2))
+
+
+def test_zb_v_bubble_is_within_its_start_up_bound():
+    """In stage units (F = I = W = 1, a stage half a rank's layers) no ZB-V order can end before
+    6m + p - 1 (rank p-1 waits p-1 forwards for its first input, then has 6m of work). The
+    greedy order reaches it at p = 2 and stays within p - 2 of it up to p = 8 (under 1F1B's
+    activation memory): always less idle time than ZB-H1 (3m + p - 1 of full-stage units, i.e.
+    6m + 2p - 2 here) and than interleaved 1F1B."""
+    for pp in range(2, 9):
+        for m in range(pp, 4 * pp + 1):
+            span = max(unit_finish_times(schedule("zb-v", pp, m, 2)).values())
+            assert 6 * m + pp - 1 <= span <= 6 * m + max(pp - 1, 2 * pp - 3), (pp, m)
+            assert span < 2 * max(unit_finish_times(schedule("zb-h1", pp, m)).values())
+            if m % pp == 0:
+                assert span < max(unit_finish_times(
+                    schedule("interleaved-1f1b", pp, m, 2)).values())
