@@ -73,9 +73,12 @@ class Plan:
     microbatches: int = 1
     """Microbatches per step (per data-parallel rank)."""
     schedule: Schedule = "1f1b"
-    """Pipeline schedule."""
+    """Pipeline schedule (core.schedules): gpipe, 1f1b, interleaved-1f1b, or the zero-bubble
+    zb-h1 and zb-v (backward split into input- and weight-gradient steps; zb-v places two
+    stages per rank in a V)."""
     vpp: int = 1
-    """Virtual pipeline stages per rank (interleaved 1F1B only)."""
+    """Virtual pipeline stages per rank (interleaved 1F1B; 2 for zb-v, as Megatron and torch
+    name ZB-V's two chunks per rank)."""
     cp_algo: CpAlgo = "ring"
     """Context-parallel attention: ring (send/recv of k/v blocks), a2a (Ulysses all-to-all) or
     hybrid (a2a inside sub-groups of `cp_a2a` ranks, ring across them)."""

@@ -20,16 +20,15 @@ def _run(cases):
 GPT, LLAMA = "partitioner.models:tiny", "partitioner.models:tiny_llama"
 ZERO_BUBBLE_TWO_RANKS = [  # the backward split into input- and weight-gradient steps
     ("gpt-zb-h1-mb4", GPT, "pp=2,mb=4,schedule=zb-h1", {}),
-    ("llama-zb-h1-mb1", LLAMA, "pp=2,mb=1,schedule=zb-h1", {}),
     ("llama-zb-h1-mb8", LLAMA, "pp=2,mb=8,schedule=zb-h1", {"factory_kwargs": {"batch": 8}}),
     # the V: rank 0 holds stages 0 and 3 (the tied embedding and head, and the loss)
     ("gpt-zb-v-mb4", GPT, "pp=2,vpp=2,schedule=zb-v,mb=4", {"factory_kwargs": {"n_layer": 4}}),
     ("llama-zb-v-mb3", LLAMA, "pp=2,vpp=2,schedule=zb-v,mb=3",
      {"factory_kwargs": {"n_layer": 4, "batch": 6}}),
+    # checkpointed regions: the whole backward in I (runtime.pipeline); selective: split
     ("gpt-zb-h1-recompute-full", GPT, "pp=2,mb=2,schedule=zb-h1,recompute=full", {}),
     ("llama-zb-v-recompute-selective", LLAMA, "pp=2,vpp=2,schedule=zb-v,mb=2,"
      "recompute=selective", {"factory_kwargs": {"n_layer": 4}}),
-    ("gpt-zb-h1-token-weighted", GPT, "pp=2,mb=2,schedule=zb-h1", {"token_weighted": True}),
 ]
 
 TWO_RANKS = [
@@ -76,8 +75,6 @@ ZERO_BUBBLE_FOUR_RANKS = [
     ("gpt-tp2-pp2-zb-h1", GPT, "tp=2,pp=2,mb=4,schedule=zb-h1", {}),
     ("llama-dp2-pp2-zero-zb-v", LLAMA, "pp=2,dp=2,vpp=2,mb=2,zero=1,schedule=zb-v",
      {"factory_kwargs": {"n_layer": 4}}),
-    ("llama-tp2-pp2-zb-v-recompute-full", LLAMA, "tp=2,pp=2,vpp=2,mb=2,schedule=zb-v,"
-     "recompute=full", {"factory_kwargs": {"n_layer": 4}}),
 ]
 
 
