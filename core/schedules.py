@@ -51,7 +51,9 @@ def placement(name: str, pp: int, vpp: int = 1) -> tuple[int, ...]:
 
 def schedule(name: str, pp: int, microbatches: int, vpp: int = 1) -> list[list[Action]]:
     """Per pp rank, the actions in order (stage s lives on rank `placement(...)[s]`)."""
-    if name == "zb-h1" and vpp == 1:
+    if name == "zb-h1":
+        if vpp != 1:
+            raise ValueError(f"zb-h1 has one stage per rank: vpp must be 1 (got {vpp})")
         return [_zb_h1(r, pp, microbatches) for r in range(pp)]
     if name == "zb-v":
         return _zb_v(pp, microbatches, placement(name, pp, vpp))

@@ -109,6 +109,8 @@ def test_zb_v_places_stages_in_a_v_and_refuses_other_vpp():
     assert placement("zb-h1", 2) == (0, 1)
     with pytest.raises(ValueError, match="vpp must be 2"):
         placement("zb-v", 2, 3)
+    with pytest.raises(ValueError, match="zb-h1 has one stage per rank: vpp must be 1"):
+        schedule("zb-h1", 2, 4, 2)
 
 
 def test_zero_bubble_dependencies_split_the_backward():
