@@ -181,7 +181,7 @@ def test_zb_v_bubble_is_within_its_start_up_bound():
     activation memory): always less idle time than ZB-H1 (3m + p - 1 of full-stage units, i.e.
     6m + 2p - 2 here) and than interleaved 1F1B."""
     for pp in range(2, 9):
-        for m in range(pp, 4 * pp + 1):
+        for m in (pp, pp + 1, 2 * pp, 3 * pp + 1):
             span = max(unit_finish_times(schedule("zb-v", pp, m, 2)).values())
             assert 6 * m + pp - 1 <= span <= 6 * m + max(pp - 1, 2 * pp - 3), (pp, m)
             assert span < 2 * max(unit_finish_times(schedule("zb-h1", pp, m)).values())
