@@ -3,8 +3,10 @@
 Same model (a Llama-style reference GPT, untied embeddings), same 2 gloo ranks, same
 microbatches: torch's `pipeline()` with a manual split at the middle layer and Schedule1F1B,
 against `parallelize(model, "pp=2,mb=M,schedule=1f1b")` (our cost model picks the cut). Then
-each of our schedules' measured bubble (1 - busy/wall on the busiest rank) beside its theory.
-Prints a table and saves JSON.
+each of our schedules' measured bubble (1 - busy/wall on the busiest rank) beside its theory
+and beside 1F1B's: GPipe, 1F1B, interleaved 1F1B and the zero-bubble ZB-H1 and ZB-V (backward
+split into input- and weight-gradient steps). One thread per rank. Prints a table and saves
+JSON.
 
     python benchmarks/pipeline.py [--layers 4] [--hidden 256] [--microbatches 4] [--steps 5]
 """
@@ -67,21 +69,44 @@ def _our_runner(args, schedule: str, vpp: int = 1):
     return (lambda: pm.step(ids, target=target)), pm
 
 
+SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), ("zb-v", 2))
+
+
 def _rank_main(args):
     runners = {"torch_1f1b": _torch_runner(args)}
-    for schedule, vpp in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2)):
+    for schedule, vpp in SCHEDULES:
         runners[f"ours_{schedule}"] = _our_runner(args, schedule, vpp)
     bubbles = {name: [] for name in runners}
+    actions = {name: [] for name in runners}  # per step: [kind, microbatch, stage, seconds]
 
     def record_bubble(name: str) -> None:
         pm = runners[name][1]
         if pm is not None:
             stats = pm.last_pipeline_stats
             bubbles[name].append(1 - stats["busy_s"] / stats["wall_s"])
+            actions[name].append([[a.kind, a.microbatch, a.stage, seconds]
+                                  for a, seconds in pm.executor.last_action_s.items()])
 
     times = time_round_robin({name: run for name, (run, _) in runners.items()}, args.steps,
                              after=record_bubble)
-    return {"times": times, "bubbles": bubbles}
+    return {"times": times, "bubbles": bubbles, "actions": actions}
+
+
+def _bubble_at_measured_costs(per_rank, name: str, vpp: int, m: int) -> float:
+    """The schedule's bubble (busiest rank, as measured) if every action took its median
+    measured compute time and nothing else cost time: what the cost ratios (F, I, W, stage
+    imbalance) allow, apart from communication and the runtime's waits."""
+    from core.schedules import Action, finish_times, schedule
+
+    cost: dict[Action, list[float]] = {}
+    for rank in per_rank:
+        for step in rank["actions"][f"ours_{name}"]:
+            for kind, mb, stage, seconds in step:
+                cost.setdefault(Action(kind, mb, stage), []).append(seconds)
+    orders = schedule(name, len(per_rank), m, vpp)
+    median = {action: statistics.median(s) for action, s in cost.items()}
+    span = max(finish_times(orders, median.__getitem__).values())
+    return max(1 - sum(median[a] for a in actions) / span for actions in orders)
 
 
 def main() -> None:
@@ -97,23 +122,36 @@ def main() -> None:
     args = parser.parse_args()
     from runtime import spawn
 
-    per_rank = spawn(2, _rank_main, args, timeout=1200)
+    per_rank = spawn(2, _rank_main, args, timeout=1200, threads_per_rank=1)
     p, m = 2, args.microbatches
+    # equal stages; zero-bubble with T_F = T_I = T_W (I + W the backward): ZB-H1 idles
+    # (p-1)(F + I - W) per rank, ZB-V (two half stages per rank) only (p-1) half forwards
     theory = {"gpipe": (p - 1) / (m + p - 1), "1f1b": (p - 1) / (m + p - 1),
-              "interleaved-1f1b": (p - 1) / (2 * m)}
+              "interleaved-1f1b": (p - 1) / (2 * m), "zb-h1": (p - 1) / (3 * m + p - 1),
+              "zb-v": (p - 1) / (6 * m + p - 1)}
     times = [r["times"] for r in per_rank]
     torch_time = slowest_rank_median(times, "torch_1f1b")
     summary = {"config": vars(args), "torch_pipelining_1f1b_s": torch_time, "ours": {}}
     print(f"{args.layers}-layer Llama-style GPT, hidden {args.hidden}, batch {args.batch}x"
           f"{args.seq}, {m} microbatches, 2 gloo ranks")
     print(f"  torch.distributed.pipelining Schedule1F1B: {torch_time * 1e3:8.1f} ms/step")
-    for name in ("gpipe", "1f1b", "interleaved-1f1b"):
+    bubbles = {name: max(statistics.median(r["bubbles"][f"ours_{name}"]) for r in per_rank)
+               for name, _ in SCHEDULES}
+    print("  bubble: measured (1 - busy/wall, busiest rank) | theory (equal stages, "
+          "T_I = T_W) | the schedule replayed with each action's measured compute time")
+    for name, vpp in SCHEDULES:
         step = slowest_rank_median(times, f"ours_{name}")
-        bubble = max(statistics.median(r["bubbles"][f"ours_{name}"]) for r in per_rank)
-        summary["ours"][name] = {"step_s": step, "ratio_vs_torch": step / torch_time,
-                                 "measured_bubble": bubble, "theory_bubble": theory[name]}
+        bubble = bubbles[name]
+        replayed = _bubble_at_measured_costs(per_rank, name, vpp, m)
+        summary["ours"][name] = {
+            "step_s": step, "ratio_vs_torch": step / torch_time, "measured_bubble": bubble,
+            "theory_bubble": theory[name], "replayed_bubble": replayed,
+            "bubble_vs_1f1b": bubble / bubbles["1f1b"],
+            "theory_vs_1f1b": theory[name] / theory["1f1b"]}
         print(f"  ours {name:<17} {step * 1e3:8.1f} ms/step  ({step / torch_time:.2f}x torch)  "
-              f"bubble measured {bubble:.3f} vs theory {theory[name]:.3f}")
+              f"bubble {bubble:.3f} | {theory[name]:.3f} | {replayed:.3f}; "
+              f"{bubble / bubbles['1f1b']:.2f}x 1F1B's (theory "
+              f"{theory[name] / theory['1f1b']:.2f}x)")
     summary["raw"] = per_rank
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

@@ -36,9 +36,14 @@ def in_flight(schedule: str, rank: int, pp: int, microbatches: int, vpp: int) ->
 
     GPipe: all m. 1F1B: min(m, p - rank). Interleaved 1F1B: Megatron's warm-up of
     (p - rank - 1) * 2 + (v - 1) * p chunks plus the one in progress, each 1/v of the rank's
-    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor."""
+    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor.
+    Zero-bubble ZB-H1 and ZB-V: min(m, p) on every rank (a microbatch's activations are held
+    until its weight-gradient step; the delayed W steps bring every rank to 1F1B's rank-0 peak,
+    counted in full although W needs only the weights' inputs)."""
     if schedule == "gpipe":
         return float(microbatches)
+    if schedule in ("zb-h1", "zb-v"):
+        return float(min(microbatches, pp))
     if schedule == "interleaved-1f1b" and vpp > 1:
         chunks = min(microbatches * vpp, (pp - rank - 1) * 2 + (vpp - 1) * pp + 1)
         return chunks / vpp
@@ -99,11 +104,12 @@ class MemoryBreakdown:
 
 
 @lru_cache(maxsize=4096)
-def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int,
-                 vpp: int) -> tuple[tuple[int, int], ...]:
+def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
+                 placement: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
     """(dense blocks, MoE blocks) per pipeline rank. Layers split as evenly as possible over
     the pp*vpp chunks; the remainder goes to the middle chunks, away from the embedding and
-    head on the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..."""
+    head on the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..., or those
+    `placement` (the schedule's, core.schedules.placement) puts on it."""
     chunks = pp * vpp
     base, rem = divmod(layers, chunks)
     extra = set(range(1, rem + 1)) if rem < chunks - 1 else set(range(rem))
@@ -112,7 +118,8 @@ def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int,
     per_rank = []
     for r in range(pp):
         nd = nm = 0
-        for ci in range(r, chunks, pp):
+        for ci in (range(r, chunks, pp) if placement is None else
+                   [c for c in range(chunks) if placement[c] == r]):
             for li in range(starts[ci], starts[ci] + sizes[ci]):
                 if moe and li >= dense_layers:
                     nm += 1
@@ -123,11 +130,11 @@ def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int,
 
 
 @lru_cache(maxsize=4096)
-def distinct_ranks(layers: int, dense_layers: int, moe: bool, pp: int,
-                   vpp: int) -> tuple[tuple[int, int, int], ...]:
+def distinct_ranks(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
+                   placement: tuple[int, ...] | None = None) -> tuple[tuple[int, int, int], ...]:
     """(rank, dense, moe) for the first rank, the last, and the lowest rank of every other
     distinct layer mix: the only ranks that can be the slowest or the fullest."""
-    per = stage_layers(layers, dense_layers, moe, pp, vpp)
+    per = stage_layers(layers, dense_layers, moe, pp, vpp, placement)
     seen, out = set(), []
     for r, mix in enumerate(per):
         if r in (0, pp - 1) or mix not in seen:

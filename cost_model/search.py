@@ -228,6 +228,8 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                 if sched == "interleaved-1f1b":
                     vpps = [v for v in VPP if fam.pp * v <= shape.layers and m % fam.pp == 0
                             and shape.layers % (fam.pp * v) == 0]
+                elif sched == "zb-v":  # asked for with --fix: two stages per rank in a V
+                    vpps = [2] if 2 * fam.pp <= shape.layers else []
                 vpps = choices("vpp", vpps)
                 for vpp in vpps:
                     for sp_ in choices("sp", [True, False] if fam.tp > 1 else [False]):

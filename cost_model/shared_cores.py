@@ -28,7 +28,8 @@ from typing import NamedTuple
 
 from core.layout import RankLayout
 from core.plan import Plan
-from core.schedules import Action, action_graph, dependencies, num_stages_of, schedule
+from core.schedules import (Action, action_graph, dependencies, num_stages_of, placement,
+                            schedule)
 from cost_model.hardware import Cluster
 
 _EPS = 1e-15
@@ -53,6 +54,10 @@ class RankPhases(NamedTuple):
     tail: Phases
 
     def of(self, action: Action) -> Phases:
+        """The action's Phases: a zero-bubble schedule's input- and weight-gradient steps ("I",
+        "W") each half of the backward (a matmul's dX and dW cost the same)."""
+        if action.kind in ("I", "W"):
+            return Phases(self.backward.work / 2, self.backward.wait / 2)
         return {"F": self.forward, "B": self.backward, "S": self.tail}[action.kind]
 
 
@@ -60,14 +65,15 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
              load: list[list[int]], cores: float) -> float:
     """Seconds until every pipeline rank has run its actions.
 
-    `orders[r]`: rank r's actions (stage s on rank s % pp; an "S" action, the tail, needs only
-    the rank's previous actions). `cost(action)`: its Phases. `hop_latency`: the wait between an
+    `orders[r]`: rank r's actions (a stage on the rank whose order runs it; an "S" action, the
+    tail, needs only the rank's previous actions). `cost(action)`: its Phases. `hop_latency`: the wait between an
     action and one on another rank that needs its output. `load[n][r]`: how many ranks of
     pipeline rank r node n runs (its lockstep replicas there); a rank advances at the pace of
     its most crowded node."""
     action_graph(orders)  # raises on a schedule that deadlocks, before simulating it
     pp = len(orders)
     stages = num_stages_of(orders)
+    rank_of = {a.stage: r for r, actions in enumerate(orders) for a in actions if a.kind != "S"}
     done: dict[Action, float] = {}
     position = [0] * pp
     phase = [None] * pp  # None: not started; ("work"|"wait", seconds left)
@@ -79,7 +85,7 @@ def simulate(orders: list[list[Action]], cost, hop_latency: float,
         for dep in dependencies(action, stages):
             if dep not in done:
                 return None
-            hop = hop_latency if dep.stage % pp != action.stage % pp else 0.0
+            hop = hop_latency if rank_of[dep.stage] != rank_of[action.stage] else 0.0
             t = max(t, done[dep] + hop)
         return t
 
@@ -161,9 +167,10 @@ def shared_core_step(stage_phases: list[RankPhases], p: Plan, cluster: Cluster,
     v = p.vpp
     orders = [acts + [Action("S", 0, r)]
               for r, acts in enumerate(schedule(p.schedule, p.pp, p.microbatches, v))]
+    ranks = placement(p.schedule, p.pp, v)
 
     def cost(action: Action) -> Phases:
-        ph = stage_phases[action.stage % p.pp].of(action)
+        ph = stage_phases[action.stage if action.kind == "S" else ranks[action.stage]].of(action)
         return ph if action.kind == "S" else Phases(ph.work / v, ph.wait / v)
 
     return simulate(orders, cost, hop_latency, node_load(p, cluster), cluster.hardware.cores)

@@ -299,7 +299,7 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
     work_mb = nd * dense.work + nm * moe.work
     work_f = nd * dense.work_fwd + nm * moe.work_fwd
     work_b = nd * dense.work_bwd + nm * moe.work_bwd
-    for end in ([step.embedding] if r == 0 else []) + ([step.head] if r == pp - 1 else []):
+    for end in ([step.embedding] if r == 0 else []) + ([step.head] if r == tr.head_rank else []):
         F, B = F + end.fwd, B + end.bwd
         work_mb += end.work
         work_f, work_b = work_f + end.work_fwd, work_b + end.work_bwd
@@ -330,7 +330,7 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
     sync = dp.gradient_sync(tr, p_dense, p_exp)
     sync_s = sum(c.seconds for c in sync)
     buckets = max(1, nd + nm)
-    ends = r in (0, pp - 1)
+    ends = r in (0, tr.head_rank)
     tied, loss = step.tied_sync, step.loss_sync
     work = (m * work_mb + sum(c.transfer for c in sync) + opt +
             (tied.transfer if ends else 0.0) + loss.transfer)
@@ -357,10 +357,11 @@ def _rank_params(tr: Traits, r: int, nd: int, nm: int) -> tuple[float, float]:
     """(dense, expert) parameters held by pipeline rank r: its blocks' shards, the embedding
     on the first rank, the head (and a tied embedding's copy) on the last."""
     p, shape, split = tr.plan, tr.shape, tr.vocab_split
-    head = shape.head_params() / split + (
-        shape.vocab * shape.hidden / split if shape.tie_embeddings and p.pp > 1 else 0.0)
+    head = shape.head_params() / split + (  # a tied embedding's copy, unless on the same rank
+        shape.vocab * shape.hidden / split if shape.tie_embeddings and tr.head_rank else 0.0)
     p_dense = nd * (shape.dense_block_params() / p.tp) + (
-        shape.embedding_params() / split if r == 0 else 0.0) + (head if r == p.pp - 1 else 0.0)
+        shape.embedding_params() / split if r == 0 else 0.0) + (head if r == tr.head_rank
+                                                                 else 0.0)
     params_moe = shape.moe_block_params() / p.tp + shape.expert_params() / (p.ep * p.expert_tp)
     return p_dense, nm * params_moe
 
@@ -375,7 +376,7 @@ def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense:
     act = flight * (nd * step.dense.act + nm * step.moe.act) * _activation_scale(p)
     temp = max(step.dense.full_act, step.moe.full_act)
     temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
-    if r == p.pp - 1:
+    if r == tr.head_rank:
         temp += T * shape.vocab / tr.vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
     if r == 0 and p.pp > 1:
         act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
@@ -433,16 +434,22 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
                  include_optimizer=include_optimizer)
 
     # ranks of distinct layer mixes are computed; the others copy the one with the same mix
-    ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
+    chunks = None if p.schedule != "zb-v" else tr.placement
+    ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v,
+                               chunks)
     computed = {r: rank_time(tr, step, r, nd, nm) for r, nd, nm in ranks}
-    full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v)
+    full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v,
+                                  chunks)
     x = {r: rt.fwd + rt.bwd for r, rt in computed.items()}
-    mix_time = {}
+    f = {r: rt.fwd for r, rt in computed.items()}
+    mix_x, mix_f = {}, {}
     for r, nd, nm in ranks:
         if 0 < r < pp - 1:
-            mix_time.setdefault((nd, nm), x[r])
-    all_x = [x.get(r, mix_time.get(mix, 0.0)) for r, mix in enumerate(full_times)]
-    span = pipeline.span(all_x, m, v)
+            mix_x.setdefault((nd, nm), x[r])
+            mix_f.setdefault((nd, nm), f[r])
+    all_x = [x.get(r, mix_x.get(mix, 0.0)) for r, mix in enumerate(full_times)]
+    all_f = [f.get(r, mix_f.get(mix, 0.0)) for r, mix in enumerate(full_times)]
+    span = pipeline.span(all_x, m, v, p.schedule, all_f)
     ideal = m * sum(all_x) / pp
     slowest = computed[max(x, key=x.get)]
     per_rank = [_by_mix(computed, ranks, full_times, r) for r in range(pp)]

@@ -12,6 +12,7 @@ from typing import Literal, NamedTuple
 
 from core.layout import RankLayout
 from core.plan import Plan
+from core.schedules import placement
 from cost_model.comm import GroupPlacement, group_placement
 from cost_model.hardware import Cluster, Hardware
 from cost_model.shapes import TransformerShape
@@ -73,6 +74,16 @@ class Traits:
     def tokens(self) -> float:
         """Tokens of one microbatch on one context-parallel rank."""
         return self.mbs * self.shape.seq / self.plan.cp
+
+    @property
+    def placement(self) -> tuple[int, ...]:
+        """The pp rank of every stage (the schedule's: zb-v's V puts the last on rank 0)."""
+        return placement(self.plan.schedule, self.plan.pp, self.plan.vpp)
+
+    @property
+    def head_rank(self) -> int:
+        """The pp rank holding the last stage: the LM head, the loss."""
+        return self.placement[-1]
 
     @property
     def vocab_split(self) -> int:

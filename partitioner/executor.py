@@ -141,6 +141,8 @@ class Executor:
         """fp16's dynamic loss scale (None without loss_scale)."""
         self.last_step_skipped = False
         """Whether the last step overflowed under loss scaling (its gradients left None)."""
+        self.last_action_s: dict[Action, float] = {}
+        """Compute seconds of each of this rank's actions in its last pipelined step."""
         self.compiled = CompiledGraphs() if plan.compile else None
         """compile=on: every stage graph run through inductor at its first call."""
         self.eager_reason: str | None = None
@@ -215,8 +217,7 @@ class Executor:
         pipeline = program.pipeline
         actions = [Action("F", 0, stage.index) for stage in program.stages]
         with torch.no_grad():
-            results = self._runner(program).run(
-                actions, [input_leaves(args, kwargs)], None, None)
+            results = self._runner(program).run(actions, [input_leaves(args, kwargs)], None)
         last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
         leaves = []
         for index, shape_dtype in enumerate(pipeline.output_meta):
@@ -307,10 +308,10 @@ class Executor:
             start = time.perf_counter()
             runner.run(
                 actions, leaves, loss_of=lambda index, outputs: scaled_loss(
-                    index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)),
-                backward_of=lambda loss: loss.backward())
+                    index, pytree.tree_unflatten(list(outputs), program.pipeline.out_spec)))
             self.last_pipeline_stats = {"busy_s": runner.busy_s,
                                         "wall_s": time.perf_counter() - start}
+            self.last_action_s = dict(runner.action_s)
         self.state.reduce_gradients(program)
 
         summary = totals["summary"]

@@ -111,7 +111,9 @@ def pipeline_split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         raise PassError(
             f"pipeline_split: plan {plan} needs pp*vpp={plan.pp}*{plan.vpp}={stages} stages but "
             f"the model has only {len(names)} cuttable segments ({', '.join(names)}); "
-            f"use pp*vpp <= {len(names)}")
+            + (f"zb-v puts two stages on every rank: use pp <= {len(names) // 2} or a model "
+               f"with at least {stages} segments" if plan.schedule == "zb-v" else
+               f"use pp*vpp <= {len(names)}"))
     segments = _segment_costs(gm, names, assignment)
     pinned = _pinned(plan, names) if ctx.stage_starts is None else _reused(ctx, names)
     try:

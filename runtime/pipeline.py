@@ -3,10 +3,13 @@
 The executor runs one rank's actions: forward of a stage receives its inputs (model input
 leaves locally, activations from the producing stage's rank with irecv), runs the stage graph and
 isends its outputs to every consuming stage; backward receives the gradients of its outputs,
-runs autograd, and isends the gradients of its received inputs back. Sends never block (their
+runs autograd, and isends the gradients of its received inputs back. Under the zero-bubble
+schedules the backward is two actions: "I" computes only the input gradients (sent back at
+once) and keeps the graph; "W" later accumulates the weight gradients (runtime.backward_split).
+Which rank runs a stage is the pipeline's placement (the schedule's). Sends never block (their
 handles are waited at the end of the step) and receives block only when their value is needed,
 which is deadlock-free for any schedule in which each rank's order respects the data
-dependencies, as the three here do (Megatron-Core's orders).
+dependencies, as `core.schedules.action_graph` checks of every schedule there.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from core.ops import CheckpointedRegion
 from core.schedules import Action
+from runtime.backward_split import WeightStep, backward_input
 
 class PipelineRunner:
     """Runs one rank's actions for one step."""
@@ -32,8 +37,18 @@ class PipelineRunner:
         self.run_stage = run_stage  # (stage, inputs) -> outputs tuple
         self.device = device
         self._value_ids = {name: i for i, name in enumerate(sorted(pipeline.values))}
+        self._splits = {stage.index: not any(isinstance(module, CheckpointedRegion)
+                                             for module in stage.gm.modules())
+                        for stage in stages}
+        """Stage -> whether its backward splits into I and W. A stage with checkpointed
+        regions (recompute=full, sp's gathered inputs) runs its whole backward in I and an
+        empty W: torch's checkpoint recomputes a region once per autograd call, and the weight
+        step is one call per group of weights (runtime.backward_split), which would recompute
+        each region (and redo its all-gathers) several times over."""
         self.busy_s = 0.0
         """Seconds of the last `run` spent computing (not waiting): 1 - busy/wall is the bubble."""
+        self.action_s: dict[Action, float] = {}
+        """Seconds each action of the last `run` spent computing."""
 
     # --- communication ------------------------------------------------------------------
     def _tag(self, microbatch: int, value: str, consumer: int, backward: bool) -> int:
@@ -71,7 +86,7 @@ class PipelineRunner:
                 if value.producer >= 0 and not self._same_rank(value.producer, stage.index):
                     self._post_recv(value, value.producer,
                                     self._tag(mb, name, stage.index, False))
-        elif stage.index < self.pipeline.num_stages - 1:
+        elif action.kind in ("B", "I") and stage.index < self.pipeline.num_stages - 1:
             for name in stage.outputs:
                 value = self.pipeline.values[name]
                 for consumer in self.pipeline.consumers[name]:
@@ -79,17 +94,20 @@ class PipelineRunner:
                         self._post_recv(value, consumer, self._tag(mb, name, consumer, True))
 
     # --- one step -----------------------------------------------------------------------
-    def run(self, actions: list[Action], microbatch_leaves: list[list], loss_of, backward_of):
-        """`loss_of(microbatch, outputs)` makes the last stage's loss; `backward_of(loss)`
-        runs its scaled backward. Returns the last stage's outputs per microbatch."""
+    def run(self, actions: list[Action], microbatch_leaves: list[list], loss_of):
+        """`loss_of(microbatch, outputs)` makes the last stage's (scaled) loss, whose backward
+        the "B" or "I" and "W" actions run. Returns the last stage's outputs per microbatch."""
         self._works = []
         self.busy_s = 0.0
+        self.action_s = {}
         self._local = {}  # (microbatch, value, consumer, backward?) -> tensor kept on this rank
         self._inputs, self._outputs, results = {}, {}, {}
-        self._leaves, self._loss_of, self._backward_of = microbatch_leaves, loss_of, backward_of
+        self._weight_steps: dict[tuple[int, int], WeightStep] = {}  # after "I", until "W"
+        self._leaves, self._loss_of = microbatch_leaves, loss_of
         self._posted = {}  # tag -> (irecv work, buffer) posted ahead of need
         for index, action in enumerate(actions):
             stage = self.stages[action.stage]
+            busy = self.busy_s
             self._prefetch(action)
             if index + 1 < len(actions):
                 self._prefetch(actions[index + 1])
@@ -97,11 +115,19 @@ class PipelineRunner:
                 out = self._forward(stage, action.microbatch)
                 if stage.index == self.pipeline.num_stages - 1:
                     results[action.microbatch] = out
+            elif action.kind == "W":
+                start = time.perf_counter()
+                self._weight_steps.pop((action.microbatch, stage.index)).run()
+                self.busy_s += time.perf_counter() - start
             else:
-                self._backward(stage, action.microbatch)
+                self._backward(stage, action.microbatch, split=action.kind == "I")
+            self.action_s[action] = self.busy_s - busy
         for work, _ in self._works:
             work.wait()
         self._works = []
+        if self._weight_steps:
+            raise RuntimeError(f"the schedule ran no W after I of (microbatch, stage) "
+                               f"{sorted(self._weight_steps)}: weight gradients missing")
         return results
 
     def _same_rank(self, a: int, b: int) -> bool:
@@ -141,12 +167,15 @@ class PipelineRunner:
                     self._hand_over(tensor, mb, name, consumer, consumer, backward=False)
         return out
 
-    def _backward(self, stage, mb: int) -> None:
+    def _backward(self, stage, mb: int, split: bool) -> None:
+        """The stage's backward ("B"), or with `split` only its input gradients ("I"), the
+        weight gradients kept for the "W" action."""
         self._current = stage.index
         out = self._outputs.pop((mb, stage.index))
+        inputs = self._inputs.pop((mb, stage.index))
         if stage.index == self.pipeline.num_stages - 1:
             start = time.perf_counter()
-            self._backward_of(self._loss_of(mb, out))
+            tensors, grads = [self._loss_of(mb, out)], [None]
         else:
             tensors, grads = [], []
             for name, tensor in zip(stage.outputs, out, strict=True):
@@ -160,10 +189,16 @@ class PipelineRunner:
                     tensors.append(tensor)
                     grads.append(total)
             start = time.perf_counter()  # the receives above are waiting, not work
+        if split and self._splits[stage.index]:
+            leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+            self._weight_steps[(mb, stage.index)] = backward_input(tensors, grads, leaves)
+        else:
             if tensors:
                 torch.autograd.backward(tensors, grads)
+            if split:
+                self._weight_steps[(mb, stage.index)] = WeightStep()  # done above
         self.busy_s += time.perf_counter() - start
-        for name, tensor in zip(stage.inputs, self._inputs.pop((mb, stage.index)), strict=True):
+        for name, tensor in zip(stage.inputs, inputs, strict=True):
             value = self.pipeline.values[name]
             if value.producer >= 0 and value.differentiable:
                 grad = tensor.grad if tensor.grad is not None else torch.zeros_like(tensor)

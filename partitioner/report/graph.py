@@ -33,7 +33,7 @@ def to_text(plan: Plan, world_size: int, programs: list[RankProgram]) -> str:
     text = "\n\n".join(explain(program) for program in programs) + "\n"
     if programs and programs[0].pipeline is not None:
         text += (f"\n{plan.schedule} timeline, {plan.microbatches} microbatches "
-                 f"(F<mb>.<stage>, B = backward):\n"
+                 f"(F<mb>.<stage>, B = backward, I/W = its input/weight-gradient halves):\n"
                  + timeline(schedule(plan.schedule, plan.pp, plan.microbatches, plan.vpp))
                  + "\n")
     return text

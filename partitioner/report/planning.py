@@ -10,13 +10,17 @@ import html
 import math
 from pathlib import Path
 
+import networkx as nx
+
+from core import schedules
+
 GiB = 1024 ** 3
 _COLORS = {"compute": "#4e79a7", "recompute": "#a0cbe8", "tp": "#f28e2b", "cp": "#ffbe7d",
            "ep": "#9c755f", "pp": "#76b7b2", "dp": "#59a14f", "embedding": "#b07aa1",
            "loss": "#ff9da7", "optimizer": "#edc948", "bubble": "#e15759",
-           "shared_cores": "#bab0ac", "fwd": "#4e79a7", "bwd": "#59a14f", "weights": "#4e79a7",
-           "grads": "#76b7b2", "activations": "#59a14f", "temporary": "#b07aa1",
-           "reserved": "#bab0ac"}
+           "shared_cores": "#bab0ac", "fwd": "#4e79a7", "bwd": "#59a14f", "wgrad": "#8cd17d",
+           "weights": "#4e79a7", "grads": "#76b7b2", "activations": "#59a14f",
+           "temporary": "#b07aa1", "reserved": "#bab0ac"}
 TERM_NAMES = {"compute": "compute", "recompute": "recompute", "tp": "TP comm (exposed)",
               "cp": "CP comm (exposed)", "ep": "EP comm (exposed)", "pp": "PP p2p (exposed)",
               "dp": "DP gradient sync (exposed)", "embedding": "tied-embedding sync",
@@ -202,12 +206,15 @@ def stacked_bars(rows: list[tuple[str, dict]], unit: str, limit: float | None = 
 
 
 def pipeline_timeline(fwd: tuple, bwd: tuple, microbatches: int, schedule: str,
-                      width: int = 760, max_ranks: int = 16) -> str:
-    """Replays 1F1B (or GPipe) with the per-stage times; shows at most `max_ranks` stages and
-    up to 2p + 2 microbatches so that warm-up, steady state and drain stay readable."""
+                      width: int = 760, max_ranks: int = 16, vpp: int = 1) -> str:
+    """Replays the schedule with the per-stage times; shows at most `max_ranks` stages and
+    up to 2p + 2 microbatches (interleaved: a multiple of p) so that warm-up, steady state and
+    drain stay readable."""
     p = len(fwd)
     m = min(microbatches, 2 * p + 2)
-    events = simulate_pipeline(fwd, bwd, m, schedule)
+    if schedule == "interleaved-1f1b":
+        m = max(p, m - m % p)
+    events = simulate_pipeline(fwd, bwd, m, schedule, vpp)
     end = max(t1 for _, _, _, _, t1 in events) or 1.0
     show = list(range(p)) if p <= max_ranks else sorted(
         set(range(0, p, max(1, p // (max_ranks - 1)))) | {p - 1})
@@ -224,55 +231,29 @@ def pipeline_timeline(fwd: tuple, bwd: tuple, microbatches: int, schedule: str,
                                                  f"{t0 * 1e3:.1f}-{t1 * 1e3:.1f} ms"))
     y = 6 + len(show) * (row_h + 3)
     note = f"{m} of {microbatches} microbatches, {schedule}" + (
-        " drawn as 1F1B, a rank's virtual stages together" if schedule.startswith("interleaved")
-        else "") + ("" if p <= max_ranks else f", {len(show)} of {p} stages")
+        ", a rank's virtual stages in one row" if vpp > 1 else "") + ("" if p <= max_ranks else f", {len(show)} of {p} stages")
     body.append(_text(label_w, y + 12, f"0 … {end * 1e3:.1f} ms   ({note}; blue forward, "
-                                        f"green backward)"))
+                                        f"green backward, light green weight gradients)"))
     return _svg(width, y + 20, body, "timeline")
 
 
-def simulate_pipeline(fwd, bwd, m: int, schedule: str) -> list[tuple]:
-    """[(stage, 'fwd'|'bwd', microbatch, start, end)] of a GPipe or 1F1B step."""
-    p = len(fwd)
-    orders = []
-    for r in range(p):
-        if schedule == "gpipe":
-            seq = [("fwd", i) for i in range(m)] + [("bwd", i) for i in range(m)]
-        else:
-            warm = min(p - r - 1, m)
-            seq = [("fwd", i) for i in range(warm)]
-            nf, nb = warm, 0
-            while nb < m:
-                if nf < m:
-                    seq.append(("fwd", nf))
-                    nf += 1
-                seq.append(("bwd", nb))
-                nb += 1
-        orders.append(seq)
-    done: dict[tuple, float] = {}
-    free = [0.0] * p
-    pos = [0] * p
+def simulate_pipeline(fwd, bwd, m: int, schedule: str, vpp: int = 1) -> list[tuple]:
+    """[(rank, 'fwd'|'bwd'|'wgrad', microbatch, start, end)] of the plan's schedule
+    (core.schedules: the runtime's orders) with pipeline rank r's forward and backward of a
+    microbatch taking fwd[r] and bwd[r] over its `vpp` stages; a zero-bubble schedule's input-
+    and weight-gradient steps ('bwd', 'wgrad') half of the backward each."""
+    orders = schedules.schedule(schedule, len(fwd), m, vpp)
+    rank_of = {a.stage: r for r, actions in enumerate(orders) for a in actions}
+    graph = schedules.action_graph(orders)
+    kinds = {"F": "fwd", "B": "bwd", "I": "bwd", "W": "wgrad"}
+    done: dict = {}
     events = []
-    progress = True
-    while progress:
-        progress = False
-        for r in range(p):
-            while pos[r] < len(orders[r]):
-                kind, i = orders[r][pos[r]]
-                dep = (r - 1, "fwd", i) if kind == "fwd" else (r + 1, "bwd", i)
-                if kind == "fwd" and r == 0 or kind == "bwd" and r == p - 1:
-                    ready = done.get((r, "fwd", i), 0.0) if kind == "bwd" else 0.0
-                elif dep in done:
-                    ready = done[dep]
-                else:
-                    break
-                t0 = max(free[r], ready)
-                t1 = t0 + (fwd[r] if kind == "fwd" else bwd[r])
-                done[(r, kind, i)] = t1
-                free[r] = t1
-                events.append((r, kind, i, t0, t1))
-                pos[r] += 1
-                progress = True
+    for action in nx.topological_sort(graph):  # the rank's previous action is a predecessor
+        r = rank_of[action.stage]
+        seconds = {"F": fwd[r], "B": bwd[r]}.get(action.kind, bwd[r] / 2) / vpp
+        t0 = max((done[dep] for dep in graph.predecessors(action)), default=0.0)
+        done[action] = t0 + seconds
+        events.append((r, kinds[action.kind], action.microbatch, t0, t0 + seconds))
     return events
 
 
@@ -327,7 +308,7 @@ def render_html(result, title: str = "model") -> str:
                               limit=best.device_memory_bytes / GiB, chart_id="stage-memory"))
     parts.append("<h3>Pipeline timeline</h3>")
     parts.append(pipeline_timeline(best.stage_fwd_s, best.stage_bwd_s, best.plan.microbatches,
-                                   best.plan.schedule))
+                                   best.plan.schedule, vpp=best.plan.vpp))
     parts.append("</section>")
     if result.rejected:
         parts.append("<section id='rejected'><h2>Rejected families</h2><table><tr><th>family"

@@ -79,10 +79,13 @@ class Pipeline:
     stage_starts: tuple[str, ...] = ()
     """The segment each stage starts with (pass it to compile_rank to cut another input shape
     the same way)."""
+    placement: tuple[int, ...] = ()
+    """pp coordinate of every stage: the schedule's (core.schedules.placement): stage s on
+    rank s % pp (Megatron's interleaving), or the V of zb-v."""
 
     def rank_of(self, stage: int) -> int:
-        """pp coordinate of a (virtual) stage: Megatron's interleaving, stage s on rank s % pp."""
-        return stage % self.pp
+        """pp coordinate of a (virtual) stage."""
+        return self.placement[stage]
 
     def holders(self, name: str) -> list[int]:
         """pp coordinates holding a parameter (two for embeddings tied across stages)."""

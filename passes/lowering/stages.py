@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from core import meta
+from core.schedules import placement
 from passes import PassContext, PassError
 from passes.lowering.program import Pipeline, Value, stage_module_name
 
@@ -78,7 +79,8 @@ def lower_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                      if isinstance(leaf, fx.Node) else None for leaf in out_leaves],
         out_spec=graph._codegen.pytree_info.out_spec, stage_params=stage_params,
         stage_inputs=stage_inputs, stage_outputs=stage_outputs,
-        stage_starts=cut.stage_starts if cut is not None else ())
+        stage_starts=cut.stage_starts if cut is not None else (),
+        placement=placement(ctx.plan.schedule, ctx.plan.pp, ctx.plan.vpp))
     lowered = fx.GraphModule(submodules, parent, class_name="StagedGraphModule")
     lowered.meta = {**gm.meta, meta.PIPELINE_RECORD: pipeline}
     lowered.graph.lint()

@@ -117,8 +117,7 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     assert Plan(tp=2, compile=True).pending() == []  # compile landed (issue 17)
     asks = Plan.parse("tp=2,cp=2,ep=2,etp=1,compile=on,schedule=zb-h1,pp=2").pending()
     assert [a.split(" is not available")[0] for a in asks] == [
-        "expert parallelism beside context parallelism (ep>1 with cp>1)",
-        "zero-bubble pipeline schedules (zb-h1, zb-v)"]
+        "expert parallelism beside context parallelism (ep>1 with cp>1)"]  # zb-h1 landed
     assert "(the plan asks ep=2); set cp=1" in asks[0]
     with pytest.raises(NotLanded, match="hybrid context parallelism"):
         Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()

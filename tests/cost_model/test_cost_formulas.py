@@ -225,3 +225,49 @@ def test_memory_and_time_follow_the_plans_dtypes():
     assert runs["fp32"].memory.activations == pytest.approx(2 * runs["bf16"].memory.activations)
     assert runs["fp32"].step_time_s > 1.3 * runs["bf16"].step_time_s
     assert runs["fp32"].peak_flops == runs["bf16"].peak_flops  # MFU over the 16-bit peak
+
+
+def test_zero_bubble_spans_match_the_schedule_simulation_on_unit_costs():
+    """terms.pp.span, the shared-cores simulation (a core per rank) and the report's timeline
+    give the span of core.schedules' unit-time simulation (F = 1, B = 2, I = W = 1 per stage),
+    for every schedule; and the bubble orders gpipe = 1f1b > zb-h1 > zb-v (GPipe's bubble is
+    1F1B's; it differs in memory)."""
+    from core.schedules import Action, schedule, unit_finish_times
+    from cost_model.shared_cores import Phases, RankPhases, simulate
+    from cost_model.terms import pp as pipeline
+    from partitioner.report.planning import simulate_pipeline
+
+    for p, m in ((2, 4), (4, 8), (4, 4)):
+        bubbles = {}
+        for name, v in (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1),
+                        ("zb-v", 2)):
+            orders = schedule(name, p, m, v)
+            unit = max(unit_finish_times(orders).values())
+            # per rank and microbatch, all its v stages: forward v, backward 2v
+            x, f = [3.0 * v] * p, [1.0 * v] * p
+            assert pipeline.span(x, m, v, name, f) == pytest.approx(unit), name
+            phases = RankPhases(Phases(1.0 * v), Phases(2.0 * v), Phases(0.0))
+            cost = lambda a: Phases(phases.of(a).work / v)  # noqa: E731
+            assert simulate(orders, cost, 0.0, [[1] * p], p) == pytest.approx(unit), name
+            events = simulate_pipeline(f, [2.0 * v] * p, m, name, v)
+            assert max(t1 for *_, t1 in events) == pytest.approx(unit), name
+            bubbles[name] = 1 - m * x[0] / unit
+        assert bubbles["gpipe"] == bubbles["1f1b"] > bubbles["zb-h1"] > bubbles["zb-v"] > 0
+        assert bubbles["zb-h1"] == pytest.approx((p - 1) / (3 * m + p - 1))  # (p-1)(F+I-W)
+        assert phases.of(Action("W", 0, 0)) == Phases(v * 1.0)  # half the backward
+
+
+def test_zero_bubble_estimates_shrink_the_bubble_and_move_the_head_for_zb_v():
+    shape = TransformerShape.megatron_gpt(layers=16, hidden=1024, heads=16, vocab=1024)
+    cl = parse_cluster("8xA100-80G")
+    est = {sched: estimate(shape, Plan(pp=8, microbatches=16, schedule=sched, vpp=v), cl, 16)
+           for sched, v in (("gpipe", 1), ("1f1b", 1), ("zb-h1", 1), ("zb-v", 2))}
+    bubble = {name: e.bubble_fraction for name, e in est.items()}
+    assert bubble["gpipe"] == pytest.approx(bubble["1f1b"])
+    assert bubble["1f1b"] > bubble["zb-h1"] > bubble["zb-v"]
+    e = est["zb-h1"]
+    x = [f + b for f, b in zip(e.stage_fwd_s, e.stage_bwd_s, strict=True)]
+    assert e.pipeline_s == pytest.approx(16 * max(x) + sum(e.stage_fwd_s) - max(e.stage_fwd_s))
+    # the V puts the LM head (its logits) on rank 0, beside the embedding; 1F1B on the last
+    v, plain = est["zb-v"], est["1f1b"]
+    assert v.stage_fwd_s[0] > v.stage_fwd_s[-1] and plain.stage_fwd_s[-1] > plain.stage_fwd_s[0]

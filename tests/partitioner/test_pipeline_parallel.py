@@ -1,5 +1,6 @@
 """Pipeline parallelism against one device on real gloo ranks (loss and every gathered
-gradient, float64), for every schedule, with dp, and with each recompute mode."""
+gradient, float64), for every schedule (the zero-bubble ones with their backward split in
+input- and weight-gradient steps), with dp, and with each recompute mode."""
 
 import pytest
 import torch
@@ -17,6 +18,19 @@ def _run(cases):
 
 
 GPT, LLAMA = "partitioner.models:tiny", "partitioner.models:tiny_llama"
+ZERO_BUBBLE_TWO_RANKS = [  # the backward split into input- and weight-gradient steps
+    ("gpt-zb-h1-mb4", GPT, "pp=2,mb=4,schedule=zb-h1", {}),
+    ("llama-zb-h1-mb8", LLAMA, "pp=2,mb=8,schedule=zb-h1", {"factory_kwargs": {"batch": 8}}),
+    # the V: rank 0 holds stages 0 and 3 (the tied embedding and head, and the loss)
+    ("gpt-zb-v-mb4", GPT, "pp=2,vpp=2,schedule=zb-v,mb=4", {"factory_kwargs": {"n_layer": 4}}),
+    ("llama-zb-v-mb3", LLAMA, "pp=2,vpp=2,schedule=zb-v,mb=3",
+     {"factory_kwargs": {"n_layer": 4, "batch": 6}}),
+    # checkpointed regions: the whole backward in I (runtime.pipeline); selective: split
+    ("gpt-zb-h1-recompute-full", GPT, "pp=2,mb=2,schedule=zb-h1,recompute=full", {}),
+    ("llama-zb-v-recompute-selective", LLAMA, "pp=2,vpp=2,schedule=zb-v,mb=2,"
+     "recompute=selective", {"factory_kwargs": {"n_layer": 4}}),
+]
+
 TWO_RANKS = [
     (f"{m.split(':')[1]}-{schedule}-mb{mb}", m, f"pp=2,mb={mb},schedule={schedule}",
      {"factory_kwargs": {"batch": batch}})
@@ -29,7 +43,7 @@ TWO_RANKS = [
     ("gpt-token-weighted", GPT, "pp=2,mb=2", {"token_weighted": True}),
     ("gpt-recompute-full", GPT, "pp=2,mb=2,recompute=full", {}),
     ("llama-recompute-selective", LLAMA, "pp=2,mb=2,recompute=selective", {}),
-]
+] + ZERO_BUBBLE_TWO_RANKS
 
 
 def test_pp2_schedules_match_one_device():
@@ -51,7 +65,17 @@ def _four_rank_cases():
         ("gpt-tp2-pp2", GPT, "tp=2,pp=2,mb=2", {}),
         ("llama-tp2-pp2-zero-recompute-full", LLAMA, "tp=2,pp=2,mb=2,zero=1,recompute=full", {}),
         ("hf-llama-tp2-pp2", "model_zoo:hf_llama", "tp=2,pp=2,mb=2", {}),
-    ]
+    ] + ZERO_BUBBLE_FOUR_RANKS
+
+
+ZERO_BUBBLE_FOUR_RANKS = [
+    ("gpt-pp4-zb-h1-mb4", GPT, "pp=4,mb=4,schedule=zb-h1", {"factory_kwargs": {"n_layer": 4}}),
+    ("llama-pp4-zb-h1-mb8", LLAMA, "pp=4,mb=8,schedule=zb-h1",
+     {"factory_kwargs": {"n_layer": 4, "batch": 8}}),
+    ("gpt-tp2-pp2-zb-h1", GPT, "tp=2,pp=2,mb=4,schedule=zb-h1", {}),
+    ("llama-dp2-pp2-zero-zb-v", LLAMA, "pp=2,dp=2,vpp=2,mb=2,zero=1,schedule=zb-v",
+     {"factory_kwargs": {"n_layer": 4}}),
+]
 
 
 def _run_four():

@@ -22,6 +22,8 @@ STRATEGIES = [
     ("tp+sp", "tp=2,sp=on", 2),
     ("pp 1F1B", "pp=2,mb=2,schedule=1f1b", 2),
     ("pp interleaved 1F1B", "pp=2,vpp=2,mb=2,schedule=interleaved-1f1b", 2),
+    ("pp zero-bubble H1", "pp=2,mb=4,schedule=zb-h1", 2),
+    ("pp zero-bubble V", "pp=2,vpp=2,mb=2,schedule=zb-v", 2),
     ("dp", "dp=2", 2),
     ("dp zero-1", "dp=2,zero=1", 2),
     ("cp ring", "cp=2,cp_algo=ring", 2),

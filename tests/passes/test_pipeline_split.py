@@ -78,6 +78,18 @@ def test_interleaved_virtual_stages_and_pinned_cuts():
     assert any(t.startswith("blocks.5.") for t in targets)
 
 
+def test_zb_v_places_its_stages_in_a_v():
+    """Rank r runs stages r and 2p-1-r: rank 0 the embedding and the head (one tied tensor, held
+    on one pp rank), rank 1 the two middle stages, whose crossing value stays on the rank."""
+    captured = _captured(tiny, n_layer=4)
+    plan = Plan(pp=2, vpp=2, schedule="zb-v", microbatches=2).resolve(2)
+    first, second = (compile_rank(captured, plan, r, "meta") for r in range(2))
+    assert [s.index for s in first.stages] == [0, 3] and [s.index for s in second.stages] == [1, 2]
+    pipeline = first.pipeline
+    assert pipeline.placement == (0, 1, 1, 0) and pipeline.rank_of(3) == 0
+    assert pipeline.holders("wte.weight") == [0]  # embedding (stage 0) and head (stage 3)
+
+
 def test_given_stage_starts_fix_the_cut():
     """The cut follows costs, which depend on the input shape; parameters must not move between
     the programs of one model, so ParallelModel compiles later shapes with the first program's
@@ -100,6 +112,9 @@ def test_more_stages_than_segments_is_a_clear_error():
     with pytest.raises(PassError, match=r"pp\*vpp=4\*2=8 stages but the model has only 4"):
         compile_rank(captured, Plan(pp=4, vpp=2, schedule="interleaved-1f1b",
                                     microbatches=4).resolve(4), 0, "meta")
+    with pytest.raises(PassError, match=r"zb-v puts two stages on every rank: use pp <= 2"):
+        compile_rank(captured, Plan(pp=4, vpp=2, schedule="zb-v", microbatches=4).resolve(4),
+                     0, "meta")
     with pytest.raises(PassError, match="matches no cuttable segment"):
         compile_rank(captured, Plan.parse("pp=2,rules=decoder.*:pp_split").resolve(2), 0,
                      "meta")
