@@ -237,6 +237,8 @@ def _make_graph_whole(gm: fx.GraphModule, whole: dict[fx.Node, fx.Node], dp: int
             elif node.target is not operator.getitem:
                 per_rank.append(f"{node.target} at {node.name}")
             continue
+        if _indexes_own_tokens(node, token_dims):
+            continue  # counts of this rank's rows used to lay them out: they stay per rank
         statistics.append(_make_whole(gm, node, reduction))
     return statistics, token_dims
 
@@ -270,6 +272,26 @@ def _grown_dims(node: fx.Node, whole: fx.Node | None) -> frozenset[int]:
     if ours is None or theirs is None or ours.dim() != theirs.dim():
         return frozenset()
     return frozenset(d for d, (a, b) in enumerate(zip(ours.shape, theirs.shape)) if a != b)
+
+
+def _indexes_own_tokens(node: fx.Node, token_dims: dict) -> bool:
+    """Whether the reduction's result, once turned into integers, meets values over the batch's
+    tokens again: counts used as offsets or indices of this rank's own rows (the group offsets
+    of Hugging Face's grouped_mm, computed with histc over the chosen experts), which must stay
+    this rank's. A floating statistic meeting tokens again (a batch norm's mean) is the whole
+    batch's, as on one device."""
+    frontier, seen = [(node, False)], set()
+    while frontier:
+        value, integral = frontier.pop()
+        for user in value.users:
+            val = tensor_of(user)
+            now = integral or (val is not None and not val.is_floating_point())
+            if now and token_dims.get(user):
+                return True
+            if (user, now) not in seen:
+                seen.add((user, now))
+                frontier.append((user, now))
+    return False
 
 
 def _reduction(node: fx.Node) -> str | None:

@@ -123,8 +123,8 @@ def _always(plan: Plan) -> bool:
 
 
 PIPELINE: tuple[PassEntry, ...] = (
-    PassEntry("batch_statistics", batch_statistics, lambda plan: plan.dp > 1, "dp > 1",
-              meta.STATISTICS_RECORD),
+    PassEntry("batch_statistics", batch_statistics, lambda plan: (plan.dp or 1) > 1,
+              "dp > 1", meta.STATISTICS_RECORD),
     PassEntry("causal_mask", fold_causal_masks, _always, "always",
               meta.CAUSAL_MASK_RECORD),
     PassEntry("tensor_parallel", tensor_parallel, lambda plan: plan.tp > 1, "tp > 1",

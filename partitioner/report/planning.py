@@ -232,9 +232,10 @@ def pipeline_timeline(fwd: tuple, bwd: tuple, microbatches: int, schedule: str,
     y = 6 + len(show) * (row_h + 3)
     note = f"{m} of {microbatches} microbatches, {schedule}" + (
         ", a rank's virtual stages in one row" if vpp > 1 else "") + ("" if p <= max_ranks else f", {len(show)} of {p} stages")
-    body.append(_text(label_w, y + 12, f"0 … {end * 1e3:.1f} ms   ({note}; blue forward, "
-                                        f"green backward, light green weight gradients)"))
-    return _svg(width, y + 20, body, "timeline")
+    body.append(_text(label_w, y + 12, f"0 … {end * 1e3:.1f} ms   ({note})"))
+    body.append(_text(label_w, y + 26, "blue forward, green backward, light green weight "
+                                       "gradients"))
+    return _svg(width, y + 34, body, "timeline")
 
 
 def simulate_pipeline(fwd, bwd, m: int, schedule: str, vpp: int = 1) -> list[tuple]:

@@ -20,8 +20,9 @@ from passes import PassError
 aten = torch.ops.aten
 
 
-def _program(captured, plan: str, world: int, rank: int = 0):
-    return compile_rank(captured, Plan.parse(plan).resolve(world), rank, "meta")
+def _program(captured, plan: str, world: int, rank: int = 0, capture_batch=None):
+    return compile_rank(captured, Plan.parse(plan).resolve(world), rank, "meta",
+                        capture_batch=capture_batch)
 
 
 def _nodes(program):
@@ -66,7 +67,10 @@ def test_hugging_face_mixtral_experts_are_found_in_both_exported_forms(implement
     from model_zoo import hf_mixtral
 
     captured = capture_once(hf_mixtral, batch=2, seq=8, experts_implementation=implementation)
-    program = _program(captured, "ep=2", 2, rank=1)
+    # ep=2 folds onto dp=2: batch_statistics compares with the capture at twice the batch
+    # (grouped_mm counts each expert's rows with histc)
+    program = _program(captured, "ep=2", 2, rank=1, capture_batch=lambda times: capture_once(
+        hf_mixtral, batch=2 * times, seq=8, experts_implementation=implementation).gm)
     record = program.stages[0].gm.meta[EP_RECORD]
     assert [layer.path for layer in record.layers] == ["model.layers.0.mlp",
                                                        "model.layers.1.mlp"]
