@@ -11,16 +11,22 @@ regrouped expert-major so that each local expert's rows are one block for the gr
 `moe_return` runs the same movement backwards. Each op's gradient is the other movement, so
 backward sends exactly what forward sent, the other way.
 
-On CPU the grouped GEMM is a loop of matmuls, one per local expert (an expert with no rows is
-an empty matmul, which is fine).
+The grouped GEMM runs every local expert's matmul in one launch of the Triton kernel
+(`runtime.kernels.grouped_gemm`, forward and both gradients) on CUDA tensors of 16/32-bit
+floats, with the group sizes read on the device (no host sync); elsewhere (CPU, float64) it is a
+loop of matmuls, one per local expert (an expert with no rows is an empty matmul, which is
+fine).
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from core import ops
+from runtime.kernels.dispatch import use_triton
 
 _F = torch.ops._c10d_functional
 
@@ -155,10 +161,22 @@ def _return_backward(ctx, grad):
 # --- the experts' GEMMs --------------------------------------------------------------------
 
 def _group_sizes(counts: torch.Tensor) -> list[int]:
-    return (counts.sum(0) if counts.dim() == 2 else counts).tolist()
+    return _size_tensor(counts).tolist()
+
+
+def _size_tensor(counts: torch.Tensor) -> torch.Tensor:
+    return counts.sum(0) if counts.dim() == 2 else counts
+
+
+def _kernels():
+    """The Triton module (its import needs triton: only where the kernel runs). By module
+    path: the package's `grouped_gemm` attribute is the function."""
+    return importlib.import_module("runtime.kernels.grouped_gemm")
 
 
 def _grouped_mm(rows, weight, counts):
+    if use_triton(rows, weight):
+        return _kernels().grouped_gemm_forward(rows, weight, _size_tensor(counts))
     groups = rows.split(_group_sizes(counts))
     if not groups:
         return rows.new_empty(0, weight.shape[-1])
@@ -171,6 +189,10 @@ def _grouped_mm_setup(ctx, inputs, output) -> None:
 
 def _grouped_mm_backward(ctx, grad):
     rows, weight, counts = ctx.saved_tensors
+    if use_triton(rows, weight):
+        grad_rows, grad_weight = _kernels().grouped_gemm_backward(
+            rows, weight, _size_tensor(counts), grad, *ctx.needs_input_grad[:2])
+        return grad_rows, grad_weight, None
     sizes = _group_sizes(counts)
     grad_rows = grad_weight = None
     if ctx.needs_input_grad[0]:

@@ -166,42 +166,56 @@ def _check(x, w, group_sizes):
                              f"to at most tokens={x.shape[0]}")
 
 
+def grouped_gemm_forward(x, w, group_sizes):
+    """The forward launch alone (no autograd): what `grouped_gemm` computes."""
+    T, N = x.shape[0], w.shape[2]
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    out = torch.zeros((T, N), device=x.device, dtype=x.dtype)  # padding rows stay 0
+    if T and N and w.shape[0]:
+        _launch(x, w, group_sizes, out, N)
+    return out
+
+
+def grouped_gemm_backward(x, w, group_sizes, dy, needs_dx: bool = True, needs_dw: bool = True):
+    """(dx, dw) of `grouped_gemm` for the output gradient `dy` (None where not needed): the
+    same kernel on a transposed view of w, and one launch for every group's x_g^T dy_g."""
+    T, K = x.shape
+    G, _, N = w.shape
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    dx = dw = None
+    if needs_dx:
+        dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+        if T and K and G:
+            _launch(dy, w.transpose(1, 2), group_sizes, dx, K)  # w^T as a (G, N, K) view
+    if needs_dw:
+        dw = torch.empty((G, K, N), device=w.device, dtype=w.dtype)
+        if G and K and N:
+            cfg = _config(x.device, "dw")
+            sizes = group_sizes.to(torch.int64)
+            group_start = torch.cumsum(sizes, 0) - sizes
+            grid = (G, triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(N, cfg["BLOCK_N"]))
+            _grouped_gemm_dw_kernel[grid](
+                x, dy, dw, group_start, sizes,
+                K, N,
+                x.stride(0), x.stride(1),
+                dy.stride(0), dy.stride(1),
+                DOT_PRECISION=dot_precision(x.dtype), **cfg,
+            )
+    return dx, dw
+
+
 class GroupedGemmFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, group_sizes):
-        T, N = x.shape[0], w.shape[2]
-        x = x if x.stride(-1) == 1 else x.contiguous()
-        out = torch.zeros((T, N), device=x.device, dtype=x.dtype)  # padding rows stay 0
-        if T and N and w.shape[0]:
-            _launch(x, w, group_sizes, out, N)
         ctx.save_for_backward(x, w, group_sizes)
-        return out
+        return grouped_gemm_forward(x, w, group_sizes)
 
     @staticmethod
     def backward(ctx, dy):
         x, w, group_sizes = ctx.saved_tensors
-        T, K = x.shape
-        G, _, N = w.shape
-        dy = dy if dy.stride(-1) == 1 else dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-            if T and K and G:
-                _launch(dy, w.transpose(1, 2), group_sizes, dx, K)  # w^T as a (G, N, K) view
-        if ctx.needs_input_grad[1]:
-            dw = torch.empty((G, K, N), device=w.device, dtype=w.dtype)
-            if G and K and N:
-                cfg = _config(x.device, "dw")
-                sizes = group_sizes.to(torch.int64)
-                group_start = torch.cumsum(sizes, 0) - sizes
-                grid = (G, triton.cdiv(K, cfg["BLOCK_K"]) * triton.cdiv(N, cfg["BLOCK_N"]))
-                _grouped_gemm_dw_kernel[grid](
-                    x, dy, dw, group_start, sizes,
-                    K, N,
-                    x.stride(0), x.stride(1),
-                    dy.stride(0), dy.stride(1),
-                    DOT_PRECISION=dot_precision(x.dtype), **cfg,
-                )
+        dx, dw = grouped_gemm_backward(x, w, group_sizes, dy, ctx.needs_input_grad[0],
+                                       ctx.needs_input_grad[1])
         return dx, dw, None
 
 

@@ -72,3 +72,32 @@ def test_rejects_bad_group_sizes():
         grouped_gemm(x, w, torch.tensor([5]))
     with pytest.raises(TypeError, match="integer"):
         grouped_gemm(x, w, torch.tensor([2.0, 3.0]))
+
+
+@pytest.mark.parametrize("counts", [
+    pytest.param(torch.tensor([5, 0, 9]), id="counts-per-expert"),
+    pytest.param(torch.tensor([[2, 0, 4], [3, 0, 5]]), id="counts-per-source-rank"),  # (ep, E)
+])
+def test_the_expert_parallel_grouped_mm_runs_the_kernel_where_it_applies(monkeypatch, counts):
+    """`core.ops.grouped_mm` (what ep's experts run) launches this kernel for the forward and
+    both gradients where `use_triton` says so (CUDA; here forced, interpreted on the CPU),
+    and gives the numbers of its loop of matmuls."""
+    import runtime.expert_parallel as expert_parallel
+    from core import ops
+
+    rows_n = int(counts.sum())
+    g = torch.Generator().manual_seed(1)
+    rows = torch.randn(rows_n, 12, generator=g).requires_grad_()
+    weight = (torch.randn(3, 12, 10, generator=g) / 12**0.5).requires_grad_()
+    dy = torch.randn(rows_n, 10, generator=g)
+    results = {}
+    for kernel in (False, True):
+        launched = []
+        monkeypatch.setattr(expert_parallel, "use_triton",
+                            lambda *t, kernel=kernel: launched.append(1) or kernel)
+        out = ops.grouped_mm(rows, weight, counts)
+        results[kernel] = (out, *torch.autograd.grad(out, [rows, weight], dy))
+        # asked in forward and backward (the loop's backward asks again for its dx GEMM)
+        assert len(launched) == (2 if kernel else 3)
+    for ours, loop in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(ours, loop, rtol=1e-4, atol=1e-4)
