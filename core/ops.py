@@ -163,6 +163,7 @@ _LIB.define("moe_dispatch(Tensor tokens, Tensor indices, str group, int num_expe
 _LIB.define("moe_return(Tensor rows, Tensor indices, Tensor counts, str group, int num_experts, "
             "*, int group_size=0) -> Tensor")
 _LIB.define("grouped_mm(Tensor rows, Tensor weight, Tensor counts) -> Tensor")
+_LIB.define("expert_capacity(Tensor indices, int num_experts, int capacity) -> Tensor")
 moe_dispatch = torch.ops.partitioner.moe_dispatch.default
 """Tokens (T, h) routed to experts `indices` (T, k) of `num_experts`, which lie evenly over the
 ep `group` (rank r holds experts [r*E/ep, (r+1)*E/ep)): each token is copied once per choice and
@@ -177,7 +178,10 @@ grouped_mm = torch.ops.partitioner.grouped_mm.default
 """`rows` (N, in) grouped by expert (group sizes: `counts` summed over its leading dim when it
 has two) times each group's `weight[e]` (E, in, out) -> (N, out): the experts' GEMMs."""
 
-MOE_OPS = (moe_dispatch, moe_return, grouped_mm)
+expert_capacity = torch.ops.partitioner.expert_capacity.default
+"""The expert choices with every pair past its expert's capacity set to `num_experts`, which
+moe_dispatch sends nowhere and moe_return gives back as zeros (core/capacity.py's rule)."""
+MOE_OPS = (moe_dispatch, moe_return, grouped_mm, expert_capacity)
 
 GROUPED = COLLECTIVES + (ring_attention, moe_dispatch, moe_return)
 """Every op that names a process group (lowering fixes each one's group)."""
@@ -189,6 +193,11 @@ GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return}
 def group_arg(op) -> int:
     """The position of the group argument of an op of GROUPED."""
     return {ring_attention: 3, moe_dispatch: 2, moe_return: 3}.get(op, 1)
+
+
+@torch.library.register_fake("partitioner::expert_capacity")
+def _expert_capacity_fake(indices, num_experts, capacity):
+    return torch.empty_like(indices)
 
 
 @torch.library.register_fake("partitioner::moe_dispatch")

@@ -182,6 +182,10 @@ class Plan:
                                    or not factor > 0):
             problems.append(f"capacity_factor={factor!r} must be a positive number (or unset "
                             f"for dropless experts)")
+        elif factor is not None and self.ep == 1:
+            problems.append(f"capacity_factor={factor} drops tokens in the expert dispatch, "
+                            f"which runs under expert parallelism: set ep>1, or leave "
+                            f"capacity_factor unset (dropless)")
         if self.stage_layers is not None and not all(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 0
                 for n in self.stage_layers):
@@ -367,8 +371,6 @@ _PENDING = {
     "etp": (lambda plan: plan.etp in (1, plan.tp),
             "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
             "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),
-    "capacity_factor": (lambda plan: False, "expert capacity (capacity_factor)",
-                        "leave capacity_factor unset (dropless) until expert parallelism lands"),
     "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",
                      "leave stage_layers unset: the cost model cuts the stages"),
     "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),

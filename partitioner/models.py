@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.capacity import expert_capacity, within_capacity
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -66,6 +68,10 @@ class GPTConfig:
     """Weight of the load-balancing loss each MoE layer computes over the batch's tokens
     (Switch Transformer's n_experts * sum_i f_i * P_i: the fraction of top-k choices and the
     mean router probability per expert), added when `forward` is given labels."""
+    capacity_factor: float | None = None
+    """Expert capacity (core/capacity.py's rule on each forward's tokens): what a plan's
+    `capacity_factor` does, written into the model as the single-device reference of one dp
+    shard. None: dropless."""
     bias_update_rate: float = 0.0
     """DeepSeek-V3's auxiliary-loss-free balancing (router="sigmoid"): in training, each forward
     moves `expert_bias` by this rate towards balance, from the batch's token counts per expert
@@ -341,6 +347,10 @@ class MoE(nn.Module):
                 load = F.one_hot(top_i, c.n_experts).to(scores.dtype).sum(dim=(0, 1, 2))
                 self.expert_bias.add_(c.bias_update_rate * torch.sign(load.mean() - load))
         top_p = top_p / top_p.sum(dim=-1, keepdim=True)
+        if c.capacity_factor is not None:  # pairs past their expert's capacity give nothing
+            capacity = expert_capacity(top_i.shape[0] * top_i.shape[1], c.topk, c.n_experts,
+                                       c.capacity_factor)
+            top_p = top_p * within_capacity(top_i, c.n_experts, capacity)
         weights = torch.zeros_like(scores).scatter(-1, top_i, top_p)  # (B, S, E)
         hidden = torch.einsum("bsh,ehf->bsef", x, self.w_in)  # (B, S, E, n_in*f)
         if c.swiglu:

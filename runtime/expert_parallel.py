@@ -26,6 +26,7 @@ import torch
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from core import ops
+from core.capacity import within_capacity
 from runtime.kernels.dispatch import use_triton
 
 _F = torch.ops._c10d_functional
@@ -37,10 +38,16 @@ def _group_size(group: str, group_size: int) -> int:
 
 def _sorted_by_expert(indices: torch.Tensor, num_experts: int):
     """(order, per_expert): the (token, choice) pairs in expert order (stable, so a token's
-    rows keep token order within an expert), and how many pairs each expert gets."""
+    rows keep token order within an expert), and how many pairs each expert gets. Pairs a
+    capacity dropped (expert index `num_experts`, core.ops.expert_capacity) are not in `order`:
+    they are sent nowhere and come back as zeros."""
     flat = indices.reshape(-1)
+    per_expert = torch.bincount(flat, minlength=num_experts + 1)
     order = torch.argsort(flat, stable=True)
-    return order, torch.bincount(flat, minlength=num_experts)
+    dropped = int(per_expert[num_experts])
+    if dropped:
+        order = order[:flat.numel() - dropped]
+    return order, per_expert[:num_experts]
 
 
 def _expert_major(counts: torch.Tensor) -> torch.Tensor:
@@ -83,7 +90,7 @@ def _receive(rows: torch.Tensor, per_expert: torch.Tensor, counts: torch.Tensor,
 
 
 def _unsort(sorted_rows: torch.Tensor, order: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(sorted_rows)
+    out = sorted_rows.new_zeros(indices.numel(), sorted_rows.shape[-1])  # dropped pairs: 0
     out[order] = sorted_rows
     return out.view(*indices.shape, sorted_rows.shape[-1])
 
@@ -201,6 +208,13 @@ def _grouped_mm_backward(ctx, grad):
         grad_weight = torch.stack([r.t() @ g for r, g in zip(rows.split(sizes), grad.split(sizes))])
     return grad_rows, grad_weight, None
 
+
+def _expert_capacity(indices, num_experts, capacity):
+    kept = within_capacity(indices, num_experts, capacity)
+    return torch.where(kept, indices, torch.full_like(indices, num_experts))
+
+
+torch.library.impl(ops.expert_capacity._name, "CompositeExplicitAutograd")(_expert_capacity)
 
 for _op, _forward, _setup, _backward in (
         (ops.moe_dispatch, _dispatch, _dispatch_setup, _dispatch_backward),

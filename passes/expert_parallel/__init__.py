@@ -53,7 +53,8 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if problems:
         raise PassError("; ".join(problems))
     records = [LayerRewriter(gm, layer, ep, ctx.coords["ep"], ctx.plan.tp,
-                             ctx.plan.expert_tp).run() for layer in layers]
+                             ctx.plan.expert_tp, ctx.plan.capacity_factor).run()
+               for layer in layers]
     layouts = dict(gm.meta[meta.LAYOUTS])
     for record in records:
         for name, placements in record.placements:

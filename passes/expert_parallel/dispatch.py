@@ -38,6 +38,7 @@ import torch
 from torch import fx
 
 from core import meta, ops
+from core.capacity import expert_capacity
 from core.placement import Placements, Shard, StridedShard
 from core.fx_utils import module_path, tensor_of
 from passes import PassError
@@ -262,8 +263,11 @@ class LayerRewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
     def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int, tp: int = 1,
-                 etp: int = 1) -> None:
+                 etp: int = 1, capacity_factor: float | None = None) -> None:
         self.gm, self.layer, self.ep, self.rank, self.tp, self.etp = gm, layer, ep, rank, tp, etp
+        self.capacity_factor = capacity_factor
+        """None: dropless; else each expert keeps its first pairs of this rank's microbatch
+        (core/capacity.py)."""
         self.graph = gm.graph
         self.rows_of: dict[fx.Node, fx.Node] = {}
         self.weights: list[fx.Node] = []
@@ -292,10 +296,15 @@ class LayerRewriter:
             flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
             sent_tokens, sent_indices = flat_tokens, flat_indices
+            capacity = None
+            if self.capacity_factor is not None:
+                # the tokens of this dp shard's microbatch compete (before tp splits them)
+                capacity = expert_capacity(count, k, experts, self.capacity_factor)
+                sent_indices = self._call(ops.expert_capacity, (flat_indices, experts, capacity))
             if token_split > 1:  # this tp rank's share of the (replicated) tokens
                 sent_tokens, sent_indices = (
                     self._call(ops.scatter, (value, "tp", 0), {"group_size": self.tp})
-                    for value in (flat_tokens, flat_indices))
+                    for value in (flat_tokens, sent_indices))
             dispatch = graph.call_function(ops.moe_dispatch, (sent_tokens, sent_indices, "ep",
                                                               experts),
                                            {"group_size": self.ep})
@@ -344,7 +353,7 @@ class LayerRewriter:
         return MoELayer(path=".".join(common) or layer.path, num_experts=experts, topk=k,
                         local_experts=(self.rank * self.local, (self.rank + 1) * self.local),
                         weights=tuple(w.target for w in self.weights),
-                        expert_ops=tuple(self.expert_ops), tokens=count,
+                        expert_ops=tuple(self.expert_ops), tokens=count, capacity=capacity,
                         placements=tuple((w.target, self._placements(i))
                                          for i, w in enumerate(self.weights)))
 

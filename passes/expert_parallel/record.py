@@ -25,12 +25,17 @@ class MoELayer:
     """Tokens of one microbatch on this rank (each sent to `topk` experts)."""
     placements: tuple[tuple[str, Placements], ...] = ()
     """Each expert weight's placements: dim 0 over ep; with etp > 1 also split inside."""
+    capacity: int | None = None
+    """Pairs each expert keeps of this rank's microbatch (capacity_factor); None: dropless."""
 
     def __str__(self) -> str:
         first, last = self.local_experts
+        kept = ("dropless" if self.capacity is None else
+                f"each expert keeps its first {self.capacity} pairs in token order, the rest "
+                f"dropped (zero output)")
         return (f"{self.path}: {self.num_experts} experts top-{self.topk}, experts "
                 f"{first}..{last - 1} here; {self.tokens} tokens x {self.topk} dispatched by "
-                f"all-to-all; experts run {' -> '.join(self.expert_ops)}; weights "
+                f"all-to-all, {kept}; experts run {' -> '.join(self.expert_ops)}; weights "
                 f"{', '.join(f'{name} {placements}' for name, placements in self.placements)}")
 
 
