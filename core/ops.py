@@ -21,16 +21,22 @@ live group. Each is an autograd pair (Megatron-Core's mappings):
 Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
 wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
 for backward. `CheckpointedRegion` is the module the recompute pass puts around a sub-graph.
+
+`dropout_mask` is the plan's dropout generator (core/dropout.py): the graph multiplies a dropped
+value by it, so autograd keeps the mask for backward as torch's dropout keeps its noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
+
+from core import dropout
 
 NAMESPACE = "partitioner"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -267,6 +273,22 @@ torch.library.register_fake("partitioner::silu_mul")(
 torch.library.register_fake("partitioner::rms_norm")(rms_norm_reference)
 
 
+# --- dropout -------------------------------------------------------------------------------
+
+_LIB.define("dropout_mask(Tensor x, float p, int seed, int node, int rows_per_sample, "
+            "int[] spec) -> Tensor")
+dropout_mask = torch.ops.partitioner.dropout_mask.default
+"""The scaled keep mask of `x` (0 where dropped, 1/(1-p) where kept, x's shape and dtype; all
+ones when the call's key says eval), drawn by the counter generator of core/dropout.py for
+(`seed`, `node`, the call's step) at the global indices `spec` (core.dropout.IndexSpec.flat)
+gives this rank's elements; dim 0 counts `rows_per_sample` rows per sample of the batch."""
+
+
+@torch.library.register_fake("partitioner::dropout_mask")
+def _dropout_mask_fake(x, p, seed, node, rows_per_sample, spec):
+    return torch.empty_like(x)
+
+
 # --- recompute -----------------------------------------------------------------------------
 
 def _recompute_policy(recomputed: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -294,8 +316,24 @@ class CheckpointedRegion(nn.Module):
         if not torch.is_grad_enabled():
             return self.region(*inputs)
         if not self.recomputed:
-            return checkpoint(self.region, *inputs, use_reentrant=False)
+            return checkpoint(self.region, *inputs, use_reentrant=False,
+                              context_fn=_same_dropout_key)
         policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
         return checkpoint(self.region, *inputs, use_reentrant=False,
-                          context_fn=functools.partial(create_selective_checkpoint_contexts,
-                                                       policy))
+                          context_fn=functools.partial(_same_dropout_key, policy))
+
+
+def _same_dropout_key(policy=None):
+    """checkpoint's (forward, recompute) contexts: the recomputation draws its dropout masks
+    with the key of the forward it replays (backward of a microbatch runs under another
+    microbatch's key in a pipeline); with `policy`, selective checkpointing's contexts too."""
+    key = dropout.current_key()
+    forward, recompute = ((contextlib.nullcontext(), contextlib.nullcontext()) if policy is None
+                          else create_selective_checkpoint_contexts(policy))
+    return forward, _replaying(recompute, key)
+
+
+@contextlib.contextmanager
+def _replaying(recompute, key: dropout.DropoutKey):
+    with recompute, dropout.drawing(key):
+        yield
