@@ -369,8 +369,6 @@ _PENDING = {
     "reduce_dtype": (lambda plan: False, "mixed precision (reduce_dtype)",
                      "leave reduce_dtype unset (gradients reduce in the model's dtype)"),
     "loss_scale": (lambda plan: False, "loss scaling (loss_scale)", "leave loss_scale unset"),
-    "seed": (lambda plan: False, "the dropout generator (seed)",
-             "leave seed unset (dropout under tp/sp/pp is not matched to one device yet)"),
     "schedule": (lambda plan: plan.schedule not in ("zb-h1", "zb-v"),
                  "zero-bubble pipeline schedules (zb-h1, zb-v)",
                  "use schedule=1f1b or interleaved-1f1b"),
