@@ -124,7 +124,7 @@ class ParallelModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
-        return self.executor.forward(args, kwargs)
+        return self.executor.forward(args, kwargs, training=self.training)
 
     def step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward and backward over the global batch; returns its loss on every rank.
@@ -133,9 +133,21 @@ class ParallelModel(nn.Module):
         of `parameters()` as `loss.backward()` would.
         """
         RECEIVED.take()  # forward calls since the last step are not this step's
-        loss = self.executor.step(args, kwargs, target, lambda: list(self.parameters()))
+        loss = self.executor.step(args, kwargs, target, lambda: list(self.parameters()),
+                                  training=self.training)
         self.last_expert_rows = RECEIVED.take()
         return loss
+
+    @property
+    def dropout_step(self) -> int:
+        """The dropout generator's step counter: `step` and forward calls in training mode
+        draw their masks with it (those of `check.DropoutReference` at the same step), then
+        move it on by one. Settable, e.g. to resume a run from a checkpoint."""
+        return self.executor.dropout_step
+
+    @dropout_step.setter
+    def dropout_step(self, value: int) -> None:
+        self.executor.dropout_step = int(value)
 
     @property
     def loss_fn(self) -> LossFn | None:
