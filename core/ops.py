@@ -305,6 +305,8 @@ class CheckpointedRegion(nn.Module):
     `recomputed` empty: full recompute, forward keeps only the region's inputs (one block).
     Otherwise selective: only those ops (and views) run again in backward, every other op's
     output is kept, which is how sp's gathered inputs are saved as shards (passes.recompute).
+    Dropout masks (`dropout_mask`) are drawn again in a full recompute with the key of the
+    forward being replayed; selective and compiled regions keep them.
     """
 
     def __init__(self, region: nn.Module, recomputed: tuple = ()) -> None:
@@ -315,25 +317,29 @@ class CheckpointedRegion(nn.Module):
     def forward(self, *inputs):
         if not torch.is_grad_enabled():
             return self.region(*inputs)
-        if not self.recomputed:
+        if self.recomputed:  # dropout masks are kept (only `recomputed` ops run again)
+            policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
+        elif torch.compiler.is_compiling():
+            # AOTAutograd replays the region inside the compiled backward, where no dropout
+            # key of the forward is current: keep the masks, recompute everything else (what
+            # compile makes of a plain checkpoint, less the masks)
+            policy = _keep_dropout_masks
+        else:
             return checkpoint(self.region, *inputs, use_reentrant=False,
                               context_fn=_same_dropout_key)
-        policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
         return checkpoint(self.region, *inputs, use_reentrant=False,
-                          context_fn=functools.partial(_same_dropout_key, policy))
+                          context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                       policy))
 
 
-def _same_dropout_key(policy=None):
+def _keep_dropout_masks(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op is dropout_mask:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _same_dropout_key():
     """checkpoint's (forward, recompute) contexts: the recomputation draws its dropout masks
     with the key of the forward it replays (backward of a microbatch runs under another
-    microbatch's key in a pipeline); with `policy`, selective checkpointing's contexts too."""
-    key = dropout.current_key()
-    forward, recompute = ((contextlib.nullcontext(), contextlib.nullcontext()) if policy is None
-                          else create_selective_checkpoint_contexts(policy))
-    return forward, _replaying(recompute, key)
-
-
-@contextlib.contextmanager
-def _replaying(recompute, key: dropout.DropoutKey):
-    with recompute, dropout.drawing(key):
-        yield
+    microbatch's key in a pipeline), so the masks are not kept."""
+    return contextlib.nullcontext(), dropout.drawing(dropout.current_key())

@@ -93,6 +93,15 @@ def test_dropout_equals_one_device_on_four_ranks():
     assert_passed(on_ranks(4, equivalence_worker, cases), cases)
 
 
+def test_compiled_full_recompute_keeps_the_forward_masks():
+    """compile=on: AOTAutograd replays a checkpointed block inside the compiled backward, after
+    the next microbatch's forward (1F1B), where no key of the replayed forward is current; the
+    region keeps its masks there (core.ops.CheckpointedRegion)."""
+    cases = [("pp, full recompute, compiled", "tiny", {**MODEL, "n_layer": 2},
+              "pp=2,mb=2,recompute=full,compile=on", torch.float32)]
+    assert_passed(on_ranks(2, equivalence_worker, cases), cases)
+
+
 # --- the generator ---------------------------------------------------------------------------
 
 def _full(shape) -> IndexSpec:
