@@ -17,6 +17,7 @@ from core.dropout import DropoutKey, IndexSpec, drawing, keep_mask, node_key
 from core.plan import Plan
 from core.sequence_layout import SequenceLayout
 from equivalence import assert_passed, equivalence_worker
+from model_zoo import hf_gpt2
 from partitioner import models
 from partitioner.capture import capture
 from partitioner.check import DropoutReference
@@ -29,7 +30,7 @@ importlib.import_module("runtime")  # registers what partitioner.dropout_mask do
 P = 0.1
 MODEL = {"dropout": P}
 
-# (name, plan, world size): each checked with check_rank (output, loss, every gradient, the
+# (name, plan, world size[, factory, its kwargs]): each checked with check_rank (output, loss, every gradient, the
 # weights after AdamW steps) against one device with the plan's seed.
 PLANS = [
     ("tp", "tp=2", 2),
@@ -43,12 +44,15 @@ PLANS = [
     ("tp, another seed", "tp=2,seed=7", 2),
     ("sp inside cp", "tp=2,sp=on,cp=2", 4),
     ("dp x pp", "dp=2,pp=2,mb=2", 4),
+    # Hugging Face GPT-2's own nn.Dropout modules (attention dropout 0: refused under tp, cp)
+    ("hf gpt2 tp+sp", "tp=2,sp=on", 2, hf_gpt2, {"resid_pdrop": P, "embd_pdrop": P}),
+    ("hf gpt2 cp", "cp=2", 2, hf_gpt2, {"resid_pdrop": P, "embd_pdrop": P}),
 ]
 
 
 def _cases(world: int) -> list:
-    return [(name, "tiny", MODEL, plan, torch.float64) for name, plan, size in PLANS
-            if size == world]
+    return [(name, *(model or ("tiny", MODEL)), plan, torch.float64)
+            for name, plan, size, *model in PLANS if size == world]
 
 
 def _modes_on_ranks() -> dict:
