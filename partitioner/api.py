@@ -189,8 +189,8 @@ class ParallelModel(nn.Module):
 
     def save(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: a sharded checkpoint (DCP) of the model and optimizer at `path`, which
-        any plan loads (partitioner/checkpoint.py)."""
-        checkpoint.save(self.state, path, optimizer)
+        any plan loads (partitioner/checkpoint.py); it keeps `dropout_step` too."""
+        checkpoint.save(self.state, path, optimizer, dropout_step=self.dropout_step)
 
     def load(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: read a checkpoint saved by `save` under any plan, or a file written by
@@ -202,7 +202,9 @@ class ParallelModel(nn.Module):
                     f"load it without optimizer=")
             self.load_full_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
-            checkpoint.load(self.state, path, optimizer)
+            step = checkpoint.load(self.state, path, optimizer)
+            if step is not None:
+                self.dropout_step = step
 
     def init_weights(self, fn: Callable[[str, torch.Tensor], None]) -> None:
         """`fn(name, full_tensor)` fills each full-size parameter/buffer in place; this rank

@@ -55,8 +55,9 @@ def _cases(world: int) -> list:
             for name, plan, size, *model in PLANS if size == world]
 
 
-def _modes_on_ranks() -> dict:
-    """Training and eval calls of one tp=2 model: the step counter, eval, replaying a step."""
+def _modes_on_ranks(path: str) -> dict:
+    """Training and eval calls of one tp=2 model: the step counter, eval, replaying a step,
+    a checkpoint keeping the counter."""
     from partitioner.api import parallelize
 
     torch.manual_seed(0)
@@ -72,24 +73,30 @@ def _modes_on_ranks() -> dict:
     pm.dropout_step = 0
     replayed = pm(ids).detach()
     plain = model.eval()(ids).detach()
-    return {"steps differ": not torch.allclose(first, second),
+    pm.dropout_step = 5
+    pm.save(path)
+    pm.dropout_step = 0
+    pm.load(path)
+    return {"resumed counter": pm.dropout_step,
+            "steps differ": not torch.allclose(first, second),
             "counter": (steps_after_training, steps_after_eval),
             "eval drops nothing": (evaluated - plain).abs().max().item(),
             "replay": torch.equal(first, replayed)}
 
 
-def _world_two(cases):
-    return equivalence_worker(cases), _modes_on_ranks()
+def _world_two(cases, path):
+    return equivalence_worker(cases), _modes_on_ranks(path)
 
 
-def test_dropout_equals_one_device_on_two_ranks():
+def test_dropout_equals_one_device_on_two_ranks(tmp_path):
     cases = _cases(2)
-    results = on_ranks(2, _world_two, cases)
+    results = on_ranks(2, _world_two, cases, str(tmp_path / "ckpt"))
     assert_passed([reports for reports, _ in results], cases)
     for _, modes in results:
         assert modes["steps differ"] and modes["replay"]
         assert modes["counter"] == (2, 2)  # eval calls draw nothing and count nothing
         assert modes["eval drops nothing"] < 1e-12
+        assert modes["resumed counter"] == 5
 
 
 def test_dropout_equals_one_device_on_four_ranks():
