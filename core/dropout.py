@@ -6,7 +6,8 @@ on purpose). Here a mask element is a pure function of
 
     (plan seed, the dropout node, the step counter, the element's index in the global batch)
 
-hashed with splitmix64 in int64 torch ops (bit-identical on CPU and GPU). Each rank computes
+hashed with splitmix64 in int64 torch ops (wrapping integer arithmetic, so the same bits on
+any device; checked on CPU so far). Each rank computes
 the global indices of the elements it holds (`IndexSpec`: per dim, which full-size indices the
 local dim holds; dim 0 counts rows of the global batch from the microbatch's first sample) and
 draws only those, so a sharded value gets exactly its slice of the mask the single-device
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -129,19 +131,21 @@ def _signed(value: int) -> int:
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Logical right shift of int64 (torch's >> is arithmetic on signed values)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    return (x >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
 _GAMMA = _signed(0x9E3779B97F4A7C15)
+_SIGN = _signed(1 << 63)
 _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 
 
-def _mix(z: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer on int64 (multiplication wraps as uint64 would)."""
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64, in place (multiplication wraps as uint64 would); one
+    temporary of z's size at a time."""
+    z.bitwise_xor_(_shr(z, 30)).mul_(_MIX1)
+    z.bitwise_xor_(_shr(z, 27)).mul_(_MIX2)
+    return z.bitwise_xor_(_shr(z, 31))
 
 
 def _mix_int(z: int) -> int:
@@ -160,6 +164,13 @@ def global_counters(spec: IndexSpec, first_row: int, device=None) -> torch.Tenso
     """Each local element's linear index in the global batch's tensor (int64, local shape):
     dim 0 rows offset by `first_row`, the other dims at their full-size strides."""
     ndim = len(spec.full)
+    if ndim and all(runs == ((0, size),) for size, runs in zip(spec.full[1:], spec.runs[1:])) \
+            and len(spec.runs[0]) == 1:  # whole rows of one run: one arange
+        inner = math.prod(spec.full[1:])
+        (start, length), = spec.runs[0]
+        first = (first_row + start) * inner
+        return torch.arange(first, first + length * inner, dtype=torch.int64,
+                            device=device).view(spec.local)
     total = torch.zeros((), dtype=torch.int64, device=device)
     stride = 1
     for dim in reversed(range(ndim)):
@@ -178,7 +189,11 @@ def keep_mask(p: float, seed: int, node: int, spec: IndexSpec, key: DropoutKey,
               rows_per_sample: int, device=None) -> torch.Tensor:
     """The bool mask (True: kept) of a dropout with probability `p` on the local elements
     `spec` describes, for the call `key`: element kept when its 53-bit uniform is >= p."""
-    counters = global_counters(spec, key.first_sample * rows_per_sample, device)
-    bits = _mix(counters * _GAMMA + _signed(stream(seed, node, key.step)))
-    threshold = int(round(p * (1 << 53)))
-    return _shr(bits, 11) >= threshold
+    bits = global_counters(spec, key.first_sample * rows_per_sample, device).contiguous()
+    _mix_(bits.mul_(_GAMMA).add_(_signed(stream(seed, node, key.step))))
+    # kept when the top 53 bits, as a uniform in [0, 1), are >= p: compared as unsigned
+    # (the sign bit flipped on both sides of a signed comparison)
+    threshold = int(round(p * (1 << 53))) << 11
+    if threshold >= 1 << 64:
+        return torch.zeros(spec.local, dtype=torch.bool, device=device)
+    return bits.bitwise_xor_(_SIGN) >= _signed(threshold ^ (1 << 63))
