@@ -19,7 +19,8 @@ identity and goes.
 Refused, each with the fix: attention's own dropout (`dropout_p > 0` in
 scaled_dot_product_attention) under tp, whose masks are drawn by torch's RNG on head shards
 (cp refuses it in its own pass); a dropout on a value whose dim 0 is not the batch's rows; a
-dropout on a vocabulary-padded shard or on expert-dispatched rows.
+dropout on a vocabulary-padded shard or on expert-dispatched rows; channel-wise and alpha
+dropout (still torch's RNG) on more than one rank.
 """
 
 from __future__ import annotations
@@ -74,10 +75,12 @@ class DropoutRecord:
 def dropout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     graph = gm.graph
     problems = [_attention_problem(n, ctx) for n in graph.nodes if n.target is _SDPA]
-    problems = [p for p in problems if p]
     dropped, removed = [], 0
     batch = _batch(graph)
     for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in _OTHER_DROPOUTS:
+            problems.append(_other_dropout_problem(node, ctx))
+            continue
         if node.op != "call_function" or node.target not in (aten.dropout.default,
                                                               aten.native_dropout.default):
             continue
@@ -91,6 +94,7 @@ def dropout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             continue
         _replace(graph, node, x, float(p), rows, spec, ctx.plan.seed)
         dropped.append(Dropped(node.name, module_path(node), float(p), str(spec)))
+    problems = [p for p in problems if p]
     if problems:
         raise PassError("dropout: " + "\n".join(problems))
     gm.meta[meta.DROPOUT_RECORD] = DropoutRecord(ctx.plan.seed, tuple(dropped), removed)
@@ -107,6 +111,23 @@ def _attention_problem(node: fx.Node, ctx: PassContext) -> str | None:
                 f"cannot equal one device's mask; set the attention dropout to 0 (dropout on "
                 f"the attention output is exact), or use tp=1")
     return None
+
+
+_OTHER_DROPOUTS = (aten.feature_dropout.default, aten.alpha_dropout.default,
+                   aten.feature_alpha_dropout.default)
+"""Channel-wise and alpha dropout (nn.Dropout1d/2d/3d, AlphaDropout): still torch's RNG."""
+
+
+def _other_dropout_problem(node: fx.Node, ctx: PassContext) -> str | None:
+    x, p, train = node.args[:3]
+    plan = ctx.plan
+    ranks = plan.tp * plan.cp * plan.pp * (plan.dp or 1)
+    if not train or not p or ranks == 1:
+        return None
+    return (f"{node.name} ({module_path(node) or '<root>'}) is "
+            f"aten.{node.target.__name__.split('.')[0]} "
+            f"(p={p}), drawn by torch's RNG on each of the plan's {ranks} ranks, which cannot "
+            f"equal one device's mask; use nn.Dropout (element-wise dropout is exact) or p=0")
 
 
 def _batch(graph: fx.Graph) -> int | None:

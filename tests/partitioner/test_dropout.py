@@ -221,6 +221,14 @@ def test_a_value_that_is_not_batch_first_is_refused():
         _run(captured, "tp=1")
 
 
+def test_channel_dropout_on_several_ranks_is_refused():
+    captured = capture(nn.Sequential(nn.Linear(8, 8), nn.Dropout1d(0.2)).train(),
+                       (torch.randn(2, 3, 8),))
+    _run(captured, "tp=1")  # one rank: torch's RNG is one device's
+    with pytest.raises(PassError, match=r"aten.feature_dropout \(p=0.2\).*use nn.Dropout"):
+        compile_rank(captured, Plan(dp=2).resolve(2), 0, "meta")
+
+
 def test_the_reference_draws_per_call_and_runs_eval_models_as_they_are():
     torch.manual_seed(0)
     model, (ids,) = models.tiny(dropout=0.5)
