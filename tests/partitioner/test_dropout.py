@@ -36,6 +36,7 @@ PLANS = [
     ("tp", "tp=2", 2),
     ("tp+sp", "tp=2,sp=on", 2),
     ("pp 1F1B", "pp=2,mb=2,schedule=1f1b", 2),
+    ("pp interleaved 1F1B", "pp=2,vpp=2,mb=2,schedule=interleaved-1f1b", 2),
     ("cp ring (load-balanced chunks)", "cp=2", 2),
     ("dp with microbatches", "dp=2,mb=2", 2),
     ("tp, full recompute", "tp=2,recompute=full", 2),
