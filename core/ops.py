@@ -21,16 +21,22 @@ live group. Each is an autograd pair (Megatron-Core's mappings):
 Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
 wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
 for backward. `CheckpointedRegion` is the module the recompute pass puts around a sub-graph.
+
+`dropout_mask` is the plan's dropout generator (core/dropout.py): the graph multiplies a dropped
+value by it, so autograd keeps the mask for backward as torch's dropout keeps its noise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import (CheckpointPolicy, checkpoint,
                                     create_selective_checkpoint_contexts)
+
+from core import dropout
 
 NAMESPACE = "partitioner"
 _LIB = torch.library.Library(NAMESPACE, "DEF")
@@ -276,6 +282,22 @@ torch.library.register_fake("partitioner::silu_mul")(
 torch.library.register_fake("partitioner::rms_norm")(rms_norm_reference)
 
 
+# --- dropout -------------------------------------------------------------------------------
+
+_LIB.define("dropout_mask(Tensor x, float p, int seed, int node, int rows_per_sample, "
+            "int[] spec) -> Tensor")
+dropout_mask = torch.ops.partitioner.dropout_mask.default
+"""The scaled keep mask of `x` (0 where dropped, 1/(1-p) where kept, x's shape and dtype; all
+ones when the call's key says eval), drawn by the counter generator of core/dropout.py for
+(`seed`, `node`, the call's step) at the global indices `spec` (core.dropout.IndexSpec.flat)
+gives this rank's elements; dim 0 counts `rows_per_sample` rows per sample of the batch."""
+
+
+@torch.library.register_fake("partitioner::dropout_mask")
+def _dropout_mask_fake(x, p, seed, node, rows_per_sample, spec):
+    return torch.empty_like(x)
+
+
 # --- recompute -----------------------------------------------------------------------------
 
 def _recompute_policy(recomputed: frozenset, ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -292,6 +314,8 @@ class CheckpointedRegion(nn.Module):
     `recomputed` empty: full recompute, forward keeps only the region's inputs (one block).
     Otherwise selective: only those ops (and views) run again in backward, every other op's
     output is kept, which is how sp's gathered inputs are saved as shards (passes.recompute).
+    Dropout masks (`dropout_mask`) are drawn again in a full recompute with the key of the
+    forward being replayed; selective and compiled regions keep them.
     """
 
     def __init__(self, region: nn.Module, recomputed: tuple = ()) -> None:
@@ -302,9 +326,29 @@ class CheckpointedRegion(nn.Module):
     def forward(self, *inputs):
         if not torch.is_grad_enabled():
             return self.region(*inputs)
-        if not self.recomputed:
-            return checkpoint(self.region, *inputs, use_reentrant=False)
-        policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
+        if self.recomputed:  # dropout masks are kept (only `recomputed` ops run again)
+            policy = functools.partial(_recompute_policy, frozenset(self.recomputed))
+        elif torch.compiler.is_compiling():
+            # AOTAutograd replays the region inside the compiled backward, where no dropout
+            # key of the forward is current: keep the masks, recompute everything else (what
+            # compile makes of a plain checkpoint, less the masks)
+            policy = _keep_dropout_masks
+        else:
+            return checkpoint(self.region, *inputs, use_reentrant=False,
+                              context_fn=_same_dropout_key)
         return checkpoint(self.region, *inputs, use_reentrant=False,
                           context_fn=functools.partial(create_selective_checkpoint_contexts,
                                                        policy))
+
+
+def _keep_dropout_masks(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op is dropout_mask:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _same_dropout_key():
+    """checkpoint's (forward, recompute) contexts: the recomputation draws its dropout masks
+    with the key of the forward it replays (backward of a microbatch runs under another
+    microbatch's key in a pipeline), so the masks are not kept."""
+    return contextlib.nullcontext(), dropout.drawing(dropout.current_key())

@@ -377,8 +377,6 @@ _PENDING = {
     "param_dtype": (lambda plan: not plan.compile or plan.param_dtype == "fp32",
                     "mixed precision with compiled ranks (param_dtype with compile=on)",
                     "set compile=off, or leave param_dtype unset"),
-    "seed": (lambda plan: False, "the dropout generator (seed)",
-             "leave seed unset (dropout under tp/sp/pp is not matched to one device yet)"),
 }
 
 

@@ -126,7 +126,7 @@ class ParallelModel(nn.Module):
 
     def forward(self, *args, **kwargs):
         """The model's own output for any batch >= 1, on every rank (differentiable)."""
-        return self.executor.forward(args, kwargs)
+        return self.executor.forward(args, kwargs, training=self.training)
 
     def step(self, *args, target=None, **kwargs) -> torch.Tensor:
         """Forward and backward over the global batch; returns its loss on every rank.
@@ -135,9 +135,21 @@ class ParallelModel(nn.Module):
         of `parameters()` as `loss.backward()` would.
         """
         RECEIVED.take()  # forward calls since the last step are not this step's
-        loss = self.executor.step(args, kwargs, target, lambda: list(self.parameters()))
+        loss = self.executor.step(args, kwargs, target, lambda: list(self.parameters()),
+                                  training=self.training)
         self.last_expert_rows = RECEIVED.take()
         return loss
+
+    @property
+    def dropout_step(self) -> int:
+        """The dropout generator's step counter: `step` and forward calls in training mode
+        draw their masks with it (those of `check.DropoutReference` at the same step), then
+        move it on by one. Settable, e.g. to resume a run from a checkpoint."""
+        return self.executor.dropout_step
+
+    @dropout_step.setter
+    def dropout_step(self, value: int) -> None:
+        self.executor.dropout_step = int(value)
 
     @property
     def loss_fn(self) -> LossFn | None:
@@ -191,8 +203,8 @@ class ParallelModel(nn.Module):
 
     def save(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: a sharded checkpoint (DCP) of the model and optimizer at `path`, which
-        any plan loads (partitioner/checkpoint.py)."""
-        checkpoint.save(self.state, path, optimizer)
+        any plan loads (partitioner/checkpoint.py); it keeps `dropout_step` too."""
+        checkpoint.save(self.state, path, optimizer, dropout_step=self.dropout_step)
 
     def load(self, path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Collective: read a checkpoint saved by `save` under any plan, or a file written by
@@ -204,7 +216,9 @@ class ParallelModel(nn.Module):
                     f"load it without optimizer=")
             self.load_full_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         else:
-            checkpoint.load(self.state, path, optimizer)
+            step = checkpoint.load(self.state, path, optimizer)
+            if step is not None:
+                self.dropout_step = step
 
     def init_weights(self, fn: Callable[[str, torch.Tensor], None]) -> None:
         """`fn(name, full_tensor)` fills each full-size parameter/buffer in place; this rank

@@ -23,6 +23,59 @@ from partitioner.batches import batch_size, split_batch
 from partitioner.capture import shared_captures
 from partitioner.precision import CastReference
 
+class DropoutReference:
+    """The single-device model with the plan's dropout generator: what a plan with `seed`
+    equals when the model drops (core/dropout.py).
+
+    `reference(*args, **kwargs)` runs `model` captured (torch.export) at these inputs with every
+    dropout drawn by the counter generator for `seed`, on the whole batch, at step
+    `dropout_step`; gradients reach `model`'s own parameters. Like `ParallelModel`, a call in
+    training mode (`model.training`) moves `dropout_step` on by one, so the k-th call of each
+    draws the same masks: `pm(x)` or `pm.step(x, ...)` against `reference(x)`. A model in eval
+    mode runs as it is.
+    """
+
+    def __init__(self, model: nn.Module, seed: int = 0) -> None:
+        self.model = model
+        self.seed = seed
+        self.dropout_step = 0
+        self._graphs: dict[tuple, nn.Module] = {}
+
+    def __call__(self, *args, **kwargs):
+        if not self.model.training:
+            return self.model(*args, **kwargs)
+        from core.dropout import DropoutKey, drawing
+
+        key = DropoutKey(self.dropout_step, 0, True)
+        self.dropout_step += 1
+        with drawing(key):
+            return self._graph(args, kwargs)(*args, **kwargs)
+
+    def _graph(self, args: tuple, kwargs: dict) -> nn.Module:
+        from partitioner.capture import input_key
+
+        key = input_key(args, kwargs)
+        if key not in self._graphs:
+            importlib.import_module("runtime")  # registers what dropout_mask does
+            from core.layout import rank_coords
+            from core.plan import Plan
+            from passes import PassContext
+            from passes.dropout import dropout
+
+            gm = torch.export.export(self.model, tuple(args), dict(kwargs), strict=False).module()
+            plan = Plan(seed=self.seed).resolve(1)
+            device = next(iter(self.model.parameters())).device
+            self._graphs[key] = dropout(gm, PassContext(plan=plan, coords=rank_coords(plan, 0),
+                                                        device=device))
+        return self._graphs[key]
+
+
+def drops(model: nn.Module) -> bool:
+    """Whether `model` (in training mode) has a dropout module with p > 0."""
+    return model.training and any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
 TOLERANCES = {torch.float64: 1e-9, torch.float32: 1e-3}
 """Largest allowed max|a-b| / (max|b| + 1e-12) per dtype."""
 
@@ -159,7 +212,13 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
     loss_fn = lm_loss_sum if token_weighted else lm_loss
     reference = copy.deepcopy(model)
     if casting is not None:
+        if drops(reference):
+            raise ValueError(f"check_rank: the model drops out and the plan casts to {casting}; "
+                             f"no single-device reference draws the plan's masks under casting "
+                             f"yet: check with dropout 0, or without param_dtype")
         reference = CastReference(reference, casting)
+    # a model that drops equals one device drawing the plan's masks (the same k-th call)
+    forward = DropoutReference(reference, plan_seed(plan)) if drops(reference) else reference
 
     def reference_loss(out):
         if token_weighted:
@@ -174,7 +233,8 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
         parallel_source = model
     # one model, many plans: capture once per input shape (see shared_captures)
     with shared_captures(_model_key(factory, factory_kwargs, dtype, seed)):
-        return _check(parallel_source, reference, ids, target, plan, dtype=dtype, steps=steps,
+        return _check(parallel_source, reference, forward, ids, target, plan, dtype=dtype,
+                      steps=steps,
                       lr=lr, meta=meta, loss_fn=loss_fn, reference_loss=reference_loss,
                       weights_every_step=weights_every_step)
 
@@ -189,7 +249,15 @@ def _model_key(factory, factory_kwargs: dict | None, dtype: torch.dtype, seed: i
     return (name, repr(sorted((factory_kwargs or {}).items())), str(dtype), seed)
 
 
-def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, *, dtype,
+def plan_seed(plan) -> int:
+    """The dropout seed of a plan given as a Plan, a plan string or a dict."""
+    from core.plan import coerce_plan
+
+    return 0 if isinstance(plan, str) and plan.strip() == "auto" else coerce_plan(plan).seed
+
+
+def _check(parallel_source: nn.Module, reference: nn.Module, forward, ids, target, plan, *,
+           dtype,
            steps, lr, meta, loss_fn, reference_loss, weights_every_step) -> EquivalenceReport:
     """check_rank's comparison, once both models exist."""
     import torch.distributed as dist
@@ -203,10 +271,10 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
     casting = reference.plan.param_dtype if isinstance(reference, CastReference) else None
     ref_model = reference.model if casting is not None else reference
     errors = _Errors()
-    ref_out = lm_logits(reference(ids))
+    ref_out = lm_logits(forward(ids))
     errors.add("output", lm_logits(pm(ids)), ref_out)
 
-    ref_loss = reference_loss(reference(ids))
+    ref_loss = reference_loss(forward(ids))
     ref_loss.backward()
     loss = pm.step(ids, target=target)
     errors.add("loss", loss, ref_loss)
@@ -227,7 +295,7 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
         if step > 0:  # the first step reuses the gradients checked above
             ref_opt.zero_grad()
             opt.zero_grad()
-            reference_loss(reference(ids)).backward()
+            reference_loss(forward(ids)).backward()
             pm.step(ids, target=target)
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         pm.clip_grad_norm_(1.0)
@@ -237,7 +305,7 @@ def _check(parallel_source: nn.Module, reference: nn.Module, ids, target, plan, 
             _compare_weights(errors, pm, ref_model, f"weights_after_{stepped}")
     if steps == 0:
         _compare_weights(errors, pm, ref_model, f"weights_after_{stepped}")
-    errors.add(f"output_after_{stepped}", lm_logits(pm(ids)), lm_logits(reference(ids)))
+    errors.add(f"output_after_{stepped}", lm_logits(pm(ids)), lm_logits(forward(ids)))
     if casting is not None:
         return EquivalenceReport(rank=dist.get_rank(), dtype=f"{casting} casting",
                                  errors=errors.relative(), tolerance=cast_tolerance(casting))

@@ -46,6 +46,9 @@ BLOCK = "#"
 """`name#i`: row block i of a fused projection."""
 OPTIM = "optim/"
 GROUPS = "optim/param_groups"
+DROPOUT_STEP = "partitioner/dropout_step"
+"""The dropout generator's step counter (`ParallelModel.dropout_step`), so a resumed run
+draws the masks the uninterrupted one would."""
 
 
 class CheckpointError(RuntimeError):
@@ -54,11 +57,13 @@ class CheckpointError(RuntimeError):
 
 # --- saving ------------------------------------------------------------------------------------
 
-def save(state: "LocalState", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Collective: write this model's (and optimizer's) state to the directory `path`."""
+def save(state: "LocalState", path: str, optimizer: torch.optim.Optimizer | None = None,
+         dropout_step: int = 0) -> None:
+    """Collective: write this model's (and optimizer's) state and the dropout step counter to
+    the directory `path`."""
     state.gather()
     mesh = _device_mesh(state)
-    entries: dict[str, object] = {}
+    entries: dict[str, object] = {DROPOUT_STEP: torch.tensor(dropout_step)}
     for name, layout in state.program.layouts.items():
         if layout.is_buffer and not layout.persistent:
             continue
@@ -215,12 +220,16 @@ def _per_parameter(state, key, flat: torch.Tensor):
 
 # --- loading -----------------------------------------------------------------------------------
 
-def load(state: "LocalState", path: str, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Collective: read the checkpoint at `path` (saved under any plan) into this model."""
+def load(state: "LocalState", path: str,
+         optimizer: torch.optim.Optimizer | None = None) -> int | None:
+    """Collective: read the checkpoint at `path` (saved under any plan) into this model;
+    returns the dropout step counter it holds (None for a checkpoint saved without one)."""
     metadata = _metadata(path)
     saved = metadata.state_dict_metadata
     mesh = _device_mesh(state)
     targets: dict[str, object] = {}
+    if DROPOUT_STEP in saved:
+        targets[DROPOUT_STEP] = torch.tensor(0)
     finish = []  # callbacks run after DCP filled the targets
     missing = []
     for name, layout in state.program.all_layouts.items():
@@ -246,6 +255,7 @@ def load(state: "LocalState", path: str, optimizer: torch.optim.Optimizer | None
         optimizer_slots(targets)
     if state.zero is not None:
         state.zero.refresh_shards()
+    return int(targets[DROPOUT_STEP]) if DROPOUT_STEP in targets else None
 
 
 def _metadata(path: str):

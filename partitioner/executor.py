@@ -19,6 +19,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from core import meta
+from core.dropout import DropoutKey, drawing
 from core.plan import Plan
 from core.schedules import Action, schedule
 from partitioner.batches import batch_size, input_leaves, on_device, split_batch, tile_batch
@@ -143,6 +144,9 @@ class Executor:
         """Whether the last step overflowed under loss scaling (its gradients left None)."""
         self.last_action_s: dict[Action, float] = {}
         """Compute seconds of each of this rank's actions in its last pipelined step."""
+        self.dropout_step = 0
+        """The dropout generator's step counter (core/dropout.py): each step and each forward
+        call in training mode draws its masks with it, then moves it on by one."""
         self.compiled = CompiledGraphs() if plan.compile else None
         """compile=on: every stage graph run through inductor at its first call."""
         self.eager_reason: str | None = None
@@ -172,9 +176,20 @@ class Executor:
                     stage.gm, lambda: _graph_name(stage.index, inputs, {}), *inputs)
             return stage.gm(*inputs)
 
-    def _runner(self, program: RankProgram, stages: list | None = None) -> PipelineRunner:
+    def _runner(self, program: RankProgram, stages: list | None = None,
+                keys: list[DropoutKey] | None = None) -> PipelineRunner:
         return PipelineRunner(program.pipeline, stages or program.stages, self.mesh.group("pp"),
-                              self.mesh.ranks("pp"), self._run_stage, self.device)
+                              self.mesh.ranks("pp"), self._run_stage, self.device,
+                              forward_context=None if keys is None else
+                              lambda microbatch: drawing(keys[microbatch]))
+
+    def _dropout_keys(self, training: bool, first_samples: list[int]) -> list[DropoutKey]:
+        """One key per microbatch of this call (its first sample in the global batch); a call in
+        training mode uses the step counter and moves it on."""
+        step = self.dropout_step
+        if training:
+            self.dropout_step += 1
+        return [DropoutKey(step, first, training) for first in first_samples]
 
     def compile_lines(self) -> list[str]:
         """compile=on: each graph compiled so far, its compile time or why it runs eagerly."""
@@ -189,15 +204,18 @@ class Executor:
         return lines + [f"  {record.summary()}" for record in records]
 
     # --- forward ---------------------------------------------------------------------------
-    def forward(self, args: tuple, kwargs: dict):
-        """The model's own output for any batch >= 1, on every rank (differentiable)."""
+    def forward(self, args: tuple, kwargs: dict, training: bool = True):
+        """The model's own output for any batch >= 1, on every rank (differentiable);
+        dropout draws masks only when `training`."""
         args, kwargs = on_device((args, kwargs), self.device)
         self.state.gather()
         program = self.programs.get(args, kwargs, forward_only=True)
+        (key,) = self._dropout_keys(training, [0])  # the whole batch on every rank
         if program.pipeline is not None:
-            output = self._pipeline_forward(program, args, kwargs)
+            output = self._pipeline_forward(program, args, kwargs, key)
         else:
-            output = self._run(program.stages[0].gm, args, kwargs)
+            with drawing(key):
+                output = self._run(program.stages[0].gm, args, kwargs)
         return self._whole_sequences(program, output)
 
     def _whole_sequences(self, program: RankProgram, output):
@@ -212,12 +230,14 @@ class Executor:
                   for leaf, dim in zip(leaves, record.outputs, strict=True)]
         return pytree.tree_unflatten(leaves, spec)
 
-    def _pipeline_forward(self, program: RankProgram, args: tuple, kwargs: dict):
+    def _pipeline_forward(self, program: RankProgram, args: tuple, kwargs: dict,
+                          key: DropoutKey):
         """Forward only, one microbatch; the last stage's output broadcast over pp."""
         pipeline = program.pipeline
         actions = [Action("F", 0, stage.index) for stage in program.stages]
         with torch.no_grad():
-            results = self._runner(program).run(actions, [input_leaves(args, kwargs)], None)
+            results = self._runner(program, keys=[key]).run(
+                actions, [input_leaves(args, kwargs)], None)
         last_rank = self.mesh.ranks("pp")[pipeline.rank_of(pipeline.num_stages - 1)]
         leaves = []
         for index, shape_dtype in enumerate(pipeline.output_meta):
@@ -234,7 +254,7 @@ class Executor:
 
     # --- step ------------------------------------------------------------------------------
     def step(self, args: tuple, kwargs: dict, target,
-             parameters: Callable[[], list]) -> torch.Tensor:
+             parameters: Callable[[], list], training: bool = True) -> torch.Tensor:
         """Forward and backward over the global batch; returns its loss on every rank.
 
         Gradients equal the single-device gradients of that loss and accumulate into `.grad`
@@ -249,6 +269,10 @@ class Executor:
                              f"{micro}={dp * micro}; got batch {batch}")
         ours = split_batch((args, kwargs, target), dp, batch)[self.mesh.coord("dp")]
         microbatches = split_batch(ours, micro, batch // dp)
+        # each microbatch's masks are its rows' of the global batch's (core/dropout.py)
+        keys = self._dropout_keys(training, [self.mesh.coord("dp") * (batch // dp)
+                                             + index * (batch // (dp * micro))
+                                             for index in range(micro)])
         self.state.gather()
         visible = parameters()
         stashed = [p.grad for p in visible]
@@ -296,7 +320,8 @@ class Executor:
 
         if program.pipeline is None:
             for index, (mb_args, mb_kwargs, _) in enumerate(microbatches):
-                output = self._run(route.stages[0].gm, mb_args, mb_kwargs)
+                with drawing(keys[index]):
+                    output = self._run(route.stages[0].gm, mb_args, mb_kwargs)
                 loss = scaled_loss(index, output)
                 if index == len(microbatches) - 1:
                     self.state.arm_reducer()  # reduce buckets as backward fills them
@@ -304,7 +329,7 @@ class Executor:
         else:
             actions = schedule(plan.schedule, plan.pp, micro, plan.vpp)[self.mesh.coord("pp")]
             leaves = [input_leaves(a, k) for a, k, _ in microbatches]
-            runner = self._runner(program, route.stages)
+            runner = self._runner(program, route.stages, keys)
             start = time.perf_counter()
             runner.run(
                 actions, leaves, loss_of=lambda index, outputs: scaled_loss(

@@ -77,6 +77,9 @@ class GPTConfig:
     moves `expert_bias` by this rate towards balance, from the batch's token counts per expert
     (a buffer changed outside the gradient)."""
     norm_eps: float = 1e-5
+    dropout: float = 0.0
+    """Dropout on the embeddings and on each attention and MLP output before the residual add
+    (nanoGPT's embedding and residual dropouts); 0 builds none, so the graph has no dropout."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -89,6 +92,8 @@ class GPTConfig:
             problems.append(f"n_head={self.n_head} must be a multiple of n_kv_head={self.kv_heads}")
         if self.fused_gate_up and not self.swiglu:
             problems.append("fused_gate_up needs swiglu=True")
+        if not 0.0 <= self.dropout < 1.0:
+            problems.append(f"dropout={self.dropout} must be in [0, 1)")
         if self.n_experts and not 1 <= self.topk <= self.n_experts:
             problems.append(f"topk={self.topk} must be in [1, n_experts={self.n_experts}]")
         if self.bias_update_rate and self.router != "sigmoid":
@@ -376,15 +381,20 @@ class Block(nn.Module):
         self.attn = Attention(config)
         self.ln_2 = _norm(config)
         self.mlp = MoE(config) if config.is_moe_layer(index) else MLP(config, config.ffn)
+        self.drop = _dropout(config)
 
     def forward(self, x: torch.Tensor, cos=None, sin=None):
         """The block's output; an MoE block with `aux_loss_coef` also returns its
         load-balancing loss: (output, aux)."""
-        x = x + self.attn(self.ln_1(x), cos, sin)
+        x = x + self.drop(self.attn(self.ln_1(x), cos, sin))
         mlp = self.mlp(self.ln_2(x))
         if isinstance(mlp, tuple):
-            return x + mlp[0], mlp[1]
-        return x + mlp
+            return x + self.drop(mlp[0]), mlp[1]
+        return x + self.drop(mlp)
+
+
+def _dropout(config: GPTConfig) -> nn.Module:
+    return nn.Dropout(config.dropout) if config.dropout else nn.Identity()
 
 
 class GPT(nn.Module):
@@ -398,6 +408,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         if config.position == "learned":
             self.wpe = nn.Embedding(config.seq_len, config.n_embd)
+        self.drop = _dropout(config)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = _norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
@@ -417,6 +428,7 @@ class GPT(nn.Module):
             # Computed, not a buffer: a model built on the meta device needs no re-init.
             cos, sin = rope_tables(S, self.config.head_dim, device=input_ids.device,
                                    dtype=x.dtype)  # (S, hd/2) each
+        x = self.drop(x)
         aux = []
         for block in self.blocks:
             x = block(x, cos, sin)

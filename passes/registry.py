@@ -1,7 +1,7 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
-batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> mixed precision -> pp split ->
-recompute -> kernels -> device ->
+batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> dropout -> mixed precision ->
+pp split -> recompute -> kernels -> device ->
 collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
@@ -31,6 +31,7 @@ from passes.causal_mask import fold_causal_masks
 from passes.context_parallel import context_parallel
 from passes.expert_parallel import expert_parallel
 from passes.device import retarget_device
+from passes.dropout import dropout
 from passes.kernels import use_kernels
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.stages import lower_stages
@@ -135,6 +136,7 @@ PIPELINE: tuple[PassEntry, ...] = (
               meta.CP_RECORD),
     PassEntry("expert_parallel", expert_parallel, lambda plan: plan.ep > 1, "ep > 1",
               meta.EP_RECORD),
+    PassEntry("dropout", dropout, _always, "always", meta.DROPOUT_RECORD),
     PassEntry("mixed_precision", keep_fp32, lambda plan: compute_dtype(plan) is not None,
               "param_dtype=bf16|fp16", meta.MIXED_PRECISION_RECORD),
     PassEntry("pipeline_split", pipeline_split, lambda plan: plan.stages > 1, "pp*vpp > 1",

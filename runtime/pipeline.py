@@ -14,6 +14,7 @@ dependencies, as `core.schedules.action_graph` checks of every schedule there.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -27,15 +28,17 @@ class PipelineRunner:
     """Runs one rank's actions for one step."""
 
     def __init__(self, pipeline, stages, group, group_ranks: list[int], run_stage,
-                 device: torch.device) -> None:
+                 device: torch.device, forward_context=None) -> None:
         """`pipeline`/`stages`: passes.lowering.program's Pipeline and this rank's Stages (read
-        by attribute only: the runtime does not import the compiler)."""
+        by attribute only: the runtime does not import the compiler). `forward_context(mb)`,
+        when given, is entered around each forward of microbatch `mb` (its dropout key)."""
         self.pipeline = pipeline
         self.stages = {stage.index: stage for stage in stages}
         self.group = group
         self.group_ranks = group_ranks  # global rank of every pp coordinate
         self.run_stage = run_stage  # (stage, inputs) -> outputs tuple
         self.device = device
+        self.forward_context = forward_context or (lambda microbatch: contextlib.nullcontext())
         self._value_ids = {name: i for i, name in enumerate(sorted(pipeline.values))}
         self._splits = {stage.index: not any(isinstance(module, CheckpointedRegion)
                                              for module in stage.gm.modules())
@@ -157,7 +160,8 @@ class PipelineRunner:
             tensor = self._take(value, mb, stage.index, value.producer, backward=False)
             received.append(tensor.detach().requires_grad_() if value.differentiable else tensor)
         start = time.perf_counter()
-        out = self.run_stage(stage, received)
+        with self.forward_context(mb):
+            out = self.run_stage(stage, received)
         self.busy_s += time.perf_counter() - start
         self._inputs[(mb, stage.index)] = received
         self._outputs[(mb, stage.index)] = out

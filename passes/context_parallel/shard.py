@@ -295,6 +295,7 @@ class Sharder:
         """A sharded value's local shape (its sequence dim divided by cp), and the size
         arguments of views and expands that name it."""
         dims, val = self.dims[node], node.meta.get("val")
+        node.meta[meta.CP_DIM] = dims
         if isinstance(val, (tuple, list)):
             dims = [d.dim if isinstance(d, Rows) else d for d in dims]
             node.meta["val"] = type(val)(

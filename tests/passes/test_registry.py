@@ -28,12 +28,12 @@ def _context(plan: Plan) -> PassContext:
 def test_the_pipeline_is_one_ordered_list_of_the_design_card():
     assert [entry.name for entry in PIPELINE] == [
         "batch_statistics", "causal_mask", "tensor_parallel", "sequence_parallel",
-        "context_parallel", "expert_parallel", "mixed_precision", "pipeline_split", "recompute",
-        "kernels", "device", "collectives", "lowering"]
+        "context_parallel", "expert_parallel", "dropout", "mixed_precision", "pipeline_split",
+        "recompute", "kernels", "device", "collectives", "lowering"]
     assert [entry.name for entry in PIPELINE if entry.run is None] == []  # every pass landed
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
-        "causal_mask", "pipeline_split", "recompute", "kernels", "device", "collectives",
-        "lowering"]
+        "causal_mask", "dropout", "pipeline_split", "recompute", "kernels", "device",
+        "collectives", "lowering"]
 
 
 def test_every_entry_is_logged_with_its_record():
@@ -66,7 +66,7 @@ def test_a_failing_pass_is_named_with_the_passes_before_it(monkeypatch):
 
     monkeypatch.setattr(registry, "PIPELINE", _replace("kernels", broken))
     with pytest.raises(PassError, match=r"An error occurred when running the 'kernels' pass "
-                                        r"after causal_mask: RuntimeError: no such op"):
+                                        r"after causal_mask, dropout: RuntimeError: no such op"):
         run_passes(_graph(), _context(Plan().resolve(1)))
 
 
