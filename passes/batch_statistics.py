@@ -278,8 +278,9 @@ def _indexes_own_tokens(node: fx.Node, token_dims: dict) -> bool:
     """Whether the reduction's result, once turned into integers, meets values over the batch's
     tokens again: counts used as offsets or indices of this rank's own rows (the group offsets
     of Hugging Face's grouped_mm, computed with histc over the chosen experts), which must stay
-    this rank's. A floating statistic meeting tokens again (a batch norm's mean) is the whole
-    batch's, as on one device."""
+    this rank's. A floating statistic meeting tokens again (a normalization over the batch
+    written with means) is the whole batch's, as on one device; torch's batch_norm op is one
+    op whose outputs keep the batch, so it stays per rank (DDP without SyncBatchNorm)."""
     frontier, seen = [(node, False)], set()
     while frontier:
         value, integral = frontier.pop()

@@ -47,7 +47,8 @@ def test_every_moe_layer_becomes_dispatch_grouped_gemms_and_return(overrides):
         nodes = _nodes(program)
         assert not [n for n in nodes if n.target is aten.einsum.default]  # no dense experts
         count = {op: sum(n.target is op for n in nodes) for op in ops.MOE_OPS}
-        assert count == {ops.moe_dispatch: 2, ops.moe_return: 2, ops.grouped_mm: 4}
+        assert count == {ops.moe_dispatch: 2, ops.moe_return: 2, ops.grouped_mm: 4,
+                         ops.expert_capacity: 0}  # dropless
         # the router, the shared expert and attention stay as they were (replicated)
         assert all(gm.meta[LAYOUTS][name].placements.replicated
                    for name in gm.meta[LAYOUTS] if "w_in" not in name and "w_out" not in name)

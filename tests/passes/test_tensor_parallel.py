@@ -237,7 +237,7 @@ def test_replicate_rules_keep_the_embedding_and_lm_head_whole():
 
 def test_pipeline_wires_the_pass():
     names = [entry.name for entry in planned(Plan(tp=2).resolve(2))]
-    assert names == ["causal_mask", "tensor_parallel", "kernels", "device",
+    assert names == ["causal_mask", "tensor_parallel", "dropout", "kernels", "device",
                      "collectives"]  # masks first
     # sequence parallelism runs after the tp pass, on its collectives
     names = [entry.name for entry in planned(Plan(tp=2, sp=True).resolve(2))]
