@@ -63,7 +63,7 @@ def test_rules_first_match_wins():
     ("pp=2,stage_layers=0/0", "puts no layer on any stage"),
     ("pp=2,stage_layers=a/b", "must be layer counts joined by '/'"),
     ("pp=2,stage_layers=2*0", "`n*k` for k stages of n"),
-    ("pp=4,stage_layers=1/0/0/3", "leaves middle stage(s) 1 and 2 without a layer; only the "
+    ("pp=4,stage_layers=1/0/0/3", "leaves middle stage(s) 1, 2 without a layer; only the "
                                   "first stage (the embedding alone) and the last"),
     ("capacity_factor=-1", "capacity_factor=-1.0 must be a positive number"),
     ("capacity_factor=lots", "capacity_factor='lots' in 'capacity_factor=lots' must be a number"),
