@@ -400,7 +400,7 @@ def _text(value) -> str:
     if isinstance(value, tuple) and value and isinstance(value[0], Rule):
         return ";".join(str(rule) for rule in value)
     if isinstance(value, tuple):
-        return _layout_text(value)
+        return layout_text(value)
     return str(value)
 
 
@@ -442,7 +442,7 @@ def _parse_stage_layers(text: str) -> tuple[int, ...]:
     return tuple(counts)
 
 
-def _layout_text(counts: tuple) -> str:
+def layout_text(counts: tuple) -> str:
     """Counts joined by '/', runs of three or more written `n*k` (the parser's inverse)."""
     parts, i = [], 0
     while i < len(counts):

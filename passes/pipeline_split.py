@@ -25,6 +25,7 @@ from torch import fx
 
 from core import meta
 from core.fx_utils import module_path
+from core.plan import layout_text
 from cost_model.graph_costs import node_cost
 from passes import PassContext, PassError
 from passes.stage_cut import Segment, StageCut, choose_cuts
@@ -172,7 +173,7 @@ def _layout(plan, names: list[str]) -> list[int]:
     layout = plan.stage_layers
     if len(blocks) != sum(layout):
         raise PassError(
-            f"pipeline_split: stage_layers={'/'.join(map(str, layout))} places {sum(layout)} "
+            f"pipeline_split: stage_layers={layout_text(layout)} places {sum(layout)} "
             f"layers but the model has {len(blocks)} ({names[blocks[0]] if blocks else 'none'}"
             f"..{names[blocks[-1]] if blocks else ''}); give {plan.stages} counts summing to "
             f"{len(blocks)}, or leave stage_layers unset for the cost model's cut")
