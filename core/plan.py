@@ -120,7 +120,7 @@ class Plan:
         elif not isinstance(self.rules, tuple):
             object.__setattr__(self, "rules", tuple(self.rules))
         if isinstance(self.stage_layers, str):
-            object.__setattr__(self, "stage_layers", _parse_stage_layers(self.stage_layers))
+            object.__setattr__(self, "stage_layers", parse_stage_layers(self.stage_layers))
         elif self.stage_layers is not None and not isinstance(self.stage_layers, tuple):
             object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
         problems = self._problems()
@@ -420,13 +420,13 @@ def _parse_value(key: str, value: str, text: str):
         except ValueError:
             raise PlanError(f"capacity_factor={value!r} in {text!r} must be a number") from None
     if key == "stage_layers":
-        return _parse_stage_layers(value)
+        return parse_stage_layers(value)
     if key == "rules":
         return _parse_rules(value)
     return value
 
 
-def _parse_stage_layers(text: str) -> tuple[int, ...]:
+def parse_stage_layers(text: str) -> tuple[int, ...]:
     """`3/4*30/3` -> (3, 4, ..., 4, 3): counts joined by '/', `n*k` standing for k stages of n."""
     counts: list[int] = []
     try:
