@@ -94,7 +94,10 @@ class Plan:
     of Megatron's `--pipeline-model-parallel-layout`: `stage_layers=3/4*30/3` (`n*k` repeats n
     k times). The embedding goes with the first stage and the head and loss with the last, so
     only those two may hold 0 layers (a stage of the embedding alone, or of the head and loss
-    alone: Megatron's `E|...|L` layouts). None lets the cost model cut."""
+    alone: Megatron's `E|...|L` layouts). As with Megatron's layout string, any counts are
+    taken, with vpp too; Megatron's `--decoder-first/last-pipeline-num-layers` layouts (the
+    first and last stage fewer, the middle stages equal: `uneven_layouts`) are the ones the
+    search tries when pp*vpp does not divide the layers. None lets the cost model cut."""
     zero: int = 0
     """1 shards optimizer state over dp (Megatron's distributed optimizer / ZeRO-1)."""
     recompute: Recompute = "none"
