@@ -89,8 +89,15 @@ class Plan:
     capacity_factor: float | None = None
     """Expert capacity as a multiple of the even share of tokens; None is dropless."""
     stage_layers: tuple[int, ...] | None = None
-    """Layers per (virtual) pipeline stage, `stage_layers=7/8/8/7`; None lets the cost model
-    cut."""
+    """Transformer layers per virtual stage in stage order (pp*vpp counts summing to the
+    model's layers; stage s runs on rank s % pp, or where zb-v's V puts it), as the `|`-stages
+    of Megatron's `--pipeline-model-parallel-layout`: `stage_layers=3/4*30/3` (`n*k` repeats n
+    k times). The embedding goes with the first stage and the head and loss with the last, so
+    only those two may hold 0 layers (a stage of the embedding alone, or of the head and loss
+    alone: Megatron's `E|...|L` layouts). As with Megatron's layout string, any counts are
+    taken, with vpp too; Megatron's `--decoder-first/last-pipeline-num-layers` layouts (the
+    first and last stage fewer, the middle stages equal: `uneven_layouts`) are the ones the
+    search tries when pp*vpp does not divide the layers. None lets the cost model cut."""
     zero: int = 0
     """1 shards optimizer state over dp (Megatron's distributed optimizer / ZeRO-1)."""
     recompute: Recompute = "none"
@@ -116,7 +123,7 @@ class Plan:
         elif not isinstance(self.rules, tuple):
             object.__setattr__(self, "rules", tuple(self.rules))
         if isinstance(self.stage_layers, str):
-            object.__setattr__(self, "stage_layers", _parse_stage_layers(self.stage_layers))
+            object.__setattr__(self, "stage_layers", parse_stage_layers(self.stage_layers))
         elif self.stage_layers is not None and not isinstance(self.stage_layers, tuple):
             object.__setattr__(self, "stage_layers", tuple(self.stage_layers))
         problems = self._problems()
@@ -212,6 +219,13 @@ class Plan:
                     f"pp*vpp={self.pp}*{self.vpp}={self.stages} stages; give one count per stage")
             elif not sum(self.stage_layers):
                 problems.append("stage_layers puts no layer on any stage")
+            else:
+                empty = [i for i, n in enumerate(self.stage_layers[1:-1], 1) if n == 0]
+                if empty:
+                    problems.append(
+                        f"stage_layers={_text(self.stage_layers)} leaves middle stage(s) "
+                        f"{words(empty)} without a layer; only the first stage (the embedding "
+                        f"alone) and the last (the head and loss alone) may hold 0 layers")
         return problems
 
     def _context_problems(self) -> list[str]:
@@ -371,8 +385,6 @@ _PENDING = {
     "etp": (lambda plan: plan.etp in (1, plan.tp),
             "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
             "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),
-    "stage_layers": (lambda plan: False, "per-stage layer counts (stage_layers)",
-                     "leave stage_layers unset: the cost model cuts the stages"),
     "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),
     "param_dtype": (lambda plan: not plan.compile or plan.param_dtype == "fp32",
                     "mixed precision with compiled ranks (param_dtype with compile=on)",
@@ -391,7 +403,7 @@ def _text(value) -> str:
     if isinstance(value, tuple) and value and isinstance(value[0], Rule):
         return ";".join(str(rule) for rule in value)
     if isinstance(value, tuple):
-        return "/".join(map(str, value))
+        return layout_text(value)
     return str(value)
 
 
@@ -411,18 +423,55 @@ def _parse_value(key: str, value: str, text: str):
         except ValueError:
             raise PlanError(f"capacity_factor={value!r} in {text!r} must be a number") from None
     if key == "stage_layers":
-        return _parse_stage_layers(value)
+        return parse_stage_layers(value)
     if key == "rules":
         return _parse_rules(value)
     return value
 
 
-def _parse_stage_layers(text: str) -> tuple[int, ...]:
+def parse_stage_layers(text: str) -> tuple[int, ...]:
+    """`3/4*30/3` -> (3, 4, ..., 4, 3): counts joined by '/', `n*k` standing for k stages of n."""
+    counts: list[int] = []
     try:
-        return tuple(int(part) for part in text.split("/"))
+        for part in text.split("/"):
+            count, star, times = part.partition("*")
+            if star and int(times) < 1:
+                raise ValueError(part)
+            counts.extend([int(count)] * (int(times) if star else 1))
     except ValueError:
         raise PlanError(f"stage_layers={text!r} must be layer counts joined by '/', one per "
-                        f"stage (stage_layers=7/8/8/7)") from None
+                        f"stage, `n*k` for k stages of n (stage_layers=7/8/8/7 or "
+                        f"3/4*30/3)") from None
+    return tuple(counts)
+
+
+def layout_text(counts: tuple) -> str:
+    """Counts joined by '/', runs of three or more written `n*k` (the parser's inverse)."""
+    parts, i = [], 0
+    while i < len(counts):
+        j = i
+        while j < len(counts) and counts[j] == counts[i]:
+            j += 1
+        run = j - i
+        parts.extend([f"{counts[i]}*{run}"] if run >= 3 else [str(counts[i])] * run)
+        i = j
+    return "/".join(parts)
+
+
+def uneven_layouts(layers: int, stages: int) -> list[tuple[int, ...]]:
+    """Megatron's uneven pipeline (`--decoder-first-pipeline-num-layers` and `--decoder-last-
+    pipeline-num-layers` applied to virtual stages): the first and the last stage hold `edge`
+    layers, fewer than the `middle` every other stage holds, with 2*edge + (stages-2)*middle
+    == layers; every such layout, fullest edges first (edge 0: the embedding alone and the head
+    and loss alone). Empty when stages < 3 or no such split exists."""
+    if stages < 3:
+        return []
+    out = []
+    for middle in range(-(-layers // stages), layers // (stages - 2) + 1):
+        edge2 = layers - (stages - 2) * middle
+        if edge2 >= 0 and edge2 % 2 == 0 and edge2 // 2 < middle:
+            out.append((edge2 // 2, *[middle] * (stages - 2), edge2 // 2))
+    return out
 
 
 def _parse_rules(text: str) -> tuple[Rule, ...]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
+from core.plan import layout_text
+
 PARAM_BYTES = 2
 GRAD_BYTES = 4
 ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
@@ -105,15 +107,23 @@ class MemoryBreakdown:
 
 @lru_cache(maxsize=4096)
 def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
-                 placement: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
-    """(dense blocks, MoE blocks) per pipeline rank. Layers split as evenly as possible over
-    the pp*vpp chunks; the remainder goes to the middle chunks, away from the embedding and
+                 placement: tuple[int, ...] | None = None,
+                 layout: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
+    """(dense blocks, MoE blocks) per pipeline rank. `layout` (Plan.stage_layers) gives each
+    of the pp*vpp chunks' layers in stage order; without it layers split as evenly as possible
+    over the chunks, the remainder going to the middle chunks, away from the embedding and
     head on the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..., or those
     `placement` (the schedule's, core.schedules.placement) puts on it."""
     chunks = pp * vpp
-    base, rem = divmod(layers, chunks)
-    extra = set(range(1, rem + 1)) if rem < chunks - 1 else set(range(rem))
-    sizes = [base + (1 if i in extra else 0) for i in range(chunks)]
+    if layout is not None:
+        if len(layout) != chunks or sum(layout) != layers:
+            raise ValueError(f"stage_layers={layout_text(layout)} must give pp*vpp="
+                             f"{chunks} stages summing to the model's {layers} layers")
+        sizes = list(layout)
+    else:
+        base, rem = divmod(layers, chunks)
+        extra = set(range(1, rem + 1)) if rem < chunks - 1 else set(range(rem))
+        sizes = [base + (1 if i in extra else 0) for i in range(chunks)]
     starts = [sum(sizes[:i]) for i in range(chunks)]
     per_rank = []
     for r in range(pp):
@@ -131,10 +141,11 @@ def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
 
 @lru_cache(maxsize=4096)
 def distinct_ranks(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
-                   placement: tuple[int, ...] | None = None) -> tuple[tuple[int, int, int], ...]:
+                   placement: tuple[int, ...] | None = None,
+                   layout: tuple[int, ...] | None = None) -> tuple[tuple[int, int, int], ...]:
     """(rank, dense, moe) for the first rank, the last, and the lowest rank of every other
     distinct layer mix: the only ranks that can be the slowest or the fullest."""
-    per = stage_layers(layers, dense_layers, moe, pp, vpp, placement)
+    per = stage_layers(layers, dense_layers, moe, pp, vpp, placement, layout)
     seen, out = set(), []
     for r, mix in enumerate(per):
         if r in (0, pp - 1) or mix not in seen:

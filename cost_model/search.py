@@ -16,7 +16,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from core.plan import Plan, PlanError
+from core.plan import Plan, PlanError, parse_stage_layers, uneven_layouts
 from cost_model.hardware import Cluster, GiB, get_hardware
 from cost_model.shapes import TransformerShape
 from cost_model.step_time import Estimate, PlanRejected, check_plan, estimate
@@ -28,7 +28,7 @@ RECOMPUTE = ("none", "selective", "full")
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 VPP = (2, 3, 4, 6, 8)
 FIXABLE = {"tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
-           "cp_algo", "zero", "recompute", "order", "mbs"}
+           "cp_algo", "zero", "recompute", "order", "mbs", "stage_layers"}
 
 
 @dataclass(frozen=True)
@@ -106,6 +106,8 @@ def parse_fix(text: str | dict | None) -> dict:
             out[key] = value.lower() in ("on", "true", "1")
         elif key in ("schedule", "cp_algo", "recompute", "order"):
             out[key] = value
+        elif key == "stage_layers":
+            out[key] = parse_stage_layers(value)
         else:
             try:
                 out[key] = int(value)
@@ -224,14 +226,7 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
             if "schedule" in fixed:
                 scheds = [fixed["schedule"]]
             for sched in scheds:
-                vpps = [1]
-                if sched == "interleaved-1f1b":
-                    vpps = [v for v in VPP if fam.pp * v <= shape.layers and m % fam.pp == 0
-                            and shape.layers % (fam.pp * v) == 0]
-                elif sched == "zb-v":  # asked for with --fix: two stages per rank in a V
-                    vpps = [2] if 2 * fam.pp <= shape.layers else []
-                vpps = choices("vpp", vpps)
-                for vpp in vpps:
+                for vpp, layout in _virtual_stages(shape.layers, fam.pp, m, sched, fixed):
                     for sp_ in choices("sp", [True, False] if fam.tp > 1 else [False]):
                         for rc in choices("recompute", recomputes):
                             for zero in choices("zero", [0, 1] if fam.dp * fam.cp > 1 else [0]):
@@ -239,7 +234,7 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                                     plan = Plan(tp=fam.tp, pp=fam.pp, cp=fam.cp, dp=fam.dp,
                                                 ep=fam.ep, etp=expert_tp(fam), sp=sp_,
                                                 microbatches=m, schedule=sched, vpp=vpp,
-                                                zero=zero, recompute=rc,
+                                                stage_layers=layout, zero=zero, recompute=rc,
                                                 cp_algo=fixed.get("cp_algo", "ring"),
                                                 order=fixed.get("order", "tp-cp-ep-dp-pp"))
                                     est = estimate(shape, plan, cluster, global_batch, seq)
@@ -290,6 +285,34 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                         plans=top, rejected=rejected,
                         search_time_s=time.perf_counter() - start, evaluated=evaluated,
                         fixed=fixed)
+
+
+def _virtual_stages(layers: int, pp: int, m: int, schedule: str,
+                    fixed: dict) -> list[tuple[int, tuple[int, ...] | None]]:
+    """(vpp, stage_layers) to try: the layers split evenly where pp*vpp divides them, else
+    Megatron's uneven layouts (core.plan.uneven_layouts: fewer layers on the first and last
+    virtual stage, which also carry the embedding and the head; the most balanced one and the
+    one with the fewest edge layers), so interleaving is tried on any layer count. A fixed
+    stage_layers is taken as given; a fixed vpp that no layout fits keeps the cost model's own
+    split."""
+    if "stage_layers" in fixed:
+        return [(fixed.get("vpp", 1), fixed["stage_layers"])]
+    if schedule == "interleaved-1f1b":
+        vpps = [v for v in VPP if pp * v <= layers and m % pp == 0]
+    elif schedule == "zb-v":  # asked for with --fix: two stages per rank in a V
+        vpps = [2] if 2 * pp <= layers else []
+    else:
+        vpps = [1]
+    out: list[tuple[int, tuple[int, ...] | None]] = []
+    for v in ([fixed["vpp"]] if "vpp" in fixed else vpps):
+        if v == 1 or layers % (pp * v) == 0:
+            out.append((v, None))
+            continue
+        uneven = uneven_layouts(layers, pp * v)
+        out.extend((v, layout) for layout in dict.fromkeys(uneven[:1] + uneven[-1:]))
+        if not uneven and "vpp" in fixed:
+            out.append((v, None))
+    return out
 
 
 def _fix_str(fixed: dict) -> str:

@@ -27,7 +27,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from core.plan import Plan, PlanError, coerce_plan
+from core.plan import Plan, PlanError, coerce_plan, layout_text
 from cost_model import memory as mem
 from cost_model.comm import CollectiveCost
 from cost_model.hardware import Cluster, GiB
@@ -167,7 +167,11 @@ def check_plan(shape: TransformerShape, plan: Plan, world: int, global_batch: in
                            f"(load-balanced causal context parallelism)")
     if p.cp_algo == "a2a" and shape.heads % (p.tp * p.cp):
         raise PlanRejected(f"cp_algo=a2a needs tp*cp={p.tp * p.cp} to divide heads")
-    if p.stages > shape.layers:
+    if p.stage_layers is not None and sum(p.stage_layers) != shape.layers:
+        raise PlanRejected(f"stage_layers={layout_text(p.stage_layers)} places "
+                           f"{sum(p.stage_layers)} layers but the model has {shape.layers}; "
+                           f"give pp*vpp={p.stages} counts summing to {shape.layers}")
+    if p.stage_layers is None and p.stages > shape.layers:
         raise PlanRejected(f"pp*vpp={p.pp * p.vpp} exceeds {shape.layers} layers")
     if p.ep > 1 and not shape.experts:
         raise PlanRejected(f"ep={p.ep} on a model without MoE layers")
@@ -436,10 +440,10 @@ def estimate(shape: TransformerShape, plan: Plan | str | dict, cluster: Cluster,
     # ranks of distinct layer mixes are computed; the others copy the one with the same mix
     chunks = None if p.schedule != "zb-v" else tr.placement
     ranks = mem.distinct_ranks(shape.layers, shape.dense_layers, bool(shape.experts), pp, v,
-                               chunks)
+                               chunks, p.stage_layers)
     computed = {r: rank_time(tr, step, r, nd, nm) for r, nd, nm in ranks}
     full_times = mem.stage_layers(shape.layers, shape.dense_layers, bool(shape.experts), pp, v,
-                                  chunks)
+                                  chunks, p.stage_layers)
     x = {r: rt.fwd + rt.bwd for r, rt in computed.items()}
     f = {r: rt.fwd for r, rt in computed.items()}
     mix_x, mix_f = {}, {}

@@ -5,7 +5,9 @@ positions, masks), each block of the model's repeated ModuleList (found as the m
 with an integer child that most nodes live under: `blocks.3`, `model.layers.3`, `transformer.h.3`)
 and the part after the last block (final norm, head). A cut never falls inside a block, so no
 TP region or attention is ever split. Cuts are chosen by `passes.stage_cut.choose_cuts` from the
-cost model's per-node costs; `Plan.rules` entries of kind `pp_split` pin a cut before a module.
+cost model's per-node costs; `Plan.rules` entries of kind `pp_split` pin a cut before a module;
+`Plan.stage_layers` fixes every cut: stage s holds its count of blocks, the first stage the part
+before them too and the last stage the part after them.
 
 The pass only annotates: `node.meta["pp.stage"]` for every computing node, and a
 `PipelineCut` record (the segments and the cut) in `gm.meta["pp.split"]`. The lowering pass
@@ -23,6 +25,7 @@ from torch import fx
 
 from core import meta
 from core.fx_utils import module_path
+from core.plan import layout_text
 from cost_model.graph_costs import node_cost
 from passes import PassContext, PassError
 from passes.stage_cut import Segment, StageCut, choose_cuts
@@ -115,7 +118,12 @@ def pipeline_split(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                f"with at least {stages} segments" if plan.schedule == "zb-v" else
                f"use pp*vpp <= {len(names)}"))
     segments = _segment_costs(gm, names, assignment)
-    pinned = _pinned(plan, names) if ctx.stage_starts is None else _reused(ctx, names)
+    if plan.stage_layers is not None:
+        pinned = _layout(plan, names)
+    elif ctx.stage_starts is None:
+        pinned = _pinned(plan, names)
+    else:
+        pinned = _reused(ctx, names)
     try:
         cut = choose_cuts(segments, stages, pinned=pinned)
     except ValueError as error:
@@ -154,6 +162,33 @@ def _segment_costs(gm: fx.GraphModule, names: list[str],
         for boundary in range(assignment[value], last):
             crossing[boundary] += size
     return [Segment(name, compute[i], memory[i], crossing[i]) for i, name in enumerate(names)]
+
+
+def _layout(plan, names: list[str]) -> list[int]:
+    """The segment starting each stage after the first, from `plan.stage_layers`."""
+    if any(rule.kind == "pp_split" for rule in plan.rules):
+        raise PassError(f"pipeline_split: plan {plan} gives both stage_layers and pp_split "
+                        f"rules; the layout already fixes every cut: drop one of them")
+    blocks = [i for i, name in enumerate(names) if name not in ("pre", "post")]
+    layout = plan.stage_layers
+    if len(blocks) != sum(layout):
+        raise PassError(
+            f"pipeline_split: stage_layers={layout_text(layout)} places {sum(layout)} "
+            f"layers but the model has {len(blocks)} ({names[blocks[0]] if blocks else 'none'}"
+            f"..{names[blocks[-1]] if blocks else ''}); give {plan.stages} counts summing to "
+            f"{len(blocks)}, or leave stage_layers unset for the cost model's cut")
+    ends = {0: "pre", len(layout) - 1: "post"}
+    for stage, name in ends.items():
+        if layout[stage] == 0 and name not in names:
+            raise PassError(
+                f"pipeline_split: stage_layers gives stage {stage} no layer, but the model has "
+                f"nothing {'before its first' if stage == 0 else 'after its last'} block to "
+                f"put there; give stage {stage} at least one layer")
+    starts, done = [], 0
+    for count in layout[:-1]:
+        done += count
+        starts.append(blocks[done] if done < len(blocks) else len(names) - 1)
+    return starts
 
 
 def _reused(ctx: PassContext, names: list[str]) -> list[int]:

@@ -62,6 +62,9 @@ def test_rules_first_match_wins():
     ("pp=2,stage_layers=1/2/3", "stage_layers has 3 counts but the plan has pp*vpp=2*1=2"),
     ("pp=2,stage_layers=0/0", "puts no layer on any stage"),
     ("pp=2,stage_layers=a/b", "must be layer counts joined by '/'"),
+    ("pp=2,stage_layers=2*0", "`n*k` for k stages of n"),
+    ("pp=4,stage_layers=1/0/0/3", "leaves middle stage(s) 1, 2 without a layer; only the "
+                                  "first stage (the embedding alone) and the last"),
     ("capacity_factor=-1", "capacity_factor=-1.0 must be a positive number"),
     ("capacity_factor=lots", "capacity_factor='lots' in 'capacity_factor=lots' must be a number"),
     ("pp=2,schedule=zb-v", "schedule=zb-v places two stages per rank in a V: set vpp=2"),
@@ -162,3 +165,19 @@ def test_the_fixes_plan_messages_print_are_accepted():
     valid = re.search(r"\(valid: ([\d, ]+)\)", _refusal("cp=8,cp_algo=hybrid,cp_a2a=3", 8))
     for size in map(int, valid.group(1).split(", ")):
         Plan(cp=8, cp_algo="hybrid", cp_a2a=size).resolve(8)
+
+
+def test_stage_layers_repeat_syntax_and_megatron_uneven_layouts():
+    from core.plan import uneven_layouts
+
+    plan = Plan.parse("pp=16,vpp=2,schedule=interleaved-1f1b,mb=16,stage_layers=3/4*30/3")
+    assert plan.stage_layers == (3,) + (4,) * 30 + (3,) and sum(plan.stage_layers) == 126
+    assert "stage_layers=3/4*30/3" in str(plan) and Plan.parse(str(plan)) == plan
+    assert Plan.parse("pp=2,stage_layers=0/3").stage_layers == (0, 3)  # the embedding alone
+    assert Plan.parse("pp=2,stage_layers=0/3").pending() == []  # landed (issue 18)
+    # first and last stage fewer, the middle equal: 2*edge + (stages-2)*middle == layers
+    assert uneven_layouts(126, 32) == [(3,) + (4,) * 30 + (3,)]
+    assert uneven_layouts(126, 64) == [(1,) + (2,) * 62 + (1,)]
+    assert uneven_layouts(126, 16) == [(7,) + (8,) * 14 + (7,), (0,) + (9,) * 14 + (0,)]
+    assert uneven_layouts(128, 48) == [] and uneven_layouts(7, 4) == []
+    assert uneven_layouts(5, 2) == []  # two stages have no middle: both are edges

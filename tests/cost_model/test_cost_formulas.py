@@ -271,3 +271,57 @@ def test_zero_bubble_estimates_shrink_the_bubble_and_move_the_head_for_zb_v():
     # the V puts the LM head (its logits) on rank 0, beside the embedding; 1F1B on the last
     v, plain = est["zb-v"], est["1f1b"]
     assert v.stage_fwd_s[0] > v.stage_fwd_s[-1] and plain.stage_fwd_s[-1] > plain.stage_fwd_s[0]
+
+
+def test_stage_layers_layout_places_the_blocks():
+    assert memory.stage_layers(8, 0, False, 2, 1, None, (2, 6)) == ((2, 0), (6, 0))
+    # interleaved: rank r holds stages r and r + pp
+    assert memory.stage_layers(14, 0, False, 2, 2, None, (3, 4, 4, 3)) == ((7, 0), (7, 0))
+    assert memory.stage_layers(14, 0, False, 2, 2, None, (1, 4, 4, 5)) == ((5, 0), (9, 0))
+    # zb-v's V: rank 0 holds stages 0 and 3 (here the embedding and the head alone)
+    assert memory.stage_layers(6, 0, False, 2, 2, (0, 1, 1, 0), (0, 3, 3, 0)) == (
+        (0, 0), (6, 0))
+    assert memory.stage_layers(6, 2, True, 2, 1, None, (1, 5)) == ((1, 0), (1, 4))
+    with pytest.raises(ValueError, match="summing to the model's 6 layers"):
+        memory.stage_layers(6, 0, False, 2, 1, None, (2, 3))
+
+
+def test_uneven_layout_moves_stage_time_and_memory_and_the_slowest_stage_sets_the_span():
+    shape = TransformerShape.megatron_gpt(layers=8, hidden=1024, heads=16, vocab=1024)
+    cl = parse_cluster("2xA100-80G")
+    m = 8
+    even, uneven = (estimate(shape, Plan(pp=2, microbatches=m, stage_layers=layout), cl, m)
+                    for layout in (None, (2, 6)))
+    # two blocks move from rank 0 to rank 1: the same block time leaves one and joins the other
+    fwd_moved = even.stage_fwd_s[0] - uneven.stage_fwd_s[0]
+    assert fwd_moved > 0
+    assert uneven.stage_fwd_s[1] - even.stage_fwd_s[1] == pytest.approx(fwd_moved)
+    weights_moved = even.stage_memory_parts[0].weights - uneven.stage_memory_parts[0].weights
+    assert weights_moved == pytest.approx(
+        2 * memory.PARAM_BYTES * shape.dense_block_params())
+    assert uneven.stage_memory_parts[1].weights - even.stage_memory_parts[1].weights == (
+        pytest.approx(weights_moved))
+    for est in (even, uneven):  # 1F1B: (m - 1) microbatches of the slowest, one of each
+        x = [f + b for f, b in zip(est.stage_fwd_s, est.stage_bwd_s, strict=True)]
+        assert est.pipeline_s == pytest.approx((m - 1) * max(x) + sum(x))
+    x = [f + b for f, b in zip(uneven.stage_fwd_s, uneven.stage_bwd_s, strict=True)]
+    assert x[1] == max(x) and uneven.pipeline_s > even.pipeline_s
+
+
+def test_interleaved_uneven_layout_is_costed_and_checked_against_the_model():
+    shape = TransformerShape.megatron_gpt(layers=6, hidden=1024, heads=16, vocab=1024)
+    cl = parse_cluster("2xA100-80G")
+    m, v = 4, 2
+    plan = Plan(pp=2, vpp=v, schedule="interleaved-1f1b", microbatches=m,
+                stage_layers=(1, 2, 2, 1))
+    est = estimate(shape, plan, cl, m)
+    x = [f + b for f, b in zip(est.stage_fwd_s, est.stage_bwd_s, strict=True)]
+    assert est.pipeline_s == pytest.approx(m * max(x) + (sum(x) - max(x)) / v)
+    # 1 + 2 and 2 + 1 blocks: the ranks hold what 3/3 without interleaving would
+    flat = estimate(shape, Plan(pp=2, microbatches=m, stage_layers=(3, 3)), cl, m)
+    assert [p.weights for p in est.stage_memory_parts] == pytest.approx(
+        [p.weights for p in flat.stage_memory_parts])
+    with pytest.raises(PlanRejected, match=r"stage_layers=1/2/2/3 places 8 layers but the "
+                                           r"model has 6; give pp\*vpp=4 counts summing to 6"):
+        estimate(shape, Plan(pp=2, vpp=v, schedule="interleaved-1f1b", microbatches=m,
+                             stage_layers=(1, 2, 2, 3)), cl, m)

@@ -139,3 +139,30 @@ def test_pipeline_timeline_simulation_matches_closed_form():
     assert max(t1 for *_, t1 in ev) == pytest.approx((m + p - 1) * 3.0)
     ev = simulate_pipeline([1.0] * p, [2.0] * p, m, "gpipe")
     assert len(ev) == 2 * p * m
+
+
+LLAMA_405B = TransformerShape(layers=126, hidden=16384, heads=128, vocab=128256, seq=8192,
+                              kv_heads=8, ffn=53248, swiglu=True, norm="rmsnorm", bias=False,
+                              tie_embeddings=False, learned_positions=False)
+
+
+def test_search_interleaves_126_layers_with_fewer_layers_on_the_first_and_last_stage():
+    """126 layers divide by no pp*vpp at pp=16: the search tries Megatron's uneven layouts
+    (first and last virtual stage fewer, the middle equal) instead of skipping interleaving,
+    and one of them beats every plan without interleaving."""
+    res = search(LLAMA_405B, parse_cluster("2048xH100"), 2048, fixed="tp=8,pp=16", top_k=50)
+    best = res.chosen.plan
+    assert best.schedule == "interleaved-1f1b" and best.vpp > 1
+    layout = best.stage_layers
+    assert len(layout) == 16 * best.vpp and sum(layout) == 126
+    assert layout[0] == layout[-1] < layout[1] and len(set(layout[1:-1])) == 1
+    assert Plan.parse(str(best)) == best  # a plan string the runtime takes as is
+    flat = [e for e in res.plans if e.plan.vpp == 1]
+    assert flat and res.chosen.step_time_s < min(e.step_time_s for e in flat)
+    # a layout given with --fix is costed as given
+    fixed = search(LLAMA_405B, parse_cluster("2048xH100"), 2048, top_k=1,
+                   fixed="tp=8,pp=16,vpp=2,schedule=interleaved-1f1b,stage_layers=3/4*30/3")
+    assert fixed.chosen.plan.stage_layers == (3,) + (4,) * 30 + (3,)
+    with pytest.raises(ValueError, match="stage_layers=3/4\\*30/2 places 125 layers"):
+        search(LLAMA_405B, parse_cluster("2048xH100"), 2048, top_k=1,
+               fixed="tp=8,pp=16,vpp=2,schedule=interleaved-1f1b,stage_layers=3/4*30/2")

@@ -47,10 +47,14 @@ def test_terms_sum_to_the_step_and_match_the_estimates_own_terms(est):
     assert terms["embedding"] == est.comm_s["embedding"]
     assert terms["bubble"] == est.bubble_s
     assert terms["pp"] == pytest.approx(est.comm_s["pp"] if est.plan.pp > 1 else 0.0, rel=1e-12)
-    for kind in ("cp", "ep"):  # layers split evenly here: the mean rank is the slowest one
-        assert terms[kind] == pytest.approx(est.comm_s[kind], rel=1e-12, abs=1e-15)
-    # tp adds the vocab-parallel embedding and head collectives to the blocks' ones
-    assert terms["tp"] >= est.comm_s["tp"] * (1 - 1e-12)
+    if est.plan.stage_layers is None:  # layers split evenly: the mean rank is the slowest one
+        for kind in ("cp", "ep"):
+            assert terms[kind] == pytest.approx(est.comm_s[kind], rel=1e-12, abs=1e-15)
+        # tp adds the vocab-parallel embedding and head collectives to the blocks' ones
+        assert terms["tp"] >= est.comm_s["tp"] * (1 - 1e-12)
+    else:  # uneven stages (fewer layers on the first and last): the mean rank is below it
+        for kind in ("cp", "ep"):
+            assert terms[kind] <= est.comm_s[kind] * (1 + 1e-12)
     if est.shared_cores_s > est.critical_path_s:
         assert terms["shared_cores"] > 0 and terms["bubble"] == 0
     else:

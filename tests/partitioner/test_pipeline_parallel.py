@@ -50,6 +50,26 @@ def test_pp2_schedules_match_one_device():
     assert_passed(on_ranks(2, _run, TWO_RANKS), TWO_RANKS)
 
 
+UNEVEN_TWO_RANKS = [  # stage_layers: the layout fixes the cut (Megatron's uneven first/last)
+    ("gpt-3-layers-1|2", GPT, "pp=2,mb=2,stage_layers=1/2", {"factory_kwargs": {"n_layer": 3}}),
+    ("llama-5-layers-2|3", LLAMA, "pp=2,mb=2,stage_layers=2/3",
+     {"factory_kwargs": {"n_layer": 5}}),
+    ("llama-interleaved-1/2/2/1", LLAMA,
+     "pp=2,vpp=2,schedule=interleaved-1f1b,mb=2,stage_layers=1/2/2/1",
+     {"factory_kwargs": {"n_layer": 6}}),
+    # stages of the (tied) embedding alone and of the head and loss alone (Megatron's E|...|L)
+    ("gpt-interleaved-0/2/2/0", GPT,
+     "pp=2,vpp=2,schedule=interleaved-1f1b,mb=2,stage_layers=0/2/2/0",
+     {"factory_kwargs": {"n_layer": 4}}),
+    ("llama-zb-v-1/2/1/1", LLAMA, "pp=2,vpp=2,schedule=zb-v,mb=2,stage_layers=1/2/1/1",
+     {"factory_kwargs": {"n_layer": 5}}),
+]
+
+
+def test_uneven_stage_layouts_match_one_device():
+    assert_passed(on_ranks(2, _run, UNEVEN_TWO_RANKS), UNEVEN_TWO_RANKS)
+
+
 def _four_rank_cases():
     return [
         ("gpt-pp4-1f1b", GPT, "pp=4,mb=4", {"factory_kwargs": {"n_layer": 4}}),

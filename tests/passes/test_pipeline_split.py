@@ -120,6 +120,40 @@ def test_more_stages_than_segments_is_a_clear_error():
                      "meta")
 
 
+@pytest.mark.parametrize("plan, starts, held", [
+    # stage starts and the blocks of rank 0's stages
+    ("pp=2,stage_layers=2/3", ("pre", "blocks.2"), [{"blocks.0", "blocks.1"}]),
+    ("pp=2,vpp=2,schedule=interleaved-1f1b,mb=2,stage_layers=1/2/1/1",
+     ("pre", "blocks.1", "blocks.3", "blocks.4"), [{"blocks.0"}, {"blocks.3"}]),
+    ("pp=2,vpp=2,schedule=interleaved-1f1b,mb=2,stage_layers=0/2/3/0",
+     ("pre", "blocks.0", "blocks.2", "post"), [set(), {"blocks.2", "blocks.3", "blocks.4"}]),
+])
+def test_stage_layers_fix_the_cut(plan, starts, held):
+    """The layout, not the costs, places the blocks; the embedding stays with the first stage
+    and the head with the last, a stage of 0 layers holding only them."""
+    captured = _captured(tiny_llama, n_layer=5)
+    resolved = Plan.parse(plan).resolve(2)
+    first, last = (compile_rank(captured, resolved, r, "meta") for r in (0, 1))
+    assert first.pipeline.stage_starts == starts
+    blocks = [{".".join(n.target.split(".")[:2]) for n in stage.gm.graph.find_nodes(op="get_attr")
+               if n.target.startswith("blocks.")} for stage in first.stages]
+    assert blocks == held
+    assert any(n.target == "wte.weight" for n in first.stages[0].gm.graph.find_nodes(
+        op="get_attr"))
+    assert any(n.target == "lm_head.weight" for n in last.stages[-1].gm.graph.find_nodes(
+        op="get_attr"))
+
+
+def test_stage_layers_that_do_not_fit_the_model_are_clear_errors():
+    captured = _captured(tiny_llama, n_layer=5)
+    with pytest.raises(PassError, match=r"stage_layers=1/2 places 3 layers but the model has 5 "
+                                        r"\(blocks.0..blocks.4\); give 2 counts summing to 5"):
+        compile_rank(captured, Plan.parse("pp=2,stage_layers=1/2").resolve(2), 0, "meta")
+    with pytest.raises(PassError, match="gives both stage_layers and pp_split rules"):
+        compile_rank(captured, Plan.parse("pp=2,stage_layers=1/4,rules=blocks.3:pp_split")
+                     .resolve(2), 0, "meta")
+
+
 def test_full_recompute_wraps_each_block():
     captured = _captured(tiny, n_layer=3)
     program = compile_rank(captured, Plan(recompute="full").resolve(1), 0, "meta")
