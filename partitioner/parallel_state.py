@@ -28,6 +28,7 @@ import itertools
 import torch.distributed as dist
 
 from core.plan import Plan
+from core.schedules import placement
 from runtime.mesh import Mesh, process_group
 
 _LAYOUT_DIMS = ("tp", "cp", "dp", "pp", "etp", "ep", "edp")
@@ -67,6 +68,21 @@ class ModelParallelState:
     @property
     def rank(self) -> int:
         return self.mesh.rank
+
+    def holds_stage(self, stage: int, ignore_virtual: bool = True,
+                    vp_stage: int | None = None) -> bool:
+        """Whether this rank holds pipeline stage `stage` (with ignore_virtual=False: as its
+        virtual stage `vp_stage`, default the current `vp_rank`). Stages lie on ranks as the
+        plan's schedule places them (core.schedules.placement): rank s % pp, or zb-v's V, where
+        rank 0 holds the first and the last stage."""
+        pp, vpp = self.world_size("pp"), self.vpp or 1
+        where = placement(self.mesh.plan.schedule, pp, vpp)
+        mine = [s for s, rank in enumerate(where) if rank == self.rank_in("pp")]
+        if stage not in mine:
+            return False
+        if ignore_virtual or self.vpp is None:
+            return True
+        return mine.index(stage) == (vp_stage if vp_stage is not None else self.vp_rank)
 
     def ranks(self, dim: str) -> list[int]:
         """The global ranks of this rank's group along `dim`, in Megatron's order."""
@@ -392,11 +408,7 @@ def set_virtual_pipeline_model_parallel_rank(rank: int) -> None:
 @_noted
 def is_pipeline_first_stage(ignore_virtual: bool = True, vp_stage: int | None = None) -> bool:
     """True on the first pipeline stage (with ignore_virtual=False: and virtual stage 0)."""
-    state = _state()
-    if not ignore_virtual and state.vpp is not None:
-        if (vp_stage if vp_stage is not None else state.vp_rank) != 0:
-            return False
-    return state.rank_in("pp") == 0
+    return _state().holds_stage(0, ignore_virtual, vp_stage)
 
 
 @_noted
@@ -404,10 +416,8 @@ def is_pipeline_last_stage(ignore_virtual: bool = True, vp_stage: int | None = N
     """True on the last pipeline stage (with ignore_virtual=False: and the last virtual
     stage)."""
     state = _state()
-    if not ignore_virtual and state.vpp is not None:
-        if (vp_stage if vp_stage is not None else state.vp_rank) != state.vpp - 1:
-            return False
-    return state.rank_in("pp") == state.world_size("pp") - 1
+    return state.holds_stage(state.world_size("pp") * (state.vpp or 1) - 1, ignore_virtual,
+                             vp_stage)
 
 
 def megatron_rank_groups(plan: Plan) -> dict[str, list[list[int]]]:

@@ -193,3 +193,20 @@ def test_live_getters_follow_the_most_recent_state():
         assert results["sums"] == (float(sum(dp_cp)), float(rank))
         pp_rank, partner = rank // 2, (rank + 2) % 4
         assert results["pipeline"] == (2, pp_rank == 0, pp_rank == 1, partner, partner)
+
+
+def test_first_and_last_stage_follow_the_schedules_placement():
+    # interleaved: rank pp-1 holds the last stage as its last virtual stage; zb-v's V puts the
+    # first and the last stage on rank 0 (virtual stages 0 and 1)
+    def holds(plan, rank, stage, **kwargs):
+        return parallel_state.ModelParallelState.of_rank(plan, rank).holds_stage(stage, **kwargs)
+
+    interleaved = Plan(pp=2, vpp=2, microbatches=2, schedule="interleaved-1f1b").resolve(2)
+    assert [holds(interleaved, r, 3) for r in (0, 1)] == [False, True]
+    assert holds(interleaved, 1, 3, ignore_virtual=False, vp_stage=1)
+    assert not holds(interleaved, 1, 3, ignore_virtual=False, vp_stage=0)
+    v = Plan(pp=2, vpp=2, microbatches=2, schedule="zb-v").resolve(2)
+    assert [holds(v, r, 3) for r in (0, 1)] == [True, False]
+    assert [holds(v, r, 0) for r in (0, 1)] == [True, False]
+    assert holds(v, 0, 3, ignore_virtual=False, vp_stage=1)
+    assert not holds(v, 0, 3, ignore_virtual=False, vp_stage=0)
