@@ -41,6 +41,8 @@ class Captured:
     """Every state-dict name of a tied tensor -> its canonical name (identity entries omitted)."""
     input_key: tuple = ()
     """What the example inputs looked like (see `input_key`)."""
+    shared: bool = False
+    """Kept by `shared_captures` for later calls: compile a copy of its graph, never the graph."""
 
 
 def input_key(args: tuple, kwargs: dict) -> tuple:
@@ -89,6 +91,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captur
         _shared.move_to_end(key)
         return _shared[key]
     captured = _shared[key] = _export(model, args, kwargs)
+    captured.shared = True
     if len(_shared) > _SHARED_LIMIT:
         _shared.popitem(last=False)
     return captured

@@ -35,7 +35,7 @@ from torch import fx
 
 from core import meta, ops
 from core.fx_utils import norm_dim, tensor_of
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -178,7 +178,7 @@ def batch_statistics(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         log.warning("dp=%d: results that depend on each rank's share of the batch, left per "
                     "rank: %s", dp, ", ".join(per_rank))
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     gm.meta[meta.STATISTICS_RECORD] = BatchStatisticsRecord(
         tuple(statistics), tuple(constants), tuple(per_rank), dp)
     return gm

@@ -16,6 +16,7 @@ import torch
 from torch import fx
 
 from core import ops
+from passes import recompile
 
 aten = torch.ops.aten
 
@@ -163,4 +164,4 @@ def _rewrite(gm: fx.GraphModule, rules) -> None:
         node.meta["kernel"] = node.target._opname
     gm.graph.eliminate_dead_code()  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)

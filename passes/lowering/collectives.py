@@ -25,7 +25,7 @@ from torch import fx
 
 from core import meta, ops
 from core.layout import mesh_sizes
-from passes import PassContext
+from passes import PassContext, recompile
 from passes.recompute import save_gathered_as_shards
 
 
@@ -81,7 +81,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 node.kwargs = {**node.kwargs, "group_size": sizes[dim]}
             fixed += 1
         module.graph.lint()
-        module.recompile()
+        recompile(module)
     gm.meta[meta.LOWERED_COLLECTIVES] = LoweredCollectives(
         groups=tuple(sorted(groups.items())), fixed=fixed, removed=tuple(removed),
         saved_as_shards=tuple(saved_as_shards))
