@@ -54,19 +54,19 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     every input shape of one model keeps each parameter on the same stage. `forward_only`,
     `group_names` and `capture_batch` (the model captured at k times the batch) go to the
     passes through `PassContext`. `reuse_graph`: the caller never uses `captured` again, so
-    the passes rewrite its graph itself instead of a copy (copying the nodes and their
-    metadata costs about what all the passes together do on a large model).
+    the passes rewrite its graph module itself instead of a copy (copying the nodes and their
+    metadata, and generating the copy's code, cost about what all the passes do).
     """
     coords = rank_coords(plan, rank)
     if reuse_graph and captured.shared:
         raise ValueError("reuse_graph=True on a shared capture (shared_captures): other "
                          "programs compile the same graph; compile a copy")
-    # A deep copy either way: the module, its meta tensors and records are copied alike (and
-    # export's input-checking hooks dropped); with `reuse_graph` the graph is its own.
-    memo = {id(captured.gm.graph): captured.gm.graph} if reuse_graph else {}
-    with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
-        gm: fx.GraphModule = copy.deepcopy(captured.gm, memo)
+    if reuse_graph:
+        gm = captured.gm
+    else:
+        with warnings.catch_warnings():  # torch's pytree spec deprecation, raised by deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = copy.deepcopy(captured.gm)
     # The graph alone cannot tell a tied alias from an unused parameter: the capture can.
     gm.meta[meta.LAYOUTS] = layouts_from_capture(captured)
     ctx = PassContext(plan=plan, coords=coords, stage_starts=stage_starts,
