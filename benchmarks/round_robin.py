@@ -34,3 +34,21 @@ def slowest_rank_median(per_rank: list[dict[str, list[float]]], name: str) -> fl
     """Median over steps of the slowest rank's time: what a step costs the job."""
     return statistics.median(max(steps) for steps in zip(*(r[name] for r in per_rank),
                                                           strict=True))
+
+
+def ratio_interval(num: list[float], den: list[float], samples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """median(num) / median(den) and its 95% paired bootstrap interval: repetitions are
+    resampled with replacement, each keeping its pair (both sides ran back to back)."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(num)
+    ratios = []
+    for _ in range(samples):
+        idx = [rng.randrange(n) for _ in range(n)]
+        ratios.append(statistics.median(num[i] for i in idx)
+                      / statistics.median(den[i] for i in idx))
+    ratios.sort()
+    point = statistics.median(num) / statistics.median(den)
+    return point, ratios[int(0.025 * samples)], ratios[int(0.975 * samples) - 1]

@@ -10,8 +10,10 @@ several names, like GPT-2's wte/lm_head) are read through one canonical name.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import traceback
+import warnings
 from collections import OrderedDict
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -34,7 +36,8 @@ class Captured:
     """One captured graph and the names that tie it back to the user's module."""
 
     gm: fx.GraphModule
-    """Aten graph; get_attr nodes read parameters/buffers by their canonical names."""
+    """Aten graph; get_attr nodes read parameters/buffers by their canonical names. A plain
+    graph module (none of export's input-checking hooks), holding meta tensors."""
     params: dict[str, tuple[torch.Size, torch.dtype, bool]]
     """Canonical parameter name -> (full shape, dtype, requires_grad), in module order."""
     buffers: dict[str, tuple[torch.Size, torch.dtype, bool]]
@@ -43,6 +46,8 @@ class Captured:
     """Every state-dict name of a tied tensor -> its canonical name (identity entries omitted)."""
     input_key: tuple = ()
     """What the example inputs looked like (see `input_key`)."""
+    shared: bool = False
+    """Kept by `shared_captures` for later calls: compile a copy of its graph, never the graph."""
 
 
 def input_key(args: tuple, kwargs: dict) -> tuple:
@@ -93,6 +98,7 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captur
         _shared.move_to_end(key)
         return _shared[key]
     captured = _shared[key] = _export(model, args, kwargs)
+    captured.shared = True
     if len(_shared) > _SHARED_LIMIT:
         _shared.popitem(last=False)
     return captured
@@ -103,10 +109,13 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
         exported = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context below
         raise CaptureError(_describe_export_failure(model, error)) from error
-    gm = exported.module()
+    # No `_guards_fn` submodule (its code generated, then dropped by `_clean`): the graph
+    # runs on inputs of other shapes (shards) anyway.
+    gm = exported.module(check_guards=False)
     canonical, aliases = _canonical_names(model)
     _clean(gm, canonical)
     _detach_from_model(gm)
+    gm = _standalone(gm)
     params = {name: (p.shape, p.dtype, p.requires_grad)
               for name, p in model.named_parameters()}
     persistent = set(model.state_dict().keys())
@@ -148,8 +157,16 @@ def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
     eliminate_dead_code(graph)
-    graph.lint()
-    gm.recompile()
+    graph.lint()  # the code is generated once, by `_standalone`
+
+
+def _standalone(gm: fx.GraphModule) -> fx.GraphModule:
+    """`gm` without what export hangs on its module (forward hooks that check inputs against
+    the captured shapes, train/eval that raise), as a deep copy makes it, but keeping the same
+    graph (nodes and metadata are not copied). Its code is generated here, once."""
+    with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(gm, {id(gm.graph): gm.graph})
 
 
 def _detach_from_model(gm: fx.GraphModule) -> None:

@@ -47,18 +47,27 @@ def layouts_from_capture(captured: Captured) -> dict[str, ParamLayout]:
 def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device | str = "cpu",
                  stage_starts: tuple[str, ...] | None = None, *, forward_only: bool = False,
                  group_names: dict[str, str] | None = None,
-                 capture_batch: Callable[[int], fx.GraphModule] | None = None) -> RankProgram:
+                 capture_batch: Callable[[int], fx.GraphModule] | None = None,
+                 reuse_graph: bool = False) -> RankProgram:
     """Run the pass registry for one rank and read its program (pure, no groups).
 
     `stage_starts` (an earlier program's `pipeline.stage_starts`) fixes the pipeline cut, so
     every input shape of one model keeps each parameter on the same stage. `forward_only`,
     `group_names` and `capture_batch` (the model captured at k times the batch) go to the
-    passes through `PassContext`.
+    passes through `PassContext`. `reuse_graph`: the caller never uses `captured` again, so
+    the passes rewrite its graph module itself instead of a copy (copying the nodes and their
+    metadata, and generating the copy's code, cost about what all the passes do).
     """
     coords = rank_coords(plan, rank)
-    with warnings.catch_warnings():  # torch's own pytree spec deprecation, raised by deepcopy
-        warnings.simplefilter("ignore", FutureWarning)
-        gm: fx.GraphModule = copy.deepcopy(captured.gm)
+    if reuse_graph and captured.shared:
+        raise ValueError("reuse_graph=True on a shared capture (shared_captures): other "
+                         "programs compile the same graph; compile a copy")
+    if reuse_graph:
+        gm = captured.gm
+    else:
+        with warnings.catch_warnings():  # torch's pytree spec deprecation, raised by deepcopy
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = copy.deepcopy(captured.gm)
     # The graph alone cannot tell a tied alias from an unused parameter: the capture can.
     gm.meta[meta.LAYOUTS] = layouts_from_capture(captured)
     ctx = PassContext(plan=plan, coords=coords, stage_starts=stage_starts,

@@ -85,7 +85,8 @@ class Programs:
         program = compile_rank(captured, self.plan, self.rank, self.device, starts,
                                forward_only=forward_only, group_names=self.group_names,
                                capture_batch=lambda times: capture_at(
-                                   tile_batch((args, kwargs), times)).gm)
+                                   tile_batch((args, kwargs), times)).gm,
+                               reuse_graph=not captured.shared)
         records = [program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
                                                                     meta.CP_RECORD)]
         statistics = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)

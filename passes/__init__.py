@@ -2,11 +2,13 @@
 
 `passes.registry` holds the whole pipeline as one ordered list and runs it. Passes are pure
 functions of the graph, the plan and this rank's coordinates: nothing here touches a process
-group. This module holds what every pass shares: its context and its error.
+group. This module holds what every pass shares: its context, its error and `recompile`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,3 +49,32 @@ class PassError(ValueError):
 
 
 Pass = Callable[[fx.GraphModule, PassContext], fx.GraphModule]
+
+
+_stale: ContextVar[set | None] = ContextVar("stale_graph_modules", default=None)
+
+
+def recompile(gm: fx.GraphModule) -> None:
+    """Regenerate `gm`'s Python code after a pass rewrote its graph.
+
+    Inside `deferred_recompile` (the registry runs every pass in one) this only marks `gm`:
+    code generation walks the whole graph, costs about what a pass does, and only the last
+    pass's result is ever run. A pass called on its own recompiles at once."""
+    stale = _stale.get()
+    if stale is None:
+        gm.recompile()
+    else:
+        stale.add(gm)
+
+
+@contextlib.contextmanager
+def deferred_recompile():
+    """Passes run inside mark the graph modules they rewrite instead of recompiling them;
+    yields the set of marked modules, which the caller recompiles once at the end (those
+    still part of its result: a graph a later pass replaced is never run)."""
+    stale: set = set()
+    token = _stale.set(stale)
+    try:
+        yield stale
+    finally:
+        _stale.reset(token)

@@ -36,7 +36,7 @@ from torch import fx
 
 from core import meta, ops
 from core.fx_utils import norm_dim, tensor_of
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 
 log = logging.getLogger(__name__)
 aten = torch.ops.aten
@@ -154,7 +154,7 @@ def batch_statistics(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if made:
             constants += _whole_batch_constants(module, made, token_dims, whole)
             module.graph.lint()
-            module.recompile()
+            recompile(module)
     if refused:
         raise PassError(
             f"dp={dp}: the model reduces over the batch's tokens with "

@@ -19,7 +19,7 @@ import torch
 from torch import fx
 
 from core import meta
-from passes import PassContext
+from passes import PassContext, recompile
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def fold_causal_masks(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.
     gm.meta[meta.CAUSAL_MASK_RECORD] = CausalMaskRecord(calls, folded_calls, causal,
                                                         len(folded) - causal)
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

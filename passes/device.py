@@ -14,7 +14,7 @@ import torch
 from torch import fx
 
 from core import meta
-from passes import PassContext
+from passes import PassContext, recompile
 
 
 @dataclass(frozen=True)
@@ -52,5 +52,5 @@ def _retarget(gm: fx.GraphModule, device: torch.device) -> int:
             moved = True
         count += moved
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return count

@@ -17,6 +17,7 @@ from torch import fx
 
 from core import ops
 from core.fx_utils import eliminate_dead_code
+from passes import recompile
 
 aten = torch.ops.aten
 
@@ -164,4 +165,4 @@ def _rewrite(gm: fx.GraphModule, rules) -> None:
         node.meta["kernel"] = node.target._opname
     eliminate_dead_code(gm.graph)  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)

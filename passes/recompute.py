@@ -30,7 +30,7 @@ from torch import fx
 
 from core import meta, ops
 from core.ops import CheckpointedRegion
-from passes import PassContext
+from passes import PassContext, recompile
 from passes.pipeline_split import block_prefix, segment_of_nodes
 
 _ATTENTION_OPS = {torch.ops.aten.scaled_dot_product_attention.default,
@@ -51,7 +51,7 @@ def recompute(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                 nodes = [n for n, seg in assignment.items() if seg == index]
                 _checkpoint_region(gm, nodes, f"recompute_{name.replace('.', '_')}")
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

@@ -6,7 +6,9 @@ collectives (each collective's process group fixed) -> lowering (the stages cut 
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
 it read that record instead of re-deriving it from the graph, and `run_passes` logs one
-`PassOutcome` per entry in `gm.meta["passes.log"]`.
+`PassOutcome` per entry in `gm.meta["passes.log"]` (with the pass's wall time). Passes mark the
+graph modules they rewrite (`passes.recompile`) and `run_passes` regenerates the code of those
+in its result once, at the end.
 
 A failing pass is named with the passes that ran before it, the way torch.fx's PassManager
 does; a `PassError` (every broken rule and its fix) and a `NotImplementedError` pass through as
@@ -16,6 +18,7 @@ asking for it are refused by `Plan.refuse_pending` before any pass runs.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -25,7 +28,7 @@ from torch import fx
 from core import meta
 from core.plan import Plan
 from core.precision import compute_dtype
-from passes import Pass, PassContext, PassError
+from passes import Pass, PassContext, PassError, deferred_recompile
 from passes.batch_statistics import batch_statistics
 from passes.causal_mask import fold_causal_masks
 from passes.context_parallel import context_parallel
@@ -70,9 +73,12 @@ class PassOutcome:
     status: str
     """"ran", "skipped" (the plan does not need it) or "not landed"."""
     summary: str
+    seconds: float = 0.0
+    """Wall time the pass took (0 when it did not run)."""
 
     def __str__(self) -> str:
-        return f"{self.name:<18} {self.status:<10} {self.summary}"
+        took = f"{self.seconds * 1e3:7.1f} ms" if self.status == "ran" else " " * 10
+        return f"{self.name:<18} {self.status:<10} {took}  {self.summary}"
 
 
 # --- adapters for passes that leave only node metadata ---------------------------------------
@@ -171,6 +177,15 @@ def summarize(record: Record | str | None) -> str:
 def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     """Every entry the plan needs, in order; one PassOutcome per entry in gm.meta."""
     ctx.plan.refuse_pending()
+    with deferred_recompile() as stale:
+        gm = _run_entries(gm, ctx)
+    for module in gm.modules():  # once, each graph module of the result a pass rewrote
+        if module in stale:
+            module.recompile()
+    return gm
+
+
+def _run_entries(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     outcomes: list[PassOutcome] = []
     done: list[str] = []
     for entry in PIPELINE:
@@ -181,6 +196,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         if not entry.applies(ctx.plan):
             outcomes.append(PassOutcome(entry.name, "skipped", f"(runs when {entry.when})"))
             continue
+        start = time.perf_counter()
         try:
             gm = entry.run(gm, ctx)
         except (PassError, NotImplementedError):
@@ -191,6 +207,7 @@ def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
                             f"{type(error).__name__}: {error}") from error
         done.append(entry.name)
         record = gm.meta.get(entry.record) if entry.record else None
-        outcomes.append(PassOutcome(entry.name, "ran", summarize(record)))
+        outcomes.append(PassOutcome(entry.name, "ran", summarize(record),
+                                    time.perf_counter() - start))
     gm.meta[meta.PASS_LOG] = tuple(outcomes)
     return gm

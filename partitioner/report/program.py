@@ -107,7 +107,7 @@ def explain(program: RankProgram) -> str:
 def pass_log(program: RankProgram) -> str:
     """The ordered pass pipeline for this rank: whether each pass ran and what it recorded."""
     lines = [f"rank {program.rank}  coords {program.coords}  plan {program.plan}",
-             f"{'#':>2} {'pass':<18} {'status':<10} recorded"]
+             f"{'#':>2} {'pass':<18} {'status':<10} {'took':>10}  recorded"]
     lines += [f"{index:>2} {outcome}" for index, outcome in enumerate(program.passes, 1)]
     return "\n".join(lines)
 

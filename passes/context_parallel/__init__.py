@@ -37,7 +37,7 @@ from core import meta
 from core.divisibility import nearest_multiples
 from core.fx_utils import tensor_of
 from core.sequence_layout import SequenceLayout
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 from passes.context_parallel.attention import SDPA, is_causal, mask_of
 from passes.context_parallel.record import ContextParallelRecord
 from passes.context_parallel.shard import Sharder
@@ -77,7 +77,7 @@ def context_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             "into the ring yet"))
     gm.meta[meta.CP_RECORD] = record
     graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

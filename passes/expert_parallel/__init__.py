@@ -27,7 +27,7 @@ from torch import fx
 
 from core import meta
 from core.divisibility import divisors
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 from passes.expert_parallel.dispatch import LayerRewriter, find_layers
 from passes.expert_parallel.record import ExpertParallelRecord, MoELayer
 
@@ -62,5 +62,5 @@ def expert_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.meta[meta.LAYOUTS] = layouts
     gm.meta[meta.EP_RECORD] = ExpertParallelRecord(ep, ctx.coords["ep"], tuple(records))
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm

@@ -25,7 +25,7 @@ from torch import fx
 
 from core import meta, ops
 from core.layout import mesh_sizes
-from passes import PassContext
+from passes import PassContext, recompile
 from passes.recompute import save_gathered_as_shards
 
 
@@ -59,6 +59,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     for module in gm.modules():  # stage and checkpointed-region graphs are graphs of their own
         if not isinstance(module, fx.GraphModule):
             continue
+        before = (fixed, len(removed))
         for node in list(module.graph.nodes):
             if node.op != "call_function" or node.target not in ops.GROUPED:
                 continue
@@ -80,8 +81,10 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if node.target in ops.GROUP_SIZED:
                 node.kwargs = {**node.kwargs, "group_size": sizes[dim]}
             fixed += 1
-        module.graph.lint()
-        module.recompile()
+        if (fixed, len(removed)) != before or (module is gm and saved_as_shards):
+            # (a graph this pass did not change keeps its code)
+            module.graph.lint()
+            recompile(module)
     gm.meta[meta.LOWERED_COLLECTIVES] = LoweredCollectives(
         groups=tuple(sorted(groups.items())), fixed=fixed, removed=tuple(removed),
         saved_as_shards=tuple(saved_as_shards))

@@ -40,7 +40,7 @@ import logging
 from torch import fx
 
 from core.meta import SP_RECORD, TP_RECORD
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 from passes.propagation import tensor_shape
 from passes.sequence_parallel.record import SequenceParallelRecord
 from passes.sequence_parallel.rewrite import Rewriter
@@ -93,7 +93,7 @@ def sequence_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     zone, reads = find_zone(graph, reduces, copies, tokens)
     gm.meta[SP_RECORD] = Rewriter(gm, tp, tokens, zone).run(reads, copies)
     graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

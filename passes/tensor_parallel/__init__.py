@@ -52,7 +52,7 @@ from torch import fx
 from core.meta import LAYOUTS, TP_RECORD
 from core.placement import ParamLayout
 from core.plan import Plan
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 from passes.tensor_parallel.diagnostics import Problems
 from passes.tensor_parallel.policy import Policy, RegionSplits, choose_policy, split_regions
 from passes.tensor_parallel.projections import find_projections
@@ -75,7 +75,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     gm.meta[LAYOUTS] = layouts
     gm.meta[TP_RECORD] = record
     graph.lint()
-    gm.recompile()
+    recompile(gm)
     return gm
 
 

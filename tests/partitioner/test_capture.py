@@ -117,3 +117,32 @@ def test_export_failure_names_the_module_and_what_to_try():
     message = str(info.value)
     assert "'inner.1'" in message and "_Branchy" in message
     assert "torch.cond" in message and "use_cache=False" in message
+
+
+def test_the_captured_module_is_plain_and_compiling_it_in_place_gives_the_copy_s_program():
+    """A capture holds no export hooks (they would check a shard against the full shapes);
+    Programs compiles its own capture in place (reuse_graph), which gives the program a copy
+    gives, and a shared capture is never rewritten."""
+    from core.plan import Plan
+    from partitioner.compiler import compile_rank
+
+    model, (ids,) = tiny_llama()
+    plan = Plan.parse("tp=2,sp=on").resolve(2)
+    captured = capture(model, (ids,))
+    assert not captured.gm._forward_pre_hooks and not captured.gm._forward_hooks
+    assert captured.gm.code == captured.gm.graph.python_code(root_module="self").src
+    copied = compile_rank(captured, plan, 1, "meta")
+    assert not captured.shared and captured.gm.graph.find_nodes(
+        op="call_function", target=torch.ops.aten.embedding.default)  # untouched by the copy
+    in_place = compile_rank(captured, plan, 1, "meta", reuse_graph=True)
+    assert in_place.stages[0].gm is captured.gm
+    assert in_place.stages[0].gm.code == copied.stages[0].gm.code
+    assert [(n.name, str(n.target), n.meta.get("tp.placement"))
+            for n in in_place.stages[0].gm.graph.nodes] == [
+        (n.name, str(n.target), n.meta.get("tp.placement"))
+        for n in copied.stages[0].gm.graph.nodes]
+    with shared_captures(("llama", 0)):
+        shared = capture(model, (ids,))
+    assert shared.shared
+    with pytest.raises(ValueError, match="shared capture"):
+        compile_rank(shared, plan, 0, "meta", reuse_graph=True)

@@ -112,3 +112,17 @@ def test_lowered_collectives_have_shapes_without_a_group():
         assert ops.all_to_all(x, "5", 1, 0, group_size=2).shape == (4, 2)
         with pytest.raises(ValueError, match="passes.lowering.collectives"):
             ops.all_gather(x, "tp", 1)
+
+
+def test_the_lowered_code_is_current_and_graphs_without_collectives_keep_theirs(monkeypatch):
+    gm, plan = _stage("tp=2")
+    lower_collectives(gm, PassContext(plan=plan, coords={}, group_names={"tp": "5"}))
+    assert gm.code == gm.graph.python_code(root_module="self").src
+    assert "'5'" in gm.code
+
+    compiled = []
+    monkeypatch.setattr(fx.GraphModule, "recompile", lambda self: compiled.append(self))
+    gm, plan = _stage("dp=2")  # (compiled while recompile is stubbed: code is not checked)
+    compiled.clear()
+    lower_collectives(gm, PassContext(plan=plan, coords={}, group_names={"dp": "5"}))
+    assert compiled == [] and gm.meta[meta.LOWERED_COLLECTIVES].fixed == 0

@@ -91,3 +91,56 @@ def test_pass_errors_pass_through_and_records_may_be_strings(monkeypatch):
 def test_plans_asking_for_passes_not_landed_are_refused_before_any_pass():
     with pytest.raises(NotLanded, match="expert parallelism"):
         run_passes(_graph(), _context(Plan(ep=2, cp=2).resolve(2)))
+
+
+def _seeded_graph():
+    """The captured graph with the parameter layouts compile_rank seeds (tp and the pipeline
+    split read them)."""
+    from partitioner.compiler import layouts_from_capture
+
+    with torch.device("meta"):
+        model, (ids,) = tiny()
+    captured = capture(model, (ids,))
+    captured.gm.meta[meta.LAYOUTS] = layouts_from_capture(captured)
+    return captured.gm
+
+
+def _fresh_code(gm: torch.fx.GraphModule) -> str:
+    return gm.graph.python_code(root_module="self").src
+
+
+def test_each_graph_is_compiled_once_at_the_end_with_current_code(monkeypatch):
+    """Passes mark the graphs they rewrite; run_passes generates their code once, at the end,
+    for every graph module of the result (stage submodules and checkpointed regions too)."""
+    flat, staged = _seeded_graph(), _seeded_graph()
+    compiled = []
+    real = torch.fx.GraphModule.recompile
+    monkeypatch.setattr(torch.fx.GraphModule, "recompile",
+                        lambda self: compiled.append(self) or real(self))
+    gm = run_passes(flat, _context(Plan(tp=2).resolve(2)))
+    assert compiled == [gm]  # tp, kernels, device and causal_mask rewrote it: one codegen
+    assert gm.code == _fresh_code(gm)
+
+    plan = Plan(pp=2, microbatches=2, recompute="full").resolve(2)
+    compiled.clear()
+    lowered = run_passes(staged, PassContext(plan=plan, coords=rank_coords(plan, 1),
+                                               device=torch.device("meta")))
+    graphs = [m for m in lowered.modules() if isinstance(m, torch.fx.GraphModule)]
+    assert len(graphs) > 3  # parent, 2 stages, checkpointed blocks
+    for module in graphs:
+        assert module.code == _fresh_code(module), module
+    assert staged not in compiled  # the flat graph the stages were cut from is never run
+
+
+def test_a_pass_called_on_its_own_still_recompiles():
+    from passes.kernels import use_kernels
+
+    gm = use_kernels(_graph())
+    assert gm.code == _fresh_code(gm)
+
+
+def test_each_pass_that_ran_logs_its_wall_time():
+    gm = run_passes(_seeded_graph(), _context(Plan(tp=2).resolve(2)))
+    for outcome in gm.meta[meta.PASS_LOG]:
+        assert (outcome.seconds > 0) == (outcome.status == "ran"), outcome
+        assert (" ms " in str(outcome)) == (outcome.status == "ran")
