@@ -31,10 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
+
+from round_robin import ratio_interval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VARIANTS = ("one_rank", "ours_ring", "ours_a2a", "torch_cp")
@@ -382,20 +383,6 @@ def _slowest(per_rank, seq, name) -> list[float]:
                                         strict=True)]
 
 
-def _ratio_interval(num: list[float], den: list[float], samples: int = 2000):
-    """Ratio of medians and its 95% paired bootstrap interval over repetitions."""
-    rng = random.Random(0)
-    n = len(num)
-    ratios = []
-    for _ in range(samples):
-        idx = [rng.randrange(n) for _ in range(n)]
-        ratios.append(statistics.median(num[i] for i in idx)
-                      / statistics.median(den[i] for i in idx))
-    ratios.sort()
-    point = statistics.median(num) / statistics.median(den)
-    return point, ratios[int(0.025 * samples)], ratios[int(0.975 * samples) - 1]
-
-
 def _mib(b) -> str:
     return f"{b / 2**20:.1f}"
 
@@ -455,7 +442,7 @@ def main() -> None:
                  "attention_work": _attention_work(seq), "variants": {}}
         for n in VARIANTS:
             med = statistics.median(times[n])
-            ratio, lo, hi = _ratio_interval(times[n], times["one_rank"])
+            ratio, lo, hi = ratio_interval(times[n], times["one_rank"])
             dloss = abs(rows["loss"][n] - rows["loss"]["one_rank"])
             print(f"{n:<10}{rows['loss'][n]:>12.7f}{dloss:>10.1e}{med * 1e3:>10.1f}"
                   f"{f'{ratio:.2f} [{lo:.2f},{hi:.2f}]':>22}{_mib(wire[n]):>10}"
@@ -481,7 +468,7 @@ def main() -> None:
             print(f"  sent by {n} (payload by call, MiB): "
                   + ", ".join(f"{k} {_mib(v)}" for k, v in sorted(rows["calls"][n].items())))
         for n in ("ours_ring", "ours_a2a"):
-            ratio, lo, hi = _ratio_interval(times[n], times["torch_cp"])
+            ratio, lo, hi = ratio_interval(times[n], times["torch_cp"])
             print(f"  {n} vs torch_cp: {ratio:.2f}x [{lo:.2f},{hi:.2f}]")
             entry["variants"][n]["ratio_to_torch_cp"] = ratio
             entry["variants"][n]["ratio_to_torch_cp_ci95"] = [lo, hi]

@@ -34,7 +34,7 @@ from core import meta, ops
 from core.dropout import IndexSpec, node_key
 from core.fx_utils import module_path, tensor_of
 from core.placement import Placements, Shard, StridedShard
-from passes import PassContext, PassError
+from passes import PassContext, PassError, recompile
 from passes.context_parallel.shard import Rows
 
 aten = torch.ops.aten
@@ -98,8 +98,9 @@ def dropout(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     if problems:
         raise PassError("dropout: " + "\n".join(problems))
     gm.meta[meta.DROPOUT_RECORD] = DropoutRecord(ctx.plan.seed, tuple(dropped), removed)
-    graph.lint()
-    gm.recompile()
+    if dropped or removed:
+        graph.lint()
+        recompile(gm)
     return gm
 
 

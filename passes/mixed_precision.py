@@ -31,7 +31,7 @@ from torch.utils import _pytree as pytree
 
 from core import meta
 from core.precision import MAIN_DTYPE, compute_dtype
-from passes import PassContext
+from passes import PassContext, recompile
 
 aten = torch.ops.aten
 
@@ -80,7 +80,7 @@ def keep_fp32(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             counts["rms_norm"] = counts.get("rms_norm", 0) + 1
     outputs = _outputs_to_fp32(gm.graph)
     gm.graph.lint()
-    gm.recompile()
+    recompile(gm)
     gm.meta[meta.MIXED_PRECISION_RECORD] = MixedPrecisionRecord(
         str(low).removeprefix("torch."), tuple(sorted(counts.items(), key=lambda kv: -kv[1])),
         outputs)

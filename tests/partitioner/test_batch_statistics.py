@@ -15,6 +15,7 @@ from torch import nn
 from core import meta
 from core.plan import Plan
 from partitioner.batches import split_batch
+from partitioner.capture import shared_captures
 from partitioner.check import TOLERANCES, global_microbatches, relative_error
 from partitioner.executor import Programs
 from partitioner.report.program import explain
@@ -156,6 +157,11 @@ def _forward(model, args, kwargs) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
+def _forward_shared(pm, kind, options, args, kwargs):
+    with shared_captures(("test_batch_statistics", kind, repr(sorted(options.items())))):
+        return _forward(pm, args, kwargs)
+
+
 def _whole_batch_statistics(cases):
     """On each rank, per case: the largest relative error of the loss, every gradient, the
     buffers after the step (the selection bias) and a forward call on the whole batch against
@@ -170,8 +176,10 @@ def _whole_batch_statistics(cases):
         batches = global_microbatches(args, kwargs, parsed.dp, parsed.microbatches)
         ref_loss = sum(_loss(reference(*a, **k)) for a, k in batches) / len(batches)
         ref_loss.backward()
-        pm = parallelize(model, plan, example_inputs=args, example_kwargs=kwargs)
-        loss = pm.step(*args, **kwargs)
+        # one model, several plans: each input shape captured once (shared_captures)
+        with shared_captures(("test_batch_statistics", kind, repr(sorted(options.items())))):
+            pm = parallelize(model, plan, example_inputs=args, example_kwargs=kwargs)
+            loss = pm.step(*args, **kwargs)
         grads, state = pm.full_grad_dict(), pm.full_state_dict()
         errors = {"loss": relative_error(loss, ref_loss),
                   "gradients": max(relative_error(grads[name], p.grad)
@@ -180,7 +188,7 @@ def _whole_batch_statistics(cases):
                   "buffers": max((relative_error(state[name], b)
                                   for name, b in reference.named_buffers()
                                   if name in state), default=0.0),
-                  "forward": relative_error(_forward(pm, args, kwargs),
+                  "forward": relative_error(_forward_shared(pm, kind, options, args, kwargs),
                                             _forward(reference, args, kwargs))}
         # what the pass prevents: dp rank 0 computing its statistics from its own share
         shares = split_batch((args, kwargs), parsed.dp * parsed.microbatches,
