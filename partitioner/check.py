@@ -211,14 +211,14 @@ def check_rank(factory, plan, *, dtype: torch.dtype = torch.float64, steps: int 
         target[:, :2] = -100  # ignored tokens make the per-microbatch counts matter
     loss_fn = lm_loss_sum if token_weighted else lm_loss
     reference = copy.deepcopy(model)
+    # a model that drops equals one device drawing the plan's masks (the same k-th call);
+    # under casting the reference's own program draws them
     if casting is not None:
-        if drops(reference):
-            raise ValueError(f"check_rank: the model drops out and the plan casts to {casting}; "
-                             f"no single-device reference draws the plan's masks under casting "
-                             f"yet: check with dropout 0, or without param_dtype")
-        reference = CastReference(reference, casting)
-    # a model that drops equals one device drawing the plan's masks (the same k-th call)
-    forward = DropoutReference(reference, plan_seed(plan)) if drops(reference) else reference
+        reference = forward = CastReference(reference, casting, seed=plan_seed(plan))
+    elif drops(reference):
+        forward = DropoutReference(reference, plan_seed(plan))
+    else:
+        forward = reference
 
     def reference_loss(out):
         if token_weighted:

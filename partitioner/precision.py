@@ -64,13 +64,19 @@ class CastReference(nn.Module):
     with fresh `param_dtype` copies of them, and gradients reach their `.grad` in fp32. This
     is the reference every strategy is compared with under mixed precision (tests), since
     rounding to `param_dtype` differs from an fp32 run far more than any plan from another.
+
+    A model that drops out draws the masks of a plan with `seed` (core/dropout.py), as
+    `check.DropoutReference` does without casting: its program goes through the same dropout
+    pass, and each call in training mode moves `dropout_step` on by one, so the k-th call
+    here draws the masks of the k-th call of the parallel model.
     """
 
-    def __init__(self, model: nn.Module, param_dtype: str) -> None:
+    def __init__(self, model: nn.Module, param_dtype: str, seed: int = 0) -> None:
         super().__init__()
         self.model = model
-        self.plan = Plan(param_dtype=param_dtype).resolve(1)
+        self.plan = Plan(param_dtype=param_dtype, seed=seed).resolve(1)
         self.dtype = compute_dtype(self.plan)
+        self.dropout_step = 0
         check_model(model, self.plan)
         self._programs: dict[tuple, torch.fx.GraphModule] = {}
 
@@ -97,4 +103,11 @@ class CastReference(nn.Module):
                 continue
             tensor = main.to(self.dtype) if main.is_floating_point() else main
             set_tensor(gm, name, tensor, is_buffer=True)
-        return gm(*args, **kwargs)
+        if not self.model.training:
+            return gm(*args, **kwargs)
+        from core.dropout import DropoutKey, drawing
+
+        key = DropoutKey(self.dropout_step, 0, True)
+        self.dropout_step += 1
+        with drawing(key):
+            return gm(*args, **kwargs)

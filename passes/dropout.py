@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
+from torch._guards import detect_fake_mode
 
 from core import meta, ops
 from core.dropout import IndexSpec, node_key
@@ -167,9 +168,16 @@ def _replace(graph: fx.Graph, node: fx.Node, x: fx.Node, p: float, rows: int, sp
         mask = graph.call_function(ops.dropout_mask,
                                    (x, p, seed, node_key(node.name), rows, spec.flat()))
         out = graph.call_function(aten.mul.Tensor, (x, mask))
+    # in x's fake mode when it has one: a meta tensor beside fake ones would fail a later
+    # pass that propagates values again (mixed_precision's fp32 casts)
+    fake_mode = detect_fake_mode([val])
     for new in (mask, out):
         new.meta.update(kept)
-        new.meta["val"] = torch.empty_like(val, device="meta")
+        if fake_mode is None:
+            new.meta["val"] = torch.empty_like(val, device="meta")
+        else:
+            with fake_mode:
+                new.meta["val"] = torch.empty_like(val)
         new.meta[meta.DROPOUT] = node.name
     if node.target is aten.native_dropout.default:
         for user in list(node.users):

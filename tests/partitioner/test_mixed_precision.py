@@ -216,6 +216,8 @@ def _world_of_two(path: str) -> dict:
     results["meta"] = _meta_model()
     from partitioner.check import check_rank
     results["check_rank"] = str(check_rank(tiny_llama, "tp=2,sp=on,param_dtype=bf16"))
+    results["check_rank dropout"] = str(check_rank(
+        tiny, "tp=2,sp=on,param_dtype=bf16,seed=3", factory_kwargs=dict(dropout=0.5)))
     results["curve"] = _loss_curve("tp=2,sp=on", "bf16")
     results["refresh_overflow"] = _refresh_and_overflow()
     results["checkpoint"] = _checkpoint_round_trip(path)
@@ -275,6 +277,15 @@ def test_check_rank_compares_a_casting_plan_with_one_device_under_the_same_casti
         report = results["check_rank"]
         assert "(bf16 casting, tolerance 3e-02): PASS" in report, report
         assert "weights_after_sgd" in report
+
+
+def test_check_rank_draws_the_plans_dropout_masks_under_casting(world_of_two):
+    """A model that drops (p=0.5) under bf16 casting: the reference runs its program through
+    the same dropout pass, so tp=2 with sp matches it mask for mask (a mask drawn otherwise
+    would put half the activations off by 2x)."""
+    for results in world_of_two:
+        report = results["check_rank dropout"]
+        assert "(bf16 casting, tolerance 3e-02): PASS" in report, report
 
 
 def test_bf16_training_follows_fp32_training_by_the_loss_curve(world_of_two):

@@ -92,10 +92,33 @@ def plans(draw, config: dict, world: int) -> str:
         items.append("zero=1")
     microbatches = draw(st.sampled_from(_divisors(BATCH // dp)))  # dp*mb divides the batch
     if pp > 1:
-        items.append(f"schedule={draw(st.sampled_from(['1f1b', 'gpipe']))}")
+        items += pipeline_items(draw, pp, config["n_layer"])
     items.append(f"mb={microbatches}")
     items.append(f"recompute={draw(st.sampled_from(['none', 'selective', 'full']))}")
     return ",".join(items)
+
+
+def pipeline_items(draw, pp: int, layers: int) -> list[str]:
+    """A schedule, with the virtual stages it needs, and sometimes a layout of the layers over
+    the stages (`stage_layers`): the embedding stage and the head stage may hold none, a middle
+    stage holds at least one (the plan's rule), so a layout exists when layers >= stages - 2."""
+    schedule = draw(st.sampled_from(["1f1b", "zb-v", "interleaved-1f1b", "zb-h1", "gpipe"]))
+    vpp = 2 if schedule in ("zb-v", "interleaved-1f1b") else 1
+    stages = pp * vpp
+    items = [f"schedule={schedule}"] + ([f"vpp={vpp}"] if vpp > 1 else [])
+    layouts = [counts for counts in _compositions(layers, stages)
+               if all(counts[1:-1])]
+    if layouts and _on_or_off(draw):
+        items.append("stage_layers=" + "/".join(map(str, draw(st.sampled_from(layouts)))))
+    return items
+
+
+def _compositions(total: int, parts: int) -> list[tuple[int, ...]]:
+    """Every way to write `total` as `parts` non-negative counts, in order."""
+    if parts == 1:
+        return [(total,)]
+    return [(first,) + rest for first in range(total, -1, -1)
+            for rest in _compositions(total - first, parts - 1)]
 
 
 def refusal(config: dict, plan: str, world: int, seq: int = SEQ) -> Exception | None:
@@ -201,13 +224,16 @@ def any_plans(draw) -> tuple[str, int]:
         ("tp", [1, 1, 2, 3, 4]), ("pp", [1, 1, 2, 3]), ("cp", [1, 1, 2, 4]),
         ("ep", [1, 1, 1, 2, 3]), ("sp", ["off", "on"]), ("mb", [1, 1, 2, 3]),
         ("zero", [0, 0, 1]), ("vpp", [1, 1, 1, 2]),
-        ("schedule", ["1f1b", "1f1b", "gpipe", "interleaved-1f1b"]),
+        ("schedule", ["1f1b", "1f1b", "gpipe", "interleaved-1f1b", "zb-h1", "zb-v"]),
         ("cp_algo", ["ring", "ring", "a2a", "hybrid"]), ("cp_pad", ["on", "off"]),
         ("recompute", ["none", "full"]))}
     if draw(st.integers(0, 3)) == 0:
         values["dp"] = draw(st.sampled_from([1, 2, 3]))
     if draw(st.integers(0, 3)) == 0:
         values["etp"] = draw(st.sampled_from([1, 2]))
+    if draw(st.integers(0, 3)) == 0:  # any counts, right or wrong in number and placement
+        values["stage_layers"] = "/".join(str(draw(st.integers(0, 2)))
+                                          for _ in range(draw(st.integers(1, 4))))
     dense = values["tp"] * values["pp"] * values["cp"]
     world = (draw(st.sampled_from([1, 2, 3, 4])) if draw(st.integers(0, 4)) == 0 else
              dense * draw(st.sampled_from([1, 1, 2])))
