@@ -67,7 +67,7 @@ def render_text(result, title: str = "model") -> str:
     for i, r in enumerate(rows):
         lines.append("  ".join(r[k].ljust(widths[k]) for k in keys) + ("  <- chosen" if i == 0
                                                                        else ""))
-    lines += ["", *_terms_text(result.chosen)]
+    lines += ["", *_terms_text(result.chosen), "", *_memory_text(result.chosen)]
     if result.rejected:
         lines += ["", "rejected families:"]
         lines += [f"  {r.family}: {r.reason}" for r in result.rejected[:12]]
@@ -85,6 +85,18 @@ def _terms_text(est) -> list[str]:
     lines += [f"  {TERM_NAMES[k].ljust(width)}  {v:8.4f} s  {v / est.step_time_s:6.1%}"
               for k, v in terms.items()]
     return lines
+
+
+def _memory_text(est) -> list[str]:
+    """The fullest rank's memory by part, the allocator's margin and the reserve named as such
+    (a plan fits when the total is at most the device's memory)."""
+    mem = est.memory
+    margin = mem.allocator / mem.tensors if mem.tensors else 0.0
+    tensors = ", ".join(f"{k} {getattr(mem, k) / GiB:.2f}" for k in MEMORY_PARTS[:5])
+    return [f"memory of the fullest rank (pipeline rank {mem.rank}): {mem.total / GiB:.2f} of "
+            f"{est.device_memory_bytes / GiB:.2f} GiB = tensors ({tensors}) + allocator margin "
+            f"{mem.allocator / GiB:.2f} ({margin:.1%} of the tensors) + reserved outside the "
+            f"allocator {mem.reserved / GiB:.2f}"]
 
 
 def render_markdown(result, title: str = "model") -> str:
