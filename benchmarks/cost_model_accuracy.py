@@ -195,7 +195,8 @@ def published(out: Path = PUBLISHED_RESULTS) -> int:
     from cost_model.hardware import PROFILES, Hardware
     from cost_model.published import load_published, predict_run
 
-    runs, excluded = load_published()
+    data = load_published()
+    runs, excluded = data.runs, data.excluded
     devices = fitted_devices(runs)
     fitted_runs = tuple(r for r in runs if r.gpu in devices)
     defaults = {f.name: f.default for f in dataclasses.fields(Hardware)}

@@ -232,6 +232,18 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float]:
     return x
 
 
+def _jacobian_columns(residuals, x, r, upper) -> list[list[float]]:
+    """d r / d x_j for each j, by forward differences (backward at an upper bound)."""
+    columns = []
+    for j, xj in enumerate(x):
+        h = 1e-6 * max(1.0, abs(xj))
+        step = list(x)
+        step[j] = xj + h if xj + h <= upper[j] else xj - h
+        shifted = residuals(tuple(step))
+        columns.append([(a - b) / (step[j] - xj) for a, b in zip(shifted, r, strict=True)])
+    return columns
+
+
 def least_squares(residuals, x0, lower, upper, max_iter: int = 50,
                   tol: float = 1e-8) -> LeastSquares:
     """Levenberg-Marquardt within bounds: the x minimizing sum(residuals(x)^2).
@@ -251,13 +263,7 @@ def least_squares(residuals, x0, lower, upper, max_iter: int = 50,
     damping = 1e-3
     it = 0
     for it in range(1, max_iter + 1):
-        jac = []  # columns: d r / d x_j
-        for j, xj in enumerate(x):
-            h = 1e-6 * max(1.0, abs(xj))
-            step = list(x)
-            step[j] = xj + h if xj + h <= upper[j] else xj - h
-            rj = residuals(tuple(step))
-            jac.append([(a - b) / (step[j] - xj) for a, b in zip(rj, r, strict=True)])
+        jac = _jacobian_columns(residuals, x, r, upper)
         n = len(x)
         jtj = [[sum(a * b for a, b in zip(jac[i], jac[k], strict=True)) for k in range(n)]
                for i in range(n)]

@@ -13,7 +13,6 @@ the reason.
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,14 +109,20 @@ def _run(record: dict) -> PublishedRun:
                         assumptions=tuple(record.get("assumptions", ())))
 
 
-def load_published(path: str | Path = PUBLISHED_RUNS) -> tuple[tuple[PublishedRun, ...],
-                                                             tuple[ExcludedRun, ...]]:
-    """(runs the cost model is judged on, runs it cannot express) from the data file."""
+@dataclass(frozen=True)
+class PublishedRuns:
+    runs: tuple[PublishedRun, ...]
+    """The runs the cost model is judged on."""
+    excluded: tuple[ExcludedRun, ...]
+    """The runs it cannot express, each with the reason."""
+
+
+def load_published(path: str | Path = PUBLISHED_RUNS) -> PublishedRuns:
     data = json.loads(Path(path).read_text())
-    runs = tuple(_run(r) for r in data["runs"])
-    excluded = tuple(ExcludedRun(name=r["name"], source=Source(**r["source"]),
-                                 reason=r["reason"]) for r in data.get("excluded", ()))
-    return runs, excluded
+    return PublishedRuns(
+        runs=tuple(_run(r) for r in data["runs"]),
+        excluded=tuple(ExcludedRun(name=r["name"], source=Source(**r["source"]),
+                                   reason=r["reason"]) for r in data.get("excluded", ())))
 
 
 @dataclass(frozen=True)
@@ -133,10 +138,6 @@ class Prediction:
     def error(self) -> float:
         """Predicted over published step time, less one (negative: predicted too fast)."""
         return self.predicted_s / self.run.published_step_s - 1.0
-
-    @property
-    def log_error(self) -> float:
-        return math.log(self.predicted_s / self.run.published_step_s)
 
 
 def predict_run(run: PublishedRun, profiles: dict[str, Hardware] | None = None) -> Prediction:

@@ -16,7 +16,8 @@ from cost_model.published import (PublishedRun, Source, load_published, narayana
 from cost_model.shapes import TransformerShape
 from cost_model.step_time import estimate
 
-RUNS, EXCLUDED = load_published()
+PUBLISHED = load_published()
+RUNS, EXCLUDED = PUBLISHED.runs, PUBLISHED.excluded
 
 
 def _seconds(run, profiles):
