@@ -273,7 +273,7 @@ EFFICIENCY_FIELDS = ("gemm_eff", "gemm_half", "mem_eff")
 """Hardware fields fitted to published runs (fit.py): the block expressions keep them as
 symbols and the lambdified functions take them as arguments, so a fit that tries thousands of
 values builds each block's expressions once."""
-EFFICIENCY_SYMBOLS = sympy.symbols(" ".join(EFFICIENCY_FIELDS), positive=True)
+EFFICIENCY_SYMBOLS = sympy.symbols(" ".join(EFFICIENCY_FIELDS))
 
 
 @lru_cache(maxsize=64)
