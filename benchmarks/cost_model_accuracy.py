@@ -1,7 +1,17 @@
-"""Measured vs predicted step time for >= 6 plans of a small GPT on 4 gloo ranks.
+"""Measured vs predicted step time for >= 6 plans of a small GPT on 4 gloo ranks; and, with
+--published, predicted vs published step time of the training runs in
+cost_model/data/published_runs.json.
 
     python benchmarks/cost_model_accuracy.py [--profile cpu_profile.json] [--steps 3]
     python benchmarks/cost_model_accuracy.py --rescore [--out rescored.json]
+    python benchmarks/cost_model_accuracy.py --published
+
+--published measures nothing and needs no torch: it fits the GPU efficiencies (fit.py
+`fit_published`: gemm_eff and mem_eff of each device with runs from two or more papers) to the
+published runs from the Hardware defaults, prints every run's published and predicted seconds
+with the fitted error and the leave-one-out error (the run predicted by a fit to the others),
+the runs left out and why, and saves benchmarks/results/cost_model_published.json (run count,
+largest errors, the fitted parameters). Exit status 0 when every run is within 10%.
 
 Calibrates this machine (tools/calibrate.py, with the threads runtime.spawn gives a rank)
 unless --profile is given, predicts each plan's step time with that profile, measures `pm.step`
@@ -173,6 +183,79 @@ def rescore(results: Path, profile: Path, out: Path | None) -> int:
     return 0 if len(rows) >= 6 and rho >= 0.8 else 1
 
 
+PUBLISHED_RESULTS = ROOT / "benchmarks" / "results" / "cost_model_published.json"
+
+
+def published(out: Path = PUBLISHED_RESULTS) -> int:
+    """Fit and judge the cost model on the published runs (see the module docstring)."""
+    import dataclasses
+
+    from cost_model.fit import (PUBLISHED_BOUNDS, PUBLISHED_FIELDS, fit_published,
+                                fitted_devices, leave_one_out)
+    from cost_model.hardware import PROFILES, Hardware
+    from cost_model.published import load_published, predict_run
+
+    data = load_published()
+    runs, excluded = data.runs, data.excluded
+    devices = fitted_devices(runs)
+    fitted_runs = tuple(r for r in runs if r.gpu in devices)
+    defaults = {f.name: f.default for f in dataclasses.fields(Hardware)}
+    start = {d: {f: defaults[f] for f in PUBLISHED_FIELDS} for d in devices}
+
+    def predict(run, profiles):
+        return predict_run(run, profiles).predicted_s
+
+    t0 = time.perf_counter()
+    fit = fit_published(fitted_runs, dict(PROFILES), devices, predict, start=start)
+    loo = leave_one_out(fitted_runs, dict(PROFILES), devices, predict, start=fit.parameters)
+    fit_s = time.perf_counter() - t0
+    # why gemm_half is not among the fitted fields: fitted with them, it runs to a bound
+    with_half = fit_published(fitted_runs, dict(PROFILES), devices, predict,
+                              fields=PUBLISHED_FIELDS + ("gemm_half",))
+    rows = []
+    for run in runs:
+        pred = predict_run(run, fit.profiles)
+        est = pred.estimate
+        rows.append({"run": run.name, "gpu": run.gpu, "gpus": run.gpus,
+                     "plan": str(est.plan), "fitted": run.gpu in devices,
+                     "published_s": run.published_step_s, "predicted_s": pred.predicted_s,
+                     "error": pred.error, "loo_error": loo.get(run.name, pred.error),
+                     "mfu": est.mfu, "memory_gib": est.memory_gib, "fits": est.fits,
+                     "source": f"{run.source.paper}, {run.source.table}"})
+    print(f"{'run':34s} {'GPUs':>6s} {'published':>10s} {'predicted':>10s} {'fitted':>7s} "
+          f"{'LOO':>7s} {'GiB':>6s}")
+    for r in rows:
+        note = "" if r["fitted"] else "  (not fitted: its device has one source)"
+        note += "" if r["fits"] else "  (memory model: does not fit)"
+        print(f"{r['run']:34s} {r['gpus']:6d} {r['published_s']:9.2f}s {r['predicted_s']:9.2f}s "
+              f"{r['error']:+7.1%} {r['loo_error']:+7.1%} {r['memory_gib']:6.1f}{note}")
+    for e in excluded:
+        print(f"excluded {e.name}: {e.reason}")
+    worst = max(rows, key=lambda r: abs(r["error"]))
+    worst_loo = max(rows, key=lambda r: abs(r["loo_error"]))
+    print(f"{len(rows)} runs ({len(fitted_runs)} fitted); fitted {fit.parameters} in "
+          f"{fit_s:.1f} s; "
+          f"rms log error {fit.rms_log_error:.3f}; largest error {worst['error']:+.1%} "
+          f"({worst['run']}), largest leave-one-out error {worst_loo['loo_error']:+.1%} "
+          f"({worst_loo['run']})")
+    print(f"with gemm_half fitted too: {with_half.parameters}, rms log error "
+          f"{with_half.rms_log_error:.3f} (bounds {PUBLISHED_BOUNDS['gemm_half']})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
+        "runs_count": len(rows), "fitted_runs_count": len(fitted_runs),
+        "fitted_fields": list(PUBLISHED_FIELDS), "fitted_parameters": fit.parameters,
+        "start": start, "rms_log_error": fit.rms_log_error,
+        "max_abs_error": abs(worst["error"]), "max_abs_error_run": worst["run"],
+        "max_abs_loo_error": abs(worst_loo["loo_error"]),
+        "max_abs_loo_error_run": worst_loo["run"],
+        "with_gemm_half_fitted": {"parameters": with_half.parameters,
+                                  "rms_log_error": with_half.rms_log_error},
+        "runs": rows,
+        "excluded": [{"run": e.name, "reason": e.reason} for e in excluded]}, indent=2))
+    print(f"-> {out}")
+    return 0 if all(abs(r["error"]) <= 0.10 for r in rows) else 1
+
+
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
     ap = argparse.ArgumentParser()
@@ -183,7 +266,11 @@ def main(argv=None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS,
                     help="with --rescore: the results file whose measurements to score")
     ap.add_argument("--out", type=Path, default=None, help="with --rescore: write the table")
+    ap.add_argument("--published", action="store_true",
+                    help="fit and judge the cost model on cost_model/data/published_runs.json")
     args = ap.parse_args(argv)
+    if args.published:
+        return published()
     if args.rescore:
         return rescore(args.results, Path(args.profile) if args.profile else PROFILE, args.out)
 

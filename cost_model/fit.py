@@ -8,6 +8,11 @@ memory bandwidth, collective alpha and bus bandwidth, all-gather's share of it. 
 plain numbers (the records the measuring writes) and returns plain numbers, so a profile can be
 refitted from its saved measurements without measuring again, and every fit is tested against
 closed-form data.
+
+`fit_published` fits the efficiencies of GPU profiles the same way, to published training runs
+(published.py, cost_model/data/published_runs.json) instead of measurements: least squares on
+the log of predicted over published step time, over every run of the devices fitted, with
+`leave_one_out` saying how well the fit predicts a run it did not see.
 """
 
 from __future__ import annotations
@@ -197,3 +202,169 @@ def profile_from_measurements(measurements: dict) -> dict:
     fields["op_overhead"], fields["op_overhead_bwd"] = fit_op_overhead(
         measurements.get("op_overhead"), hw)
     return fields
+
+
+# --- efficiencies fitted to published runs ---------------------------------------------------
+class LeastSquares(NamedTuple):
+    x: tuple[float, ...]
+    residuals: tuple[float, ...]
+    cost: float
+    """Sum of squared residuals at `x`."""
+    iterations: int
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float]:
+    """x with a x = b (Gaussian elimination with partial pivoting; a is small and square)."""
+    n = len(b)
+    m = [row[:] + [rhs] for row, rhs in zip(a, b, strict=True)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
+        m[col], m[pivot] = m[pivot], m[col]
+        if abs(m[col][col]) < 1e-300:
+            raise ZeroDivisionError("singular normal equations")
+        for r in range(col + 1, n):
+            f = m[r][col] / m[col][col]
+            for k in range(col, n + 1):
+                m[r][k] -= f * m[col][k]
+    x = [0.0] * n
+    for r in reversed(range(n)):
+        x[r] = (m[r][n] - sum(m[r][k] * x[k] for k in range(r + 1, n))) / m[r][r]
+    return x
+
+
+def _jacobian_columns(residuals, x, r, upper) -> list[list[float]]:
+    """d r / d x_j for each j, by forward differences (backward at an upper bound)."""
+    columns = []
+    for j, xj in enumerate(x):
+        h = 1e-6 * max(1.0, abs(xj))
+        step = list(x)
+        step[j] = xj + h if xj + h <= upper[j] else xj - h
+        shifted = residuals(tuple(step))
+        columns.append([(a - b) / (step[j] - xj) for a, b in zip(shifted, r, strict=True)])
+    return columns
+
+
+def least_squares(residuals, x0, lower, upper, max_iter: int = 50,
+                  tol: float = 1e-8) -> LeastSquares:
+    """Levenberg-Marquardt within bounds: the x minimizing sum(residuals(x)^2).
+
+    `residuals` maps a tuple of parameters to a list of residuals. The Jacobian is taken by
+    forward differences, so the residuals may be any function (here: the cost model's
+    predictions, which have max() in them); a step leaving the box is clipped to it."""
+    def clip(x):
+        return tuple(min(hi, max(lo, v)) for v, lo, hi in zip(x, lower, upper, strict=True))
+
+    def cost(r):
+        return sum(v * v for v in r)
+
+    x = clip(tuple(float(v) for v in x0))
+    r = list(residuals(x))
+    c = cost(r)
+    damping = 1e-3
+    it = 0
+    for it in range(1, max_iter + 1):
+        jac = _jacobian_columns(residuals, x, r, upper)
+        n = len(x)
+        jtj = [[sum(a * b for a, b in zip(jac[i], jac[k], strict=True)) for k in range(n)]
+               for i in range(n)]
+        jtr = [sum(a * b for a, b in zip(jac[i], r, strict=True)) for i in range(n)]
+        improved = False
+        while damping < 1e12:
+            a = [[jtj[i][k] + (damping * (jtj[i][i] or 1.0) if i == k else 0.0)
+                  for k in range(n)] for i in range(n)]
+            try:
+                delta = _solve(a, [-v for v in jtr])
+            except ZeroDivisionError:
+                damping *= 10
+                continue
+            trial = clip(tuple(v + d for v, d in zip(x, delta, strict=True)))
+            r_trial = list(residuals(trial))
+            c_trial = cost(r_trial)
+            if c_trial < c:
+                done = c - c_trial <= tol * max(c, 1e-30)
+                x, r, c = trial, r_trial, c_trial
+                damping = max(damping / 10, 1e-12)
+                improved = True
+                break
+            damping *= 10
+        if not improved or done:
+            break
+    return LeastSquares(x, tuple(r), c, it)
+
+
+PUBLISHED_FIELDS = ("gemm_eff", "mem_eff")
+"""The Hardware fields fitted to published runs, per device: the GEMM roofline's large-shape
+efficiency and the efficiency of the memory-bound kernels (norms, activations, softmax,
+optimizer), the terms of a step the datasheets do not give. The curve's `gemm_half` is not among
+them: every published GEMM has its dimensions >= 2048 but the attention's head dimension, so
+the runs do not determine it (fitted with the others it runs to its bound, a flat curve, which
+would make the planner optimistic on small models). It stays the profile's, which
+tools/calibrate.py measures on a device. Everything else (peaks, bandwidths, the mechanisms)
+is not fitted either."""
+PUBLISHED_BOUNDS = {"gemm_eff": (0.3, 1.0), "gemm_half": (1.0, 2048.0), "mem_eff": (0.2, 1.0)}
+
+
+class PublishedFit(NamedTuple):
+    profiles: dict
+    """Device name -> the Hardware profile with its fitted fields."""
+    parameters: dict
+    """Device name -> {field: fitted value}."""
+    errors: dict
+    """Run name -> predicted / published step time - 1, with the fitted profiles."""
+    rms_log_error: float
+    iterations: int
+
+
+def fitted_devices(runs, min_sources: int = 2) -> list[str]:
+    """Devices with runs from at least `min_sources` papers: a device seen in one table only
+    would be fitted to that table (three parameters through a handful of rows)."""
+    papers: dict[str, set] = {}
+    for run in runs:
+        papers.setdefault(run.gpu, set()).add(run.source.paper)
+    return sorted(d for d, p in papers.items() if len(p) >= min_sources)
+
+
+def fit_published(runs, base: dict, devices: list[str], predict,
+                  fields: tuple[str, ...] = PUBLISHED_FIELDS, start: dict | None = None
+                  ) -> PublishedFit:
+    """Fit `fields` of each device in `devices` jointly, by least squares on the log of
+    predicted over published step time of every run.
+
+    `base`: device name -> Hardware (the profiles before the fit; other devices are used as
+    they are); `predict(run, profiles) -> predicted seconds`; `start`: device -> {field:
+    value} to start from (default: the base profiles' values)."""
+    keys = [(d, f) for d in devices for f in fields]
+    x0 = [(start or {}).get(d, {}).get(f, getattr(base[d], f)) for d, f in keys]
+
+    def profiles_at(x):
+        profiles = dict(base)
+        for d in devices:
+            profiles[d] = dataclasses.replace(
+                base[d], **{f: v for (dd, f), v in zip(keys, x, strict=True) if dd == d})
+        return profiles
+
+    def residuals(x):
+        profiles = profiles_at(x)
+        return [math.log(predict(run, profiles) / run.published_step_s) for run in runs]
+
+    result = least_squares(residuals, x0, [PUBLISHED_BOUNDS[f][0] for _, f in keys],
+                           [PUBLISHED_BOUNDS[f][1] for _, f in keys])
+    params = {d: {f: v for (dd, f), v in zip(keys, result.x, strict=True) if dd == d}
+              for d in devices}
+    errors = {run.name: math.exp(r) - 1 for run, r in zip(runs, result.residuals, strict=True)}
+    rms = math.sqrt(result.cost / max(1, len(runs)))
+    return PublishedFit(profiles_at(result.x), params, errors, rms, result.iterations)
+
+
+def leave_one_out(runs, base: dict, devices: list[str], predict,
+                  fields: tuple[str, ...] = PUBLISHED_FIELDS, start: dict | None = None
+                  ) -> dict:
+    """Run name -> the error predicting it with the parameters fitted to the other runs: how
+    well the fit predicts a run it has not seen."""
+    out = {}
+    for i, run in enumerate(runs):
+        rest = runs[:i] + runs[i + 1:]
+        fit = fit_published(rest, base, [d for d in devices if d in fitted_devices(rest, 1)],
+                            predict, fields, start)
+        out[run.name] = predict(run, fit.profiles) / run.published_step_s - 1
+    return out

@@ -19,6 +19,8 @@ on GPUs, 4 for float32 on CPU profiles); stored activations (memory) stay Korthi
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Callable
@@ -229,8 +231,18 @@ class BlockCosts:
     """K and V of this rank's sequence chunk (ring: passed c-1 times per forward)."""
     ep_bytes: Callable[..., float]
     """One dispatch (or combine) all-to-all buffer; 2 per forward."""
-    expressions: dict
-    """The sympy expressions behind the callables (for reports and tests)."""
+    symbolic: dict
+    """The sympy expressions behind the callables, with the profile's fitted efficiencies
+    (EFFICIENCY_FIELDS) still symbols."""
+    efficiencies: tuple
+    """The profile's values of EFFICIENCY_FIELDS the callables were bound to."""
+
+    @property
+    def expressions(self) -> dict:
+        """The expressions with the profile's efficiencies put in (for reports and tests)."""
+        values = dict(zip(EFFICIENCY_SYMBOLS, self.efficiencies, strict=True))
+        return {name: (expr.subs(values) if isinstance(expr, sympy.Basic) else expr)
+                for name, expr in self.symbolic.items() if name != "ops"}
 
     def activation(self, recompute: str, *args) -> float:
         return {"none": self.act_none, "selective": self.act_selective,
@@ -257,12 +269,28 @@ def block_expressions(shape: TransformerShape, hw: Hardware, moe: bool) -> dict:
     }
 
 
+EFFICIENCY_FIELDS = ("gemm_eff", "gemm_half", "mem_eff")
+"""Hardware fields fitted to published runs (fit.py): the block expressions keep them as
+symbols and the lambdified functions take them as arguments, so a fit that tries thousands of
+values builds each block's expressions once."""
+EFFICIENCY_SYMBOLS = sympy.symbols(" ".join(EFFICIENCY_FIELDS))
+
+
 @lru_cache(maxsize=64)
-def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> BlockCosts:
-    exprs = block_expressions(shape, hw, moe)
-    fns = {name: sympy.lambdify(ARGS, expr, modules="math")
+def _lambdified(shape: TransformerShape, symbolic_hw: Hardware, moe: bool):
+    exprs = block_expressions(shape, symbolic_hw, moe)
+    fns = {name: sympy.lambdify((*EFFICIENCY_SYMBOLS, *ARGS), expr, modules="math")
            for name, expr in exprs.items() if name != "ops"}
-    return BlockCosts(expressions=exprs, **fns)
+    return exprs, fns
+
+
+def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> BlockCosts:
+    symbolic_hw = dataclasses.replace(hw, **dict(zip(EFFICIENCY_FIELDS, EFFICIENCY_SYMBOLS,
+                                                     strict=True)))
+    exprs, fns = _lambdified(shape, symbolic_hw, moe)
+    values = tuple(getattr(hw, name) for name in EFFICIENCY_FIELDS)
+    return BlockCosts(symbolic=exprs, efficiencies=values,
+                      **{name: functools.partial(fn, *values) for name, fn in fns.items()})
 
 
 # --- the ends of the model (first and last stage) -----------------------------------------

@@ -93,16 +93,33 @@ class MemoryBreakdown:
     activations: float
     temporary: float
     reserved: float
+    """Outside the caching allocator (Hardware.reserved_bytes)."""
+    allocator: float = 0.0
+    """What the caching allocator holds beyond the tensors above (Hardware.allocator_margin
+    of their bytes)."""
+
+    @property
+    def tensors(self) -> float:
+        """Bytes of the tensors the rank holds at its peak."""
+        return self.weights + self.grads + self.optimizer + self.activations + self.temporary
 
     @property
     def total(self) -> float:
-        return (self.weights + self.grads + self.optimizer + self.activations + self.temporary
-                + self.reserved)
+        return self.tensors + self.allocator + self.reserved
 
     def as_dict(self) -> dict:
         return {"rank": self.rank, "weights": self.weights, "grads": self.grads,
                 "optimizer": self.optimizer, "activations": self.activations,
-                "temporary": self.temporary, "reserved": self.reserved, "total": self.total}
+                "temporary": self.temporary, "allocator": self.allocator,
+                "reserved": self.reserved, "total": self.total}
+
+
+def breakdown(rank: int, weights: float, grads: float, optimizer: float, activations: float,
+              temporary: float, reserved: float, allocator_margin: float) -> MemoryBreakdown:
+    """A rank's memory with the allocator's margin over its tensors."""
+    tensors = weights + grads + optimizer + activations + temporary
+    return MemoryBreakdown(rank, weights, grads, optimizer, activations, temporary, reserved,
+                           allocator_margin * tensors)
 
 
 @lru_cache(maxsize=4096)

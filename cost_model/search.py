@@ -206,8 +206,11 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
     family_best: dict[Family, Estimate] = {}
     family_oom: dict[Family, float] = {}
     for fam in families:
-        if _static_bytes(shape, fam, zero=fam.dp * fam.cp > 1) + hw.reserved_bytes > limit:
-            need = _static_bytes(shape, fam, zero=fam.dp * fam.cp > 1) + hw.reserved_bytes
+        # the model state alone, with the allocator's margin over it and the reserve: a lower
+        # bound on every plan of the family
+        need = (_static_bytes(shape, fam, zero=fam.dp * fam.cp > 1) * (1 + hw.allocator_margin)
+                + hw.reserved_bytes)
+        if need > limit:
             family_oom[fam] = (need - limit) / GiB
             continue
         if fam.dp == 0 or global_batch % fam.dp:

@@ -384,8 +384,8 @@ def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense:
         temp += T * shape.vocab / tr.vocab_split * (2 + 4 + 4)  # logits, fp32 softmax, grad
     if r == 0 and p.pp > 1:
         act += flight * 2 * T * shape.hidden / (p.tp if p.sp else 1)
-    return mem.MemoryBreakdown(r, per_param.weights * p_local, per_param.grads * p_local,
-                               optim, act, temp, tr.hw.reserved_bytes)
+    return mem.breakdown(r, per_param.weights * p_local, per_param.grads * p_local, optim, act,
+                         temp, tr.hw.reserved_bytes, tr.hw.allocator_margin)
 
 
 def _activation_scale(p: Plan) -> float:

@@ -20,14 +20,17 @@ _COLORS = {"compute": "#4e79a7", "recompute": "#a0cbe8", "tp": "#f28e2b", "cp": 
            "loss": "#ff9da7", "optimizer": "#edc948", "bubble": "#e15759",
            "shared_cores": "#bab0ac", "fwd": "#4e79a7", "bwd": "#59a14f", "wgrad": "#8cd17d",
            "weights": "#4e79a7", "grads": "#76b7b2", "activations": "#59a14f",
-           "temporary": "#b07aa1", "reserved": "#bab0ac"}
+           "temporary": "#b07aa1", "allocator": "#d4a6c8", "reserved": "#bab0ac"}
 TERM_NAMES = {"compute": "compute", "recompute": "recompute", "tp": "TP comm (exposed)",
               "cp": "CP comm (exposed)", "ep": "EP comm (exposed)", "pp": "PP p2p (exposed)",
               "dp": "DP gradient sync (exposed)", "embedding": "tied-embedding sync",
               "loss": "loss sum", "optimizer": "optimizer", "bubble": "pipeline bubble",
               "shared_cores": "shared cores"}
 """Estimate.step_terms_s keys as reports name them."""
-MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "temporary", "reserved")
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "temporary", "allocator",
+                "reserved")
+"""MemoryBreakdown parts: the tensors, the caching allocator's margin over them, and what is
+reserved outside the allocator (Hardware.allocator_margin, reserved_bytes)."""
 
 
 def _plan_str(est) -> str:
@@ -64,7 +67,7 @@ def render_text(result, title: str = "model") -> str:
     for i, r in enumerate(rows):
         lines.append("  ".join(r[k].ljust(widths[k]) for k in keys) + ("  <- chosen" if i == 0
                                                                        else ""))
-    lines += ["", *_terms_text(result.chosen)]
+    lines += ["", *_terms_text(result.chosen), "", *_memory_text(result.chosen)]
     if result.rejected:
         lines += ["", "rejected families:"]
         lines += [f"  {r.family}: {r.reason}" for r in result.rejected[:12]]
@@ -82,6 +85,18 @@ def _terms_text(est) -> list[str]:
     lines += [f"  {TERM_NAMES[k].ljust(width)}  {v:8.4f} s  {v / est.step_time_s:6.1%}"
               for k, v in terms.items()]
     return lines
+
+
+def _memory_text(est) -> list[str]:
+    """The fullest rank's memory by part, the allocator's margin and the reserve named as such
+    (a plan fits when the total is at most the device's memory)."""
+    mem = est.memory
+    margin = mem.allocator / mem.tensors if mem.tensors else 0.0
+    tensors = ", ".join(f"{k} {getattr(mem, k) / GiB:.2f}" for k in MEMORY_PARTS[:5])
+    return [f"memory of the fullest rank (pipeline rank {mem.rank}): {mem.total / GiB:.2f} of "
+            f"{est.device_memory_bytes / GiB:.2f} GiB = tensors ({tensors}) + allocator margin "
+            f"{mem.allocator / GiB:.2f} ({margin:.1%} of the tensors) + reserved outside the "
+            f"allocator {mem.reserved / GiB:.2f}"]
 
 
 def render_markdown(result, title: str = "model") -> str:
@@ -105,8 +120,7 @@ def render_markdown(result, title: str = "model") -> str:
                    + ", ".join(f"{k} {getattr(m, k) / GiB:.1f}" for k in MEMORY_PARTS) + ") |")
     mem = best.memory.as_dict()
     out += ["", f"Memory of the fullest rank ({mem['rank']}): " + ", ".join(
-        f"{k} {mem[k] / GiB:.2f} GiB" for k in ("weights", "grads", "optimizer", "activations",
-                                                 "temporary", "reserved")), "",
+        f"{k} {mem[k] / GiB:.2f} GiB" for k in MEMORY_PARTS), "",
             "## Step time by term", "", "| term | seconds | share |", "|---|---|---|"]
     for name, val in best.step_terms_s.items():
         if val > 0:

@@ -100,6 +100,9 @@ def test_plan_cli_prints_the_step_split_and_mfu(capsys):
     assert _cli(argv) == 0
     text = capsys.readouterr().out
     assert (f"chosen plan: {best['step_time_s']:.3f} s/step, MFU {best['mfu']:.1%}" in text)
+    mem = best["memory_breakdown_gib"]  # the allocator's margin and the reserve, named
+    assert (f"allocator margin {mem['allocator']:.2f} (" in text
+            and f"reserved outside the allocator {mem['reserved']:.2f}" in text)
     printed = {}
     for line in text.split("step time by term:\n")[1].split("\n\n")[0].splitlines():
         name, seconds, unit, share = line.strip().rsplit(None, 3)

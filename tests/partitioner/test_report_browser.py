@@ -31,7 +31,8 @@ CASES = {
     "small": ["gpt:layers=8,hidden=1024,heads=16", "--cluster", "16xH100", "--fix",
               "tp=1,pp=1,cp=1", "--top", "2"],
 }
-MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "temporary", "reserved")
+MEMORY_PARTS = ("weights", "grads", "optimizer", "activations", "temporary", "allocator",
+                "reserved")
 CHARTS = ("step-terms-bar", "candidates-time", "candidates-memory", "stage-time",
           "stage-memory", "timeline")
 
