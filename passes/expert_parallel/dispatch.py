@@ -263,8 +263,13 @@ class LayerRewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
     def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int, tp: int = 1,
-                 etp: int = 1, capacity_factor: float | None = None) -> None:
+                 etp: int = 1, capacity_factor: float | None = None, cp: int = 1,
+                 cp_rank: int = 0) -> None:
         self.gm, self.layer, self.ep, self.rank, self.tp, self.etp = gm, layer, ep, rank, tp, etp
+        self.cp, self.cp_rank = cp, cp_rank
+        """Under cp the context-parallel pass reads the MoE block's tokens gathered whole
+        (the router's top-k has no rule on sequence shards), so the cp ranks hold the same
+        tokens, as the tp ranks do: each dispatches its 1/cp of them."""
         self.capacity_factor = capacity_factor
         """None: dropless; else each expert keeps its first pairs of this rank's microbatch
         (core/capacity.py)."""
@@ -292,6 +297,13 @@ class LayerRewriter:
                             f"do not split over tp={self.tp}: the ranks of a tp group hold the "
                             f"same tokens, and each dispatches its 1/tp of them so that no "
                             f"token is sent twice. Use a batch*sequence divisible by {self.tp}")
+        # The cp ranks hold the same (gathered) tokens too. When they do not split evenly
+        # (a padded sequence's odd length), every cp rank dispatches them all: still exact,
+        # since a whole value's gradient is partial over cp (each rank's output gradient is
+        # its own tokens'), so the experts' gradients over the cp ranks' rows sum to the
+        # single-device ones; only the work is repeated.
+        cp_split = self.cp if count % (self.cp * token_split) == 0 else 1
+        share = count // (cp_split * token_split)
         with graph.inserting_before(layer.exit):
             flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
@@ -301,15 +313,20 @@ class LayerRewriter:
                 # the tokens of this dp shard's microbatch compete (before tp splits them)
                 capacity = expert_capacity(count, k, experts, self.capacity_factor)
                 sent_indices = self._call(ops.expert_capacity, (flat_indices, experts, capacity))
+            if cp_split > 1:  # this cp rank's share: a slice, its backward pads with zeros
+                first = self.cp_rank * count // cp_split
+                sent_tokens, sent_indices = (
+                    self._call(aten.slice.Tensor, (value, 0, first, first + count // cp_split))
+                    for value in (sent_tokens, sent_indices))
             if token_split > 1:  # this tp rank's share of the (replicated) tokens
                 sent_tokens, sent_indices = (
                     self._call(ops.scatter, (value, "tp", 0), {"group_size": self.tp})
-                    for value in (flat_tokens, sent_indices))
+                    for value in (sent_tokens, sent_indices))
             dispatch = graph.call_function(ops.moe_dispatch, (sent_tokens, sent_indices, "ep",
                                                               experts),
                                            {"group_size": self.ep})
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
-                tensor_of(sent_tokens).new_empty(count // token_split * k, hidden),
+                tensor_of(sent_tokens).new_empty(share * k, hidden),
                 tensor_of(sent_indices).new_empty(self.ep, self.local))
             dispatch.meta[meta.COLLECTIVE] = "all_to_all"
             rows = self._call(operator.getitem, (dispatch, 0))
@@ -326,6 +343,10 @@ class LayerRewriter:
                 back = self._call(ops.all_reduce, (back, "etp"))
             elif token_split > 1:  # every tp rank's share, whole again (replicated over tp)
                 back = self._call(ops.all_gather, (back, "tp", 0), {"group_size": self.tp})
+            if cp_split > 1:  # every cp rank's share, whole again; backward reduce-scatters
+                # the whole value's gradient, partial over cp (each rank's own tokens')
+                back = self._call(ops.gather_for_region, (back, "cp", 0),
+                                  {"group_size": self.cp})
             if layer.form == "dense":
                 routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
                 gates = self._call(aten.gather.default, (routing, 1, flat_indices))
@@ -354,6 +375,8 @@ class LayerRewriter:
                         local_experts=(self.rank * self.local, (self.rank + 1) * self.local),
                         weights=tuple(w.target for w in self.weights),
                         expert_ops=tuple(self.expert_ops), tokens=count, capacity=capacity,
+                        split_over=tuple(f"{dim}={size}" for dim, size in
+                                         (("cp", cp_split), ("tp", token_split)) if size > 1),
                         placements=tuple((w.target, self._placements(i))
                                          for i, w in enumerate(self.weights)))
 

@@ -27,15 +27,21 @@ class MoELayer:
     """Each expert weight's placements: dim 0 over ep; with etp > 1 also split inside."""
     capacity: int | None = None
     """Pairs each expert keeps of this rank's microbatch (capacity_factor); None: dropless."""
+    split_over: tuple[str, ...] = ()
+    """The groups holding the same tokens that split them ("cp=2", "tp=2"): this rank
+    dispatches its share, and the returned rows are gathered whole again."""
 
     def __str__(self) -> str:
         first, last = self.local_experts
         kept = ("dropless" if self.capacity is None else
                 f"each expert keeps its first {self.capacity} pairs in token order, the rest "
                 f"dropped (zero output)")
+        share = (f" (this rank's share of them over {' x '.join(self.split_over)}, which "
+                 f"hold the same tokens)" if self.split_over else "")
         return (f"{self.path}: {self.num_experts} experts top-{self.topk}, experts "
-                f"{first}..{last - 1} here; {self.tokens} tokens x {self.topk} dispatched by "
-                f"all-to-all, {kept}; experts run {' -> '.join(self.expert_ops)}; weights "
+                f"{first}..{last - 1} here; {self.tokens} tokens x {self.topk}{share} "
+                f"dispatched by all-to-all, {kept}; experts run "
+                f"{' -> '.join(self.expert_ops)}; weights "
                 f"{', '.join(f'{name} {placements}' for name, placements in self.placements)}")
 
 

@@ -1,10 +1,11 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
 onto tensor-parallel ranks (with and without sp), experts split inside by etp = tp, with pp,
-with microbatches, with ZeRO-1; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
+with microbatches, with ZeRO-1, folded onto context-parallel ranks (Megatron's parallel
+folding: each cp rank dispatches its share of the gathered tokens); softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
-Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 and
-dp=2. Two spawns."""
+Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 (also
+beside cp=2) and dp=2. Two spawns."""
 
 from __future__ import annotations
 
@@ -30,6 +31,12 @@ TWO_RANKS = [
     ("moe-tp2-ep2", "tiny_moe", {}, "tp=2,ep=2,etp=1", F64),
     ("moe-tp2-sp-ep2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
     ("moe-ep2-zero", "tiny_moe", {}, "ep=2,zero=1", F64),
+    # ep over the cp ranks: each dispatches its half of the (gathered) sequence
+    ("moe-cp2-ep2", "tiny_moe", {}, "cp=2,ep=2", F64),
+    ("deepseek-cp2-ep2", "tiny_moe", DEEPSEEK, "cp=2,ep=2", F64),
+    # 7 tokens padded to 8: the 7 gathered ones do not halve, both cp ranks dispatch them all
+    ("moe-cp2-ep2-odd-tokens", "tiny_moe", {"batch": 1, "seq": 7}, "cp=2,ep=2", F64,
+     {"token_weighted": True}),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64
@@ -38,6 +45,9 @@ HF = [
      F64),
     ("hf-mixtral-tp2-ep2", hf_mixtral, {"experts_implementation": "batched_mm"},
      "tp=2,ep=2,etp=1", F64),
+    ("hf-mixtral-grouped-mm-cp2-ep2", hf_mixtral, {}, "cp=2,ep=2", torch.float32),
+    ("hf-mixtral-batched-mm-cp2-ep2", hf_mixtral, {"experts_implementation": "batched_mm"},
+     "cp=2,ep=2", F64),
 ]
 FOUR_RANKS = [
     ("moe-ep4", "tiny_moe", {}, "ep=4", F64),
@@ -51,6 +61,12 @@ FOUR_RANKS = [
     # etp = tp = 2 (Megatron's default): each expert column/row split over the tp ranks
     ("moe-tp2-ep2-etp2", "tiny_moe", {}, "tp=2,ep=2", F64),
     ("moe-gelu-tp2-sp-ep2-etp2", "tiny", {"n_experts": 4, "topk": 2}, "tp=2,sp=on,ep=2", F64),
+    # ep beside cp: one ep group over cp x dp; over tp x cp (etp=1, each of the 4 ranks
+    # dispatches a quarter of the tokens); with etp = tp; with ZeRO-1 (edp=2)
+    ("moe-dp2-cp2-ep4", "tiny_moe", {}, "dp=2,cp=2,ep=4", F64),
+    ("moe-tp2-cp2-ep2", "tiny_moe", {}, "tp=2,cp=2,ep=2,etp=1", F64),
+    ("moe-tp2-cp2-ep2-etp2", "tiny_moe", {}, "tp=2,cp=2,ep=2", F64),
+    ("moe-cp2-ep2-dp2-zero", "tiny_moe", {}, "cp=2,ep=2,dp=2,zero=1", F64),
 ]
 HF_FOUR_RANKS = [
     ("hf-mixtral-batched-mm-tp2-ep2-etp2", hf_mixtral, {"experts_implementation": "batched_mm"},
@@ -71,7 +87,8 @@ def _balance() -> tuple[str, list[list[int]]]:
 
 
 TWO_RANK_CHECKPOINTS = (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2"),
-                        ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"))
+                        ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"),
+                        ("cp=2,ep=2", "dp=2"), ("dp=2,zero=1", "cp=2,ep=2,zero=1"))
 FOUR_RANK_CHECKPOINTS = (("tp=2,ep=2", "dp=4"), ("dp=4,zero=1", "tp=2,ep=2,zero=1"))
 
 

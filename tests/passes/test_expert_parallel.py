@@ -54,6 +54,37 @@ def test_every_moe_layer_becomes_dispatch_grouped_gemms_and_return(overrides):
                    for name in gm.meta[LAYOUTS] if "w_in" not in name and "w_out" not in name)
 
 
+def test_ep_beside_cp_dispatches_each_cp_ranks_share_of_the_gathered_tokens():
+    """cp=2,ep=2 on 2 ranks: the CP pass reads the MoE block's 16 tokens gathered whole on both
+    ranks; each dispatches its 8 (a slice) and gathers the returned rows whole over cp."""
+    captured = capture_once("tiny_moe", batch=2, seq=8)
+    for rank in range(2):
+        gm = _program(captured, "cp=2,ep=2", 2, rank).stages[0].gm
+        layers = gm.meta[EP_RECORD].layers
+        assert [(layer.local_experts, layer.split_over) for layer in layers] == [
+            ((4 * rank, 4 * rank + 4), ("cp=2",))] * 2
+        assert "16 tokens x 2 (this rank's share of them over cp=2" in str(gm.meta[EP_RECORD])
+        for dispatch in gm.graph.find_nodes(op="call_function", target=ops.moe_dispatch):
+            for sent in dispatch.args[:2]:  # tokens and indices: rows 8*rank..8*rank+8
+                assert sent.target is aten.slice.Tensor and sent.args[1:] == (0, 8 * rank,
+                                                                              8 * rank + 8)
+        for back in gm.graph.find_nodes(op="call_function", target=ops.moe_return):
+            (gather,) = back.users
+            assert gather.target is ops.gather_for_region and gather.args[1:] == ("cp", 0)
+
+
+def test_ep_beside_cp_with_tokens_that_do_not_split_over_cp_dispatches_them_all():
+    """A sequence of 7 padded to 8 for cp=2, one sequence: the 7 gathered tokens do not halve,
+    so every cp rank dispatches them all (exact; the equivalence tests check it)."""
+    captured = capture_once("tiny_moe", batch=1, seq=7)
+    gm = _program(captured, "cp=2,ep=2", 2, 1).stages[0].gm
+    assert [layer.split_over for layer in gm.meta[EP_RECORD].layers] == [(), ()]
+    nodes = list(gm.graph.nodes)
+    assert not [n for n in nodes if n.target is ops.moe_return
+                and any(u.target is ops.gather_for_region for u in n.users)]
+    assert sum(n.target is ops.moe_dispatch for n in nodes) == 2
+
+
 def test_gelu_experts_and_dense_leading_blocks():
     captured = capture_once("tiny", batch=2, seq=8, n_experts=4, topk=1, dense_layers=1)
     record = _program(captured, "ep=2", 2).stages[0].gm.meta[EP_RECORD]
@@ -124,13 +155,9 @@ def test_experts_the_pass_cannot_run_per_token_are_refused_with_the_reason():
         _program(captured, "ep=2", 2)
 
 
-@pytest.mark.parametrize("plan, message", [
-    ("tp=4,ep=2,etp=2", "expert tensor parallelism other than 1 or tp"),
-    ("cp=2,ep=2,etp=1", "expert parallelism beside context parallelism"),
-])
-def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan(plan, message):
-    with pytest.raises(NotLanded, match=message):
-        Plan.parse(plan).refuse_pending()
+def test_what_ep_does_not_run_with_yet_is_refused_by_the_plan():
+    with pytest.raises(NotLanded, match="expert tensor parallelism other than 1 or tp"):
+        Plan.parse("tp=4,ep=2,etp=2").refuse_pending()
 
 
 def test_the_auto_plan_picks_ep_for_an_moe_model_only_in_forms_that_have_landed():
