@@ -21,7 +21,11 @@ ranks holding its experts; "cp=2,ep=2" on 2 ranks, half the experts and half the
 turns each into dispatch -> grouped GEMMs -> return. The stacked expert weights are split along
 their expert dim over ep (`Shard(0)@ep`, and inside over etp), so their gradients are this
 rank's experts', summed by the runtime over the expert-data-parallel group (edp), while dense
-gradients stay summed over dp x cp.
+gradients stay summed over dp x cp. Experts held as an nn.ModuleList of MLPs (a Python loop
+over them) have one set of parameters per expert: each is held whole by the ep rank of its
+expert (`Held(rank)@ep`: the other ranks have no piece of it, as pipeline stages hold their
+layers), this rank's experts' weights stacked in the graph for the grouped GEMMs; the
+tensor-parallel pass leaves their Linears replicated (etp=1).
 """
 
 from __future__ import annotations

@@ -4,15 +4,16 @@ onto tensor-parallel ranks (with and without sp), experts split inside by etp = 
 with microbatches, with ZeRO-1, folded onto context-parallel ranks (Megatron's parallel
 folding: each cp rank dispatches its share of the gathered tokens); softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
-Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 (also
-beside cp=2) and dp=2. Two spawns."""
+Mixtral unchanged, with both of its exported expert forms; experts written as an nn.ModuleList
+of MLPs run in a loop (each expert's parameters held whole by one ep rank); checkpoints moved
+between ep=2 (also beside cp=2, also of ModuleList experts) and dp=2. Two spawns."""
 
 from __future__ import annotations
 
 import torch
 
 from equivalence import assert_passed, equivalence_worker
-from model_zoo import hf_mixtral, starved_moe
+from model_zoo import hf_mixtral, looped_moe, starved_moe
 from partitioner.models import tiny_moe
 from ranks import on_ranks
 
@@ -37,6 +38,11 @@ TWO_RANKS = [
     # 7 tokens padded to 8: the 7 gathered ones do not halve, both cp ranks dispatch them all
     ("moe-cp2-ep2-odd-tokens", "tiny_moe", {"batch": 1, "seq": 7}, "cp=2,ep=2", F64,
      {"token_weighted": True}),
+    # experts as a ModuleList of MLPs: stacked per rank for the grouped GEMMs, each expert's
+    # parameters held by one ep rank (over dp, over tp with etp=1, with ZeRO-1)
+    ("looped-ep2", looped_moe, {}, "ep=2", F64),
+    ("looped-tp2-ep2", looped_moe, {}, "tp=2,ep=2,etp=1", F64),
+    ("looped-ep2-zero", looped_moe, {}, "ep=2,zero=1", F64),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64
@@ -67,6 +73,10 @@ FOUR_RANKS = [
     ("moe-tp2-cp2-ep2", "tiny_moe", {}, "tp=2,cp=2,ep=2,etp=1", F64),
     ("moe-tp2-cp2-ep2-etp2", "tiny_moe", {}, "tp=2,cp=2,ep=2", F64),
     ("moe-cp2-ep2-dp2-zero", "tiny_moe", {}, "cp=2,ep=2,dp=2,zero=1", F64),
+    # ModuleList experts: edp=2 with ZeRO-1, one expert per rank top-1, with pp
+    ("looped-dp4-ep2-zero", looped_moe, {}, "dp=4,ep=2,zero=1", F64),
+    ("looped-ep4-top1", looped_moe, {"topk": 1}, "ep=4", F64),
+    ("looped-ep2-pp2", looped_moe, {}, "ep=2,pp=2,mb=2", F64),
 ]
 HF_FOUR_RANKS = [
     ("hf-mixtral-batched-mm-tp2-ep2-etp2", hf_mixtral, {"experts_implementation": "batched_mm"},
@@ -101,13 +111,13 @@ def _checkpoints(path: str, pairs) -> dict[str, float]:
         return _save_and_load(path, pairs)
 
 
-def _save_and_load(path: str, pairs) -> dict[str, float]:
+def _save_and_load(path: str, pairs, factory=tiny_moe) -> dict[str, float]:
     import torch.distributed as dist
 
     from partitioner import parallelize
     from partitioner.check import lm_loss, relative_error
 
-    model, (ids,) = tiny_moe()
+    model, (ids,) = factory()
     model = model.double()
     out = {}
     for saved_under, loaded_under in pairs:
@@ -116,14 +126,14 @@ def _save_and_load(path: str, pairs) -> dict[str, float]:
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
         pm.step(ids, target=ids)
         opt.step()
-        where = f"{path}/{saved_under}-{loaded_under}"
+        where = f"{path}/{factory.__name__}-{saved_under}-{loaded_under}"
         pm.save(where, optimizer=opt)
         weights = pm.full_state_dict()
         other = parallelize(model, loaded_under, example_inputs=(ids,), loss_fn=lm_loss)
         other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
         other.load(where, optimizer=other_opt)
         loaded = other.full_state_dict()
-        name = f"{saved_under}->{loaded_under}"
+        name = f"{factory.__name__} {saved_under}->{loaded_under}"
         out[f"{name} weights"] = max(relative_error(loaded[k], v) for k, v in weights.items())
         for p, q in ((pm, opt), (other, other_opt)):
             q.zero_grad()
@@ -136,8 +146,13 @@ def _save_and_load(path: str, pairs) -> dict[str, float]:
     return out
 
 
+LOOPED_CHECKPOINTS = (("ep=2", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"))
+
+
 def _two_ranks(cases, path):
-    return equivalence_worker(cases), _balance(), _checkpoints(path, TWO_RANK_CHECKPOINTS)
+    return equivalence_worker(cases), _balance(), {
+        **_checkpoints(path, TWO_RANK_CHECKPOINTS),
+        **_save_and_load(path, LOOPED_CHECKPOINTS, looped_moe)}
 
 
 def _four_ranks(cases, path):

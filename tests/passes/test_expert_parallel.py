@@ -9,7 +9,7 @@ from torch import nn
 
 from core import ops
 from core.meta import EP_RECORD, LAYOUTS
-from core.placement import Shard
+from core.placement import Held, Shard
 from core.plan import NotLanded, Plan
 from partitioner import models
 from model_zoo import capture_once
@@ -113,6 +113,50 @@ def test_hugging_face_mixtral_experts_are_found_in_both_exported_forms(implement
     assert not [n for n in nodes if n.target is aten.bmm.default
                 or str(n.target) == "transformers.grouped_mm_fallback.default"]
     assert sum(n.target is ops.grouped_mm for n in nodes) == 4
+
+
+def test_experts_as_a_module_list_become_grouped_gemms_over_this_ranks_stacked_experts():
+    """A loop over nn.ModuleList experts (each on every token, weighted by its gate): each ep
+    rank holds its experts' parameters whole (Held) and stacks them for the grouped GEMMs;
+    the other experts' parameters are not in its program at all."""
+    from model_zoo import looped_moe
+
+    captured = capture_once(looped_moe)
+    for rank in range(2):
+        program = _program(captured, "ep=2", 2, rank)
+        gm = program.stages[0].gm
+        record = gm.meta[EP_RECORD]
+        assert [layer.path for layer in record.layers] == ["moes.0", "moes.1"]
+        mine = {f"moes.{i}.experts.{e}.{w}.weight" for i in range(2)
+                for e in (2 * rank, 2 * rank + 1) for w in ("w1", "w2", "w3")}
+        for layer in record.layers:
+            assert (layer.num_experts, layer.topk, layer.tokens) == (4, 2, 32)
+            assert layer.expert_ops == ("grouped_mm", "silu", "grouped_mm", "mul",
+                                        "grouped_mm")
+            assert len(layer.weights) == 12
+            for name in layer.weights:
+                expert = int(name.split(".")[3])
+                assert gm.meta[LAYOUTS][name].placements.on("ep") == Held(expert // 2)
+        assert {n for n in program.layouts if ".experts." in n} == mine
+        assert {n for n in program.all_layouts if ".experts." in n} >= mine | {
+            "moes.0.experts.0.w1.weight", "moes.0.experts.3.w1.weight"}
+        nodes = _nodes(program)
+        stacks = [n for n in nodes if n.target is aten.stack.default]
+        assert len(stacks) == 6 and all(
+            {w.target for w in stack.args[0]} <= mine and len(stack.args[0]) == 2
+            for stack in stacks)
+        assert not [n for n in nodes if n.target is aten.eq.Scalar]  # the loop is gone
+        assert sum(n.target is aten.linear.default for n in nodes) == 3  # 2 routers, head
+
+
+def test_module_list_experts_the_pass_cannot_stack_are_refused_with_the_reason():
+    from model_zoo import looped_moe
+
+    with pytest.raises(PassError, match=r"MoE layer moes.0: .*a Linear with a bias.*Set ep=1"):
+        _program(capture_once(looped_moe, bias=True), "ep=2", 2)
+    with pytest.raises(PassError, match=r"moes.0 holds its experts as a ModuleList.*etp=2.*"
+                                        r"set etp=1"):
+        _program(capture_once(looped_moe), "tp=2,ep=2", 4)
 
 
 def test_experts_that_do_not_split_over_ep_name_the_valid_values():
