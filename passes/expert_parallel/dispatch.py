@@ -15,9 +15,9 @@ dim, E experts) whose indices reach the experts in one of three forms that model
 - unrolled (experts as an `nn.ModuleList` of MLPs run in a Python loop, the form most
   hand-written MoE code has): per expert e a gate `sum(values * (indices == e), -1)` times
   the expert's MLP on every token, the products summed. Every expert must compute the same ops
-  (nn.Linear GEMMs without bias and per-row ops) with its own parameters; the rewrite stacks
-  this rank's experts' weights (`stack`, whose backward hands each expert its gradient) for
-  the grouped GEMMs, and each expert's parameters are held whole by one ep rank
+  (nn.Linear GEMMs, with or without bias, and per-row ops) with its own parameters; the
+  rewrite stacks this rank's experts' weights (`stack`, whose backward hands each expert its
+  gradient) for the grouped GEMMs, and each expert's parameters are held whole by one ep rank
   (`core.placement.Held`).
 
 Between the GEMMs the experts run per-row ops: elementwise ops, casts, `chunk`/`split` of the
@@ -456,6 +456,8 @@ class LayerRewriter:
         self.counts: fx.Node | None = None
         self.local = layer.num_experts // ep
         self.stacks: dict[fx.Node, fx.Node] = {}
+        self.bias_of: dict[fx.Node, fx.Node | None] = {}
+        """unrolled form: expert 0's Linear weight -> its bias (None without)."""
         """unrolled form: expert 0's weight -> this rank's experts' weights of that role,
         stacked."""
 
@@ -629,9 +631,11 @@ class LayerRewriter:
             weights = self.layer.expert_weights[0]
             if node.target is not aten.linear.default or node.args[1] not in weights:
                 return None
-            if len(node.args) > 2 and node.args[2] is not None:
-                raise PassError(self._unsupported(node, "a Linear with a bias (each expert's "
-                                                        "bias would be added per row)"))
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is not None and bias not in weights:
+                raise PassError(self._unsupported(node, "a Linear whose bias is not one of "
+                                                        "the expert's parameters"))
+            self.bias_of[node.args[1]] = bias
             self.replaced.add(node)
             return node.args[0], node.args[1], True
         parts = _einsum_parts(node)
@@ -705,7 +709,23 @@ class LayerRewriter:
 
     def _grouped_mm_of_experts(self, source: fx.Node, weight: fx.Node) -> fx.Node:
         """unrolled form: the grouped GEMM with this rank's experts' weights of the role
-        `weight` (expert 0's) plays, stacked (local, out, in) and transposed."""
+        `weight` (expert 0's) plays, stacked (local, out, in) and transposed; a Linear's bias
+        added to each row as its expert's (a grouped GEMM of ones (rows, 1) with the stacked
+        biases (local, 1, out), whose weight gradient sums each expert's rows)."""
+        out = self._call(ops.grouped_mm, (source, self._call(
+            aten.transpose.int, (self._stacked(weight), -2, -1)), self.counts))
+        self.expert_ops.append("grouped_mm")
+        bias = self.bias_of.get(weight)
+        if bias is not None:
+            ones = self._call(aten.ones_like.default, (self._call(
+                aten.slice.Tensor, (source, -1, 0, 1)),))
+            biases = self._call(aten.unsqueeze.default, (self._stacked(bias), 1))
+            out = self._call(aten.add.Tensor, (out, self._call(ops.grouped_mm,
+                                                               (ones, biases, self.counts))))
+        return out
+
+    def _stacked(self, weight: fx.Node) -> fx.Node:
+        """This rank's experts' parameters of the role expert 0's `weight` plays, stacked."""
         role = self.layer.expert_weights[0].index(weight)
         if weight not in self.stacks:
             for weights in self.layer.expert_weights:
@@ -718,9 +738,7 @@ class LayerRewriter:
                      self.layer.expert_weights[first:first + self.local]]
             self.stacks[weight] = self._call(aten.stack.default, (local, 0))
             self.weights.append(weight)
-        stacked = self._call(aten.transpose.int, (self.stacks[weight], -2, -1))
-        self.expert_ops.append("grouped_mm")
-        return self._call(ops.grouped_mm, (source, stacked, self.counts))
+        return self.stacks[weight]
 
     def _pointwise(self, node: fx.Node, start: fx.Node, rows: fx.Node) -> fx.Node:
         val = tensor_of(node)

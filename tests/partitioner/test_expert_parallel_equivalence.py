@@ -43,6 +43,7 @@ TWO_RANKS = [
     ("looped-ep2", looped_moe, {}, "ep=2", F64),
     ("looped-tp2-ep2", looped_moe, {}, "tp=2,ep=2,etp=1", F64),
     ("looped-ep2-zero", looped_moe, {}, "ep=2,zero=1", F64),
+    ("looped-bias-ep2", looped_moe, {"bias": True}, "ep=2", F64),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64

@@ -147,13 +147,17 @@ def test_experts_as_a_module_list_become_grouped_gemms_over_this_ranks_stacked_e
             for stack in stacks)
         assert not [n for n in nodes if n.target is aten.eq.Scalar]  # the loop is gone
         assert sum(n.target is aten.linear.default for n in nodes) == 3  # 2 routers, head
+    # with biases: each row gets its expert's, a grouped GEMM of ones with the stacked biases
+    gm = _program(capture_once(looped_moe, bias=True), "ep=2", 2, 1).stages[0].gm
+    assert all(len(layer.weights) == 24 for layer in gm.meta[EP_RECORD].layers)
+    grouped = gm.graph.find_nodes(op="call_function", target=ops.grouped_mm)
+    assert len(grouped) == 12 and sum(n.args[0].target is aten.ones_like.default
+                                      for n in grouped) == 6
 
 
-def test_module_list_experts_the_pass_cannot_stack_are_refused_with_the_reason():
+def test_module_list_experts_the_pass_cannot_split_over_etp_are_refused_with_the_reason():
     from model_zoo import looped_moe
 
-    with pytest.raises(PassError, match=r"MoE layer moes.0: .*a Linear with a bias.*Set ep=1"):
-        _program(capture_once(looped_moe, bias=True), "ep=2", 2)
     with pytest.raises(PassError, match=r"moes.0 holds its experts as a ModuleList.*etp=2.*"
                                         r"set etp=1"):
         _program(capture_once(looped_moe), "tp=2,ep=2", 4)
