@@ -477,6 +477,13 @@ class LayerRewriter:
                             f"expert weights): set etp=1 (each tp rank then dispatches its "
                             f"1/tp of the tokens)")
         self.replaced |= layer.looped
+        if self.cp > 1 and meta.CP_DIM in layer.tokens.meta:
+            raise PassError(f"MoE layer {layer.path}: under cp={self.cp} its experts read this "
+                            f"rank's share of the sequence (the context-parallel pass carried "
+                            f"it through their Linears) while the router's top-k reads the "
+                            f"sequence gathered whole; expert parallelism beside cp dispatches "
+                            f"the gathered tokens, which this layer does not read. Set cp=1 "
+                            f"(fold ep onto dp or tp ranks) or ep=1 for this model")
         if count % token_split:
             raise PassError(f"MoE layer {layer.path} reads {count} tokens per microbatch, which "
                             f"do not split over tp={self.tp}: the ranks of a tp group hold the "

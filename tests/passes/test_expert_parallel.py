@@ -155,12 +155,16 @@ def test_experts_as_a_module_list_become_grouped_gemms_over_this_ranks_stacked_e
                                       for n in grouped) == 6
 
 
-def test_module_list_experts_the_pass_cannot_split_over_etp_are_refused_with_the_reason():
+def test_module_list_experts_over_etp_or_beside_cp_are_refused_with_the_reason():
     from model_zoo import looped_moe
 
     with pytest.raises(PassError, match=r"moes.0 holds its experts as a ModuleList.*etp=2.*"
                                         r"set etp=1"):
         _program(capture_once(looped_moe), "tp=2,ep=2", 4)
+    # the cp pass runs their Linears on sequence shards, the router's top-k on the whole
+    with pytest.raises(PassError, match=r"moes.0: under cp=2 its experts read this rank's "
+                                        r"share of the sequence.*Set cp=1"):
+        _program(capture_once(looped_moe), "cp=2,ep=2", 2)
 
 
 def test_experts_that_do_not_split_over_ep_name_the_valid_values():
