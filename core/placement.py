@@ -4,7 +4,8 @@
 placements (JAX's `PartitionSpec` per mesh axis) with two things DTensor lacks: `Shard.padded`
 (a vocabulary padded to a multiple of the group, the padding rows never leaving the rank) and
 `StridedShard.blocks` (Megatron's fused q|k|v: each sub-block split over the group, not the
-concatenation). A `Placements` maps mesh dimension names to placements; dimensions it does not
+concatenation), and `Held(index)`: the whole value on one coordinate of the group only (an expert
+of a ModuleList on the ep rank holding it, as a pipeline stage holds its layers). A `Placements` maps mesh dimension names to placements; dimensions it does not
 name are replicated. `ParamLayout` says where one parameter (or buffer) lives, and shards and
 unshards full tensors accordingly.
 """
@@ -66,7 +67,18 @@ class Partial:
         return f"P({self.op})"
 
 
-Placement = Union[Replicate, Shard, StridedShard, Partial]
+@dataclass(frozen=True)
+class Held:
+    """The whole value on the ranks whose coordinate along the mesh dim is `index`, and no
+    piece of it elsewhere (one expert of a ModuleList, held by one ep rank)."""
+
+    index: int
+
+    def __str__(self) -> str:
+        return f"H({self.index})"
+
+
+Placement = Union[Replicate, Shard, StridedShard, Partial, Held]
 SplitPlacement = Union[Shard, StridedShard]
 
 
@@ -100,6 +112,12 @@ class Placements:
         """(mesh dim, Shard/StridedShard) in split order."""
         for dim, placement in self.items:
             if isinstance(placement, (Shard, StridedShard)):
+                yield dim, placement
+
+    def held(self) -> Iterator[tuple[str, Held]]:
+        """(mesh dim, Held): the dims along which one coordinate alone holds the value."""
+        for dim, placement in self.items:
+            if isinstance(placement, Held):
                 yield dim, placement
 
     @property
@@ -185,7 +203,12 @@ class ParamLayout:
     def replicas(self, sizes: dict[str, int], over: tuple[str, ...]) -> int:
         """How many ranks of the mesh dims `over` hold the same elements of this tensor."""
         split = {dim for dim, _ in self.placements.splits()}
+        split |= {dim for dim, _ in self.placements.held()}
         return math.prod(sizes[dim] for dim in over if dim not in split)
+
+    def held_at(self, coords: dict[str, int]) -> bool:
+        """Whether a rank at `coords` holds this tensor (it does unless a `Held` says not)."""
+        return all(coords[dim] == held.index for dim, held in self.placements.held())
 
     def shard(self, full: torch.Tensor, coords: dict[str, int],
               sizes: dict[str, int]) -> torch.Tensor:

@@ -380,8 +380,6 @@ class Plan:
 _PENDING = {
     "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
                 "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
-    "ep": (lambda plan: plan.cp == 1, "expert parallelism beside context parallelism "
-           "(ep>1 with cp>1)", "set cp=1 (fold ep onto dp or tp ranks), or set ep=1"),
     "etp": (lambda plan: plan.etp in (1, plan.tp),
             "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
             "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),

@@ -65,8 +65,8 @@ def _auto_plan(model: nn.Module, world_size: int, example_inputs: tuple) -> Plan
                         "pass a Plan instead")
     batch, seq = batch_size(example_inputs, {}), example_inputs[0].shape[-1]
     shape = TransformerShape.from_gpt_config(config)
-    # Experts whole on their ranks (etp=1) is the expert parallelism that has landed; ep beside
-    # cp has not: a pick that pairs them is searched again without ep.
+    # Experts whole on their ranks (etp=1) is the expert parallelism that has landed for any
+    # tp; a pick that still asks for something pending is searched again without ep.
     plan = None
     for fixed in ({"etp": 1}, {"ep": 1}):
         fields = auto_plan(shape, world_size, _hardware_name(), global_batch=batch, seq=seq,

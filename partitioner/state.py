@@ -237,16 +237,23 @@ class LocalState:
 
     def _full_from_owner(self, layout: ParamLayout, local: torch.Tensor | None):
         """The full tensor on every rank: gathered over its shards on the pipeline rank that
-        holds it, then broadcast over pp (without pipelining every rank holds everything)."""
+        holds it, broadcast from the coordinate holding it along each `Held` dim (an expert
+        of a ModuleList: its ep rank), then over pp (without pipelining every rank holds
+        everything)."""
         pipeline = self.program.pipeline
-        if pipeline is None:
+        held = list(layout.placements.held())
+        if pipeline is None and not held:
             return self._gather_full(layout, local)
-        owner = pipeline.holders(layout.name)[0]
-        if self.mesh.coord("pp") == owner:
+        owner = pipeline.holders(layout.name)[0] if pipeline is not None else None
+        if owner in (None, self.mesh.coord("pp")) and local is not None:
             full = self._gather_full(layout, local).contiguous()
         else:
             full = torch.empty(layout.full_shape, dtype=layout.dtype, device=self.device)
-        if self.mesh.group("pp") is not None:
+        for dim, holder in held:
+            if self.mesh.group(dim) is not None:
+                dist.broadcast(full, src=self.mesh.ranks(dim)[holder.index],
+                               group=self.mesh.group(dim))
+        if owner is not None and self.mesh.group("pp") is not None:
             dist.broadcast(full, src=self.mesh.ranks("pp")[owner], group=self.mesh.group("pp"))
         return full
 
@@ -320,8 +327,9 @@ class LocalState:
 
 
 def _is_expert(layout: ParamLayout) -> bool:
-    """Split over ep: an expert weight, laid over the expert ranks (etp x ep x edp)."""
-    return any(dim == "ep" for dim, _ in layout.placements.splits())
+    """Split or held over ep: an expert weight, laid over the expert ranks (etp x ep x edp)."""
+    return any(dim == "ep" for dim, _ in (*layout.placements.splits(),
+                                          *layout.placements.held()))
 
 
 def _tied_across_pp(program: RankProgram) -> list[str]:

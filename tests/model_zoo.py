@@ -79,3 +79,68 @@ def hf_mixtral(batch: int = 4, seq: int = 16, experts_implementation: str = "gro
     torch.manual_seed(0)
     model = MixtralForCausalLM(config)
     return model, (_ids(fields["vocab_size"], batch, seq),)
+
+
+class _ExpertMLP(torch.nn.Module):
+    """One SwiGLU expert, as hand-written MoE code has them (nn.Linear)."""
+
+    def __init__(self, hidden: int, ffn: int, bias: bool = False) -> None:
+        super().__init__()
+        self.w1 = torch.nn.Linear(hidden, ffn, bias=bias)
+        self.w3 = torch.nn.Linear(hidden, ffn, bias=bias)
+        self.w2 = torch.nn.Linear(ffn, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.w2(torch.nn.functional.silu(self.w1(x)) * self.w3(x))
+
+
+class _LoopedMoE(torch.nn.Module):
+    """Experts as a ModuleList run in a Python loop: each expert on every token, weighted by
+    its gate (the token's top-k weight for it, zero when it is not among the top-k)."""
+
+    def __init__(self, hidden: int, ffn: int, experts: int, topk: int, bias: bool) -> None:
+        super().__init__()
+        self.topk = topk
+        self.router = torch.nn.Linear(hidden, experts, bias=False)
+        self.experts = torch.nn.ModuleList([_ExpertMLP(hidden, ffn, bias)
+                                            for _ in range(experts)])
+
+    def forward(self, x):
+        batch, seq, hidden = x.shape
+        x = x.reshape(-1, hidden)  # (T, h)
+        probs = self.router(x).softmax(dim=-1)
+        weights, chosen = probs.topk(self.topk, dim=-1)  # (T, k)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            gate = (weights * (chosen == e)).sum(dim=-1, keepdim=True)  # (T, 1)
+            out = out + gate * expert(x)
+        return out.reshape(batch, seq, hidden)
+
+
+class _LoopedMoEModel(torch.nn.Module):
+    """Embedding, blocks of RMSNorm -> looped MoE (residual), head: no attention."""
+
+    def __init__(self, vocab: int, hidden: int, ffn: int, experts: int, topk: int,
+                 layers: int, bias: bool) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.norms = torch.nn.ModuleList([torch.nn.RMSNorm(hidden) for _ in range(layers)])
+        self.moes = torch.nn.ModuleList([_LoopedMoE(hidden, ffn, experts, topk, bias)
+                                         for _ in range(layers)])
+        self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def forward(self, ids):
+        x = self.embed(ids)
+        for norm, moe in zip(self.norms, self.moes, strict=True):
+            x = x + moe(norm(x))
+        return self.head(x)
+
+
+def looped_moe(batch: int = 4, seq: int = 8, experts: int = 4, topk: int = 2,
+               bias: bool = False):
+    """A MoE whose experts are an nn.ModuleList of MLPs run in a loop (2 layers)."""
+    torch.manual_seed(0)
+    model = _LoopedMoEModel(vocab=64, hidden=16, ffn=24, experts=experts, topk=topk, layers=2,
+                            bias=bias)
+    return model, (_ids(64, batch, seq),)

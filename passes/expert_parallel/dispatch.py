@@ -11,7 +11,14 @@ dim, E experts) whose indices reach the experts in one of three forms that model
   projection (`transformers::grouped_mm_fallback` with per-expert offsets), the rows weighted
   and put back in token order;
 - choice rows (Hugging Face's `batched_mm` experts): the tokens repeated once per choice, each
-  row multiplied by its expert's weight matrix picked by index (`bmm` of `W[indices]`).
+  row multiplied by its expert's weight matrix picked by index (`bmm` of `W[indices]`);
+- unrolled (experts as an `nn.ModuleList` of MLPs run in a Python loop, the form most
+  hand-written MoE code has): per expert e a gate `sum(values * (indices == e), -1)` times
+  the expert's MLP on every token, the products summed. Every expert must compute the same ops
+  (nn.Linear GEMMs, with or without bias, and per-row ops) with its own parameters; the
+  rewrite stacks this rank's experts' weights (`stack`, whose backward hands each expert its
+  gradient) for the grouped GEMMs, and each expert's parameters are held whole by one ep rank
+  (`core.placement.Held`).
 
 Between the GEMMs the experts run per-row ops: elementwise ops, casts, `chunk`/`split` of the
 feature dim (gelu, SwiGLU's silu(gate) * up, ...). The rewrite computes the same numbers with
@@ -39,7 +46,7 @@ from torch import fx
 
 from core import meta, ops
 from core.capacity import expert_capacity
-from core.placement import Placements, Shard, StridedShard
+from core.placement import Held, Placements, Shard, StridedShard
 from core.fx_utils import module_path, tensor_of
 from passes import PassError
 from passes.propagation.table import BINARY, UNARY, aten_ops
@@ -60,7 +67,7 @@ class _Layer:
     indices: fx.Node
     num_experts: int
     form: str
-    """"dense", "sorted" or "choice" (see the module docstring)."""
+    """"dense", "sorted", "choice" or "unrolled" (see the module docstring)."""
     tokens: fx.Node
     """The (tokens..., h) values the experts read."""
     exit: fx.Node
@@ -73,6 +80,12 @@ class _Layer:
     """row forms: the token rows the first GEMMs read (gathered in sorted order / repeated)."""
     order: fx.Node | None = None
     """sorted form: the permutation that sorts the flat (token, choice) pairs by expert."""
+    expert_weights: tuple[tuple[fx.Node, ...], ...] = ()
+    """unrolled form: each expert's parameters (get_attr), in the order its ops read them."""
+    init: fx.Node | None = None
+    """unrolled form: what the products are added to (the loop's zeros), or None."""
+    looped: frozenset = frozenset()
+    """unrolled form: the loop's nodes (masks, gates, every expert's ops, the sums)."""
 
     @property
     def path(self) -> str:
@@ -92,10 +105,32 @@ def find_layers(gm: fx.GraphModule) -> list[_Layer]:
             continue
         experts = int(scores.shape[-1])
         layer = (_dense_layer(topk, outputs[1], experts, position)
-                 or _row_layer(topk, outputs, experts, position))
+                 or _row_layer(topk, outputs, experts, position)
+                 or _unrolled_layer(topk, outputs[1], experts, position))
         if layer is not None:
             layers.append(layer)
     return layers
+
+
+def looped_expert_nodes(graph: fx.Graph) -> set[fx.Node]:
+    """The ops of experts held as a ModuleList (the unrolled form): under ep each expert stays
+    whole on its ep rank, so the tensor-parallel pass leaves their Linears replicated (etp=1)
+    instead of splitting each expert's MLP over tp."""
+    position = _positions(graph)
+    found = set()
+    for topk in graph.find_nodes(op="call_function", target=aten.topk.default):
+        indices = next((u for u in topk.users if u.target is operator.getitem
+                        and u.args[1] == 1), None)
+        scores = tensor_of(topk.args[0])
+        if indices is None or scores is None:
+            continue
+        try:
+            layer = _unrolled_layer(topk, indices, int(scores.shape[-1]), position)
+        except PassError:  # the expert-parallel pass reports it
+            continue
+        if layer is not None:
+            found |= layer.looped
+    return found
 
 
 def _dense_layer(topk, indices, experts, position) -> _Layer | None:
@@ -220,6 +255,144 @@ def _row_layer(topk, outputs, experts, position) -> _Layer | None:
     return None
 
 
+def _unrolled_layer(topk, indices, experts, position) -> _Layer | None:
+    """A loop over a ModuleList of experts: for each expert e a mask `indices == e`, a gate
+    `sum(values * mask, -1)` (values shaped like the indices, so the gate is zero unless e is
+    among the token's top-k, where it is that choice's value), the gate times the expert's
+    output, and the products added up in one chain."""
+    masks = {u.args[1]: u for u in indices.users
+             if u.target is aten.eq.Scalar and isinstance(u.args[1], int)}
+    if sorted(masks) != list(range(experts)):
+        return None
+    path = module_path(topk) or topk.name
+    reached = _descendants(indices)
+    looped, gated, values = set(), {}, set()
+    for e in range(experts):  # by expert index, whatever order the loop ran them in
+        found = _gate(masks[e], indices)
+        if found is None:
+            return None
+        value, gate, nodes = found
+        values.add(value)
+        looped |= nodes
+        products = [u for u in gate.users if u.target is aten.mul.Tensor and len(u.args) == 2
+                    and any(a not in reached for a in u.args if isinstance(a, fx.Node))]
+        if len(products) != 1 or len(gate.users) != 1:
+            return None
+        (product,) = products
+        gated[e] = (product, next(a for a in product.args if a is not gate))
+    if len(values) != 1:
+        return None
+    chain = _sum_chain([product for product, _ in gated.values()], position)
+    if chain is None:
+        raise PassError(_unsupported(path, gated[0][0], "expert outputs not added up in one "
+                                                        "chain of adds"))
+    adds, init = chain
+    outputs = [output for _, output in gated.values()]
+    tokens, weights, own = _experts(outputs, path, position)
+    looped |= own | {product for product, _ in gated.values()} | set(adds[:-1])
+    return _Layer(topk, indices, experts, "unrolled", tokens, adds[-1], expert_out=outputs[0],
+                  routing=values.pop(), expert_weights=weights, init=init,
+                  looped=frozenset(looped))
+
+
+def _experts(outputs: list[fx.Node], path: str, position):
+    """(tokens, each expert's parameters, every expert's nodes) for the experts' `outputs`:
+    what each computes that the others do not, which must be the same ops on the same shared
+    input (the tokens) with parameters of the same shapes."""
+    common = set.intersection(*(_ancestors(o) | {o} for o in outputs))
+    own = [sorted((_ancestors(o) | {o}) - common, key=position.get) for o in outputs]
+    tokens = {a for nodes in own for n in nodes for a in n.all_input_nodes
+              if a in common and a.op != "get_attr"}
+    if len(tokens) != 1:
+        raise PassError(_unsupported(path, outputs[0], f"experts that read {len(tokens)} "
+                                                       f"shared values (one: the tokens)"))
+    (tokens,) = tokens
+    signatures, weights = zip(*(_signature(nodes, tokens) for nodes in own))
+    shapes = [[tuple(tensor_of(w).shape) for w in params] for params in weights]
+    if any(s != signatures[0] for s in signatures) or any(s != shapes[0] for s in shapes):
+        raise PassError(_unsupported(path, outputs[0], "experts that do not all compute the "
+                                                       "same ops on parameters of one shape"))
+    return tokens, tuple(map(tuple, weights)), set().union(*map(set, own))
+
+
+_MASK_CASTS = _SAME_VALUES | {aten.type_as.default}
+
+
+def _gate(mask: fx.Node, indices: fx.Node):
+    """(values, gate, nodes) for `sum(values * mask, -1)` (the mask possibly cast), else None."""
+    nodes, node = {mask}, mask
+    while len(node.users) == 1 and next(iter(node.users)).target in _MASK_CASTS:
+        node = next(iter(node.users))
+        nodes.add(node)
+    if len(node.users) != 1:
+        return None
+    (product,) = node.users
+    if product.target is not aten.mul.Tensor or len(product.args) != 2:
+        return None
+    value = next((a for a in product.args if a is not node), None)
+    shape = tuple(tensor_of(indices).shape)
+    if not isinstance(value, fx.Node) or tuple(tensor_of(value).shape) != shape:
+        return None
+    if len(product.users) != 1:
+        return None
+    (gate,) = product.users
+    dims = gate.args[1] if len(gate.args) > 1 else None
+    if gate.target is not aten.sum.dim_IntList or dims not in ([-1], [len(shape) - 1]) or not (
+            len(gate.args) > 2 and gate.args[2]):
+        return None
+    return value, gate, nodes | {product, gate}
+
+
+def _sum_chain(products: list[fx.Node], position) -> tuple[list[fx.Node], fx.Node | None] | None:
+    """The adds that sum `products` one at a time, in one chain from the first product in
+    graph order, and what the first add adds it to (None when it adds two products)."""
+    current = min(products, key=position.get)
+    remaining, adds, init = set(products) - {current}, [], None
+    while remaining:
+        if len(current.users) != 1:
+            return None
+        (add,) = current.users
+        if add.target is not aten.add.Tensor or len(add.args) != 2 or add.kwargs:
+            return None
+        other = add.args[1] if add.args[0] is current else add.args[0]
+        if other in remaining:
+            remaining.discard(other)
+        elif not adds:
+            init = other  # the loop's zeros (or anything the products are added to)
+        else:
+            return None
+        adds.append(add)
+        current = add
+    return adds, init
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
+
+
+def _signature(nodes: list[fx.Node], tokens: fx.Node) -> tuple[list, list[fx.Node]]:
+    """One expert's ops as a comparable value (targets and arguments, nodes named by their
+    place), and its parameters in the order the ops read them."""
+    place, params, signature = {tokens: "tokens"}, [], []
+    for node in nodes:
+        if node.op == "get_attr":
+            continue
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and a not in place:
+                place[a] = f"w{len(params)}"
+                params.append(a)
+        place[node] = f"n{len(place)}"
+        signature.append((str(node.target), str(fx.node.map_arg(
+            (node.args, node.kwargs), lambda a: place.get(a, a.name)))))
+    return signature, params
+
+
 def _gemm_of_choice_rows(node: fx.Node, flat_indices: list[fx.Node]) -> bool:
     """A bmm with a weight picked per row by the flat indices (`W[indices]`)."""
     return node.target is aten.bmm.default and any(
@@ -263,8 +436,13 @@ class LayerRewriter:
     """Builds one layer's sparse form before its exit and reroutes the exit's users."""
 
     def __init__(self, gm: fx.GraphModule, layer: _Layer, ep: int, rank: int, tp: int = 1,
-                 etp: int = 1, capacity_factor: float | None = None) -> None:
+                 etp: int = 1, capacity_factor: float | None = None, cp: int = 1,
+                 cp_rank: int = 0) -> None:
         self.gm, self.layer, self.ep, self.rank, self.tp, self.etp = gm, layer, ep, rank, tp, etp
+        self.cp, self.cp_rank = cp, cp_rank
+        """Under cp the context-parallel pass reads the MoE block's tokens gathered whole
+        (the router's top-k has no rule on sequence shards), so the cp ranks hold the same
+        tokens, as the tp ranks do: each dispatches its 1/cp of them."""
         self.capacity_factor = capacity_factor
         """None: dropless; else each expert keeps its first pairs of this rank's microbatch
         (core/capacity.py)."""
@@ -277,6 +455,11 @@ class LayerRewriter:
         self.replaced: set[fx.Node] = set()
         self.counts: fx.Node | None = None
         self.local = layer.num_experts // ep
+        self.stacks: dict[fx.Node, fx.Node] = {}
+        self.bias_of: dict[fx.Node, fx.Node | None] = {}
+        """unrolled form: expert 0's Linear weight -> its bias (None without)."""
+        """unrolled form: expert 0's weight -> this rank's experts' weights of that role,
+        stacked."""
 
     def run(self) -> MoELayer:
         layer, graph = self.layer, self.graph
@@ -287,11 +470,32 @@ class LayerRewriter:
         # With etp = tp the tp ranks split each expert and need the same tokens; with etp = 1
         # they split the tokens instead.
         token_split = self.tp if self.etp == 1 else 1
+        if layer.form == "unrolled" and self.etp > 1:
+            raise PassError(f"MoE layer {layer.path} holds its experts as a ModuleList, each "
+                            f"whole on one ep rank, and etp={self.etp} would split each over "
+                            f"the tp ranks (Megatron's expert tensor parallelism needs stacked "
+                            f"expert weights): set etp=1 (each tp rank then dispatches its "
+                            f"1/tp of the tokens)")
+        self.replaced |= layer.looped
+        if self.cp > 1 and meta.CP_DIM in layer.tokens.meta:
+            raise PassError(f"MoE layer {layer.path}: under cp={self.cp} its experts read this "
+                            f"rank's share of the sequence (the context-parallel pass carried "
+                            f"it through their Linears) while the router's top-k reads the "
+                            f"sequence gathered whole; expert parallelism beside cp dispatches "
+                            f"the gathered tokens, which this layer does not read. Set cp=1 "
+                            f"(fold ep onto dp or tp ranks) or ep=1 for this model")
         if count % token_split:
             raise PassError(f"MoE layer {layer.path} reads {count} tokens per microbatch, which "
                             f"do not split over tp={self.tp}: the ranks of a tp group hold the "
                             f"same tokens, and each dispatches its 1/tp of them so that no "
                             f"token is sent twice. Use a batch*sequence divisible by {self.tp}")
+        # The cp ranks hold the same (gathered) tokens too. When they do not split evenly
+        # (a padded sequence's odd length), every cp rank dispatches them all: still exact,
+        # since a whole value's gradient is partial over cp (each rank's output gradient is
+        # its own tokens'), so the experts' gradients over the cp ranks' rows sum to the
+        # single-device ones; only the work is repeated.
+        cp_split = self.cp if count % (self.cp * token_split) == 0 else 1
+        share = count // (cp_split * token_split)
         with graph.inserting_before(layer.exit):
             flat_tokens = self._call(aten.reshape.default, (layer.tokens, [count, hidden]))
             flat_indices = self._call(aten.reshape.default, (layer.indices, [count, k]))
@@ -301,23 +505,29 @@ class LayerRewriter:
                 # the tokens of this dp shard's microbatch compete (before tp splits them)
                 capacity = expert_capacity(count, k, experts, self.capacity_factor)
                 sent_indices = self._call(ops.expert_capacity, (flat_indices, experts, capacity))
+            if cp_split > 1:  # this cp rank's share: a slice, its backward pads with zeros
+                first = self.cp_rank * count // cp_split
+                sent_tokens, sent_indices = (
+                    self._call(aten.slice.Tensor, (value, 0, first, first + count // cp_split))
+                    for value in (sent_tokens, sent_indices))
             if token_split > 1:  # this tp rank's share of the (replicated) tokens
                 sent_tokens, sent_indices = (
                     self._call(ops.scatter, (value, "tp", 0), {"group_size": self.tp})
-                    for value in (flat_tokens, sent_indices))
+                    for value in (sent_tokens, sent_indices))
             dispatch = graph.call_function(ops.moe_dispatch, (sent_tokens, sent_indices, "ep",
                                                               experts),
                                            {"group_size": self.ep})
             dispatch.meta["val"] = (  # N rows is data dependent: the even share stands for it
-                tensor_of(sent_tokens).new_empty(count // token_split * k, hidden),
+                tensor_of(sent_tokens).new_empty(share * k, hidden),
                 tensor_of(sent_indices).new_empty(self.ep, self.local))
             dispatch.meta[meta.COLLECTIVE] = "all_to_all"
             rows = self._call(operator.getitem, (dispatch, 0))
             self.counts = self._call(operator.getitem, (dispatch, 1))
             if self.etp > 1:  # f: every etp rank's slice of the experts reads the same rows
                 rows = self._call(ops.copy_to_region, (rows, "etp"))
-            expert_out = layer.expert_out if layer.form == "dense" else layer.exit
-            start = layer.tokens if layer.form == "dense" else layer.entry
+            whole_tokens = layer.form in ("dense", "unrolled")  # the experts read the tokens
+            expert_out = layer.expert_out if whole_tokens else layer.exit
+            start = layer.tokens if whole_tokens else layer.entry
             rows_out = self._rows(expert_out, start, rows)
             back = self._call(ops.moe_return, (rows_out, sent_indices, self.counts, "ep",
                                                experts), {"group_size": self.ep})
@@ -326,6 +536,10 @@ class LayerRewriter:
                 back = self._call(ops.all_reduce, (back, "etp"))
             elif token_split > 1:  # every tp rank's share, whole again (replicated over tp)
                 back = self._call(ops.all_gather, (back, "tp", 0), {"group_size": self.tp})
+            if cp_split > 1:  # every cp rank's share, whole again; backward reduce-scatters
+                # the whole value's gradient, partial over cp (each rank's own tokens')
+                back = self._call(ops.gather_for_region, (back, "cp", 0),
+                                  {"group_size": self.cp})
             if layer.form == "dense":
                 routing = self._call(aten.reshape.default, (layer.routing, [count, experts]))
                 gates = self._call(aten.gather.default, (routing, 1, flat_indices))
@@ -334,6 +548,15 @@ class LayerRewriter:
                 summed = self._call(aten.sum.dim_IntList, (weighted, [1]))
                 out = self._call(aten.reshape.default,
                                  (summed, list(tensor_of(layer.exit).shape)))
+            elif layer.form == "unrolled":  # each choice weighted by its value, summed
+                gates = self._call(aten.reshape.default, (layer.routing, [count, k]))
+                weighted = self._call(aten.mul.Tensor,
+                                      (back, self._call(aten.unsqueeze.default, (gates, -1))))
+                summed = self._call(aten.sum.dim_IntList, (weighted, [1]))
+                out = self._call(aten.reshape.default,
+                                 (summed, list(tensor_of(layer.exit).shape)))
+                if layer.init is not None:
+                    out = self._call(aten.add.Tensor, (layer.init, out))
             else:  # the model weights, unsorts and sums the rows itself
                 out = self._call(aten.reshape.default, (back, [count * k, back.meta["val"]
                                                                .shape[-1]]))
@@ -346,16 +569,29 @@ class LayerRewriter:
                             f"tensor parallelism; set etp=1)"))
         layer.exit.replace_all_uses_with(out)
         self._erase_replaced(layer.exit)
+        left = [n for n in layer.looped if n.op != "get_attr" and not n._erased]
+        if left:
+            raise PassError(self._unsupported(left[0], "an expert's value also read outside "
+                                                       "the experts"))
         # The layer is the module holding the router and the experts (a router's top-k may
         # sit in a submodule of its own, as Hugging Face's `gate`).
         paths = [layer.path.split(".")] + [w.target.split(".")[:-1] for w in self.weights]
         common = [parts[0] for parts in zip(*paths) if len(set(parts)) == 1]
         return MoELayer(path=".".join(common) or layer.path, num_experts=experts, topk=k,
                         local_experts=(self.rank * self.local, (self.rank + 1) * self.local),
-                        weights=tuple(w.target for w in self.weights),
+                        weights=tuple(w.target for w in self.weights) if layer.form != (
+                            "unrolled") else tuple(w.target for weights in layer.expert_weights
+                                                   for w in weights),
                         expert_ops=tuple(self.expert_ops), tokens=count, capacity=capacity,
-                        placements=tuple((w.target, self._placements(i))
-                                         for i, w in enumerate(self.weights)))
+                        split_over=tuple(f"{dim}={size}" for dim, size in
+                                         (("cp", cp_split), ("tp", token_split)) if size > 1),
+                        placements=self._held() if layer.form == "unrolled" else tuple(
+                            (w.target, self._placements(i)) for i, w in enumerate(self.weights)))
+
+    def _held(self) -> tuple[tuple[str, Placements], ...]:
+        """unrolled form: every parameter of expert e held whole by ep rank e // (E/ep)."""
+        return tuple((w.target, Placements().with_("ep", Held(e // self.local)))
+                     for e, weights in enumerate(self.layer.expert_weights) for w in weights)
 
     def _placements(self, gemm: int) -> Placements:
         """Experts split along dim 0 over ep; with etp > 1 the column GEMM's weight split on
@@ -398,6 +634,17 @@ class LayerRewriter:
         """(rows it reads, stacked weight, whether the weight is (E, out, in)) when `node` is
         one GEMM per expert in any of the forms, else None."""
         experts = self.layer.num_experts
+        if self.layer.form == "unrolled":  # nn.Linear of one expert: x @ W.T, W (out, in)
+            weights = self.layer.expert_weights[0]
+            if node.target is not aten.linear.default or node.args[1] not in weights:
+                return None
+            bias = node.args[2] if len(node.args) > 2 else None
+            if bias is not None and bias not in weights:
+                raise PassError(self._unsupported(node, "a Linear whose bias is not one of "
+                                                        "the expert's parameters"))
+            self.bias_of[node.args[1]] = bias
+            self.replaced.add(node)
+            return node.args[0], node.args[1], True
         parts = _einsum_parts(node)
         if parts is not None and len(parts[2]) == 2:
             (sub_a, sub_w), out, (a, w) = parts
@@ -441,6 +688,8 @@ class LayerRewriter:
         return None
 
     def _grouped_mm(self, source: fx.Node, weight: fx.Node, transposed: bool) -> fx.Node:
+        if self.layer.form == "unrolled":
+            return self._grouped_mm_of_experts(source, weight)
         if any(user not in self.replaced for user in weight.users):
             raise PassError(self._unsupported(weight, f"the expert weight {weight.target} also "
                                                       f"used outside the experts"))
@@ -464,6 +713,39 @@ class LayerRewriter:
             weight = self._call(aten.transpose.int, (weight, -2, -1))
         self.expert_ops.append("grouped_mm")
         return self._call(ops.grouped_mm, (source, weight, self.counts))
+
+    def _grouped_mm_of_experts(self, source: fx.Node, weight: fx.Node) -> fx.Node:
+        """unrolled form: the grouped GEMM with this rank's experts' weights of the role
+        `weight` (expert 0's) plays, stacked (local, out, in) and transposed; a Linear's bias
+        added to each row as its expert's (a grouped GEMM of ones (rows, 1) with the stacked
+        biases (local, 1, out), whose weight gradient sums each expert's rows)."""
+        out = self._call(ops.grouped_mm, (source, self._call(
+            aten.transpose.int, (self._stacked(weight), -2, -1)), self.counts))
+        self.expert_ops.append("grouped_mm")
+        bias = self.bias_of.get(weight)
+        if bias is not None:
+            ones = self._call(aten.ones_like.default, (self._call(
+                aten.slice.Tensor, (source, -1, 0, 1)),))
+            biases = self._call(aten.unsqueeze.default, (self._stacked(bias), 1))
+            out = self._call(aten.add.Tensor, (out, self._call(ops.grouped_mm,
+                                                               (ones, biases, self.counts))))
+        return out
+
+    def _stacked(self, weight: fx.Node) -> fx.Node:
+        """This rank's experts' parameters of the role expert 0's `weight` plays, stacked."""
+        role = self.layer.expert_weights[0].index(weight)
+        if weight not in self.stacks:
+            for weights in self.layer.expert_weights:
+                if any(user not in self.replaced for user in weights[role].users):
+                    raise PassError(self._unsupported(weights[role], f"the expert weight "
+                                                      f"{weights[role].target} also used "
+                                                      f"outside the experts"))
+            first = self.rank * self.local
+            local = [weights[role] for weights in
+                     self.layer.expert_weights[first:first + self.local]]
+            self.stacks[weight] = self._call(aten.stack.default, (local, 0))
+            self.weights.append(weight)
+        return self.stacks[weight]
 
     def _pointwise(self, node: fx.Node, start: fx.Node, rows: fx.Node) -> fx.Node:
         val = tensor_of(node)

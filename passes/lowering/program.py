@@ -128,14 +128,17 @@ class RankProgram:
         outcomes = gm.meta.get(meta.PASS_LOG, ())
         pipeline: Pipeline | None = gm.meta.get(meta.PIPELINE_RECORD)
         if pipeline is None:
+            layouts = {name: layout for name, layout in all_layouts.items()
+                       if layout.held_at(coords)}
             return cls(plan=plan, rank=rank, coords=coords, stages=[Stage(0, gm)],
-                       layouts=all_layouts, sizes=sizes, all_layouts=all_layouts,
+                       layouts=layouts, sizes=sizes, all_layouts=all_layouts,
                        passes=outcomes)
         mine = [Stage(s, gm.get_submodule(stage_module_name(s)), pipeline.stage_inputs[s],
                       pipeline.stage_outputs[s])
                 for s in range(pipeline.num_stages) if pipeline.rank_of(s) == coords["pp"]]
         used = {name for stage in mine for name in pipeline.stage_params[stage.index]}
-        layouts = {name: layout for name, layout in all_layouts.items() if name in used}
+        layouts = {name: layout for name, layout in all_layouts.items()
+                   if name in used and layout.held_at(coords)}
         return cls(plan=plan, rank=rank, coords=coords, stages=mine, layouts=layouts,
                    sizes=sizes, all_layouts=all_layouts, pipeline=pipeline, passes=outcomes)
 

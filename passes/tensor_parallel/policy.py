@@ -17,6 +17,7 @@ from torch import fx
 
 from core.fx_utils import module_path
 from core.plan import Plan, RuleKind
+from passes.expert_parallel.dispatch import looped_expert_nodes
 from passes.propagation import tensor_shape
 from passes.tensor_parallel.diagnostics import Fix, Problems, replicate
 from passes.tensor_parallel.projections import (RESHAPES, Projection, fused_blocks,
@@ -73,6 +74,10 @@ class Policy:
 def choose_policy(graph: fx.Graph, projs: dict[fx.Node, Projection], lookups: list[fx.Node],
                   plan: Plan) -> Policy:
     ruled = {node: plan.rule_for(module_path(node)) for node in list(projs) + lookups}
+    if plan.ep > 1:  # experts of a ModuleList stay whole on their ep rank (etp=1)
+        experts = looped_expert_nodes(graph)
+        ruled.update({node: "replicate" for node in projs
+                      if node in experts and ruled[node] is None})
     policy = Policy(projs, lookups, ruled, default_vocab(graph, projs, lookups, ruled.get))
     # A tensor read by several nodes (tied embedding and LM head) has one placement: one row
     # shard when every use is ruled vocab (the table's rows are the head's output features),

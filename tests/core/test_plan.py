@@ -118,10 +118,12 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     assert Plan(tp=2, sp=True, pp=2, microbatches=2).pending() == []
     assert Plan(tp=4, etp=4).pending() == []  # etp equal to tp is the default layout
     assert Plan(tp=2, compile=True).pending() == []  # compile landed (issue 17)
-    asks = Plan.parse("tp=2,cp=2,ep=2,etp=1,compile=on,schedule=zb-h1,pp=2").pending()
+    # ep beside cp landed (issue 13), zb-h1 too
+    assert Plan.parse("tp=2,cp=2,ep=2,etp=1,compile=on,schedule=zb-h1,pp=2").pending() == []
+    asks = Plan.parse("tp=4,cp=2,ep=2,etp=2").pending()
     assert [a.split(" is not available")[0] for a in asks] == [
-        "expert parallelism beside context parallelism (ep>1 with cp>1)"]  # zb-h1 landed
-    assert "(the plan asks ep=2); set cp=1" in asks[0]
+        "expert tensor parallelism other than 1 or tp (1 < etp != tp)"]
+    assert "(the plan asks etp=2); set etp=1" in asks[0]
     with pytest.raises(NotLanded, match="hybrid context parallelism"):
         Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()
     assert Plan(cp=2).pending() == []

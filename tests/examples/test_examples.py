@@ -28,11 +28,14 @@ LANDED = [
     ("full.py", [], "rank 7: tp 1/2  pp 1/2  cp 1/2  dp 0/1  vpp 2"),
     # ep folded onto the 2 data-parallel ranks; the fix printed for `--num-experts 3`, applied
     ("ep.py", ["--num-experts", "4"], "rank 1: tp 0/1  pp 0/1  cp 0/1  dp 1/2  ep 1/2"),
+    # ep folded onto the cp ranks (Megatron's parallel folding), etp = tp = 2 inside
+    ("ep.py", ["--world-size", "4", "--plan", "cp=2"],
+     "rank 2: tp 0/2  pp 0/1  cp 1/2  dp 0/1  ep 1/2  etp 0/2"),
 ]
 
 NOT_LANDED = [  # move each to LANDED when its pass lands
-    # ep beside cp has not landed
-    ("ep.py", ["--world-size", "4", "--plan", "cp=2"], "expert parallelism beside context"),
+    ("ep.py", ["--world-size", "4", "--plan", "tp=4,etp=2"],
+     "expert tensor parallelism other than 1 or tp"),
 ]
 
 GUIDE_ERRORS = [

@@ -1,17 +1,19 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
 onto tensor-parallel ranks (with and without sp), experts split inside by etp = tp, with pp,
-with microbatches, with ZeRO-1; softmax (Mixtral-style) and sigmoid + selection bias + shared expert
+with microbatches, with ZeRO-1, folded onto context-parallel ranks (Megatron's parallel
+folding: each cp rank dispatches its share of the gathered tokens); softmax (Mixtral-style) and sigmoid + selection bias + shared expert
 (DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
-Mixtral unchanged, with both of its exported expert forms; checkpoints moved between ep=2 and
-dp=2. Two spawns."""
+Mixtral unchanged, with both of its exported expert forms; experts written as an nn.ModuleList
+of MLPs run in a loop (each expert's parameters held whole by one ep rank); checkpoints moved
+between ep=2 (also beside cp=2, also of ModuleList experts) and dp=2. Two spawns."""
 
 from __future__ import annotations
 
 import torch
 
 from equivalence import assert_passed, equivalence_worker
-from model_zoo import hf_mixtral, starved_moe
+from model_zoo import hf_mixtral, looped_moe, starved_moe
 from partitioner.models import tiny_moe
 from ranks import on_ranks
 
@@ -30,6 +32,17 @@ TWO_RANKS = [
     ("moe-tp2-ep2", "tiny_moe", {}, "tp=2,ep=2,etp=1", F64),
     ("moe-tp2-sp-ep2", "tiny_moe", {}, "tp=2,sp=on,ep=2,etp=1", F64),
     ("moe-ep2-zero", "tiny_moe", {}, "ep=2,zero=1", F64),
+    # ep over the cp ranks: each dispatches its half of the (gathered) sequence
+    ("moe-cp2-ep2", "tiny_moe", {}, "cp=2,ep=2", F64),
+    ("deepseek-cp2-ep2", "tiny_moe", DEEPSEEK, "cp=2,ep=2", F64),
+    # 7 tokens padded to 8: the 7 gathered ones do not halve, both cp ranks dispatch them all
+    ("moe-cp2-ep2-odd-tokens", "tiny_moe", {"batch": 1, "seq": 7}, "cp=2,ep=2", F64,
+     {"token_weighted": True}),
+    # experts as a ModuleList of MLPs: stacked per rank for the grouped GEMMs, each expert's
+    # parameters held by one ep rank (over dp, over tp with etp=1; ZeRO-1 on four ranks)
+    ("looped-ep2", looped_moe, {}, "ep=2", F64),
+    ("looped-tp2-ep2", looped_moe, {}, "tp=2,ep=2,etp=1", F64),
+    ("looped-bias-ep2", looped_moe, {"bias": True}, "ep=2", F64),
 ]
 HF = [
     # torch's eager grouped GEMM (the reference's path) takes no float64
@@ -38,6 +51,9 @@ HF = [
      F64),
     ("hf-mixtral-tp2-ep2", hf_mixtral, {"experts_implementation": "batched_mm"},
      "tp=2,ep=2,etp=1", F64),
+    ("hf-mixtral-grouped-mm-cp2-ep2", hf_mixtral, {}, "cp=2,ep=2", torch.float32),
+    ("hf-mixtral-batched-mm-cp2-ep2", hf_mixtral, {"experts_implementation": "batched_mm"},
+     "cp=2,ep=2", F64),
 ]
 FOUR_RANKS = [
     ("moe-ep4", "tiny_moe", {}, "ep=4", F64),
@@ -51,6 +67,16 @@ FOUR_RANKS = [
     # etp = tp = 2 (Megatron's default): each expert column/row split over the tp ranks
     ("moe-tp2-ep2-etp2", "tiny_moe", {}, "tp=2,ep=2", F64),
     ("moe-gelu-tp2-sp-ep2-etp2", "tiny", {"n_experts": 4, "topk": 2}, "tp=2,sp=on,ep=2", F64),
+    # ep beside cp: one ep group over cp x dp; over tp x cp (etp=1, each of the 4 ranks
+    # dispatches a quarter of the tokens); with etp = tp; with ZeRO-1 (edp=2)
+    ("moe-dp2-cp2-ep4", "tiny_moe", {}, "dp=2,cp=2,ep=4", F64),
+    ("moe-tp2-cp2-ep2", "tiny_moe", {}, "tp=2,cp=2,ep=2,etp=1", F64),
+    ("moe-tp2-cp2-ep2-etp2", "tiny_moe", {}, "tp=2,cp=2,ep=2", F64),
+    ("moe-cp2-ep2-dp2-zero", "tiny_moe", {}, "cp=2,ep=2,dp=2,zero=1", F64),
+    # ModuleList experts: edp=2 with ZeRO-1, one expert per rank top-1, with pp
+    ("looped-dp4-ep2-zero", looped_moe, {}, "dp=4,ep=2,zero=1", F64),
+    ("looped-ep4-top1", looped_moe, {"topk": 1}, "ep=4", F64),
+    ("looped-ep2-pp2", looped_moe, {}, "ep=2,pp=2,mb=2", F64),
 ]
 HF_FOUR_RANKS = [
     ("hf-mixtral-batched-mm-tp2-ep2-etp2", hf_mixtral, {"experts_implementation": "batched_mm"},
@@ -71,7 +97,8 @@ def _balance() -> tuple[str, list[list[int]]]:
 
 
 TWO_RANK_CHECKPOINTS = (("ep=2", "dp=2"), ("ep=2", "ep=2"), ("dp=2", "ep=2"),
-                        ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"))
+                        ("ep=2,zero=1", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"),
+                        ("cp=2,ep=2", "dp=2"))
 FOUR_RANK_CHECKPOINTS = (("tp=2,ep=2", "dp=4"), ("dp=4,zero=1", "tp=2,ep=2,zero=1"))
 
 
@@ -84,13 +111,13 @@ def _checkpoints(path: str, pairs) -> dict[str, float]:
         return _save_and_load(path, pairs)
 
 
-def _save_and_load(path: str, pairs) -> dict[str, float]:
+def _save_and_load(path: str, pairs, factory=tiny_moe) -> dict[str, float]:
     import torch.distributed as dist
 
     from partitioner import parallelize
     from partitioner.check import lm_loss, relative_error
 
-    model, (ids,) = tiny_moe()
+    model, (ids,) = factory()
     model = model.double()
     out = {}
     for saved_under, loaded_under in pairs:
@@ -99,14 +126,14 @@ def _save_and_load(path: str, pairs) -> dict[str, float]:
         opt = torch.optim.AdamW(pm.parameters(), lr=1e-2)
         pm.step(ids, target=ids)
         opt.step()
-        where = f"{path}/{saved_under}-{loaded_under}"
+        where = f"{path}/{factory.__name__}-{saved_under}-{loaded_under}"
         pm.save(where, optimizer=opt)
         weights = pm.full_state_dict()
         other = parallelize(model, loaded_under, example_inputs=(ids,), loss_fn=lm_loss)
         other_opt = torch.optim.AdamW(other.parameters(), lr=1e-2)
         other.load(where, optimizer=other_opt)
         loaded = other.full_state_dict()
-        name = f"{saved_under}->{loaded_under}"
+        name = f"{factory.__name__} {saved_under}->{loaded_under}"
         out[f"{name} weights"] = max(relative_error(loaded[k], v) for k, v in weights.items())
         for p, q in ((pm, opt), (other, other_opt)):
             q.zero_grad()
@@ -119,8 +146,13 @@ def _save_and_load(path: str, pairs) -> dict[str, float]:
     return out
 
 
+LOOPED_CHECKPOINTS = (("ep=2", "dp=2"), ("dp=2,zero=1", "ep=2,zero=1"))
+
+
 def _two_ranks(cases, path):
-    return equivalence_worker(cases), _balance(), _checkpoints(path, TWO_RANK_CHECKPOINTS)
+    return equivalence_worker(cases), _balance(), {
+        **_checkpoints(path, TWO_RANK_CHECKPOINTS),
+        **_save_and_load(path, LOOPED_CHECKPOINTS, looped_moe)}
 
 
 def _four_ranks(cases, path):

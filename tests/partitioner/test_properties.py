@@ -79,8 +79,8 @@ def plans(draw, config: dict, world: int) -> str:
               for pp in _divisors(world // tp) for cp in _divisors(world // (tp * pp))]
     tp, pp, cp, dp = draw(st.sampled_from(shapes))
     ep = 1
-    if experts and cp == 1 and experts % 2 == 0 and (tp * dp) % 2 == 0:
-        ep = draw(st.sampled_from([2, 1]))  # experts over 2 of the tp*dp ranks (etp=1)
+    if experts and experts % 2 == 0 and (tp * cp * dp) % 2 == 0:
+        ep = draw(st.sampled_from([2, 1]))  # experts over 2 of the tp*cp*dp ranks (etp=1)
     items = [f"tp={tp}", f"pp={pp}", f"cp={cp}", f"dp={dp}"]
     if tp > 1 and _on_or_off(draw):
         items.append("sp=on")
