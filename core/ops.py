@@ -167,7 +167,14 @@ matmul_reduce_scatter = torch.ops.partitioner.matmul_reduce_scatter.default
 into `group_size` ring steps, the partial sum of the chunk each step sends computed while the
 previous one travels. Backward all-gathers the output gradient as a ring, each arriving chunk's
 input- and weight-gradient matmuls overlapping the next transfer."""
-ASYNC_TP_OPS = (all_gather_matmul, matmul_reduce_scatter)
+_LIB.define("copy_matmul(Tensor x, Tensor[] weights, Tensor?[] biases, str group) -> Tensor[]")
+copy_matmul = torch.ops.partitioner.copy_matmul.default
+"""`[linear(copy_to_region(x, group), w, b) ...]`: a column region's entry with the linears
+reading it. Forward is the linears (no communication); backward computes the input gradient
+first, starts its all-reduce, computes the weight gradients while it runs and waits last
+(Megatron's async gradient all-reduce). The running program's form of every column entry
+(passes.lowering.collectives), whatever async_tp says."""
+ASYNC_TP_OPS = (all_gather_matmul, matmul_reduce_scatter, copy_matmul)
 
 
 @torch.library.register_fake("partitioner::all_gather_matmul")
@@ -175,6 +182,11 @@ def _all_gather_matmul_fake(x, weights, biases, group, gather_dim, *, group_size
     size = _known_size("all_gather_matmul", group, group_size)
     gathered = _resized(x, gather_dim, multiply=size)
     return [gathered.new_empty(*gathered.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("partitioner::copy_matmul")
+def _copy_matmul_fake(x, weights, biases, group):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
 
 
 @torch.library.register_fake("partitioner::matmul_reduce_scatter")
@@ -230,14 +242,15 @@ COLLECTIVE_KINDS[matmul_reduce_scatter] = "reduce_scatter"
 GROUPED = COLLECTIVES + (ring_attention, moe_dispatch, moe_return) + ASYNC_TP_OPS
 """Every op that names a process group (lowering fixes each one's group)."""
 
-GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return, *ASYNC_TP_OPS}
+GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return, all_gather_matmul,
+                       matmul_reduce_scatter}
 """The ops of GROUPED that take `group_size`."""
 
 
 def group_arg(op) -> int:
     """The position of the group argument of an op of GROUPED."""
     return {ring_attention: 3, moe_dispatch: 2, moe_return: 3, all_gather_matmul: 3,
-            matmul_reduce_scatter: 2}.get(op, 1)
+            matmul_reduce_scatter: 2, copy_matmul: 3}.get(op, 1)
 
 
 @torch.library.register_fake("partitioner::expert_capacity")

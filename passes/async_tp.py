@@ -83,6 +83,27 @@ def async_tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModul
     return gm
 
 
+def overlap_column_backward(gm: fx.GraphModule) -> list[str]:
+    """Every copy_to_region over tp read only by linears, in every graph module of `gm`,
+    becomes one copy_matmul: the input gradient's all-reduce overlaps the weight gradients
+    (passes.lowering.collectives applies it to the programs that run). Returns the entries so
+    fused."""
+    fused = []
+    for module in list(gm.modules()):
+        if not isinstance(module, fx.GraphModule):
+            continue
+        before = len(fused)
+        for node in list(module.graph.nodes):
+            if node.op == "call_function" and node.target is ops.copy_to_region \
+                    and node.args[1] == MESH_DIM and _fuse_copy(module.graph, node) is None:
+                fused.append(node.name)
+                module.graph.erase_node(node)
+        if len(fused) != before:
+            module.graph.lint()
+            recompile(module)
+    return fused
+
+
 # --- the rules: each returns None when it fused, else why it does not apply -----------------
 
 def _linear_parts(node: fx.Node):
@@ -99,6 +120,22 @@ def _feature_dim(node: fx.Node, dim: int) -> bool:
 def _fuse_gather(graph: fx.Graph, gather: fx.Node) -> str | None:
     """gather_for_region read only by linears -> one all_gather_matmul."""
     x, _, dim = gather.args[:3]
+    if _feature_dim(gather, dim):
+        return f"it gathers the feature dim {dim}"
+    return _fuse_entry(graph, gather, ops.all_gather_matmul, lambda weights, biases: (
+        x, weights, biases, MESH_DIM, dim), "all_gather")
+
+
+def _fuse_copy(graph: fx.Graph, copy: fx.Node) -> str | None:
+    """copy_to_region read only by linears -> one copy_matmul."""
+    x = copy.args[0]
+    return _fuse_entry(graph, copy, ops.copy_matmul, lambda weights, biases: (
+        x, weights, biases, MESH_DIM), None)
+
+
+def _fuse_entry(graph: fx.Graph, gather: fx.Node, op, args, collective) -> str | None:
+    """A column region's entry (`gather`) read only by linears -> one `op(*args(weights,
+    biases))` with one getitem per linear."""
     readers = list(gather.users)
     if not readers:
         return "nothing reads the gathered value"
@@ -108,8 +145,6 @@ def _fuse_gather(graph: fx.Graph, gather: fx.Node) -> str | None:
         inp, weight, bias = _linear_parts(reader)
         if inp is not gather or weight is gather or bias is gather:
             return f"{reader.name} reads the gathered value other than as its input"
-    if _feature_dim(gather, dim):
-        return f"it gathers the feature dim {dim}"
     order = _position(graph)
     first = min(readers, key=order)
     operands = [a for r in readers for a in _linear_parts(r)[1:] if isinstance(a, fx.Node)]
@@ -118,10 +153,9 @@ def _fuse_gather(graph: fx.Graph, gather: fx.Node) -> str | None:
     weights = [_linear_parts(r)[1] for r in readers]
     biases = [_linear_parts(r)[2] for r in readers]
     with graph.inserting_before(first):
-        fused = graph.call_function(ops.all_gather_matmul, (x, weights, biases, MESH_DIM, dim),
-                                    dict(gather.kwargs))
+        fused = graph.call_function(op, args(weights, biases), dict(gather.kwargs))
         fused.meta = {**gather.meta, meta.VAL: [r.meta[meta.VAL] for r in readers],
-                      meta.COLLECTIVE: "all_gather"}
+                      meta.COLLECTIVE: collective}
         fused.meta.pop(meta.TP_PLACEMENT, None)
         for i, reader in enumerate(readers):
             item = graph.call_function(operator.getitem, (fused, i))

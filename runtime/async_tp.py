@@ -204,6 +204,42 @@ class _MatmulReduceScatter(torch.autograd.Function):
         return None, None, grad_x, grad_w
 
 
+class _CopyMatmul(torch.autograd.Function):
+    """Linears on a column region's input; backward all-reduces the input gradient while the
+    weight gradients are computed."""
+
+    @staticmethod
+    def forward(ctx, group, count, with_bias, x, *params):
+        weights, biases = params[:count], _biases(params[count:], with_bias)
+        ctx.group, ctx.count, ctx.with_bias = group, count, with_bias
+        ctx.save_for_backward(x, *weights)
+        return tuple(torch.nn.functional.linear(x, w, b)
+                     for w, b in zip(weights, biases, strict=True))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, *weights = ctx.saved_tensors
+        need_x, need = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
+        grad_x, work = None, None
+        if need_x:
+            grad_x = sum(grad @ w for grad, w in zip(grads, weights, strict=True))
+            work = dist.all_reduce(grad_x, group=_resolve_process_group(ctx.group),
+                                   async_op=True)  # on a tensor we own and return
+        grad_w = [_weight_grad(grad, x) if need[i] else None for i, grad in enumerate(grads)]
+        bias_needs = iter(need[ctx.count:])
+        grad_b = [g.reshape(-1, g.shape[-1]).sum(0) if next(bias_needs) else None
+                  for g, has in zip(grads, ctx.with_bias, strict=True) if has]
+        if work is not None:
+            work.wait()
+        return (None, None, None, grad_x, *grad_w, *grad_b)
+
+
+def _copy_matmul(x, weights, biases, group):
+    with_bias = tuple(b is not None for b in biases)
+    return list(_CopyMatmul.apply(group, len(weights), with_bias, x, *weights,
+                                  *(b for b in biases if b is not None)))
+
+
 def _matmul_reduce_scatter(x, weight, group, scatter_dim, *, group_size=0):
     return _MatmulReduceScatter.apply(group, scatter_dim, x, weight)
 
@@ -220,6 +256,10 @@ def _matmul_reduce_scatter_plain(x, weight, group, scatter_dim, *, group_size=0)
 # the Function on the Autograd key (as copy_to_region's), the plain loops below it
 torch.library.impl(ops.all_gather_matmul._name, "Autograd")(_all_gather_matmul)
 torch.library.impl(ops.matmul_reduce_scatter._name, "Autograd")(_matmul_reduce_scatter)
+torch.library.impl(ops.copy_matmul._name, "Autograd")(_copy_matmul)
+torch.library.impl(ops.copy_matmul._name, "CompositeExplicitAutograd")(
+    lambda x, weights, biases, group: [torch.nn.functional.linear(x, w, b)
+                                       for w, b in zip(weights, biases, strict=True)])
 torch.library.impl(ops.all_gather_matmul._name, "CompositeExplicitAutograd")(
     _all_gather_matmul_plain)
 torch.library.impl(ops.matmul_reduce_scatter._name, "CompositeExplicitAutograd")(

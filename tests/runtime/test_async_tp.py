@@ -1,7 +1,9 @@
 """runtime/async_tp.py: the ring-decomposed ops against their plain composition
 (gather_for_region then linear; linear then reduce_scatter), forward and every gradient, on
 gloo ranks (float64), for tp=2 and tp=4, gathering along the sequence dim and dim 0, with an
-output nobody reads and an input that needs no gradient."""
+output nobody reads and an input that needs no gradient; and copy_matmul (a column entry with
+its linears, the gradient all-reduce overlapping the weight gradients) against copy_to_region
+then linear."""
 
 from __future__ import annotations
 
@@ -61,6 +63,21 @@ def _compare(dim: int) -> dict:
     ops.reduce_scatter(torch.nn.functional.linear(y_ref, w.detach()), group, dim,
                        group_size=size).backward(grad)
     errors["scatter input grad"] = (y2.grad - y_ref.grad).abs().max().item()
+    # copy_matmul: linears forward; the input gradient all-reduced (overlapping the weights')
+    xc = torch.randn(*shape, dtype=f64, requires_grad=True)
+    copied = ops.copy_matmul(xc, weights[:2], [bias, None], group)
+    ref_c = [t.detach().clone().requires_grad_() for t in (xc, weights[0], weights[1], bias)]
+    entered = ops.copy_to_region(ref_c[0], group)
+    plain_c = [torch.nn.functional.linear(entered, ref_c[1], ref_c[3]),
+               torch.nn.functional.linear(entered, ref_c[2])]
+    grads_c = [torch.randn_like(plain_c[0]), torch.randn_like(plain_c[1])]
+    for w in (*weights, bias):
+        w.grad = None
+    torch.autograd.backward(copied, grads_c)
+    torch.autograd.backward(plain_c, grads_c)
+    errors["copy fwd"] = max((a - b).abs().max().item() for a, b in zip(copied, plain_c))
+    errors["copy grads"] = max((a.grad - b.grad).abs().max().item()
+                               for a, b in zip((xc, weights[0], weights[1], bias), ref_c))
     with torch.no_grad():  # forward-only calls take the plain loops
         again = ops.all_gather_matmul(x, weights, [bias, None, None], group, dim,
                                       group_size=size)
