@@ -18,6 +18,14 @@ live group. Each is an autograd pair (Megatron-Core's mappings):
     batch_statistic    all-reduce (sum/mean)  / the same all-reduce (a statistic over the
                                                 batch's tokens, passes/batch_statistics.py)
 
+Fused with the matmuls beside them (runtime/async_tp.py), so communication overlaps compute:
+
+    copy_matmul            f + linears          / input grad all-reduced while the weight
+                                                  grads are computed (every eager program)
+    all_gather_matmul      sp gather + linears  / reduce-scatter + re-gather, ring steps
+    matmul_reduce_scatter  linear + sp reduce-  / gather, ring steps      (async_tp=on)
+                           scatter, ring steps
+
 Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
 wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
 for backward. `CheckpointedRegion` is the module the recompute pass puts around a sub-graph.

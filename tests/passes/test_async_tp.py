@@ -1,6 +1,7 @@
 """Async TP (passes/async_tp.py): graph-level checks of the fusion, the plan's refusals, and
 equivalence with the single-device model on real gloo ranks (float64: outputs, loss, every
-gradient; one spawn per world size)."""
+gradient; one spawn per world size). The cases are few (each costs the suite seconds): the ops
+themselves are checked against their plain composition in tests/runtime/test_async_tp.py."""
 
 from __future__ import annotations
 
@@ -108,15 +109,10 @@ def test_equivalence_two_ranks():
     f64 = torch.float64
     cases = [
         ("gpt tp=2 sp async f64", "tiny", {}, "tp=2,sp=on,async_tp=on", f64),
-        ("gpt tp=2 sp async f32", "tiny", {}, "tp=2,sp=on,async_tp=on", torch.float32),
         ("llama tp=2 sp async f64", "tiny_llama", {}, "tp=2,sp=on,async_tp=on", f64),
-        ("llama fused tp=2 sp async f64", "tiny_llama",
-         dict(fused_qkv=True, fused_gate_up=True), "tp=2,sp=on,async_tp=on", f64),
         ("llama tp=2 sp async, full recompute f64", "tiny_llama", {},
          "tp=2,sp=on,async_tp=on,recompute=full", f64),
         ("hf llama tp=2 sp async f64", hf_llama, {}, "tp=2,sp=on,async_tp=on", f64),
-        ("hf gpt2 tp=2 sp async (LM head only) f64", hf_gpt2, {}, "tp=2,sp=on,async_tp=on",
-         f64),
     ]
     assert_passed(on_ranks(2, equivalence_worker, cases, timeout=400), cases)
 
@@ -127,10 +123,7 @@ def test_equivalence_four_ranks():
         ("llama tp=4 sp async f64", "tiny_llama", dict(n_kv_head=4), "tp=4,sp=on,async_tp=on",
          f64),
         ("gpt tp=4 sp async f64", "tiny", {}, "tp=4,sp=on,async_tp=on", f64),
-        ("hf llama kv=4 tp=4 sp async f64", hf_llama, dict(num_key_value_heads=4),
-         "tp=4,sp=on,async_tp=on", f64),
         ("llama tp=2 x pp=2 sp async 1f1b f64", "tiny_llama", {},
          "tp=2,pp=2,mb=2,sp=on,async_tp=on", f64),
-        ("gpt tp=2 x dp=2 sp async f64", "tiny", {}, "tp=2,dp=2,sp=on,async_tp=on", f64),
     ]
     assert_passed(on_ranks(4, equivalence_worker, cases, timeout=400), cases)
