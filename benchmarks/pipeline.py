@@ -162,9 +162,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--schedules", default=None,
                         help="comma-separated schedules to time (default: all; 1f1b always)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "pipeline.json"))
+    parser.add_argument("--out", default=None, help="JSON path (default results/pipeline.json;"
+                        " results/pipeline_<schedules>_bound.json with --schedules)")
     args = parser.parse_args()
+    if args.out is None:
+        name = ("pipeline_" + args.schedules.replace(",", "_") + "_bound.json"
+                if args.schedules else "pipeline.json")
+        args.out = os.path.join(os.path.dirname(__file__), "results", name)
     from runtime import spawn
 
     load_before = _load()
