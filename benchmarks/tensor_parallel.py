@@ -22,7 +22,8 @@ target <= 1.03), and beside it async TP (`tp=2,sp=on,async_tp=on`, the same plac
 `tp=2,sp=on`: the ring's overlap pays where communication runs beside compute on its own
 engine (a GPU's copy engines); on CPU gloo ranks the transfers share the cores with the
 matmuls, so the CPU number says what the decomposition costs here, not what it gains there.
-`--eager-only` leaves out the compiled runners (minutes of inductor on a shared machine) and
+Also `ours` against the same plan built without the column entries' backward overlap
+(`ours_no_overlap`), to say what that overlap gives here. `--eager-only` leaves out the compiled runners (minutes of inductor on a shared machine) and
 writes results/tensor_parallel_eager.json; the machine's load (`uptime`) is recorded.
 
     python benchmarks/tensor_parallel.py [--layers 4] [--hidden 256] [--steps 8] [--quick]
@@ -199,20 +200,29 @@ placements (the pair async TP is judged by)."""
 COMPILED = ("dtensor_compiled", "ours_compiled")
 
 
-def _our_runner(args, plan):
+def _our_runner(args, plan, overlap: bool = True):
+    """`overlap=False`: the programs built without the column entries' backward overlap (the
+    lowering's `_eager_backward` answered False while they are built), to measure what it
+    gives."""
+    import contextlib
+    from unittest import mock
+
     import torch
 
     from partitioner import parallelize
 
     model, ids = _model(args)
     target = torch.roll(ids, -1, 1)
-    pm = parallelize(model, plan, example_inputs=(ids,), loss_fn=_loss)
+    without = contextlib.nullcontext() if overlap else mock.patch(
+        "passes.lowering.collectives._eager_backward", lambda plan: False)
 
     def step():
         for p in pm.parameters():
             p.grad = None
         pm.step(ids, target=target)
-    step()  # compile=on compiles here, outside the timed steps
+    with without:  # the programs are built here, at parallelize and the first step
+        pm = parallelize(model, plan, example_inputs=(ids,), loss_fn=_loss)
+        step()  # compile=on compiles here, outside the timed steps
     step.compile_s = (sum(r.compile_s for r in pm.executor.compiled.records())
                       if pm.executor.compiled is not None else 0.0)
     return step
@@ -226,7 +236,8 @@ def _rank_main(args):
                        ("dtensor_compiled", _dtensor_compiled_runner),
                        ("megatron", _megatron_runner),
                        *((name, lambda a, plan=plan: _our_runner(a, plan))
-                         for name, plan in VARIANTS.items())):
+                         for name, plan in VARIANTS.items()),
+                       ("ours_no_overlap", lambda a: _our_runner(a, _OURS, overlap=False))):
         if args.eager_only and name in COMPILED:
             continue
         start = time.perf_counter()
@@ -286,6 +297,7 @@ def main() -> None:
     overhead = ratio_interval(steps["ours"], steps["megatron"])
     async_vs_sp = ratio_interval(steps["ours_async_tp"], steps["ours_sp_same"])
     async_vs_megatron = ratio_interval(steps["ours_async_tp"], steps["megatron"])
+    overlap = ratio_interval(steps["ours"], steps["ours_no_overlap"])
     targets = {"ours_eager_vs_megatron_eager <= 1.03 (interval's upper end)":
                overhead[2] <= 1.03}
     print(f"  hand-written Megatron TP:     {median['megatron'] * 1e3:8.1f} ms/step  (eager)")
@@ -293,12 +305,15 @@ def main() -> None:
         "UNDECIDED (the interval holds 1.03)"
     print(f"  {verdict}: ours eager {_interval(overhead)} "
           f"hand-written eager TP (target <= 1.03x; paired bootstrap 95%)")
+    print(f"  column entries' gradient all-reduce overlapped: {_interval(overlap)} the same "
+          f"programs without (ours_no_overlap {median['ours_no_overlap'] * 1e3:.1f} ms)")
     print(f"  async TP (CPU, no overlap engine): {_interval(async_vs_sp)} tp=2,sp=on; "
           f"{_interval(async_vs_megatron)} hand-written TP")
     record = {"config": vars(args), "load_before": load_before, "load_after": load_after,
               "median_s": median, "ratio": ratio,
               "eager_vs_megatron": dict(zip(("ratio", "low", "high"), overhead)),
               "async_tp_vs_sp": dict(zip(("ratio", "low", "high"), async_vs_sp)),
+              "overlap_vs_no_overlap": dict(zip(("ratio", "low", "high"), overlap)),
               "async_tp_vs_megatron": dict(zip(("ratio", "low", "high"), async_vs_megatron))}
     if not args.eager_only:
         compiled = median["ours_compiled"]
