@@ -8,7 +8,16 @@ and beside 1F1B's: GPipe, 1F1B, interleaved 1F1B and the zero-bubble ZB-H1 and Z
 split into input- and weight-gradient steps). One thread per rank. Prints a table and saves
 JSON.
 
+Overhead against the bound (issue 18), in the same run and the same threads: the same model
+stepped on one device over the same microbatches (forward, loss / m, backward each; every rank
+runs its own copy, so the cores are shared as in the pipeline steps), and our 1F1B step against
+the bubble bound single_device_time * (m+p-1)/(m*p): the pipeline's p ranks each doing 1/p of
+the work, idle only for the schedule's (p-1) fill/drain slots. Reported as the median ratio
+with its 95% paired bootstrap interval over the interleaved steps (target <= 1.05), with the
+machine's load (`uptime`) before and after.
+
     python benchmarks/pipeline.py [--layers 4] [--hidden 256] [--microbatches 4] [--steps 5]
+                                  [--schedules 1f1b,zb-h1]
 """
 
 from __future__ import annotations
@@ -18,7 +27,7 @@ import json
 import os
 import statistics
 
-from round_robin import slowest_rank_median, time_round_robin
+from round_robin import ratio_interval, slowest_rank_median, time_round_robin
 
 
 def _model(args):
@@ -57,6 +66,23 @@ def _torch_runner(args):
     return step, None
 
 
+def _single_device_runner(args):
+    """The unpartitioned model over the same microbatches: what the pipeline divides."""
+    import torch
+
+    model, (ids,) = _model(args)
+    target = torch.roll(ids, -1, 1)
+    pairs = list(zip(ids.chunk(args.microbatches), target.chunk(args.microbatches),
+                     strict=True))
+
+    def step():
+        for p in model.parameters():
+            p.grad = None
+        for micro, micro_target in pairs:
+            (_loss(model(micro), micro_target) / len(pairs)).backward()
+    return step, None
+
+
 def _our_runner(args, schedule: str, vpp: int = 1):
     import torch
 
@@ -73,8 +99,8 @@ SCHEDULES = (("gpipe", 1), ("1f1b", 1), ("interleaved-1f1b", 2), ("zb-h1", 1), (
 
 
 def _rank_main(args):
-    runners = {"torch_1f1b": _torch_runner(args)}
-    for schedule, vpp in SCHEDULES:
+    runners = {"single_device": _single_device_runner(args), "torch_1f1b": _torch_runner(args)}
+    for schedule, vpp in _schedules(args):
         runners[f"ours_{schedule}"] = _our_runner(args, schedule, vpp)
     bubbles = {name: [] for name in runners}
     actions = {name: [] for name in runners}  # per step: [kind, microbatch, stage, seconds]
@@ -90,6 +116,23 @@ def _rank_main(args):
     times = time_round_robin({name: run for name, (run, _) in runners.items()}, args.steps,
                              after=record_bubble)
     return {"times": times, "bubbles": bubbles, "actions": actions}
+
+
+def _schedules(args):
+    """SCHEDULES, those --schedules names (1F1B always: the bound is judged on it)."""
+    wanted = set(args.schedules.split(",")) | {"1f1b"} if args.schedules else None
+    return [(name, vpp) for name, vpp in SCHEDULES if wanted is None or name in wanted]
+
+
+def _slowest_steps(times, name: str) -> list[float]:
+    """Each timed step's time on the slowest rank."""
+    return [max(steps) for steps in zip(*(r[name] for r in times), strict=True)]
+
+
+def _load() -> str:
+    import subprocess
+
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 def _bubble_at_measured_costs(per_rank, name: str, vpp: int, m: int) -> float:
@@ -117,12 +160,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--microbatches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "pipeline.json"))
+    parser.add_argument("--schedules", default=None,
+                        help="comma-separated schedules to time (default: all; 1f1b always)")
+    parser.add_argument("--out", default=None, help="JSON path (default results/pipeline.json;"
+                        " results/pipeline_<schedules>_bound.json with --schedules)")
     args = parser.parse_args()
+    if args.out is None:
+        name = ("pipeline_" + args.schedules.replace(",", "_") + "_bound.json"
+                if args.schedules else "pipeline.json")
+        args.out = os.path.join(os.path.dirname(__file__), "results", name)
     from runtime import spawn
 
+    load_before = _load()
     per_rank = spawn(2, _rank_main, args, timeout=1200, threads_per_rank=1)
+    load_after = _load()
     p, m = 2, args.microbatches
     # equal stages; zero-bubble with T_F = T_I = T_W (I + W the backward): ZB-H1 idles
     # (p-1)(F + I - W) per rank, ZB-V (two half stages per rank) only (p-1) half forwards
@@ -131,15 +182,30 @@ def main() -> None:
               "zb-v": (p - 1) / (6 * m + p - 1)}
     times = [r["times"] for r in per_rank]
     torch_time = slowest_rank_median(times, "torch_1f1b")
-    summary = {"config": vars(args), "torch_pipelining_1f1b_s": torch_time, "ours": {}}
+    summary = {"config": vars(args), "load_before": load_before, "load_after": load_after,
+               "torch_pipelining_1f1b_s": torch_time, "ours": {}}
     print(f"{args.layers}-layer Llama-style GPT, hidden {args.hidden}, batch {args.batch}x"
           f"{args.seq}, {m} microbatches, 2 gloo ranks")
     print(f"  torch.distributed.pipelining Schedule1F1B: {torch_time * 1e3:8.1f} ms/step")
+    single = slowest_rank_median(times, "single_device")
+    bound_factor = (m + p - 1) / (m * p)
+    bound = ratio_interval(_slowest_steps(times, "ours_1f1b"),
+                           [t * bound_factor for t in _slowest_steps(times, "single_device")])
+    verdict = "PASS" if bound[2] <= 1.05 else "MISS" if bound[1] > 1.05 else \
+        "UNDECIDED (the interval holds 1.05)"
+    print(f"  one device, same microbatches:             {single * 1e3:8.1f} ms/step; "
+          f"bubble bound x(m+p-1)/(m*p) = {single * bound_factor * 1e3:.1f} ms")
+    print(f"  {verdict}: ours 1F1B {bound[0]:.3f}x [{bound[1]:.3f}, {bound[2]:.3f}] the bound "
+          f"(target <= 1.05; paired bootstrap 95%)")
+    summary.update(single_device_s=single, bubble_bound_s=single * bound_factor,
+                   ours_1f1b_vs_bound=dict(zip(("ratio", "low", "high"), bound)),
+                   target_met={"ours_1f1b_vs_bound <= 1.05 (interval's upper end)":
+                               bound[2] <= 1.05})
     bubbles = {name: max(statistics.median(r["bubbles"][f"ours_{name}"]) for r in per_rank)
-               for name, _ in SCHEDULES}
+               for name, _ in _schedules(args)}
     print("  bubble: measured (1 - busy/wall, busiest rank) | theory (equal stages, "
           "T_I = T_W) | the schedule replayed with each action's measured compute time")
-    for name, vpp in SCHEDULES:
+    for name, vpp in _schedules(args):
         step = slowest_rank_median(times, f"ours_{name}")
         bubble = bubbles[name]
         replayed = _bubble_at_measured_costs(per_rank, name, vpp, m)
@@ -152,6 +218,7 @@ def main() -> None:
               f"bubble {bubble:.3f} | {theory[name]:.3f} | {replayed:.3f}; "
               f"{bubble / bubbles['1f1b']:.2f}x 1F1B's (theory "
               f"{theory[name] / theory['1f1b']:.2f}x)")
+    print(f"  load: {load_before} -> {load_after}")
     summary["raw"] = per_rank
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:

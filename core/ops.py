@@ -18,6 +18,14 @@ live group. Each is an autograd pair (Megatron-Core's mappings):
     batch_statistic    all-reduce (sum/mean)  / the same all-reduce (a statistic over the
                                                 batch's tokens, passes/batch_statistics.py)
 
+Fused with the matmuls beside them (runtime/async_tp.py), so communication overlaps compute:
+
+    copy_matmul            f + linears          / input grad all-reduced while the weight
+                                                  grads are computed (every eager program)
+    all_gather_matmul      sp gather + linears  / reduce-scatter + re-gather, ring steps
+    matmul_reduce_scatter  linear + sp reduce-  / gather, ring steps      (async_tp=on)
+                           scatter, ring steps
+
 Kernel ops (passes/kernels.py) have the signature of the op they stand for and the same numbers
 wherever no Triton kernel applies; `checkpointed_attention` is attention that keeps only q, k, v
 for backward. `CheckpointedRegion` is the module the recompute pass puts around a sub-graph.
@@ -149,6 +157,53 @@ def _all_to_all_fake(x, group, scatter_dim, gather_dim, *, group_size=0):
     return x.new_empty(shape)
 
 
+# --- async tensor parallelism (plan.async_tp) --------------------------------------------
+
+_LIB.define("all_gather_matmul(Tensor x, Tensor[] weights, Tensor?[] biases, str group, "
+            "int gather_dim, *, int group_size=0) -> Tensor[]")
+_LIB.define("matmul_reduce_scatter(Tensor x, Tensor weight, str group, int scatter_dim, *, "
+            "int group_size=0) -> Tensor")
+all_gather_matmul = torch.ops.partitioner.all_gather_matmul.default
+"""`[linear(gather_for_region(x, group, gather_dim), w, b) for w, b in zip(weights, biases)]`
+with the gather decomposed into `group_size` ring steps, each chunk's matmuls computed while
+the next chunk travels (torch's fused_all_gather_matmul, Megatron's tp_comm_overlap). Backward:
+the input gradient's reduce-scatter and the re-gather of `x` for the weight gradients run as
+the same ring, each step's matmuls overlapping the next step's transfers; only the shard `x`
+is kept for backward (as sp's gathers are saved as shards)."""
+matmul_reduce_scatter = torch.ops.partitioner.matmul_reduce_scatter.default
+"""`reduce_scatter(linear(x, weight), group, scatter_dim)` with the reduce-scatter decomposed
+into `group_size` ring steps, the partial sum of the chunk each step sends computed while the
+previous one travels. Backward all-gathers the output gradient as a ring, each arriving chunk's
+input- and weight-gradient matmuls overlapping the next transfer."""
+_LIB.define("copy_matmul(Tensor x, Tensor[] weights, Tensor?[] biases, str group) -> Tensor[]")
+copy_matmul = torch.ops.partitioner.copy_matmul.default
+"""`[linear(copy_to_region(x, group), w, b) ...]`: a column region's entry with the linears
+reading it. Forward is the linears (no communication); backward computes the input gradient
+first, starts its all-reduce, computes the weight gradients while it runs and waits last
+(Megatron's async gradient all-reduce). The running program's form of every column entry
+(passes.lowering.collectives), whatever async_tp says."""
+ASYNC_TP_OPS = (all_gather_matmul, matmul_reduce_scatter, copy_matmul)
+
+
+@torch.library.register_fake("partitioner::all_gather_matmul")
+def _all_gather_matmul_fake(x, weights, biases, group, gather_dim, *, group_size=0):
+    size = _known_size("all_gather_matmul", group, group_size)
+    gathered = _resized(x, gather_dim, multiply=size)
+    return [gathered.new_empty(*gathered.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("partitioner::copy_matmul")
+def _copy_matmul_fake(x, weights, biases, group):
+    return [x.new_empty(*x.shape[:-1], w.shape[0]) for w in weights]
+
+
+@torch.library.register_fake("partitioner::matmul_reduce_scatter")
+def _matmul_reduce_scatter_fake(x, weight, group, scatter_dim, *, group_size=0):
+    size = _known_size("matmul_reduce_scatter", group, group_size)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    return _resized(out, scatter_dim, divide=size)
+
+
 # --- context-parallel attention ----------------------------------------------------------
 
 _LIB.define("ring_attention(Tensor q, Tensor k, Tensor v, str group, int seq_len, bool balanced, "
@@ -189,16 +244,21 @@ expert_capacity = torch.ops.partitioner.expert_capacity.default
 moe_dispatch sends nowhere and moe_return gives back as zeros (core/capacity.py's rule)."""
 MOE_OPS = (moe_dispatch, moe_return, grouped_mm, expert_capacity)
 
-GROUPED = COLLECTIVES + (ring_attention, moe_dispatch, moe_return)
+COLLECTIVE_KINDS[all_gather_matmul] = "all_gather"  # decomposed into ring steps
+COLLECTIVE_KINDS[matmul_reduce_scatter] = "reduce_scatter"
+
+GROUPED = COLLECTIVES + (ring_attention, moe_dispatch, moe_return) + ASYNC_TP_OPS
 """Every op that names a process group (lowering fixes each one's group)."""
 
-GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return}
+GROUP_SIZED = SIZED | {ring_attention, moe_dispatch, moe_return, all_gather_matmul,
+                       matmul_reduce_scatter}
 """The ops of GROUPED that take `group_size`."""
 
 
 def group_arg(op) -> int:
     """The position of the group argument of an op of GROUPED."""
-    return {ring_attention: 3, moe_dispatch: 2, moe_return: 3}.get(op, 1)
+    return {ring_attention: 3, moe_dispatch: 2, moe_return: 3, all_gather_matmul: 3,
+            matmul_reduce_scatter: 2, copy_matmul: 3}.get(op, 1)
 
 
 @torch.library.register_fake("partitioner::expert_capacity")

@@ -68,8 +68,9 @@ class Plan:
     sp: bool = False
     """Sequence parallelism: activations between TP regions stay split along the sequence."""
     async_tp: bool = False
-    """Decompose the all-gather/reduce-scatter around column/row pairs and overlap them with
-    the matmuls (async TP)."""
+    """Decompose sp's all-gather before the column-parallel linears and its reduce-scatter
+    after the row-parallel ones into tp ring steps overlapped with per-chunk matmuls, forward
+    and backward (async TP, passes/async_tp.py); needs sp=on."""
     microbatches: int = 1
     """Microbatches per step (per data-parallel rank)."""
     schedule: Schedule = "1f1b"
@@ -141,6 +142,11 @@ class Plan:
         if self.async_tp and self.tp == 1:
             problems.append("async_tp=on needs tp>1 (it overlaps TP's collectives); set tp>1 "
                             "or async_tp=off")
+        elif self.async_tp and not self.sp:
+            problems.append(f"async_tp=on needs sp=on (it decomposes sp's all-gather before the "
+                            f"column-parallel linears and reduce-scatter after the row-parallel "
+                            f"ones into tp={self.tp} ring steps; without sp TP's all-reduces "
+                            f"have no matmul to split them over); set sp=on or async_tp=off")
         problems += self._pipeline_problems() + self._context_problems()
         if self.reduce_dtype != "fp32" and self.param_dtype in (None, "fp32"):
             problems.append(f"reduce_dtype={self.reduce_dtype} is the dtype of gradient "
@@ -383,7 +389,10 @@ _PENDING = {
     "etp": (lambda plan: plan.etp in (1, plan.tp),
             "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
             "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),
-    "async_tp": (lambda plan: False, "async tensor parallelism (async_tp)", "set async_tp=off"),
+    "async_tp": (lambda plan: not plan.compile and not plan.schedule.startswith("zb"),
+                 "async tensor parallelism with compile=on or a zero-bubble schedule (its ring "
+                 "runs eagerly and computes input and weight gradients in one backward step)",
+                 "set async_tp=off, or compile=off and a schedule other than zb-h1/zb-v"),
     "param_dtype": (lambda plan: not plan.compile or plan.param_dtype == "fp32",
                     "mixed precision with compiled ranks (param_dtype with compile=on)",
                     "set compile=off, or leave param_dtype unset"),

@@ -1,8 +1,8 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
 batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> dropout -> mixed precision ->
-pp split -> recompute -> kernels -> device ->
-collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
+pp split -> recompute -> kernels -> device -> async tp (sp's collectives fused with their
+linears) -> collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
 under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
 entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
 it read that record instead of re-deriving it from the graph, and `run_passes` logs one
@@ -29,6 +29,7 @@ from core import meta
 from core.plan import Plan
 from core.precision import compute_dtype
 from passes import Pass, PassContext, PassError, deferred_recompile
+from passes.async_tp import async_tensor_parallel
 from passes.batch_statistics import batch_statistics
 from passes.causal_mask import fold_causal_masks
 from passes.context_parallel import context_parallel
@@ -151,6 +152,8 @@ PIPELINE: tuple[PassEntry, ...] = (
               "recompute != none", meta.RECOMPUTE_RECORD),
     PassEntry("kernels", _kernels, _always, "always", meta.KERNELS_RECORD),
     PassEntry("device", retarget_device, _always, "always", meta.DEVICE_RECORD),
+    PassEntry("async_tp", async_tensor_parallel, lambda plan: plan.async_tp, "async_tp=on",
+              meta.ASYNC_TP_RECORD),
     PassEntry("collectives", lower_collectives, _always,
               "always; fixes process groups when the runtime gives them (dump keeps mesh dims)",
               meta.LOWERED_COLLECTIVES),

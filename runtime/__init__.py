@@ -11,6 +11,7 @@ from runtime.launch import RankError, RankPool, spawn
 from runtime import collectives as _collectives, recompute as _recompute  # noqa: F401, E402
 from runtime import context_parallel as _context_parallel  # noqa: F401, E402
 from runtime import dropout as _dropout  # noqa: F401, E402
+from runtime import async_tp as _async_tp  # noqa: F401, E402
 from runtime import expert_parallel as _expert_parallel  # noqa: F401, E402
 
 __all__ = ["RankError", "RankPool", "spawn"]

@@ -13,6 +13,12 @@ A program that runs also keeps what sp's `gather_for_region` gathers as this ran
 backward, gathering it again there (`passes.recompute.save_gathered_as_shards`): how a value is
 saved for backward is the running program's business, so reports still show the gathers.
 
+A program that runs eagerly (not `compile=on`, whose inductor reorders collectives itself; not
+under a zero-bubble schedule, whose backward splits input from weight gradients) also has each
+column region's entry read only by linears fused with them (`passes.async_tp.
+overlap_column_backward`): the backward all-reduce of the input gradient is started before the
+weight gradients are computed and waited after, as Megatron's async gradient all-reduce.
+
 The result record (`LoweredCollectives`, in `gm.meta[core.meta.LOWERED_COLLECTIVES]`) says
 which groups were fixed and which collectives were removed.
 """
@@ -26,6 +32,7 @@ from torch import fx
 from core import meta, ops
 from core.layout import mesh_sizes
 from passes import PassContext, recompile
+from passes.async_tp import overlap_column_backward
 from passes.recompute import save_gathered_as_shards
 
 
@@ -41,12 +48,15 @@ class LoweredCollectives:
     """Collectives over a dimension of size 1, removed (their users read their input)."""
     saved_as_shards: tuple[str, ...] = ()
     """The gather_for_region nodes whose gathered value backward gathers again."""
+    overlapped: tuple[str, ...] = ()
+    """The copy_to_region nodes fused with their linears (backward all-reduce overlapped)."""
 
     def summary(self) -> str:
         groups = ", ".join(f"{dim}={name}" for dim, name in self.groups) or "none"
         return (f"{self.fixed} collectives name their process group ({groups}), "
                 f"{len(self.removed)} over size-1 dims removed, {len(self.saved_as_shards)} "
-                f"gathers saved as shards")
+                f"gathers saved as shards, {len(self.overlapped)} column entries overlap their "
+                f"gradient all-reduce")
 
 
 def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
@@ -54,6 +64,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     sizes = mesh_sizes(ctx.plan)
     saved_as_shards = save_gathered_as_shards(gm)
+    overlapped = overlap_column_backward(gm) if _eager_backward(ctx.plan) else []
     groups: dict[str, str] = {}
     fixed, removed = 0, []
     for module in gm.modules():  # stage and checkpointed-region graphs are graphs of their own
@@ -87,5 +98,11 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             recompile(module)
     gm.meta[meta.LOWERED_COLLECTIVES] = LoweredCollectives(
         groups=tuple(sorted(groups.items())), fixed=fixed, removed=tuple(removed),
-        saved_as_shards=tuple(saved_as_shards))
+        saved_as_shards=tuple(saved_as_shards), overlapped=tuple(overlapped))
     return gm
+
+
+def _eager_backward(plan) -> bool:
+    """Whether the program's backward runs eagerly in one piece per stage (see the module
+    docstring)."""
+    return not plan.compile and not plan.schedule.startswith("zb")

@@ -74,6 +74,9 @@ def test_rules_first_match_wins():
     ("loss_scale=dynamic", "loss_scale=dynamic is for param_dtype=fp16"),
     ("param_dtype=fp16,loss_scale=static", "loss_scale='static' is unknown"),
     ("async_tp=on", "async_tp=on needs tp>1"),
+    ("tp=4,async_tp=on", "async_tp=on needs sp=on (it decomposes sp's all-gather before the "
+                         "column-parallel linears and reduce-scatter after the row-parallel "
+                         "ones into tp=4 ring steps"),
     ("compile=maybe", "compile='maybe' in 'compile=maybe' must be on or off"),
     ("seed=-1", "seed=-1 must be a non-negative integer"),
 ])
@@ -103,7 +106,7 @@ def test_plan_is_frozen_and_hashable():
 
 def test_new_fields_round_trip_through_the_plan_string():
     text = ("tp=2,pp=2,cp=4,cp_algo=hybrid,cp_a2a=2,cp_pad=off,ep=2,etp=1,capacity_factor=1.25,"
-            "stage_layers=3/5,async_tp=on,compile=on,param_dtype=fp16,reduce_dtype=bf16,"
+            "stage_layers=3/5,sp=on,async_tp=on,compile=on,param_dtype=fp16,reduce_dtype=bf16,"
             "loss_scale=dynamic,seed=7")
     plan = Plan.parse(text)
     assert plan.stage_layers == (3, 5) and plan.capacity_factor == 1.25 and plan.cp_pad is False
@@ -127,6 +130,13 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     with pytest.raises(NotLanded, match="hybrid context parallelism"):
         Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()
     assert Plan(cp=2).pending() == []
+    # async TP landed (issue 18), except compiled or under a zero-bubble schedule
+    assert Plan.parse("tp=2,sp=on,async_tp=on,pp=2,mb=2").pending() == []
+    for extra in ("compile=on", "pp=2,mb=2,schedule=zb-h1"):
+        asks = Plan.parse(f"tp=2,sp=on,async_tp=on,{extra}").pending()
+        assert len(asks) == 1 and asks[0].startswith("async tensor parallelism with compile=on "
+                                                     "or a zero-bubble schedule")
+        assert "set async_tp=off, or compile=off and a schedule other than" in asks[0]
     # mixed precision landed (issue 15), except beside compiled ranks
     assert Plan.parse("tp=2,param_dtype=fp16,reduce_dtype=bf16,loss_scale=dynamic").pending() == []
     assert Plan(param_dtype="bf16", compile=True).pending()[0].startswith(
@@ -164,6 +174,8 @@ def test_the_fixes_plan_messages_print_are_accepted():
     fits = re.search(r"ep values that fit with etp=2: ([\d, ]+)", _refusal("tp=2,ep=4,dp=2", 4))
     for ep in map(int, fits.group(1).split(", ")):
         Plan(tp=2, ep=ep, dp=2).resolve(4)
+    Plan.parse(re.search(r"set (sp=on)", _refusal("tp=2,async_tp=on", 2)).group(1) +
+               ",tp=2,async_tp=on").resolve(2)
     valid = re.search(r"\(valid: ([\d, ]+)\)", _refusal("cp=8,cp_algo=hybrid,cp_a2a=3", 8))
     for size in map(int, valid.group(1).split(", ")):
         Plan(cp=8, cp_algo="hybrid", cp_a2a=size).resolve(8)

@@ -21,7 +21,8 @@ def _bad_inputs():
     for name, call in {
         "batch_not_divisible": lambda: parallelize(model, "dp=2,mb=4", example_inputs=(ids,)),
         "world_mismatch": lambda: parallelize(model, "dp=4", example_inputs=(ids,)),
-        "not_built_yet": lambda: parallelize(model, "tp=2,async_tp=on", example_inputs=(ids,)),
+        "not_built_yet": lambda: parallelize(model, "tp=2,sp=on,async_tp=on,compile=on",
+                                                 example_inputs=(ids,)),
     }.items():
         try:
             call()
@@ -44,7 +45,7 @@ def test_bad_inputs_fail_the_same_way_on_every_rank():
     for messages in on_ranks(2, _bad_inputs, timeout=240):
         assert "does not split into dp*microbatches=2*4=8" in messages["batch_not_divisible"]
         assert "!= world size 2" in messages["world_mismatch"]
-        assert "async tensor parallelism (async_tp) is not available yet" in \
-            messages["not_built_yet"]
+        assert "async tensor parallelism with compile=on or a zero-bubble schedule" in \
+            messages["not_built_yet"] and "is not available yet" in messages["not_built_yet"]
         assert "divisible by dp*microbatches=2*1=2; got batch 3" in messages["step_batch"]
         assert "step needs loss_fn" in messages["no_loss_fn"]

@@ -47,15 +47,45 @@ def test_each_collective_names_its_group_and_the_sized_ones_their_size():
     gm, plan = _stage("tp=2")
     before = len(_collective_nodes(gm))
     lower_collectives(gm, PassContext(plan=plan, coords={}, group_names={"tp": "5"}))
+    record = gm.meta[meta.LOWERED_COLLECTIVES]
+    fused = [n for n in gm.graph.nodes if n.target is ops.copy_matmul]
     nodes = _collective_nodes(gm)
-    assert len(nodes) == before > 0
-    assert {n.args[1] for n in nodes} == {"5"}
+    # each column entry read by linears is now one copy_matmul (test below), naming its group
+    assert len(nodes) + len(fused) == before > 0 and len(fused) == len(record.overlapped) > 0
+    assert {n.args[1] for n in nodes} == {"5"} == {n.args[3] for n in fused}
     for node in nodes:
         assert node.kwargs == ({"group_size": 2} if node.target in ops.SIZED else {})
-    record = gm.meta[meta.LOWERED_COLLECTIVES]
-    assert record == LoweredCollectives(groups=(("tp", "5"),), fixed=before, removed=())
+    assert record == LoweredCollectives(groups=(("tp", "5"),), fixed=before, removed=(),
+                                        overlapped=record.overlapped)
     with pytest.raises(ValueError, match="lowered twice"):
         lower_collectives(gm, PassContext(plan=plan, coords={}, group_names={"tp": "5"}))
+
+
+@pytest.mark.parametrize("plan, fused", [("tp=2", True), ("tp=2,compile=on", False),
+                                          ("tp=2,pp=2,mb=2,schedule=zb-h1", False)])
+def test_running_programs_overlap_each_column_entrys_gradient_all_reduce(plan, fused):
+    """A copy_to_region read only by linears (q, k, v; the MLP's up) becomes one copy_matmul
+    taking their weights and biases, in eager programs whose backward runs in one piece."""
+    parsed = Plan.parse(plan)
+    world = parsed.tp * parsed.pp
+    gm = compile_rank(_captured(), parsed.resolve(world), 0, "meta").stages[0].gm
+    copies = {n.name: [u.args[1].name for u in n.users] for n in gm.graph.nodes
+              if n.target is ops.copy_to_region and n.args[1] == "tp"
+              and all(u.target is torch.ops.aten.linear.default for u in n.users)}
+    lower_collectives(gm, PassContext(plan=parsed.resolve(world), coords={},
+                                      group_names={"tp": "5", "pp": "6"}))
+    record = gm.meta[meta.LOWERED_COLLECTIVES]
+    if not fused:
+        assert record.overlapped == () and not any(n.target is ops.copy_matmul
+                                                   for n in gm.graph.nodes)
+        return
+    assert sorted(record.overlapped) == sorted(copies) and len(copies) >= 2
+    weights = sorted([w.name for w in n.args[1]] for n in gm.graph.nodes
+                     if n.target is ops.copy_matmul)
+    assert weights == sorted(copies.values())
+    assert not any(n.target is torch.ops.aten.linear.default and n.args[0].target is
+                   ops.copy_to_region for n in gm.graph.nodes)
+    gm.graph.lint()
 
 
 def test_a_dimension_without_a_group_name_is_an_error():

@@ -29,7 +29,7 @@ def test_the_pipeline_is_one_ordered_list_of_the_design_card():
     assert [entry.name for entry in PIPELINE] == [
         "batch_statistics", "causal_mask", "tensor_parallel", "sequence_parallel",
         "context_parallel", "expert_parallel", "dropout", "mixed_precision", "pipeline_split",
-        "recompute", "kernels", "device", "collectives", "lowering"]
+        "recompute", "kernels", "device", "async_tp", "collectives", "lowering"]
     assert [entry.name for entry in PIPELINE if entry.run is None] == []  # every pass landed
     assert [entry.name for entry in planned(Plan(pp=2, recompute="full").resolve(2))] == [
         "causal_mask", "dropout", "pipeline_split", "recompute", "kernels", "device",
