@@ -1,19 +1,25 @@
-"""examples/: the guide's seven jobs, run from the command line as a user runs them.
+"""examples/: the guide's seven jobs, run as a user runs them.
 
-Each landed example runs once as plain python (spawned CPU ranks) at its smallest rank count,
-one also under torchrun; each must end with its match against single-device training. The
-examples whose strategy has not landed must say so in one line and exit 3. The guide's three
-common errors are provoked from the command line; their fixes are checked to work in-process.
+tp.py runs from the command line as plain python (it spawns its CPU ranks) and under torchrun.
+Every other landed example runs the same per-rank job (`_common.train_rank` on the job its
+command line builds) on the test session's ranks: what a command-line run adds beyond that is
+the launch, which tp.py covers, and each launch costs a process's and its ranks' torch import.
+Each example must end with its match against single-device training. The examples whose
+strategy has not landed must say so in one line and exit 3. The guide's three common errors are
+provoked from the command line; their fixes are checked to work in-process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import itertools
 import re
 
 import example_scripts
 import pytest
+from ranks import on_ranks
 
 MATCH = re.compile(r"^max \|parallel - single device\| over 2 steps: \S+ \(match", re.M)
 
@@ -54,13 +60,44 @@ GUIDE_ERRORS = [
 ]
 
 
+def _train_rank(script: str, argv: list[str]) -> tuple[int, str, str]:
+    """On every rank: the job `python examples/<script> argv...` runs; its exit code, and what
+    it printed to stdout and to stderr."""
+    common = example_scripts.common()
+    example = example_scripts.example(script.removesuffix(".py"))
+    job = common.job_for(example, argv, _world(script, argv), "spawn")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = common.train_rank(job)
+    return code, out.getvalue(), err.getvalue()
+
+
+def _on_ranks(script: str, argv: list[str]) -> tuple[int, str, str]:
+    """The example's job on the session's ranks: the exit code (the worst rank's) and rank 0's
+    output, which is all a command-line run prints."""
+    results = on_ranks(_world(script, argv), _train_rank, script, argv)
+    return max(code for code, _, _ in results), results[0][1], results[0][2]
+
+
+def _world(script: str, argv: list[str]) -> int:
+    common = example_scripts.common()
+    example = example_scripts.example(script.removesuffix(".py"))
+    return common.arguments(example, argv).world_size or example.smallest_world
+
+
 @pytest.mark.parametrize("script,args,rank_line", LANDED, ids=[c[0] for c in LANDED])
 def test_example_matches_single_device(script, args, rank_line):
-    result = example_scripts.run(script, *args, "--train-iters", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert MATCH.search(result.stdout), result.stdout
-    assert rank_line in result.stdout
-    assert "spawned CPU ranks (gloo)" in result.stdout
+    argv = [*args, "--train-iters", "2"]
+    if script == "tp.py":  # the command line itself, once
+        result = example_scripts.run(script, *argv)
+        assert result.returncode == 0, result.stdout + result.stderr
+        code, printed = result.returncode, result.stdout
+    else:
+        code, printed, _ = _on_ranks(script, argv)
+    assert code == 0, printed
+    assert MATCH.search(printed), printed
+    assert rank_line in printed
+    assert "spawned CPU ranks (gloo)" in printed
 
 
 def test_example_under_torchrun():
@@ -73,11 +110,11 @@ def test_example_under_torchrun():
 
 @pytest.mark.parametrize("script,args,feature", NOT_LANDED, ids=[c[0] for c in NOT_LANDED])
 def test_example_of_a_strategy_not_landed_says_so(script, args, feature):
-    result = example_scripts.run(script, *args)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert result.stdout == ""  # no header, no training: it never pretends
-    said = [line for line in result.stderr.splitlines() if "not landed" in line]
-    assert len(said) == 1 and feature in said[0], result.stderr
+    code, printed, errors = _on_ranks(script, list(args))
+    assert code == 3, printed + errors
+    assert printed == ""  # no header, no training: it never pretends
+    said = [line for line in errors.splitlines() if "not landed" in line]
+    assert len(said) == 1 and feature in said[0], errors
 
 
 @pytest.mark.parametrize("script,args,message", GUIDE_ERRORS, ids=[c[0] for c in GUIDE_ERRORS])

@@ -50,7 +50,7 @@ def test_dump_passes_prints_the_ordered_pipeline_with_each_record(capsys):
     assert names == ["batch_statistics", "causal_mask", "tensor_parallel",
                      "sequence_parallel", "context_parallel", "expert_parallel", "dropout",
                      "mixed_precision", "pipeline_split", "recompute", "kernels", "device",
-                     "collectives", "lowering"]
+                     "async_tp", "collectives", "lowering"]
     rows = {line.split()[1]: line for line in out.splitlines()[2:]}
     assert "skipped" in rows["tensor_parallel"] and "skipped" in rows["expert_parallel"]
     assert "4 segments -> 2 stages: pre..blocks.0 | blocks.1..post" in rows["pipeline_split"]

@@ -20,6 +20,7 @@ STEPS = 3
 STRATEGIES = [
     ("tp", "tp=2", 2),
     ("tp+sp", "tp=2,sp=on", 2),
+    ("async tp", "tp=2,sp=on,async_tp=on", 2),
     ("pp 1F1B", "pp=2,mb=2,schedule=1f1b", 2),
     ("pp interleaved 1F1B", "pp=2,vpp=2,mb=2,schedule=interleaved-1f1b", 2),
     ("pp zero-bubble H1", "pp=2,mb=4,schedule=zb-h1", 2),
@@ -30,6 +31,7 @@ STRATEGIES = [
     ("cp ring", "cp=2,cp_algo=ring", 2),
     ("cp all-to-all", "cp=2,cp_algo=a2a", 2),
     ("ep", "ep=2", 2, "tiny_moe"),
+    ("ep beside cp", "cp=2,ep=2", 2, "tiny_moe"),
     ("tp+sp+pp+recompute", "tp=2,sp=on,pp=2,mb=2,recompute=selective", 4),
     ("ep over tp, pp", "tp=2,ep=2,etp=1,pp=2,mb=2", 4, "tiny_moe"),
     ("ep with expert tp", "tp=2,ep=2", 4, "tiny_moe"),

@@ -89,8 +89,8 @@ def test_pass_errors_pass_through_and_records_may_be_strings(monkeypatch):
 
 
 def test_plans_asking_for_passes_not_landed_are_refused_before_any_pass():
-    with pytest.raises(NotLanded, match="expert parallelism"):
-        run_passes(_graph(), _context(Plan(ep=2, cp=2).resolve(2)))
+    with pytest.raises(NotLanded, match="expert tensor parallelism other than 1 or tp"):
+        run_passes(_graph(), _context(Plan(tp=4, ep=2, etp=2).resolve(4)))
 
 
 def _seeded_graph():
