@@ -23,8 +23,9 @@ target <= 1.03), and beside it async TP (`tp=2,sp=on,async_tp=on`, the same plac
 engine (a GPU's copy engines); on CPU gloo ranks the transfers share the cores with the
 matmuls, so the CPU number says what the decomposition costs here, not what it gains there.
 Also `ours` against the same plan built without the column entries' backward overlap
-(`ours_no_overlap`), to say what that overlap gives here. `--eager-only` leaves out the compiled runners (minutes of inductor on a shared machine) and
-writes results/tensor_parallel_eager.json; the machine's load (`uptime`) is recorded.
+(`ours_no_overlap`), to say what that overlap gives here. `--eager-only` leaves out the
+compiled runners (minutes of inductor on a shared machine) and writes
+results/tensor_parallel_eager.json; the machine's load (`uptime`) is recorded.
 
     python benchmarks/tensor_parallel.py [--layers 4] [--hidden 256] [--steps 8] [--quick]
                                          [--eager-only]

@@ -1,12 +1,13 @@
 """Placements: how a value is laid over one mesh dimension, as small immutable values.
 
 `Replicate()`, `Shard(dim)`, `StridedShard(dim, blocks)` and `Partial(op)` are DTensor's
-placements (JAX's `PartitionSpec` per mesh axis) with two things DTensor lacks: `Shard.padded`
+placements (JAX's `PartitionSpec` per mesh axis) with what DTensor lacks: `Shard.padded`
 (a vocabulary padded to a multiple of the group, the padding rows never leaving the rank) and
 `StridedShard.blocks` (Megatron's fused q|k|v: each sub-block split over the group, not the
-concatenation), and `Held(index)`: the whole value on one coordinate of the group only (an expert
-of a ModuleList on the ep rank holding it, as a pipeline stage holds its layers). A `Placements` maps mesh dimension names to placements; dimensions it does not
-name are replicated. `ParamLayout` says where one parameter (or buffer) lives, and shards and
+concatenation), and `Held(index)`: the whole value on one coordinate of the group only (an
+expert of a ModuleList on the ep rank holding it, as a pipeline stage holds its layers). A
+`Placements` maps mesh dimension names to placements; dimensions it does not name are
+replicated. `ParamLayout` says where one parameter (or buffer) lives, and shards and
 unshards full tensors accordingly.
 """
 

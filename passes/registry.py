@@ -1,10 +1,11 @@
 """The pass pipeline, as one ordered list that `partitioner dump --passes` prints.
 
-batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> dropout -> mixed precision ->
-pp split -> recompute -> kernels -> device -> async tp (sp's collectives fused with their
-linears) -> collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition
-under which a plan needs it. A pass writes its result record into `gm.meta` under the key its
-entry names (core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
+batch statistics -> causal-mask fold -> tp -> sp -> cp -> ep -> dropout -> mixed precision -> pp
+split -> recompute -> kernels -> device -> async tp (sp's collectives fused with their linears)
+-> collectives (each collective's process group fixed) -> lowering (the stages cut apart). Each
+entry is a pure `(GraphModule, PassContext) -> GraphModule` with the condition under which a
+plan needs it. A pass writes its result record into `gm.meta` under the key its entry names
+(core.meta): a value with `summary() -> str`, or a str (`Record`); the passes after
 it read that record instead of re-deriving it from the graph, and `run_passes` logs one
 `PassOutcome` per entry in `gm.meta["passes.log"]` (with the pass's wall time). Passes mark the
 graph modules they rewrite (`passes.recompile`) and `run_passes` regenerates the code of those

@@ -1,12 +1,13 @@
 """Expert parallelism against one device on real gloo ranks: outputs, loss, every gradient, the
 gradient norm and the weights after AdamW steps, with ep folded onto data-parallel ranks and
 onto tensor-parallel ranks (with and without sp), experts split inside by etp = tp, with pp,
-with microbatches, with ZeRO-1, folded onto context-parallel ranks (Megatron's parallel
-folding: each cp rank dispatches its share of the gathered tokens); softmax (Mixtral-style) and sigmoid + selection bias + shared expert
-(DeepSeek-style) routers; experts and a whole rank that receive no tokens; Hugging Face
-Mixtral unchanged, with both of its exported expert forms; experts written as an nn.ModuleList
-of MLPs run in a loop (each expert's parameters held whole by one ep rank); checkpoints moved
-between ep=2 (also beside cp=2, also of ModuleList experts) and dp=2. Two spawns."""
+with microbatches, with ZeRO-1, folded onto context-parallel ranks (Megatron's parallel folding:
+each cp rank dispatches its share of the gathered tokens); softmax (Mixtral-style) and sigmoid +
+selection bias + shared expert (DeepSeek-style) routers; experts and a whole rank that receive
+no tokens; Hugging Face Mixtral unchanged, with both of its exported expert forms; experts
+written as an nn.ModuleList of MLPs run in a loop (each expert's parameters held whole by one ep
+rank); checkpoints moved between ep=2 (also beside cp=2, also of ModuleList experts) and dp=2.
+Two spawns."""
 
 from __future__ import annotations
 
