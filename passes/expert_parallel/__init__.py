@@ -17,7 +17,7 @@ returned rows are gathered whole again (`gather_for_region`, whose backward redu
 "dp=4,ep=4" on 4 ranks holds a quarter of the experts per rank and sends each token to the
 ranks holding its experts; "cp=2,ep=2" on 2 ranks, half the experts and half the tokens.
 
-`dispatch.find_layers` finds the layers from the router's dataflow; `dispatch.LayerRewriter`
+`find.find_layers` finds the layers from the router's dataflow; `dispatch.LayerRewriter`
 turns each into dispatch -> grouped GEMMs -> return. The stacked expert weights are split along
 their expert dim over ep (`Shard(0)@ep`, and inside over etp), so their gradients are this
 rank's experts', summed by the runtime over the expert-data-parallel group (edp), while dense
@@ -37,7 +37,8 @@ from torch import fx
 from core import meta
 from core.divisibility import divisors
 from passes import PassContext, PassError, recompile
-from passes.expert_parallel.dispatch import LayerRewriter, find_layers
+from passes.expert_parallel.dispatch import LayerRewriter
+from passes.expert_parallel.find import find_layers
 from passes.expert_parallel.record import ExpertParallelRecord, MoELayer
 
 __all__ = ["ExpertParallelRecord", "MoELayer", "expert_parallel"]

@@ -17,7 +17,7 @@ from torch import fx
 
 from core.fx_utils import module_path
 from core.plan import Plan, RuleKind
-from passes.expert_parallel.dispatch import looped_expert_nodes
+from passes.expert_parallel.find import looped_expert_nodes
 from passes.propagation import tensor_shape
 from passes.tensor_parallel.diagnostics import Fix, Problems, replicate
 from passes.tensor_parallel.projections import (RESHAPES, Projection, fused_blocks,
