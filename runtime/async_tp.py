@@ -30,32 +30,9 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _resolve_process_group
 
 from core import ops
+from runtime.ring import Ring, wait
 
 
-class _Ring:
-    """This rank's neighbours in the ring of a named group."""
-
-    def __init__(self, group: str) -> None:
-        self.pg = _resolve_process_group(group)
-        self.size, self.rank = self.pg.size(), self.pg.rank()
-        self.next = dist.get_global_rank(self.pg, (self.rank + 1) % self.size)
-        self.prev = dist.get_global_rank(self.pg, (self.rank - 1) % self.size)
-
-    def shift(self, *sends: torch.Tensor) -> tuple[list, list[torch.Tensor]]:
-        """Start sending each tensor to the next rank and receiving one of the same shape from
-        the previous (tag i for the i-th, so two rings in one step never cross); returns the
-        handles and the receive buffers, valid once the handles are waited."""
-        received = [torch.empty_like(t) for t in sends]
-        p2p = []
-        for tag, (send, recv) in enumerate(zip(sends, received, strict=True)):
-            p2p.append(dist.P2POp(dist.isend, send, self.next, self.pg, tag))
-            p2p.append(dist.P2POp(dist.irecv, recv, self.prev, self.pg, tag))
-        return dist.batch_isend_irecv(p2p), received
-
-
-def _wait(works) -> None:
-    for work in works:
-        work.wait()
 
 
 def _chunk(x: torch.Tensor, dim: int, size: int, index: int) -> torch.Tensor:
@@ -69,7 +46,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 # --- the ring loops ------------------------------------------------------------------------
 
-def gather_matmul(x: torch.Tensor, weights, biases, ring: _Ring, dim: int) -> list[torch.Tensor]:
+def gather_matmul(x: torch.Tensor, weights, biases, ring: Ring, dim: int) -> list[torch.Tensor]:
     """[linear(all-gather of x along dim, w, b)]: chunk k's matmuls overlap chunk k+1's trip."""
     size, rank = ring.size, ring.rank
     parts = [[None] * size for _ in weights]
@@ -79,12 +56,12 @@ def gather_matmul(x: torch.Tensor, weights, biases, ring: _Ring, dim: int) -> li
         works, received = ring.shift(current) if step < size - 1 else ([], [None])
         for i, (w, b) in enumerate(zip(weights, biases, strict=True)):
             parts[i][source] = torch.nn.functional.linear(current, w, b)
-        _wait(works)
+        wait(works)
         current = received[0]
     return [torch.cat(chunks, dim=dim) for chunks in parts]
 
 
-def matmul_scatter(x: torch.Tensor, weight: torch.Tensor, ring: _Ring, dim: int) -> torch.Tensor:
+def matmul_scatter(x: torch.Tensor, weight: torch.Tensor, ring: Ring, dim: int) -> torch.Tensor:
     """Reduce-scatter of linear(x, weight) along dim: the partial sum of the chunk sent at step k
     is computed while step k-1's travels."""
     size, rank = ring.size, ring.rank
@@ -95,7 +72,7 @@ def matmul_scatter(x: torch.Tensor, weight: torch.Tensor, ring: _Ring, dim: int)
     for step in range(size):
         target = (rank - step - 1) % size  # the chunk this step's partial sum belongs to
         partial = torch.nn.functional.linear(_chunk(x, dim, size, target), weight)
-        _wait(works)
+        wait(works)
         if step:
             partial = partial + received[0]
         if step == size - 1:
@@ -104,7 +81,7 @@ def matmul_scatter(x: torch.Tensor, weight: torch.Tensor, ring: _Ring, dim: int)
     raise AssertionError("unreachable")
 
 
-def gather_matmul_backward(grads, x, weights, ring: _Ring, dim: int, need_x: bool,
+def gather_matmul_backward(grads, x, weights, ring: Ring, dim: int, need_x: bool,
                            need_w: list[bool]):
     """The input gradient reduce-scattered and the weight gradients over the re-gathered x, both
     rings advancing together: step k adds this rank's partial of chunk r-k-1 (computed while
@@ -121,7 +98,7 @@ def gather_matmul_backward(grads, x, weights, ring: _Ring, dim: int, need_x: boo
         if need_x:
             partial = sum(_chunk(grad, dim, size, target) @ w
                           for grad, w in zip(grads, weights, strict=True))
-        _wait(works)
+        wait(works)
         if step:
             *summed, shard = received
             if need_x:
@@ -136,7 +113,7 @@ def gather_matmul_backward(grads, x, weights, ring: _Ring, dim: int, need_x: boo
 
 
 def scatter_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                            ring: _Ring, dim: int, need_x: bool, need_w: bool):
+                            ring: Ring, dim: int, need_x: bool, need_w: bool):
     """The output gradient gathered through the ring; each chunk's input gradient (its slice of
     x's gradient) and weight gradient computed as it arrives."""
     size, rank = ring.size, ring.rank
@@ -150,7 +127,7 @@ def scatter_matmul_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.T
             grad_x[source] = current @ weight
         if need_w:
             grad_w += _weight_grad(current, _chunk(x, dim, size, source))
-        _wait(works)
+        wait(works)
         current = received[0]
     return (torch.cat(grad_x, dim=dim) if need_x else None), grad_w
 
@@ -161,7 +138,7 @@ class _AllGatherMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, dim, count, with_bias, x, *params):
         weights, biases = params[:count], _biases(params[count:], with_bias)
-        ctx.ring, ctx.dim, ctx.count, ctx.with_bias = _Ring(group), dim, count, with_bias
+        ctx.ring, ctx.dim, ctx.count, ctx.with_bias = Ring(_resolve_process_group(group)), dim, count, with_bias
         ctx.save_for_backward(x, *weights)  # the shard: x is gathered again in backward
         return tuple(gather_matmul(x, weights, biases, ctx.ring, dim))
 
@@ -191,7 +168,7 @@ def _all_gather_matmul(x, weights, biases, group, gather_dim, *, group_size=0):
 class _MatmulReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, dim, x, weight):
-        ctx.ring, ctx.dim = _Ring(group), dim
+        ctx.ring, ctx.dim = Ring(_resolve_process_group(group)), dim
         ctx.save_for_backward(x, weight)
         return matmul_scatter(x, weight, ctx.ring, dim)
 
@@ -246,11 +223,11 @@ def _matmul_reduce_scatter(x, weight, group, scatter_dim, *, group_size=0):
 
 def _all_gather_matmul_plain(x, weights, biases, group, gather_dim, *, group_size=0):
     with torch.no_grad():
-        return gather_matmul(x, list(weights), list(biases), _Ring(group), gather_dim)
+        return gather_matmul(x, list(weights), list(biases), Ring(_resolve_process_group(group)), gather_dim)
 
 
 def _matmul_reduce_scatter_plain(x, weight, group, scatter_dim, *, group_size=0):
-    return matmul_scatter(x, weight, _Ring(group), scatter_dim)
+    return matmul_scatter(x, weight, Ring(_resolve_process_group(group)), scatter_dim)
 
 
 # the Function on the Autograd key (as copy_to_region's), the plain loops below it

@@ -31,6 +31,7 @@ from torch.distributed.distributed_c10d import _resolve_process_group
 
 from core import ops
 from core.sequence_layout import SequenceLayout
+from runtime.ring import Ring, wait
 
 
 @dataclass(frozen=True)
@@ -204,31 +205,6 @@ def _pairs(layout: SequenceLayout, q_rank: int, k_rank: int, mask: AttentionMask
 
 # --- the ring ----------------------------------------------------------------------------------
 
-class _Ring:
-    """Neighbour exchange on a cp group: post a send to the next rank and a receive from the
-    previous one, wait later (so the transfer overlaps the compute in between)."""
-
-    def __init__(self, group) -> None:
-        self.group = group
-        self.size = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
-        self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
-
-    def start(self, tensor: torch.Tensor):
-        send = tensor.contiguous()
-        recv = torch.empty_like(send)
-        works = [dist.isend(send, self.next, group=self.group),
-                 dist.irecv(recv, self.prev, group=self.group)]
-        return works, send, recv
-
-    @staticmethod
-    def finish(pending) -> torch.Tensor:
-        works, _send, recv = pending
-        for work in works:
-            work.wait()
-        return recv
-
 
 def _pack(*tensors: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
@@ -245,7 +221,7 @@ def _unpack(flat: torch.Tensor, likes: list[torch.Tensor]) -> list[torch.Tensor]
 def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, scale: float, group,
                   whole: torch.Tensor | None = None):
     """(out, lse) of this rank's queries over every rank's keys, the blocks passed in a ring."""
-    ring = _Ring(group)
+    ring = Ring(group)
     me = ring.rank
     # 16-bit blocks merge in fp32 (flash attention's accumulators; its CPU kernel's lse is fp32)
     acc = torch.float32 if q.dtype.itemsize < 4 else q.dtype
@@ -255,16 +231,19 @@ def _ring_forward(q, k, v, doc, layout: SequenceLayout, mask: AttentionMask, sca
     k_doc = doc
     for step in range(ring.size):
         source = (me - step) % ring.size  # whose keys this rank holds at this step
-        pending = ring.start(block) if step + 1 < ring.size else None
-        pending_doc = ring.start(k_doc) if pending is not None and doc is not None else None
+        # the next step's keys travel while this step's are used
+        pending = (ring.shift(block, *(() if doc is None else (k_doc,)))
+                   if step + 1 < ring.size else None)
         k_blk, v_blk = _unpack(block, [k, v])
         for pair in _pairs(layout, me, source, mask, doc, k_doc, q.device, whole):
             o, l = _block_forward(q[:, :, pair.q], k_blk[:, :, pair.k], v_blk[:, :, pair.k],
                                   pair.mask, scale, pair.causal, pair.bias)
             _merge_rows(out, lse, o, l, pair.q)
         if pending is not None:
-            block = _Ring.finish(pending)
-            k_doc = _Ring.finish(pending_doc) if pending_doc is not None else None
+            works, received = pending
+            wait(works)
+            block, *rest = received
+            k_doc = rest[0] if doc is not None else None
     return out.to(q.dtype), lse
 
 
@@ -272,7 +251,7 @@ def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
                    mask: AttentionMask, scale: float, group, whole: torch.Tensor | None = None):
     """(dq, dk, dv): the blocks travel the ring again with their dK/dV accumulators, which
     arrive back at their owner after cp steps; dq stays local."""
-    ring = _Ring(group)
+    ring = Ring(group)
     me = ring.rank
     grad_q = torch.zeros_like(q)
     block = _pack(k, v, torch.zeros_like(k), torch.zeros_like(v))
@@ -289,9 +268,12 @@ def _ring_backward(q, k, v, out, lse, doc, grad_out, layout: SequenceLayout,
             gk[:, :, pair.k] += dk
             gv[:, :, pair.k] += dv
         # every step sends on, the last one brings the accumulated dK/dV home
-        block = _Ring.finish(ring.start(block))
-        if doc is not None and step + 1 < ring.size:
-            k_doc = _Ring.finish(ring.start(k_doc))
+        with_doc = doc is not None and step + 1 < ring.size
+        works, received = ring.shift(block, *((k_doc,) if with_doc else ()))
+        wait(works)
+        block, *rest = received
+        if with_doc:
+            k_doc = rest[0]
     _, _, grad_k, grad_v = _unpack(block, [k, v, k, v])
     return grad_q, grad_k, grad_v
 
