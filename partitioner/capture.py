@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
 from torch.utils import _pytree as pytree
 
 from core.fx_utils import eliminate_dead_code
@@ -109,19 +111,143 @@ def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
         exported = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context below
         raise CaptureError(_describe_export_failure(model, error)) from error
-    # No `_guards_fn` submodule (its code generated, then dropped by `_clean`): the graph
-    # runs on inputs of other shapes (shards) anyway.
-    gm = exported.module(check_guards=False)
     canonical, aliases = _canonical_names(model)
-    _clean(gm, canonical)
-    _detach_from_model(gm)
-    gm = _standalone(gm)
+    gm = _unlift(exported, canonical)
     params = {name: (p.shape, p.dtype, p.requires_grad)
               for name, p in model.named_parameters()}
     persistent = set(model.state_dict().keys())
     buffers = {name: (b.shape, b.dtype, name in persistent) for name, b in model.named_buffers()}
     return Captured(gm=gm, params=params, buffers=buffers, aliases=aliases,
                     input_key=input_key(args, kwargs))
+
+
+_LIFTED = {InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR}
+"""Inputs export lifts out of the module that the graph reads back as get_attr nodes."""
+_MUTATIONS = {OutputKind.BUFFER_MUTATION, OutputKind.USER_INPUT_MUTATION,
+              OutputKind.PARAMETER_MUTATION}
+"""Outputs that carry a mutated buffer or input back: copied into it in the graph instead."""
+
+
+def _unlift(exported: torch.export.ExportedProgram, canonical: dict[str, str]) -> fx.GraphModule:
+    """The exported graph as a plain graph module that reads parameters and buffers through
+    get_attr nodes (by their canonical names), holding meta tensors of their shapes, with the
+    model's pytree calling convention: what `exported.module()` gives, without its input
+    checks and with its code generated once.
+
+    `module()` generates the code three times and builds two graph modules, then a deep copy
+    sheds its hooks (together as much as all the passes cost); here the graph is rewritten
+    and cleaned first, and one graph module is built around it. Programs this does not
+    rewrite itself (effect tokens, script objects, a dialect other than training) take
+    `module()`.
+    """
+    signature = exported.graph_signature
+    if (exported.verifiers[0].dialect != "TRAINING"
+            or any(spec.kind not in _LIFTED | {InputKind.USER_INPUT}
+                   for spec in signature.input_specs)
+            or any(spec.kind not in _MUTATIONS | {OutputKind.USER_OUTPUT}
+                   for spec in signature.output_specs)):
+        return _unlift_by_module(exported, canonical)
+    # A copy (nodes and their metadata dicts, shallow), as module() takes: export's own graph
+    # remembers names its passes dropped, so nodes made here would be named otherwise.
+    graph = copy.deepcopy(exported.graph)
+    held = nn.Module()  # what the graph module copies its attributes from
+    reads, inputs = {}, {}
+    for node, spec in zip(graph.find_nodes(op="placeholder"), signature.input_specs,
+                          strict=True):
+        if spec.kind == InputKind.USER_INPUT:
+            inputs[node.name] = node
+            continue
+        name = canonical.get(spec.target, spec.target)  # `_clean` merges reads of one tensor
+        with graph.inserting_after(node):
+            read = graph.get_attr(name)
+        node.replace_all_uses_with(read)
+        read.meta = node.meta
+        graph.erase_node(node)
+        reads[spec.target] = read
+        _hold(held, name, _held_value(exported, spec))
+    output = graph.output_node()
+    user_outputs, copies = [], {}
+    for value, spec in zip(pytree.tree_leaves(output.args), signature.output_specs,
+                           strict=True):
+        if spec.kind == OutputKind.USER_OUTPUT:
+            user_outputs.append(value)
+            continue
+        target = reads.get(spec.target, inputs.get(spec.target))
+        if target is None:
+            raise CaptureError(f"export returned a mutation of {spec.target!r}, which is "
+                               f"neither a buffer nor an input of the graph")
+        with graph.inserting_before(output):
+            copies[value] = graph.call_function(torch.ops.aten.copy_.default, (target, value))
+    # a user output that is also a mutated value reads its copy, as module() has it
+    output.args = (tuple(copies.get(leaf, leaf) for leaf in user_outputs),)
+    call = exported.module_call_graph[0].signature
+    graph._codegen = _PyTreeCodeGen(_PyTreeInfo(
+        _argument_names(exported.call_spec.in_spec, call.forward_arg_names if call else None),
+        exported.call_spec.in_spec, exported.call_spec.out_spec))
+    _clean(graph, canonical)
+    lifted = {canonical.get(target, target) for target in reads}
+    for node in graph.find_nodes(op="get_attr"):  # the sub-graphs of higher-order ops
+        if node.target not in lifted:
+            _hold(held, node.target, exported.graph_module.get_submodule(node.target))
+    # Copied in the graph's order (the model's); tensors that are not parameters become
+    # buffers, constants too, as the deep copy that shed module()'s hooks made them.
+    gm = fx.GraphModule(held, graph)  # the code is generated here, once
+    gm.meta.update(exported.graph_module.meta)
+    return gm
+
+
+def _held_value(exported: torch.export.ExportedProgram, spec):
+    """What the graph module holds for a lifted input: a meta tensor like a parameter or
+    buffer (local state binds its own), a constant's value (the graph computes with it)."""
+    if spec.kind == InputKind.PARAMETER:
+        value = exported.state_dict[spec.target]
+        return nn.Parameter(torch.empty_like(value, device="meta"),
+                            requires_grad=value.requires_grad)
+    if spec.kind == InputKind.BUFFER:
+        value = (exported.state_dict[spec.target] if spec.persistent
+                 else exported.constants[spec.target])
+        return torch.empty_like(value, device="meta")
+    value = exported.constants[spec.target]
+    # a tensor attribute that asks for gradients is a constant all the same (module() warns)
+    return value.detach() if isinstance(value, torch.Tensor) else value
+
+
+def _hold(root: nn.Module, name: str, value) -> None:
+    """root.<name> = value, with empty container modules along the path."""
+    *path, leaf = name.split(".")
+    for part in path:
+        root = root._modules.setdefault(part, nn.Module())
+    if isinstance(value, nn.Parameter):
+        root._parameters[leaf] = value
+    elif isinstance(value, torch.Tensor):
+        root._buffers[leaf] = value
+    elif isinstance(value, nn.Module):
+        root._modules[leaf] = value
+    else:
+        setattr(root, leaf, value)
+
+
+def _argument_names(in_spec, forward_arg_names: list[str] | None) -> list[str]:
+    """The generated forward's parameter names, as `module()` names them."""
+    if forward_arg_names:
+        return list(forward_arg_names)
+    if (in_spec.type is tuple and in_spec.num_children == 2
+            and in_spec.child(0).type is tuple and in_spec.child(1).type is dict):
+        return ([f"arg_{i}" for i in range(in_spec.child(0).num_children)]
+                + list(in_spec.child(1).context))
+    return [f"arg_{i}" for i in range(in_spec.num_children)]
+
+
+def _unlift_by_module(exported, canonical: dict[str, str]) -> fx.GraphModule:
+    """torch's own unlift (`module()`), for programs `_unlift` does not rewrite itself."""
+    # No `_guards_fn` submodule (its code generated, then dropped by `_clean`): the graph
+    # runs on inputs of other shapes (shards) anyway.
+    gm = exported.module(check_guards=False)
+    _clean(gm.graph, canonical)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    _detach_from_model(gm)
+    return _standalone(gm)
 
 
 def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
@@ -135,9 +261,8 @@ def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
     return canonical, aliases
 
 
-def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
+def _clean(graph: fx.Graph, canonical: dict[str, str]) -> None:
     """Drop export's guards and metadata asserts; read tied tensors through one name."""
-    graph = gm.graph
     assert_metadata = torch.ops.aten._assert_tensor_metadata.default
     for node in list(graph.nodes):
         if node.op == "call_module" and node.target == "_guards_fn":
@@ -154,10 +279,8 @@ def _clean(gm: fx.GraphModule, canonical: dict[str, str]) -> None:
         else:
             node.target = name
             seen[name] = node
-    if hasattr(gm, "_guards_fn"):
-        delattr(gm, "_guards_fn")
     eliminate_dead_code(graph)
-    graph.lint()  # the code is generated once, by `_standalone`
+    graph.lint()  # the code is generated once, after
 
 
 def _standalone(gm: fx.GraphModule) -> fx.GraphModule:
