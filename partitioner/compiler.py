@@ -48,7 +48,7 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
                  stage_starts: tuple[str, ...] | None = None, *, forward_only: bool = False,
                  group_names: dict[str, str] | None = None,
                  capture_batch: Callable[[int], fx.GraphModule] | None = None,
-                 reuse_graph: bool = False) -> RankProgram:
+                 reuse_graph: bool = False, generate_code: bool = True) -> RankProgram:
     """Run the pass registry for one rank and read its program (pure, no groups).
 
     `stage_starts` (an earlier program's `pipeline.stage_starts`) fixes the pipeline cut, so
@@ -57,6 +57,10 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     passes through `PassContext`. `reuse_graph`: the caller never uses `captured` again, so
     the passes rewrite its graph module itself instead of a copy (copying the nodes and their
     metadata, and generating the copy's code, cost about what all the passes do).
+    `generate_code=False`: the caller rewrites the stages further before they run (the
+    runtime lowers its first program's collectives onto process groups made after it) and
+    calls `program.generate_code()` then; the program lists what is stale in `stale`. Only
+    this rank's stages are regenerated (another pp rank's are never run here).
     """
     coords = rank_coords(plan, rank)
     if reuse_graph and captured.shared:
@@ -73,8 +77,14 @@ def compile_rank(captured: Captured, plan: Plan, rank: int, device: torch.device
     ctx = PassContext(plan=plan, coords=coords, stage_starts=stage_starts,
                       forward_only=forward_only, group_names=group_names,
                       device=torch.device(device), capture_batch=capture_batch)
-    gm = run_passes(gm, ctx)
-    return RankProgram.read(gm, plan, rank, coords)
+    stale: set = set()
+    gm = run_passes(gm, ctx, stale=stale)
+    program = RankProgram.read(gm, plan, rank, coords)
+    program.stale = {module for stage in program.stages for module in stage.gm.modules()
+                     if module in stale}
+    if generate_code:
+        program.generate_code()
+    return program
 
 
 def rank_programs(model: nn.Module, plan: Plan, example_inputs: tuple,

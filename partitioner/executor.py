@@ -82,11 +82,14 @@ class Programs:
         captured = capture_at((args, kwargs))
         starts = (self.first.pipeline.stage_starts
                   if self.first is not None and self.first.pipeline else None)
+        # Binding (LocalState.bind: the first program, then each through `on_compile`) lowers
+        # the collectives onto this rank's groups and generates the code, once for both.
+        bound = self.first is None or self.on_compile is not None
         program = compile_rank(captured, self.plan, self.rank, self.device, starts,
                                forward_only=forward_only, group_names=self.group_names,
                                capture_batch=lambda times: capture_at(
                                    tile_batch((args, kwargs), times)).gm,
-                               reuse_graph=not captured.shared)
+                               reuse_graph=not captured.shared, generate_code=not bound)
         records = [program.stages[0].gm.meta.get(key) for key in (meta.SP_RECORD,
                                                                     meta.CP_RECORD)]
         statistics = program.stages[0].gm.meta.get(meta.STATISTICS_RECORD)

@@ -20,7 +20,7 @@ from core.layout import RankLayout
 from core.placement import ParamLayout, unshard
 from core.plan import PlanError
 from core.precision import compute_dtype, reduce_dtype
-from passes import PassContext
+from passes import PassContext, deferred_recompile
 from passes.lowering.collectives import lower_collectives
 from passes.lowering.program import RankProgram
 from runtime.data_parallel import GradReducer, ZeroGroup, ZeroShards
@@ -121,10 +121,12 @@ class LocalState:
                 f"a second model for the other use")
         lowering = PassContext(plan=program.plan, coords=program.coords,
                                group_names=self.mesh.group_names())
-        for stage in program.stages:
-            if meta.LOWERED_COLLECTIVES not in stage.gm.meta:
-                lower_collectives(stage.gm, lowering)
-            self.bind_graph(stage.gm, program)
+        with deferred_recompile(program.stale):  # with the passes' rewrites: one codegen
+            for stage in program.stages:
+                if meta.LOWERED_COLLECTIVES not in stage.gm.meta:
+                    lower_collectives(stage.gm, lowering)
+                self.bind_graph(stage.gm, program)
+        program.generate_code()
 
     def bind_graph(self, gm: fx.GraphModule, program: RankProgram) -> None:
         copies = self.compute.copies if self.compute is not None else {}

@@ -68,13 +68,32 @@ def recompile(gm: fx.GraphModule) -> None:
 
 
 @contextlib.contextmanager
-def deferred_recompile():
+def deferred_recompile(stale: set | None = None):
     """Passes run inside mark the graph modules they rewrite instead of recompiling them;
-    yields the set of marked modules, which the caller recompiles once at the end (those
-    still part of its result: a graph a later pass replaced is never run)."""
-    stale: set = set()
+    yields the set of marked modules (`stale`, or a new set), which the caller recompiles
+    once at the end (those still part of its result: a graph a later pass replaced is never
+    run)."""
+    stale = set() if stale is None else stale
     token = _stale.set(stale)
     try:
         yield stale
     finally:
         _stale.reset(token)
+
+
+def recompile_stale(root: fx.GraphModule, stale: set) -> None:
+    """Regenerate the code of each graph module under `root` (itself included) that is in
+    `stale`, once: fx's `recompile` regenerates a graph module's graph-module children with
+    it, so a stale module under a stale parent is done by the parent's."""
+    done: set = set()
+    for module in root.modules():  # parents before their children
+        if module in stale and module not in done:
+            module.recompile()
+            done.update(_recompiled_with(module))
+
+
+def _recompiled_with(gm: fx.GraphModule):
+    yield gm
+    for child in gm.children():
+        if isinstance(child, fx.GraphModule):
+            yield from _recompiled_with(child)

@@ -29,7 +29,7 @@ from torch import fx
 from core import meta
 from core.plan import Plan
 from core.precision import compute_dtype
-from passes import Pass, PassContext, PassError, deferred_recompile
+from passes import Pass, PassContext, PassError, deferred_recompile, recompile_stale
 from passes.async_tp import async_tensor_parallel
 from passes.batch_statistics import batch_statistics
 from passes.causal_mask import fold_causal_masks
@@ -178,14 +178,18 @@ def summarize(record: Record | str | None) -> str:
     return record.summary()
 
 
-def run_passes(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
-    """Every entry the plan needs, in order; one PassOutcome per entry in gm.meta."""
+def run_passes(gm: fx.GraphModule, ctx: PassContext, *,
+               stale: set | None = None) -> fx.GraphModule:
+    """Every entry the plan needs, in order; one PassOutcome per entry in gm.meta.
+
+    `stale`: the caller generates the code itself, after rewriting the result further (the
+    runtime lowers its first program onto process groups made after it): the graph modules
+    the passes rewrote are added to this set instead of recompiled."""
     ctx.plan.refuse_pending()
-    with deferred_recompile() as stale:
+    with deferred_recompile(stale) as marked:
         gm = _run_entries(gm, ctx)
-    for module in gm.modules():  # once, each graph module of the result a pass rewrote
-        if module in stale:
-            module.recompile()
+    if stale is None:
+        recompile_stale(gm, marked)  # once, each graph module of the result a pass rewrote
     return gm
 
 

@@ -17,6 +17,7 @@ from core import meta
 from core.layout import mesh_sizes
 from core.placement import ParamLayout
 from core.plan import Plan
+from passes import recompile_stale
 
 
 def stage_module_name(stage: int) -> str:
@@ -117,6 +118,9 @@ class RankProgram:
     """None without pipelining."""
     passes: tuple = ()
     """What each pass of the registry did (passes.registry.PassOutcome), in order."""
+    stale: set = field(default_factory=set)
+    """Graph modules of this program's stages rewritten since their code was generated (a
+    program compiled with `generate_code=False`): `generate_code()` before they run."""
 
     @classmethod
     def read(cls, gm: fx.GraphModule, plan: Plan, rank: int,
@@ -141,6 +145,12 @@ class RankProgram:
                    if name in used and layout.held_at(coords)}
         return cls(plan=plan, rank=rank, coords=coords, stages=mine, layouts=layouts,
                    sizes=sizes, all_layouts=all_layouts, pipeline=pipeline, passes=outcomes)
+
+    def generate_code(self) -> None:
+        """Regenerate the code of the stage graph modules rewritten since (`stale`), once."""
+        for stage in self.stages:
+            recompile_stale(stage.gm, self.stale)
+        self.stale.clear()
 
     def nodes(self):
         for stage in self.stages:

@@ -81,7 +81,13 @@ def lower_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         stage_inputs=stage_inputs, stage_outputs=stage_outputs,
         stage_starts=cut.stage_starts if cut is not None else (),
         placement=placement(ctx.plan.schedule, ctx.plan.pp, ctx.plan.vpp))
-    lowered = fx.GraphModule(submodules, parent, class_name="StagedGraphModule")
+    # fx's constructor generates the code of every graph module the parent holds again
+    # (each stage's was generated when it was built): the parent is built around stand-ins,
+    # then given its stages.
+    lowered = fx.GraphModule({name: torch.nn.Module() for name in submodules}, parent,
+                             class_name="StagedGraphModule")
+    for name, stage in submodules.items():
+        setattr(lowered, name, stage)
     lowered.meta = {**gm.meta, meta.PIPELINE_RECORD: pipeline}
     lowered.graph.lint()
     return lowered
