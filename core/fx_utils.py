@@ -52,5 +52,23 @@ def eliminate_dead_code(graph: fx.Graph) -> None:
     """fx's dead-code elimination, keeping calls of higher-order ops: their sub-graphs may
     mutate state with no output to show for it (a `torch.no_grad()` block that updates a
     buffer, as DeepSeek's selection bias from token counts), which fx would count as dead."""
-    graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or isinstance(
-        node.target, torch._ops.HigherOrderOperator))
+    graph.eliminate_dead_code(is_impure_node=_impure)
+
+
+def erase_unread(graph: fx.Graph, nodes) -> None:
+    """Erase each of `nodes` that nothing reads, then each of its inputs this leaves unread,
+    and so on: what `eliminate_dead_code` removes after a rewrite stopped reading `nodes`,
+    without walking the whole graph (same rule: impure nodes and higher-order ops stay)."""
+    todo, erased = list(nodes), set()
+    while todo:
+        node = todo.pop()
+        if node in erased or node.users or _impure(node):
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        erased.add(node)
+        todo.extend(inputs)
+
+
+def _impure(node: fx.Node) -> bool:
+    return node.is_impure() or isinstance(node.target, torch._ops.HigherOrderOperator)

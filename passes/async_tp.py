@@ -83,24 +83,21 @@ def async_tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModul
     return gm
 
 
-def overlap_column_backward(gm: fx.GraphModule) -> list[str]:
+def overlap_column_backward(gm: fx.GraphModule) -> dict[fx.GraphModule, list[str]]:
     """Every copy_to_region over tp read only by linears, in every graph module of `gm`,
     becomes one copy_matmul: the input gradient's all-reduce overlaps the weight gradients
-    (passes.lowering.collectives applies it to the programs that run). Returns the entries so
-    fused."""
-    fused = []
+    (passes.lowering.collectives applies it to the programs that run, and lints and
+    recompiles the graph modules it changed with its own changes). Returns the entries so
+    fused, by graph module."""
+    fused: dict[fx.GraphModule, list[str]] = {}
     for module in list(gm.modules()):
         if not isinstance(module, fx.GraphModule):
             continue
-        before = len(fused)
         for node in list(module.graph.nodes):
             if node.op == "call_function" and node.target is ops.copy_to_region \
                     and node.args[1] == MESH_DIM and _fuse_copy(module.graph, node) is None:
-                fused.append(node.name)
+                fused.setdefault(module, []).append(node.name)
                 module.graph.erase_node(node)
-        if len(fused) != before:
-            module.graph.lint()
-            recompile(module)
     return fused
 
 
@@ -145,10 +142,9 @@ def _fuse_entry(graph: fx.Graph, gather: fx.Node, op, args, collective) -> str |
         inp, weight, bias = _linear_parts(reader)
         if inp is not gather or weight is gather or bias is gather:
             return f"{reader.name} reads the gathered value other than as its input"
-    order = _position(graph)
-    first = min(readers, key=order)
+    first = min(readers)  # nodes of one graph compare by their position in it
     operands = [a for r in readers for a in _linear_parts(r)[1:] if isinstance(a, fx.Node)]
-    if any(order(a) > order(first) for a in operands):
+    if any(a > first for a in operands):
         return "a linear's weight is computed after the first linear reading the gather"
     weights = [_linear_parts(r)[1] for r in readers]
     biases = [_linear_parts(r)[2] for r in readers]
@@ -193,8 +189,3 @@ def _erase_fused(graph: fx.Graph, node: fx.Node) -> None:
     graph.erase_node(node)
     if isinstance(inner, fx.Node) and not inner.users:
         graph.erase_node(inner)
-
-
-def _position(graph: fx.Graph):
-    order = {node: i for i, node in enumerate(graph.nodes)}
-    return order.__getitem__

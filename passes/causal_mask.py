@@ -75,8 +75,9 @@ def fold_causal_masks(gm: fx.GraphModule, ctx: PassContext | None = None) -> fx.
     causal = sum(folded.values())
     gm.meta[meta.CAUSAL_MASK_RECORD] = CausalMaskRecord(calls, folded_calls, causal,
                                                         len(folded) - causal)
-    gm.graph.lint()
-    recompile(gm)
+    if folded_calls:  # (a graph this pass did not change keeps its code)
+        gm.graph.lint()
+        recompile(gm)
     return gm
 
 

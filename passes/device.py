@@ -38,19 +38,23 @@ def retarget_device(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
 
 
 def _retarget(gm: fx.GraphModule, device: torch.device) -> int:
-    count = 0
+    count, changed = 0, False
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        moved = False
+        named = False
         if isinstance(node.kwargs.get("device"), torch.device):
+            changed |= node.kwargs["device"] != device
             node.kwargs = {**node.kwargs, "device": device}
-            moved = True
+            named = True
         if any(isinstance(arg, torch.device) for arg in node.args):
+            changed |= any(isinstance(arg, torch.device) and arg != device
+                           for arg in node.args)
             node.args = tuple(device if isinstance(arg, torch.device) else arg
                               for arg in node.args)
-            moved = True
-        count += moved
-    gm.graph.lint()
-    recompile(gm)
+            named = True
+        count += named
+    if changed:  # (captured on the device it runs on, the graph keeps its code)
+        gm.graph.lint()
+        recompile(gm)
     return count

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from core import ops
-from core.fx_utils import eliminate_dead_code
+from core.fx_utils import erase_unread
 from passes import recompile
 
 aten = torch.ops.aten
@@ -150,6 +150,7 @@ def use_kernels(gm: fx.GraphModule, compiled: bool = False) -> fx.GraphModule:
 
 
 def _rewrite(gm: fx.GraphModule, rules) -> None:
+    rewritten, bypassed = 0, []  # inputs of rewritten nodes: those only they read are dead
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -161,8 +162,12 @@ def _rewrite(gm: fx.GraphModule, rules) -> None:
                     break
         if replacement is None:
             continue
+        rewritten += 1
+        bypassed += node.all_input_nodes
         node.target, node.args, node.kwargs = replacement
         node.meta["kernel"] = node.target._opname
-    eliminate_dead_code(gm.graph)  # the nodes folded into silu_mul and rms_norm
+    if not rewritten:  # (a graph this pass did not change keeps its code)
+        return
+    erase_unread(gm.graph, bypassed)  # the nodes folded into silu_mul and rms_norm
     gm.graph.lint()
     recompile(gm)

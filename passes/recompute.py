@@ -74,7 +74,7 @@ def save_gathered_as_shards(gm: fx.GraphModule) -> list[str]:
                     members.add(user)
                     if isinstance(user.target, torch._ops.OpOverload) and user.target.is_view:
                         frontier.append(user)
-        nodes = [n for n in gm.graph.nodes if n in members]
+        nodes = sorted(members)  # in graph order (nodes of one graph compare by position)
         readers = [n for n in nodes
                    if n is not gather and not getattr(n.target, "is_view", False)]
         if readers:  # else nothing here saves the gathered value

@@ -64,7 +64,7 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
         return gm
     sizes = mesh_sizes(ctx.plan)
     saved_as_shards = save_gathered_as_shards(gm)
-    overlapped = overlap_column_backward(gm) if _eager_backward(ctx.plan) else []
+    overlapped = overlap_column_backward(gm) if _eager_backward(ctx.plan) else {}
     groups: dict[str, str] = {}
     fixed, removed = 0, []
     for module in gm.modules():  # stage and checkpointed-region graphs are graphs of their own
@@ -92,13 +92,14 @@ def lower_collectives(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
             if node.target in ops.GROUP_SIZED:
                 node.kwargs = {**node.kwargs, "group_size": sizes[dim]}
             fixed += 1
-        if (fixed, len(removed)) != before or (module is gm and saved_as_shards):
-            # (a graph this pass did not change keeps its code)
+        if ((fixed, len(removed)) != before or (module is gm and saved_as_shards)
+                or module in overlapped):  # (a graph this pass did not change keeps its code)
             module.graph.lint()
             recompile(module)
     gm.meta[meta.LOWERED_COLLECTIVES] = LoweredCollectives(
         groups=tuple(sorted(groups.items())), fixed=fixed, removed=tuple(removed),
-        saved_as_shards=tuple(saved_as_shards), overlapped=tuple(overlapped))
+        saved_as_shards=tuple(saved_as_shards),
+        overlapped=tuple(name for names in overlapped.values() for name in names))
     return gm
 
 
