@@ -216,7 +216,10 @@ def _hold(root: nn.Module, name: str, value) -> None:
     """root.<name> = value, with empty container modules along the path."""
     *path, leaf = name.split(".")
     for part in path:
-        root = root._modules.setdefault(part, nn.Module())
+        child = root._modules.get(part)
+        if child is None:
+            child = root._modules[part] = nn.Module()
+        root = child
     if isinstance(value, nn.Parameter):
         root._parameters[leaf] = value
     elif isinstance(value, torch.Tensor):
@@ -279,8 +282,7 @@ def _clean(graph: fx.Graph, canonical: dict[str, str]) -> None:
         else:
             node.target = name
             seen[name] = node
-    eliminate_dead_code(graph)
-    graph.lint()  # the code is generated once, after
+    eliminate_dead_code(graph)  # (which lints the graph)
 
 
 def _standalone(gm: fx.GraphModule) -> fx.GraphModule:
