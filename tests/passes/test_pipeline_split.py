@@ -66,6 +66,19 @@ def test_stages_hold_their_blocks_and_values_cross_cuts():
         stage.gm.graph.lint()
 
 
+def test_values_made_from_constants_cross_without_gradients():
+    """Llama's RoPE tables are computed from positions alone: the second stage must not
+    differentiate through them nor send their gradients back; the residual stream carries
+    one."""
+    captured = _captured(tiny_llama, n_layer=4)
+    pipeline = compile_rank(captured, Plan(pp=2).resolve(2), 0, "meta").pipeline
+    crossing = {value.shape: value for value in pipeline.values.values() if value.producer == 0}
+    residual = crossing.pop((4, 16, 64))
+    assert residual.differentiable and residual.dtype.is_floating_point
+    assert crossing and all(value.dtype.is_floating_point and not value.differentiable
+                            for value in crossing.values()), crossing
+
+
 def test_interleaved_virtual_stages_and_pinned_cuts():
     captured = _captured(tiny_llama, n_layer=6)
     plan = Plan(pp=2, vpp=2, schedule="interleaved-1f1b", microbatches=2).resolve(2)
