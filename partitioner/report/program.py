@@ -66,9 +66,11 @@ def cut_summary(program: RankProgram) -> list[str]:
         if value.producer < 0:
             continue
         consumers = pipeline.consumers[name]
+        no_gradient = value.dtype.is_floating_point and not value.differentiable
         lines.append(f"  {name}: stage {value.producer} -> stage(s) "
                      f"{', '.join(map(str, consumers))}  {'x'.join(map(str, value.shape))} "
-                     f"{str(value.dtype).removeprefix('torch.')}")
+                     f"{str(value.dtype).removeprefix('torch.')}"
+                     + ("  (no gradient: made from constants and buffers)" if no_gradient else ""))
     return lines
 
 

@@ -51,10 +51,15 @@ class Value:
     dtype: torch.dtype
     input_index: int | None = None
     """Position among the flattened model inputs, for model inputs."""
+    gradient_source: bool = True
+    """Whether a trainable parameter or a floating model input lies upstream of it. Values
+    made from constants and buffers alone (RoPE tables, masks, positions) have no gradient
+    to send back, so the consuming stage does not differentiate through them."""
 
     @property
     def differentiable(self) -> bool:
-        return self.dtype.is_floating_point or self.dtype.is_complex
+        """Whether a gradient flows back through it across the stages."""
+        return (self.dtype.is_floating_point or self.dtype.is_complex) and self.gradient_source
 
 
 @dataclass

@@ -38,7 +38,8 @@ def lower_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     stage_of = {n: n.meta[meta.PP_STAGE] for n in graph.nodes if meta.PP_STAGE in n.meta}
     placeholders = list(graph.find_nodes(op="placeholder"))
     out_leaves = list(graph.find_nodes(op="output")[0].args[0])
-    values, consumers, needs = _crossings(graph, stage_of, placeholders, out_leaves, num_stages)
+    values, consumers, needs = _crossings(graph, stage_of, placeholders, out_leaves, num_stages,
+                                          _gradient_sources(graph, gm.meta[meta.LAYOUTS]))
 
     last = num_stages - 1
     parent = fx.Graph()
@@ -93,8 +94,27 @@ def lower_stages(gm: fx.GraphModule, ctx: PassContext) -> fx.GraphModule:
     return lowered
 
 
+def _gradient_sources(graph: fx.Graph, layouts: dict) -> set[fx.Node]:
+    """The nodes a gradient can reach: those downstream of a floating model input or of a
+    parameter that requires grad. A get_attr the layouts do not name is counted as one (a
+    gradient kept that is not needed costs time; one dropped that is needed is wrong)."""
+    reached: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta.get("val")
+            source = isinstance(val, torch.Tensor) and val.dtype.is_floating_point
+        elif node.op == "get_attr":
+            layout = layouts.get(node.target)
+            source = layout is None or (layout.requires_grad and not layout.is_buffer)
+        else:
+            source = any(arg in reached for arg in node.all_input_nodes)
+        if source:
+            reached.add(node)
+    return reached
+
+
 def _crossings(graph: fx.Graph, stage_of: dict, placeholders: list, out_leaves: list,
-               num_stages: int):
+               num_stages: int, gradient_sources: set[fx.Node]):
     """(values, consumers, needs): every model input and stage-crossing value, the stages that
     read each crossing value, and the values each stage takes as placeholders."""
     values: dict[str, Value] = {}
@@ -119,7 +139,8 @@ def _crossings(graph: fx.Graph, stage_of: dict, placeholders: list, out_leaves: 
                 raise PassError(f"lowering: value {value.name} ({val!r}) crosses a stage "
                                 f"boundary but is not a tensor")
             values.setdefault(value.name, Value(value.name, producer, tuple(val.shape),
-                                                val.dtype))
+                                                val.dtype,
+                                                gradient_source=value in gradient_sources))
             stages = consumers.setdefault(value.name, [])
             if stage not in stages:
                 stages.append(stage)

@@ -9,6 +9,7 @@ from core.plan import Plan
 from partitioner.capture import capture
 from partitioner.compiler import compile_rank, layouts_from_capture
 from partitioner.models import tiny, tiny_llama
+from partitioner.report.program import cut_summary
 from partitioner.state import set_tensor
 from passes import PassContext, PassError
 from passes.registry import run_passes
@@ -64,6 +65,23 @@ def test_stages_hold_their_blocks_and_values_cross_cuts():
     assert set(first.layouts) < set(first.all_layouts)
     for stage in first.stages + second.stages:
         stage.gm.graph.lint()
+
+
+def test_values_made_from_constants_cross_without_gradients():
+    """Llama's RoPE tables are computed from positions alone: the second stage must not
+    differentiate through them nor send their gradients back; the residual stream carries
+    one."""
+    captured = _captured(tiny_llama, n_layer=4)
+    program = compile_rank(captured, Plan(pp=2).resolve(2), 0, "meta")
+    crossing = {value.name: value for value in program.pipeline.values.values()
+                if value.producer == 0}
+    residual = next(name for name, value in crossing.items() if value.shape == (4, 16, 64))
+    assert crossing.pop(residual).differentiable
+    assert crossing and all(value.dtype.is_floating_point and not value.differentiable
+                            for value in crossing.values()), crossing
+    lines = cut_summary(program)
+    assert [line for line in lines if "no gradient" in line] == \
+        [line for line in lines if line.split(":")[0].strip() in crossing]
 
 
 def test_interleaved_virtual_stages_and_pinned_cuts():
