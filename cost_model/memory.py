@@ -38,7 +38,8 @@ def in_flight(schedule: str, rank: int, pp: int, microbatches: int, vpp: int) ->
 
     GPipe: all m. 1F1B: min(m, p - rank). Interleaved 1F1B: Megatron's warm-up of
     (p - rank - 1) * 2 + (v - 1) * p chunks plus the one in progress, each 1/v of the rank's
-    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor.
+    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor (exact
+    for equal chunks; `interleaved_peak` follows the chunk order where they differ).
     Zero-bubble ZB-H1 and ZB-V: min(m, p) on every rank (a microbatch's activations are held
     until its weight-gradient step; the delayed W steps bring every rank to 1F1B's rank-0 peak,
     counted in full although W needs only the weights' inputs)."""
