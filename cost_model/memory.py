@@ -189,7 +189,9 @@ def interleaved_peak(rank: int, pp: int, microbatches: int, chunk_bytes: tuple[f
 
     held = sum(chunk_bytes[forward_chunk(k)] for k in range(warmup))
     peak = held
-    for i in range(total - warmup):
+    # any pp*v steps in a row run each chunk pp times forward and pp times backward: what is
+    # held repeats with that period, so one period of the steady state has its peak
+    for i in range(min(total - warmup, pp * v)):
         held += chunk_bytes[forward_chunk(warmup + i)]
         peak = max(peak, held)
         held -= chunk_bytes[backward_chunk(i)]

@@ -5,6 +5,7 @@ import math
 import pytest
 import sympy
 
+from core import schedules
 from core.layout import RankLayout
 from core.plan import Plan
 from cost_model import comm, memory
@@ -115,6 +116,16 @@ def test_interleaved_peak_follows_the_chunk_order():
     assert memory.in_flight("interleaved-1f1b", 0, 16, 32, 8) * 7 == pytest.approx(125.125)
     # fewer microbatches than the warm-up: every forward is held
     assert memory.interleaved_peak(1, 16, 16, (1.0,) * 8) == 128
+    # against the whole schedule simulated action by action (core.schedules' interleaved order)
+    for pp, v, m, sizes in ((4, 2, 8, (0.0, 3.0)), (4, 3, 12, (1.0, 0.0, 2.5)),
+                            (2, 4, 10, (2.0, 1.0, 1.0, 0.5))):
+        for rank in range(pp):
+            held = peak = 0.0
+            for action in schedules.schedule("interleaved-1f1b", pp, m, v)[rank]:
+                chunk = action.stage // pp  # stage s of the pp*v runs on rank s % pp
+                held += sizes[chunk] if action.kind == "F" else -sizes[chunk]
+                peak = max(peak, held)
+            assert memory.interleaved_peak(rank, pp, m, sizes) == pytest.approx(peak)
 
 
 def test_stage_layers_balanced_and_complete():
