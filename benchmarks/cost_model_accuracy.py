@@ -221,6 +221,9 @@ def published(out: Path = PUBLISHED_RESULTS) -> int:
                      "published_s": run.published_step_s, "predicted_s": pred.predicted_s,
                      "error": pred.error, "loo_error": loo.get(run.name, pred.error),
                      "mfu": est.mfu, "memory_gib": est.memory_gib, "fits": est.fits,
+                     # by term and by part, to compare runs term by term
+                     "step_terms_s": dict(est.step_terms_s),
+                     "memory_breakdown_gib": est.to_json()["memory_breakdown_gib"],
                      "source": f"{run.source.paper}, {run.source.table}"})
     print(f"{'run':34s} {'GPUs':>6s} {'published':>10s} {'predicted':>10s} {'fitted':>7s} "
           f"{'LOO':>7s} {'GiB':>6s}")

@@ -38,7 +38,8 @@ def in_flight(schedule: str, rank: int, pp: int, microbatches: int, vpp: int) ->
 
     GPipe: all m. 1F1B: min(m, p - rank). Interleaved 1F1B: Megatron's warm-up of
     (p - rank - 1) * 2 + (v - 1) * p chunks plus the one in progress, each 1/v of the rank's
-    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor.
+    layers; for rank 0 this is p (1 + (p-1)/(p v)), Korthikanti's interleaving factor (exact
+    for equal chunks; `interleaved_peak` follows the chunk order where they differ).
     Zero-bubble ZB-H1 and ZB-V: min(m, p) on every rank (a microbatch's activations are held
     until its weight-gradient step; the delayed W steps bring every rank to 1F1B's rank-0 peak,
     counted in full although W needs only the weights' inputs)."""
@@ -123,14 +124,16 @@ def breakdown(rank: int, weights: float, grads: float, optimizer: float, activat
 
 
 @lru_cache(maxsize=4096)
-def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
+def chunk_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
                  placement: tuple[int, ...] | None = None,
-                 layout: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
-    """(dense blocks, MoE blocks) per pipeline rank. `layout` (Plan.stage_layers) gives each
-    of the pp*vpp chunks' layers in stage order; without it layers split as evenly as possible
-    over the chunks, the remainder going to the middle chunks, away from the embedding and
-    head on the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..., or those
-    `placement` (the schedule's, core.schedules.placement) puts on it."""
+                 layout: tuple[int, ...] | None = None
+                 ) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """Per pipeline rank, (dense blocks, MoE blocks) of each of its virtual stages (model
+    chunks) in the order the rank runs them. `layout` (Plan.stage_layers) gives each of the
+    pp*vpp chunks' layers in stage order; without it layers split as evenly as possible over
+    the chunks, the remainder going to the middle chunks, away from the embedding and head on
+    the first and last stage. Rank r holds chunks r, r+pp, r+2pp, ..., or those `placement`
+    (the schedule's, core.schedules.placement) puts on it."""
     chunks = pp * vpp
     if layout is not None:
         if len(layout) != chunks or sum(layout) != layers:
@@ -144,16 +147,55 @@ def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
     starts = [sum(sizes[:i]) for i in range(chunks)]
     per_rank = []
     for r in range(pp):
-        nd = nm = 0
+        mixes = []
         for ci in (range(r, chunks, pp) if placement is None else
                    [c for c in range(chunks) if placement[c] == r]):
-            for li in range(starts[ci], starts[ci] + sizes[ci]):
-                if moe and li >= dense_layers:
-                    nm += 1
-                else:
-                    nd += 1
-        per_rank.append((nd, nm))
+            moe_blocks = sum(1 for li in range(starts[ci], starts[ci] + sizes[ci])
+                             if moe and li >= dense_layers)
+            mixes.append((sizes[ci] - moe_blocks, moe_blocks))
+        per_rank.append(tuple(mixes))
     return tuple(per_rank)
+
+
+@lru_cache(maxsize=4096)
+def stage_layers(layers: int, dense_layers: int, moe: bool, pp: int, vpp: int,
+                 placement: tuple[int, ...] | None = None,
+                 layout: tuple[int, ...] | None = None) -> tuple[tuple[int, int], ...]:
+    """(dense blocks, MoE blocks) per pipeline rank: its chunks' (`chunk_layers`) together."""
+    return tuple((sum(d for d, _ in mixes), sum(m for _, m in mixes))
+                 for mixes in chunk_layers(layers, dense_layers, moe, pp, vpp, placement, layout))
+
+
+@lru_cache(maxsize=4096)
+def interleaved_peak(rank: int, pp: int, microbatches: int, chunk_bytes: tuple[float, ...]
+                     ) -> float:
+    """Activation bytes rank `rank` holds at its peak under Megatron's interleaved 1F1B, its
+    model chunks keeping `chunk_bytes` each per microbatch.
+
+    The rank runs its forwards chunk by chunk in groups of pp microbatches (the k-th forward is
+    on chunk (k mod pp*v) // pp, the j-th backward on chunk v-1 - (j mod pp*v) // pp): a warm-up
+    of (pp - rank - 1) * 2 + (v - 1) * pp forwards, then one forward and one backward in turn.
+    With equal chunks the peak is `in_flight`'s; with uneven ones (Llama 3's first chunk of the
+    embedding alone) it is what those forwards hold, not their count times the mean chunk."""
+    v = len(chunk_bytes)
+    total = microbatches * v
+    warmup = min(total, (pp - rank - 1) * 2 + (v - 1) * pp)
+
+    def forward_chunk(k):
+        return (k % (pp * v)) // pp
+
+    def backward_chunk(j):
+        return v - 1 - (j % (pp * v)) // pp
+
+    held = sum(chunk_bytes[forward_chunk(k)] for k in range(warmup))
+    peak = held
+    # any pp*v steps in a row run each chunk pp times forward and pp times backward: what is
+    # held repeats with that period, so one period of the steady state has its peak
+    for i in range(min(total - warmup, pp * v)):
+        held += chunk_bytes[forward_chunk(warmup + i)]
+        peak = max(peak, held)
+        held -= chunk_bytes[backward_chunk(i)]
+    return peak
 
 
 @lru_cache(maxsize=4096)

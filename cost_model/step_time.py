@@ -377,7 +377,14 @@ def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense:
     per_param = mem.param_bytes(p.param_dtype, p.zero)
     optim = per_param.optimizer * _optimizer_shard(p, p_dense, p_exp)
     flight = mem.in_flight(p.schedule, r, p.pp, p.microbatches, p.vpp)
-    act = flight * (nd * step.dense.act + nm * step.moe.act) * _activation_scale(p)
+    if p.schedule == "interleaved-1f1b" and p.vpp > 1:
+        chunks = mem.chunk_layers(shape.layers, shape.dense_layers, bool(shape.experts), p.pp,
+                                  p.vpp, None, p.stage_layers)[r]
+        act = mem.interleaved_peak(r, p.pp, p.microbatches, tuple(
+            d * step.dense.act + e * step.moe.act for d, e in chunks))
+    else:
+        act = flight * (nd * step.dense.act + nm * step.moe.act)
+    act *= _activation_scale(p)
     temp = max(step.dense.full_act, step.moe.full_act)
     temp += 2 * 2 * T * shape.hidden  # gathered sequence-parallel input, its gradient
     if r == tr.head_rank:

@@ -5,6 +5,7 @@ import math
 import pytest
 import sympy
 
+from core import schedules
 from core.layout import RankLayout
 from core.plan import Plan
 from cost_model import comm, memory
@@ -99,6 +100,32 @@ def test_in_flight_microbatches_per_schedule():
     p, v = 8, 4  # Korthikanti: p (1 + (p-1)/(p v))
     assert memory.in_flight("interleaved-1f1b", 0, p, 64, v) == pytest.approx(
         p * (1 + (p - 1) / (p * v)))
+
+
+def test_interleaved_peak_follows_the_chunk_order():
+    p, v, m = 8, 4, 64
+    even = tuple([3.0] * v)  # equal chunks: Korthikanti's p (1 + (p-1)/(p v)) of the rank's layers
+    for rank in (0, 3, p - 1):
+        assert memory.interleaved_peak(rank, p, m, even) == pytest.approx(
+            memory.in_flight("interleaved-1f1b", rank, p, m, v) * 3.0 * v)
+    # Llama 3's first rank: 8 one-layer chunks, the first holding only the embedding. Megatron's
+    # warm-up of 2*15 + 7*16 = 142 forwards (+1) runs chunks 0..7 on 16 microbatches each, then
+    # chunk 0 again: 7 layers x 16 microbatches held, not 143/8 of the rank's 7 layers
+    llama_first = (0.0,) + (1.0,) * 7
+    assert memory.interleaved_peak(0, 16, 32, llama_first) == 112
+    assert memory.in_flight("interleaved-1f1b", 0, 16, 32, 8) * 7 == pytest.approx(125.125)
+    # fewer microbatches than the warm-up: every forward is held
+    assert memory.interleaved_peak(1, 16, 16, (1.0,) * 8) == 128
+    # against the whole schedule simulated action by action (core.schedules' interleaved order)
+    for pp, v, m, sizes in ((4, 2, 8, (0.0, 3.0)), (4, 3, 12, (1.0, 0.0, 2.5)),
+                            (2, 4, 10, (2.0, 1.0, 1.0, 0.5))):
+        for rank in range(pp):
+            held = peak = 0.0
+            for action in schedules.schedule("interleaved-1f1b", pp, m, v)[rank]:
+                chunk = action.stage // pp  # stage s of the pp*v runs on rank s % pp
+                held += sizes[chunk] if action.kind == "F" else -sizes[chunk]
+                peak = max(peak, held)
+            assert memory.interleaved_peak(rank, pp, m, sizes) == pytest.approx(peak)
 
 
 def test_stage_layers_balanced_and_complete():

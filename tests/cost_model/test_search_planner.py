@@ -169,3 +169,19 @@ def test_search_interleaves_126_layers_with_fewer_layers_on_the_first_and_last_s
     with pytest.raises(ValueError, match="stage_layers=3/4\\*30/2 places 125 layers"):
         search(LLAMA_405B, parse_cluster("2048xH100"), 2048, top_k=1,
                fixed="tp=8,pp=16,vpp=2,schedule=interleaved-1f1b,stage_layers=3/4*30/2")
+
+
+def test_search_takes_selective_recompute_where_it_fits_and_none_does_not():
+    """Korthikanti et al.'s GPT-3 175B on 64 A100s (tp=8, pp=8, batch 64): without recomputation
+    a rank needs more than the 80 GiB, with selective recomputation (the attention core
+    recomputed) it fits and beats full recomputation, as the paper ran it."""
+    gpt3 = TransformerShape.megatron_gpt(layers=96, hidden=12288, heads=96, seq=2048,
+                                         vocab=51200)
+    cluster = parse_cluster("64xA100-80G")
+    res = search(gpt3, cluster, 64, fixed="tp=8,pp=8", top_k=50)
+    assert res.chosen.plan.recompute == "selective" and res.chosen.fits
+    assert res.chosen.memory_gib > 60  # near the limit, not far below it
+    assert {e.plan.recompute for e in res.plans} >= {"selective", "full"}
+    assert all(e.plan.recompute != "none" for e in res.plans)
+    with pytest.raises(ValueError, match="needs .* GiB more"):
+        search(gpt3, cluster, 64, fixed="tp=8,pp=8,recompute=none,sp=on,mb=64,schedule=1f1b")

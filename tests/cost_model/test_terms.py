@@ -76,6 +76,33 @@ def test_expert_all_to_alls_only_on_moe_blocks():
     assert ep.block(tr, bc, moe=False) == CommTerm()
 
 
+def test_expert_dispatch_beside_cp_sends_this_ranks_share_and_gathers_over_cp():
+    """Under cp each rank dispatches 1/cp of the (gathered) sequence; this package's runtime
+    also gathers the block's tokens and the returned rows whole over cp: two (B, S, h)
+    all-gathers forward, two reduce-scatters backward. Megatron-Core routes the local shard."""
+    plan = Plan(cp=2, ep=2, dp=2)
+    bc = block_costs(MOE, HW, True)
+    mbs = 2
+    megatron = traits(plan, shape=MOE, mbs=mbs)
+    k, h = MOE.topk, MOE.hidden
+    share = HW.elem_bytes * mbs * MOE.seq / 2 * k * h  # this cp rank's tokens, top-k copies
+    assert bc.ep_bytes(*megatron.args) == pytest.approx(share)
+    a2a = comm.collective_parts("all_to_all", share, megatron.groups.ep, HW)
+    assert ep.block(megatron, bc, moe=True) == pytest.approx(
+        CommTerm(2 * a2a.seconds, 2 * a2a.seconds, 2 * a2a.transfer, 2 * a2a.transfer))
+    ours = traits(plan, shape=MOE, mbs=mbs, runtime="partitioner")
+    whole = HW.elem_bytes * mbs * MOE.seq * h
+    gather = comm.collective_parts("all_gather", whole, ours.groups.cp, HW)
+    scatter = comm.collective_parts("reduce_scatter", whole, ours.groups.cp, HW)
+    assert ep.block(ours, bc, moe=True) == pytest.approx(CommTerm(
+        2 * a2a.seconds + 2 * gather.seconds, 2 * a2a.seconds + 2 * scatter.seconds,
+        2 * a2a.transfer + 2 * gather.transfer, 2 * a2a.transfer + 2 * scatter.transfer))
+    assert ep.block(traits(Plan(ep=2, dp=2), shape=MOE, mbs=mbs, runtime="partitioner"), bc,
+                    moe=True).fwd == pytest.approx(2 * comm.collective_parts(
+                        "all_to_all", 2 * share, traits(Plan(ep=2, dp=2), shape=MOE).groups.ep,
+                        HW).seconds)  # cp=1: the whole sequence's tokens, no gathers
+
+
 def test_pipeline_span_is_the_published_formula():
     # equal stages: (m + p - 1) x for 1F1B; the interleaved bubble shrinks by v
     assert pp.span([1.0] * 4, 8, 1) == pytest.approx((8 + 4 - 1) * 1.0)
