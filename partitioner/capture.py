@@ -108,7 +108,8 @@ def capture(model: nn.Module, args: tuple, kwargs: dict | None = None) -> Captur
 
 def _export(model: nn.Module, args: tuple, kwargs: dict) -> Captured:
     try:
-        exported = torch.export.export(model, tuple(args), kwargs, strict=False)
+        with _no_stack_traces():
+            exported = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as error:  # noqa: BLE001 - re-raised with context below
         raise CaptureError(_describe_export_failure(model, error)) from error
     canonical, aliases = _canonical_names(model)
@@ -251,6 +252,23 @@ def _unlift_by_module(exported, canonical: dict[str, str]) -> fx.GraphModule:
         delattr(gm, "_guards_fn")
     _detach_from_model(gm)
     return _standalone(gm)
+
+
+@contextlib.contextmanager
+def _no_stack_traces():
+    """Export without each node's Python stack trace: nothing here reads `stack_trace`
+    (errors name nodes and module paths), and symbolizing a traceback per traced op is about a
+    fifth of a small model's export."""
+    config = torch.fx.config
+    if not hasattr(config, "do_not_emit_stack_traces"):  # older torch: traces are recorded
+        yield
+        return
+    before = config.do_not_emit_stack_traces
+    config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        config.do_not_emit_stack_traces = before
 
 
 def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
