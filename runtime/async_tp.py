@@ -33,6 +33,9 @@ from core import ops
 from runtime.ring import Ring, wait
 
 
+def _ring(group: str) -> Ring:
+    """The ring of the named process group the collective op carries."""
+    return Ring(_resolve_process_group(group))
 
 
 def _chunk(x: torch.Tensor, dim: int, size: int, index: int) -> torch.Tensor:
@@ -138,7 +141,7 @@ class _AllGatherMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, dim, count, with_bias, x, *params):
         weights, biases = params[:count], _biases(params[count:], with_bias)
-        ctx.ring, ctx.dim, ctx.count, ctx.with_bias = Ring(_resolve_process_group(group)), dim, count, with_bias
+        ctx.ring, ctx.dim, ctx.count, ctx.with_bias = _ring(group), dim, count, with_bias
         ctx.save_for_backward(x, *weights)  # the shard: x is gathered again in backward
         return tuple(gather_matmul(x, weights, biases, ctx.ring, dim))
 
@@ -168,7 +171,7 @@ def _all_gather_matmul(x, weights, biases, group, gather_dim, *, group_size=0):
 class _MatmulReduceScatter(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, dim, x, weight):
-        ctx.ring, ctx.dim = Ring(_resolve_process_group(group)), dim
+        ctx.ring, ctx.dim = _ring(group), dim
         ctx.save_for_backward(x, weight)
         return matmul_scatter(x, weight, ctx.ring, dim)
 
@@ -223,11 +226,11 @@ def _matmul_reduce_scatter(x, weight, group, scatter_dim, *, group_size=0):
 
 def _all_gather_matmul_plain(x, weights, biases, group, gather_dim, *, group_size=0):
     with torch.no_grad():
-        return gather_matmul(x, list(weights), list(biases), Ring(_resolve_process_group(group)), gather_dim)
+        return gather_matmul(x, list(weights), list(biases), _ring(group), gather_dim)
 
 
 def _matmul_reduce_scatter_plain(x, weight, group, scatter_dim, *, group_size=0):
-    return matmul_scatter(x, weight, Ring(_resolve_process_group(group)), scatter_dim)
+    return matmul_scatter(x, weight, _ring(group), scatter_dim)
 
 
 # the Function on the Autograd key (as copy_to_region's), the plain loops below it
