@@ -18,7 +18,7 @@ from typing import Literal, get_args
 from core.divisibility import divisors, nearest_multiples, proper_divisors, words
 
 Schedule = Literal["gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "zb-v"]
-CpAlgo = Literal["ring", "a2a", "hybrid"]
+CpAlgo = Literal["ring", "a2a", "hybrid", "allgather"]
 Dtype = Literal["bf16", "fp16", "fp32"]
 Recompute = Literal["none", "selective", "full"]
 RuleKind = Literal["colwise", "rowwise", "vocab", "replicate", "moe", "pp_split"]
@@ -81,8 +81,9 @@ class Plan:
     """Virtual pipeline stages per rank (interleaved 1F1B; 2 for zb-v, as Megatron and torch
     name ZB-V's two chunks per rank)."""
     cp_algo: CpAlgo = "ring"
-    """Context-parallel attention: ring (send/recv of k/v blocks), a2a (Ulysses all-to-all) or
-    hybrid (a2a inside sub-groups of `cp_a2a` ranks, ring across them)."""
+    """Context-parallel attention: ring (send/recv of k/v blocks), a2a (Ulysses all-to-all),
+    hybrid (a2a inside sub-groups of `cp_a2a` ranks, ring across them) or allgather (k and v
+    all-gathered before attention, exposed: Llama 3's, Megatron's cp_comm_type=all_gather)."""
     cp_a2a: int | None = None
     """Size of the all-to-all sub-group of hybrid CP (Megatron's hierarchical CP sizes)."""
     cp_pad: bool = True
@@ -384,8 +385,9 @@ class Plan:
 
 # Fields whose strategy has not landed: (landed for this plan?, what it is, how to go without).
 _PENDING = {
-    "cp_algo": (lambda plan: plan.cp_algo != "hybrid", "hybrid context parallelism "
-                "(cp_algo=hybrid)", "use cp_algo=ring or cp_algo=a2a"),
+    "cp_algo": (lambda plan: plan.cp_algo in ("ring", "a2a"),
+                "hybrid and all-gather context parallelism (cp_algo=hybrid, cp_algo=allgather: "
+                "the cost model's, for planning)", "use cp_algo=ring or cp_algo=a2a"),
     "etp": (lambda plan: plan.etp in (1, plan.tp),
             "expert tensor parallelism other than 1 or tp (1 < etp != tp)",
             "set etp=1 (each expert whole on one rank) or leave it unset (etp = tp)"),

@@ -92,6 +92,18 @@ def collective_parts(kind: str, nbytes: float, group: GroupPlacement,
     return CollectiveCost(latency, transfer)
 
 
+def overlapped_transfer(cost: CollectiveCost, window: float, steps: int) -> float:
+    """Seconds of `cost`'s transfer still exposed when the collective is decomposed into
+    `steps` ring steps, each overlapped with the matmul of one chunk, `window` seconds of
+    matmul in all (async TP; Megatron-Core's tp_comm_overlap): the part longer than the matmul,
+    plus one step that nothing overlaps (an all-gather's last chunk is multiplied after it
+    arrives; a reduce-scatter's last partial sum is sent after its matmul), a 1/steps share of
+    whichever of the two is shorter. The matmuls' slowdown from sharing the device with the
+    transfer is not counted."""
+    x = cost.transfer
+    return max(0.0, x - window) + min(x, window) / steps
+
+
 def collective_time(kind: str, nbytes: float, group: GroupPlacement, hw: Hardware) -> float:
     """Seconds for one collective of `nbytes` (the full buffer; for all-gather the output, for
     reduce-scatter the input) over `group`."""

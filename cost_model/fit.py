@@ -250,7 +250,8 @@ def least_squares(residuals, x0, lower, upper, max_iter: int = 50,
 
     `residuals` maps a tuple of parameters to a list of residuals. The Jacobian is taken by
     forward differences, so the residuals may be any function (here: the cost model's
-    predictions, which have max() in them); a step leaving the box is clipped to it."""
+    predictions, which have max() in them); a parameter on a bound the descent points past is
+    held there (an active set), and a step leaving the box is clipped to it."""
     def clip(x):
         return tuple(min(hi, max(lo, v)) for v, lo, hi in zip(x, lower, upper, strict=True))
 
@@ -268,15 +269,22 @@ def least_squares(residuals, x0, lower, upper, max_iter: int = 50,
         jtj = [[sum(a * b for a, b in zip(jac[i], jac[k], strict=True)) for k in range(n)]
                for i in range(n)]
         jtr = [sum(a * b for a, b in zip(jac[i], r, strict=True)) for i in range(n)]
+        # a parameter on a bound that descent would push past it stays there: solving for it
+        # too and clipping the step afterwards can leave a step that helps none of the others
+        free = [i for i in range(n)
+                if not (x[i] >= upper[i] and jtr[i] < 0 or x[i] <= lower[i] and jtr[i] > 0)]
         improved = False
-        while damping < 1e12:
+        while damping < 1e12 and free:
             a = [[jtj[i][k] + (damping * (jtj[i][i] or 1.0) if i == k else 0.0)
-                  for k in range(n)] for i in range(n)]
+                  for k in free] for i in free]
             try:
-                delta = _solve(a, [-v for v in jtr])
+                step = _solve(a, [-jtr[i] for i in free])
             except ZeroDivisionError:
                 damping *= 10
                 continue
+            delta = [0.0] * n
+            for i, d in zip(free, step, strict=True):
+                delta[i] = d
             trial = clip(tuple(v + d for v, d in zip(x, delta, strict=True)))
             r_trial = list(residuals(trial))
             c_trial = cost(r_trial)

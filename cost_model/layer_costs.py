@@ -231,6 +231,12 @@ class BlockCosts:
     """K and V of this rank's sequence chunk (ring: passed c-1 times per forward)."""
     ep_bytes: Callable[..., float]
     """One dispatch (or combine) all-to-all buffer; 2 per forward."""
+    tp_windows: tuple[Callable[..., float], ...]
+    """Forward seconds of the GEMMs beside the block's four tensor-parallel collectives, in
+    their order: attention's column projection (after its all-gather), its row projection
+    (before its reduce-scatter), the MLP's column and row projections. What async TP hides
+    the collectives behind (terms/tp.py); 0 for an MoE block's MLP, whose expert GEMMs run after
+    the dispatch, not beside the tensor-parallel collectives."""
     symbolic: dict
     """The sympy expressions behind the callables, with the profile's fitted efficiencies
     (EFFICIENCY_FIELDS) still symbols."""
@@ -241,7 +247,8 @@ class BlockCosts:
     def expressions(self) -> dict:
         """The expressions with the profile's efficiencies put in (for reports and tests)."""
         values = dict(zip(EFFICIENCY_SYMBOLS, self.efficiencies, strict=True))
-        return {name: (expr.subs(values) if isinstance(expr, sympy.Basic) else expr)
+        return {name: (expr.subs(values) if isinstance(expr, sympy.Basic) else
+                       tuple(e.subs(values) for e in expr) if isinstance(expr, tuple) else expr)
                 for name, expr in self.symbolic.items() if name != "ops"}
 
     def activation(self, recompute: str, *args) -> float:
@@ -254,8 +261,12 @@ def block_expressions(shape: TransformerShape, hw: Hardware, moe: bool) -> dict:
     act = activation_bytes(shape, moe)
     T = b * shape.seq / c
     tokens_moe = T * et / t * shape.topk
+    gemm = {op.name: op.fwd for op in ops}
+    zero = sympy.Integer(0)
     return {
         "ops": ops,
+        "tp_windows": (gemm["qkv_proj"], gemm["out_proj"], gemm.get("mlp_in", zero),
+                       gemm.get("mlp_out", zero)),
         "fwd": sum(op.fwd for op in ops),
         "bwd": sum(op.bwd for op in ops),
         "recompute_selective": sum(op.fwd for op in ops if op.attention_core)
@@ -279,9 +290,14 @@ EFFICIENCY_SYMBOLS = sympy.symbols(" ".join(EFFICIENCY_FIELDS))
 @lru_cache(maxsize=64)
 def _lambdified(shape: TransformerShape, symbolic_hw: Hardware, moe: bool):
     exprs = block_expressions(shape, symbolic_hw, moe)
-    fns = {name: sympy.lambdify((*EFFICIENCY_SYMBOLS, *ARGS), expr, modules="math")
+    fns = {name: (tuple(_lambdify(e) for e in expr) if isinstance(expr, tuple)
+                  else _lambdify(expr))
            for name, expr in exprs.items() if name != "ops"}
     return exprs, fns
+
+
+def _lambdify(expr):
+    return sympy.lambdify((*EFFICIENCY_SYMBOLS, *ARGS), expr, modules="math")
 
 
 def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> BlockCosts:
@@ -290,7 +306,9 @@ def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> Blo
     exprs, fns = _lambdified(shape, symbolic_hw, moe)
     values = tuple(getattr(hw, name) for name in EFFICIENCY_FIELDS)
     return BlockCosts(symbolic=exprs, efficiencies=values,
-                      **{name: functools.partial(fn, *values) for name, fn in fns.items()})
+                      **{name: (tuple(functools.partial(f, *values) for f in fn)
+                                if isinstance(fn, tuple) else functools.partial(fn, *values))
+                         for name, fn in fns.items()})
 
 
 # --- the ends of the model (first and last stage) -----------------------------------------

@@ -2,8 +2,8 @@
 
 Mixed-precision training as Megatron does it: 16-bit weights (2 B/param), fp32 gradient buffer
 (4 B/param), AdamW with an fp32 master copy and two fp32 moments (12 B/param), the optimizer state
-sharded over the data-parallel ranks with ZeRO-1; a plan naming `param_dtype` counts what
-partitioner's runtime holds instead (`param_bytes`). Activations per block come from
+sharded over the data-parallel ranks with ZeRO-1; a plan naming `param_dtype` run by
+partitioner's runtime counts what that runtime holds instead (`param_bytes`). Activations per block come from
 layer_costs.activation_bytes (Korthikanti et al. 2022); a pipeline rank holds the activations of
 the microbatches in flight of its schedule.
 """
@@ -68,17 +68,24 @@ class ParamBytes:
     """Split over the ZeRO-1 ranks when zero=1."""
 
 
-def param_bytes(param_dtype: str | None, zero: int) -> ParamBytes:
-    """Per parameter, following the plan's dtypes.
+def param_bytes(param_dtype: str | None, zero: int, reduce_dtype: str = "fp32",
+                runtime: str = "partitioner") -> ParamBytes:
+    """Per parameter, following the plan's dtypes and whose runtime holds them.
 
-    param_dtype unset: Megatron's convention, which the published runs the model is checked
-    against use (16-bit weights, an fp32 gradient buffer, the fp32 master and AdamW's two
-    moments sharded by the distributed optimizer). bf16/fp16: what partitioner's runtime holds,
-    a 16-bit compute copy and the fp32 main weight (2 + 4), the fp32 gradient (4), AdamW's two
-    fp32 moments (8), and under ZeRO-1 the 1/dp fp32 shard the optimizer updates (4, sharded).
-    fp32: the same without the compute copy."""
+    param_dtype unset, or 16-bit on Megatron-Core's runtime: Megatron's convention, which the
+    published runs the model is checked against use (16-bit weights, a gradient buffer in the
+    reduction dtype - fp32 unless grad_reduce_in_bf16 - the fp32 master and AdamW's two moments
+    sharded by the distributed optimizer). bf16/fp16 on partitioner's runtime: a 16-bit
+    compute copy and the fp32 main weight (2 + 4), the fp32 gradient (4), AdamW's two fp32
+    moments (8), and under ZeRO-1 the 1/dp fp32 shard the optimizer updates (4, sharded).
+    fp32: the same without the compute copy (on Megatron-Core's runtime without a master
+    copy either)."""
     if param_dtype is None:
         return ParamBytes(PARAM_BYTES, GRAD_BYTES, ADAM_BYTES)
+    if runtime == "megatron":  # fp32: no master copy, the moments only
+        if param_dtype == "fp32":
+            return ParamBytes(4, 4, 8)
+        return ParamBytes(PARAM_BYTES, 2 if reduce_dtype != "fp32" else GRAD_BYTES, ADAM_BYTES)
     copy = 0 if param_dtype == "fp32" else 2
     return ParamBytes(copy + 4, 4, 8 + (4 if zero else 0))
 

@@ -77,6 +77,8 @@ def _shape(model: dict) -> TransformerShape:
                                 ffn=model["ffn"], seq=model["seq"], vocab=model["vocab"],
                                 swiglu=True, norm="rmsnorm", bias=False, tie_embeddings=False,
                                 learned_positions=False)
+    if kind == "transformer":  # every field named in the record
+        return TransformerShape(**{k: v for k, v in model.items() if k != "kind"})
     raise ValueError(f"unknown model kind {kind!r} in published runs")
 
 

@@ -332,7 +332,6 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
     opt = hw.memory_time(30 * shard + 8 * p_local, kernels=4) if step.include_optimizer else 0.0
     # data-parallel gradient sync, overlapped with the last microbatch's backward
     sync = dp.gradient_sync(tr, p_dense, p_exp)
-    sync_s = sum(c.seconds for c in sync)
     buckets = max(1, nd + nm)
     ends = r in (0, tr.head_rank)
     tied, loss = step.tied_sync, step.loss_sync
@@ -345,7 +344,7 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
         sum(c.latency for c in sync) / buckets + (tied.latency if ends else 0.0) + loss.latency)
     return RankTime(fwd=F, bwd=B, work=work, phases=RankPhases(forward, backward, tail),
                     comm=comm, split=split, memory=_rank_memory(tr, step, r, nd, nm, p_dense, p_exp),
-                    optimizer_s=opt, dp_exposed_s=dp.exposed(sync_s, buckets, B))
+                    optimizer_s=opt, dp_exposed_s=dp.exposed_sync(tr, sync, buckets, F, B))
 
 
 def _optimizer_shard(p: Plan, p_dense: float, p_exp: float) -> float:
@@ -374,7 +373,7 @@ def _rank_memory(tr: Traits, step: StepParts, r: int, nd: int, nm: int, p_dense:
                  p_exp: float) -> mem.MemoryBreakdown:
     p, shape, T = tr.plan, tr.shape, tr.tokens
     p_local = p_dense + p_exp
-    per_param = mem.param_bytes(p.param_dtype, p.zero)
+    per_param = mem.param_bytes(p.param_dtype, p.zero, p.reduce_dtype, tr.runtime)
     optim = per_param.optimizer * _optimizer_shard(p, p_dense, p_exp)
     flight = mem.in_flight(p.schedule, r, p.pp, p.microbatches, p.vpp)
     if p.schedule == "interleaved-1f1b" and p.vpp > 1:

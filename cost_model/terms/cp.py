@@ -1,5 +1,7 @@
 """Context-parallel time terms of a block's attention: the ring's k/v hops, hidden behind the
-attention of the blocks already held, or Ulysses' (a2a) four all-to-alls each way."""
+attention of the blocks already held, Ulysses' (a2a) four all-to-alls each way, or (allgather)
+k and v all-gathered before attention and their gradients reduce-scattered after it, exposed
+(Llama 3: "Although the all-gather communication latency is exposed in the critical path")."""
 
 from __future__ import annotations
 
@@ -19,5 +21,10 @@ def block(tr: Traits, bc: BlockCosts) -> CommTerm:
         # backward: k/v and their gradients around the ring, behind the attention backward
         return CommTerm(max(0.0, ring - attention), max(0.0, 2 * ring - 2.5 * attention),
                         (p.cp - 1) * hop.transfer, 2 * (p.cp - 1) * hop.transfer)
+    if p.cp_algo == "allgather":
+        kv = bc.cp_bytes(*tr.args) * p.cp  # every rank's k and v chunk, gathered
+        gather = collective_parts("all_gather", kv, tr.groups.cp, tr.hw)
+        scatter = collective_parts("reduce_scatter", kv, tr.groups.cp, tr.hw)
+        return CommTerm(gather.seconds, scatter.seconds, gather.transfer, scatter.transfer)
     a2a = collective_parts("all_to_all", 2 * bc.tp_bytes(*tr.args) / p.tp, tr.groups.cp, tr.hw)
     return CommTerm(4 * a2a.seconds, 4 * a2a.seconds, 4 * a2a.transfer, 4 * a2a.transfer)

@@ -5,11 +5,20 @@ With sequence parallelism this package's runtime (Traits.runtime == "partitioner
 each column region's input again in backward, exposed, and all-reduces the gradient of every
 norm weight and bias read in the sequence zone, per microbatch; Megatron-Core overlaps the
 first and sums the second once per step.
+
+With async TP (plan `async_tp=on`: this package's passes/async_tp.py, Megatron-Core's
+tp_comm_overlap) each all-gather and reduce-scatter runs as tp ring steps overlapped with the
+chunks of the GEMM beside it (comm.overlapped_transfer): forward, the all-gather with the column
+projection after it and the reduce-scatter with the row projection before it; backward, the
+row projection's all-gather of its output gradient with its input-gradient GEMM and the column
+projection's reduce-scatter of its input gradient with its weight-gradient GEMM, each a GEMM
+of the forward's size. This runtime's backward regather is fused the same way (with the column
+projection's input-gradient GEMM).
 """
 
 from __future__ import annotations
 
-from cost_model.comm import CollectiveCost, collective_parts
+from cost_model.comm import CollectiveCost, collective_parts, overlapped_transfer
 from cost_model.layer_costs import BlockCosts, embedding_time, head_time
 from cost_model.shapes import TransformerShape
 from cost_model.traits import CommTerm, Extra, Traits
@@ -19,6 +28,8 @@ def block(tr: Traits, bc: BlockCosts) -> CommTerm:
     """The tensor-parallel collectives of one block: two f/g pairs (attention, MLP) each way."""
     hw, group = tr.hw, tr.groups.tp
     msg = bc.tp_bytes(*tr.args)
+    if tr.plan.async_tp and tr.plan.tp > 1:
+        return _overlapped_block(tr, bc, msg)
     one = pair(tr, msg)
     fwd = bwd = 2 * one.seconds
     work = 2 * one.transfer  # per direction
@@ -31,6 +42,30 @@ def block(tr: Traits, bc: BlockCosts) -> CommTerm:
     n_small = sp_param_reads(tr.shape)
     bwd += 2 * regather.seconds + n_small * small.seconds
     return CommTerm(fwd, bwd, work, work + 2 * regather.transfer + n_small * small.transfer)
+
+
+def _overlapped_block(tr: Traits, bc: BlockCosts, msg: float) -> CommTerm:
+    """`block` under async TP (sequence parallelism on): each collective's latency, and of its
+    transfer what the GEMM beside it does not hide."""
+    hw, group, tp = tr.hw, tr.groups.tp, tr.plan.tp
+    gather = collective_parts("all_gather", msg, group, hw)
+    scatter = collective_parts("reduce_scatter", msg, group, hw)
+    attn_in, attn_out, mlp_in, mlp_out = (window(*tr.args) for window in bc.tp_windows)
+
+    def exposed(cost: CollectiveCost, window: float) -> float:
+        return cost.latency + overlapped_transfer(cost, window, tp)
+
+    fwd = (exposed(gather, attn_in) + exposed(scatter, attn_out) + exposed(gather, mlp_in) +
+           exposed(scatter, mlp_out))
+    bwd = (exposed(gather, attn_out) + exposed(scatter, attn_in) + exposed(gather, mlp_out) +
+           exposed(scatter, mlp_in))
+    work = 2 * (gather.transfer + scatter.transfer)
+    if not tr.partitioner_sp:
+        return CommTerm(fwd, bwd, work, work)
+    small = collective_parts("all_reduce", 4 * tr.shape.hidden, group, hw)
+    n_small = sp_param_reads(tr.shape)
+    bwd += exposed(gather, attn_in) + exposed(gather, mlp_in) + n_small * small.seconds
+    return CommTerm(fwd, bwd, work, work + 2 * gather.transfer + n_small * small.transfer)
 
 
 def pair(tr: Traits, nbytes: float) -> CollectiveCost:

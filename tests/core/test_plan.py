@@ -127,8 +127,10 @@ def test_fields_that_have_not_landed_are_refused_with_the_way_out():
     assert [a.split(" is not available")[0] for a in asks] == [
         "expert tensor parallelism other than 1 or tp (1 < etp != tp)"]
     assert "(the plan asks etp=2); set etp=1" in asks[0]
-    with pytest.raises(NotLanded, match="hybrid context parallelism"):
-        Plan(cp=4, cp_algo="hybrid", cp_a2a=2).refuse_pending()
+    for algo in (dict(cp_algo="hybrid", cp_a2a=2), dict(cp_algo="allgather")):
+        with pytest.raises(NotLanded, match=r"hybrid and all-gather context parallelism .*"
+                                            r"the plan asks cp_algo=.*use cp_algo=ring"):
+            Plan(cp=4, **algo).refuse_pending()
     assert Plan(cp=2).pending() == []
     # async TP landed (issue 18), except compiled or under a zero-bubble schedule
     assert Plan.parse("tp=2,sp=on,async_tp=on,pp=2,mb=2").pending() == []

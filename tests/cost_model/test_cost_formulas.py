@@ -234,15 +234,20 @@ def test_layer_costs_are_sympy_expressions_of_the_degrees():
 
 
 def test_memory_and_time_follow_the_plans_dtypes():
-    """Per parameter: bf16 = 2 (compute copy) + 4 (fp32 main) weights, 4 fp32 gradient,
-    8 AdamW moments (+ 4 for ZeRO-1's fp32 shard, both split over dp); fp32 without the
-    copy, at the fp32 (TF32) peak; unset keeps Megatron's 2 + 4 + 12."""
+    """Per parameter on partitioner's runtime: bf16 = 2 (compute copy) + 4 (fp32 main)
+    weights, 4 fp32 gradient, 8 AdamW moments (+ 4 for ZeRO-1's fp32 shard, both split over
+    dp); fp32 without the copy, at the fp32 (TF32) peak. Unset, or 16-bit on Megatron-Core's
+    runtime: Megatron's 2 + 4 + 12, the gradient buffer in the reduction dtype."""
     assert memory.param_bytes("bf16", 0) == memory.ParamBytes(6, 4, 8)
     assert memory.param_bytes("fp16", 1) == memory.ParamBytes(6, 4, 12)
     assert memory.param_bytes("fp32", 0) == memory.ParamBytes(4, 4, 8)
     assert memory.param_bytes(None, 1) == memory.ParamBytes(2, 4, 12)
+    assert memory.param_bytes("bf16", 1, runtime="megatron") == memory.ParamBytes(2, 4, 12)
+    assert memory.param_bytes("bf16", 1, "bf16", "megatron") == memory.ParamBytes(2, 2, 12)
+    assert memory.param_bytes("fp32", 1, runtime="megatron") == memory.ParamBytes(4, 4, 8)
     cl = parse_cluster("8xA100-80G")
-    runs = {dtype: estimate(GPT, Plan(tp=2, dp=4, zero=1, param_dtype=dtype), cl, 8)
+    runs = {dtype: estimate(GPT, Plan(tp=2, dp=4, zero=1, param_dtype=dtype), cl, 8,
+                            runtime="partitioner")
             for dtype in (None, "bf16", "fp32")}
     params = runs["bf16"].memory.grads / 4  # the fullest rank's parameters
     assert runs["bf16"].memory.weights == pytest.approx(6 * params)
@@ -252,6 +257,11 @@ def test_memory_and_time_follow_the_plans_dtypes():
     assert runs["fp32"].memory.activations == pytest.approx(2 * runs["bf16"].memory.activations)
     assert runs["fp32"].step_time_s > 1.3 * runs["bf16"].step_time_s
     assert runs["fp32"].peak_flops == runs["bf16"].peak_flops  # MFU over the 16-bit peak
+    megatron = estimate(GPT, Plan(tp=2, dp=4, zero=1, param_dtype="bf16", reduce_dtype="bf16"),
+                        cl, 8)
+    assert megatron.memory.weights == pytest.approx(2 * params)
+    assert megatron.memory.grads == pytest.approx(2 * params)
+    assert megatron.memory.optimizer == pytest.approx(12 * params / 4)
 
 
 def test_zero_bubble_spans_match_the_schedule_simulation_on_unit_costs():

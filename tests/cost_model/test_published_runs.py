@@ -31,10 +31,10 @@ def test_every_run_quotes_its_source_and_the_quote_has_its_numbers(run):
     quote = run.source.quote.replace(",", "")
     # the model's shape and the degrees are read from the quote, not from memory
     for number in (run.shape.hidden, run.shape.layers, run.shape.heads, run.gpus):
-        assert re.search(rf"\b{number}\b", quote), (run.name, number)
+        assert re.search(rf"(?<!\d){number}(?!\d)", quote), (run.name, number)  # "1024x"
     if run.plan is not None:
         for degree in (run.plan.tp, run.plan.pp):
-            assert re.search(rf"\b{degree}\b", quote), (run.name, degree)
+            assert re.search(rf"(?<!\d){degree}(?!\d)", quote), (run.name, degree)
 
 
 def test_published_seconds_follow_the_papers_own_flop_counts():
@@ -69,6 +69,22 @@ def test_least_squares_recovers_a_curve_within_bounds():
     assert fit.x == pytest.approx(true, rel=1e-4) and fit.cost < 1e-12
     clipped = least_squares(residuals, (0.5, 50.0), (0.1, 1.0), (1.0, 100.0))
     assert clipped.x[1] == 100.0  # the bound holds
+
+
+def test_least_squares_holds_a_parameter_at_the_bound_the_descent_points_past():
+    """Data from a curve whose scale lies beyond its bound: the scale stays on the bound and the
+    other parameter still reaches its best value there (the 1-D fit with the scale fixed)."""
+    xs = [64, 128, 256, 512, 1024, 4096]
+    ys = [1.3 * x / (x + 200.0) for x in xs]
+
+    def residuals(p):
+        return [math.log(p[0] * x / (x + p[1]) / y) for x, y in zip(xs, ys, strict=True)]
+
+    fit = least_squares(residuals, (0.5, 50.0), (0.1, 1.0), (1.0, 1000.0))
+    alone = least_squares(lambda q: residuals((1.0, q[0])), (50.0,), (1.0,), (1000.0,))
+    assert fit.x[0] == 1.0
+    assert fit.x[1] == pytest.approx(alone.x[0], rel=1e-4) and fit.cost == pytest.approx(
+        alone.cost, rel=1e-6)
 
 
 def test_fit_recovers_known_efficiencies_from_synthetic_runs():
@@ -115,43 +131,40 @@ def test_leave_one_out_refits_without_each_run():
 
 
 def test_only_devices_with_two_sources_are_fitted():
-    assert fitted_devices(RUNS) == ["A100-80G"]  # H100's runs all come from Llama 3
+    assert fitted_devices(RUNS) == ["A100-80G", "H100"]  # H100: Llama 3 and Nemotron-4
+    assert fitted_devices([r for r in RUNS if "nemotron" not in r.name]) == ["A100-80G"]
     assert fitted_devices(_toy_runs([1.0])) == []
 
 
-def test_the_a100_profile_is_the_fit_to_the_published_runs():
-    a100 = tuple(r for r in RUNS if r.gpu == "A100-80G")
-    fit = fit_published(a100, dict(PROFILES), ["A100-80G"], _seconds)
+@pytest.mark.parametrize("device", ["A100-80G", "H100"])
+def test_the_gpu_profiles_are_the_fit_to_the_published_runs(device):
+    runs = tuple(r for r in RUNS if r.gpu == device)
+    fit = fit_published(runs, dict(PROFILES), [device], _seconds)
     for field in PUBLISHED_FIELDS:
-        assert getattr(PROFILES["A100-80G"], field) == pytest.approx(
-            fit.parameters["A100-80G"][field], abs=2e-3)
+        assert getattr(PROFILES[device], field) == pytest.approx(
+            fit.parameters[device][field], abs=2e-3)
 
 
 # --- predictions -----------------------------------------------------------------------------
-@pytest.mark.parametrize("run", [r for r in RUNS if r.gpu == "A100-80G"],
-                         ids=[r.name for r in RUNS if r.gpu == "A100-80G"])
-def test_a100_runs_within_10_percent(run):
+@pytest.mark.parametrize("run", RUNS, ids=[r.name for r in RUNS])
+def test_every_run_within_10_percent(run):
+    """Memory is judged on the A100 runs only: Meta's FSDP shards gradients, which no plan
+    expresses, and the Nemotron runs' optimizer state is counted in fp32 (benchmark notes)."""
     pred = predict_run(run)
     assert abs(pred.error) <= 0.10
-    assert pred.estimate.fits
-
-
-@pytest.mark.parametrize("run", [r for r in RUNS if r.gpu == "H100"],
-                         ids=[r.name for r in RUNS if r.gpu == "H100"])
-def test_llama3_runs_within_the_documented_bound(run):
-    """Not fitted (one source): the unfitted H100 efficiencies leave the runs without
-    recomputation 13% fast. Their memory is not judged: Meta's FSDP shards gradients, which no
-    plan expresses (benchmark notes)."""
-    assert abs(predict_run(run).error) <= 0.14
+    if run.gpu == "A100-80G":
+        assert pred.estimate.fits
 
 
 def test_llama3_slowdown_from_dp64_to_dp128_is_the_bubble():
     """Meta puts the MFU drop from 8K GPUs (DP=64, 32 microbatches) to 16K (DP=128, 16) on the
     smaller batch per DP group: the interleaved bubble (PP-1)/(V*M) of 8 one-layer virtual stages.
-    Both runs then come out off by the same factor; only the profile's efficiency is left."""
+    Both runs then come out off by nearly the same factor (V=2 would part them by ~20%). What
+    is left: the published pair implies ~0.26 s a step that does not scale with M, where the
+    model's syncs, hidden behind the virtual stages' cooldown, leave 0.07 s."""
     by_name = {r.name: predict_run(r) for r in RUNS if r.name.endswith("cp1")}
     errors = [p.error for p in by_name.values()]
-    assert len(errors) == 2 and abs(errors[0] - errors[1]) < 0.01
+    assert len(errors) == 2 and abs(errors[0] - errors[1]) < 0.02
     for pred in by_name.values():
         m, v, pp = pred.estimate.plan.microbatches, pred.estimate.plan.vpp, pred.estimate.plan.pp
         ideal = pred.estimate.pipeline_s - pred.estimate.bubble_s

@@ -123,3 +123,66 @@ def test_data_parallel_sync_and_the_loss_sum():
     assert dp.loss_sum(tr) == (0.0, 0.0)  # Megatron-Core sums no loss over dp
     ours = dp.loss_sum(traits(Plan(dp=4), runtime="partitioner"))
     assert ours == comm.collective_parts("all_reduce", 24, tr.groups.dp, HW)
+
+
+def test_async_tp_hides_each_collective_behind_the_gemm_beside_it():
+    """Each all-gather / reduce-scatter of sp runs as tp ring steps under its GEMM: of its
+    transfer X beside G seconds of GEMM, max(0, X - G) + min(X, G) / tp shows; latencies stay."""
+    assert comm.overlapped_transfer(comm.CollectiveCost(0.5, 2.0), 3.0, 4) == 0.5  # 2/4
+    assert comm.overlapped_transfer(comm.CollectiveCost(0.5, 3.0), 1.0, 4) == 2.25  # 2 + 1/4
+    bc = block_costs(SHAPE, HW)
+    plain, tr = traits(Plan(tp=4, sp=True)), traits(Plan(tp=4, sp=True, async_tp=True))
+    msg = bc.tp_bytes(*tr.args)
+    gather = comm.collective_parts("all_gather", msg, tr.groups.tp, HW)
+    scatter = comm.collective_parts("reduce_scatter", msg, tr.groups.tp, HW)
+    attn_in, attn_out, mlp_in, mlp_out = (w(*tr.args) for w in bc.tp_windows)
+    assert attn_in == pytest.approx(HW.gemm_time(2 * 128, 3 * 256 / 4, 256))  # qkv, b=2
+
+    def shown(cost, window):
+        return cost.latency + max(0.0, cost.transfer - window) + min(cost.transfer, window) / 4
+
+    term = tp.block(tr, bc)
+    assert term.fwd == pytest.approx(shown(gather, attn_in) + shown(scatter, attn_out) +
+                                     shown(gather, mlp_in) + shown(scatter, mlp_out))
+    assert term.bwd == pytest.approx(shown(gather, attn_out) + shown(scatter, attn_in) +
+                                     shown(gather, mlp_out) + shown(scatter, mlp_in))
+    # the same bytes cross the wire: the work (a shared core's copies) does not shrink
+    assert term.work_fwd == pytest.approx(tp.block(plain, bc).work_fwd)
+    assert term.fwd < tp.block(plain, bc).fwd and term.bwd < tp.block(plain, bc).bwd
+    # an MoE block's experts run after the dispatch: its MLP pair has no GEMM beside it
+    assert block_costs(MOE, HW, True).tp_windows[2](*tr.args) == 0.0
+
+
+def test_all_gather_context_parallelism_is_exposed():
+    """Llama 3's CP: every rank's k and v gathered before attention and their gradients
+    reduce-scattered after it, on the critical path (no ring to hide behind attention)."""
+    tr = traits(Plan(cp=4, cp_algo="allgather"), mbs=1)
+    bc = block_costs(SHAPE, HW)
+    kv = 4 * bc.cp_bytes(*tr.args)
+    gather = comm.collective_parts("all_gather", kv, tr.groups.cp, HW)
+    scatter = comm.collective_parts("reduce_scatter", kv, tr.groups.cp, HW)
+    assert cp.block(tr, bc) == pytest.approx(
+        (gather.seconds, scatter.seconds, gather.transfer, scatter.transfer))
+    assert cp.block(tr, bc).fwd > cp.block(traits(Plan(cp=4), mbs=1), bc).fwd
+
+
+def test_gradients_cross_the_wire_in_the_reduction_dtype():
+    tr = traits(Plan(dp=4, param_dtype="bf16", reduce_dtype="bf16"))
+    assert dp.gradient_sync(tr, 1e6, 0.0)[0] == comm.collective_parts(
+        "all_reduce", 2e6, tr.groups.dpcp, HW)
+
+
+def test_megatron_syncs_hide_behind_every_virtual_stage_and_the_first_forward():
+    """Megatron-Core reduces a virtual stage's gradients once its last microbatch is done, while
+    the other v-1 stages still run min(p, m) microbatches each, and gathers ZeRO-1's parameters
+    behind the next step's forward; this package's runtime syncs after the last backward."""
+    inter = Plan(pp=4, dp=2, schedule="interleaved-1f1b", vpp=2, microbatches=8, zero=1)
+    tr = traits(inter)
+    assert dp.overlap_window(tr, 2.0) == pytest.approx(1.0 * (1 + 1 * 4))
+    assert dp.overlap_window(traits(inter, runtime="partitioner"), 2.0) == 2.0
+    assert dp.overlap_window(traits(Plan(pp=4, dp=2, microbatches=8)), 2.0) == 2.0
+    sync = (comm.CollectiveCost(0.0, 8.0), comm.CollectiveCost(0.0, 6.0))  # reduce, gather
+    # the reductions behind the backward's 5 s window, the gather behind the forward's 3.75 s
+    assert dp.exposed_sync(tr, sync, 4, 1.5, 2.0) == pytest.approx((8 - 5) + (6 - 3.75))
+    ours = traits(inter, runtime="partitioner")
+    assert dp.exposed_sync(ours, sync, 4, 1.5, 2.0) == pytest.approx(14.0 - 2.0)
