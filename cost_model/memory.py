@@ -3,9 +3,9 @@
 Mixed-precision training as Megatron does it: 16-bit weights (2 B/param), fp32 gradient buffer
 (4 B/param), AdamW with an fp32 master copy and two fp32 moments (12 B/param), the optimizer state
 sharded over the data-parallel ranks with ZeRO-1; a plan naming `param_dtype` run by
-partitioner's runtime counts what that runtime holds instead (`param_bytes`). Activations per block come from
-layer_costs.activation_bytes (Korthikanti et al. 2022); a pipeline rank holds the activations of
-the microbatches in flight of its schedule.
+partitioner's runtime counts what that runtime holds instead (`param_bytes`). Activations per
+block come from layer_costs.activation_bytes (Korthikanti et al. 2022); a pipeline rank holds
+the activations of the microbatches in flight of its schedule.
 """
 
 from __future__ import annotations
