@@ -27,8 +27,8 @@ SCHEDULES = ("1f1b", "interleaved-1f1b", "gpipe")
 RECOMPUTE = ("none", "selective", "full")
 MICRO_BATCH_SIZES = (1, 2, 4, 8, 16)
 VPP = (2, 3, 4, 6, 8)
-FIXABLE = {"tp", "pp", "cp", "dp", "ep", "etp", "sp", "microbatches", "schedule", "vpp",
-           "cp_algo", "zero", "recompute", "order", "mbs", "stage_layers"}
+FIXABLE = {"tp", "pp", "cp", "dp", "ep", "etp", "sp", "async_tp", "microbatches", "schedule",
+           "vpp", "cp_algo", "zero", "recompute", "order", "mbs", "stage_layers"}
 
 
 @dataclass(frozen=True)
@@ -100,9 +100,9 @@ def parse_fix(text: str | dict | None) -> dict:
         if not sep or key not in FIXABLE:
             raise ValueError(f"--fix item {item!r}: expected key=value with key one of "
                              f"{', '.join(sorted(FIXABLE | {'mb'}))}")
-        if key in ("sp",):
+        if key in ("sp", "async_tp"):
             if value.lower() not in ("on", "off", "true", "false", "1", "0"):
-                raise ValueError(f"--fix sp={value!r}: use on or off")
+                raise ValueError(f"--fix {key}={value!r}: use on or off")
             out[key] = value.lower() in ("on", "true", "1")
         elif key in ("schedule", "cp_algo", "recompute", "order"):
             out[key] = value
@@ -120,6 +120,8 @@ def _validate_fix(fixed: dict) -> Plan:
     """The plan of the fixed fields (the rest at their defaults), so that a fix breaking one of
     the Plan's own rules (sp needs tp>1, vpp needs interleaving, ...) is refused up front."""
     fields = {k: v for k, v in fixed.items() if k != "mbs"}
+    if fields.get("async_tp") and "sp" not in fields:
+        fields["sp"] = True  # async TP decomposes sp's collectives: it implies sp
     if fields.get("schedule") == "interleaved-1f1b" and "microbatches" not in fields:
         fields["microbatches"] = fields.get("pp", 1)
     try:
@@ -203,6 +205,7 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
     first_rule: str | None = None
     evaluated = 0
     limit = hw.memory_bytes
+    overlap = bool(fixed.get("async_tp", False))  # async TP needs sp: only sp=on is tried
     family_best: dict[Family, Estimate] = {}
     family_oom: dict[Family, float] = {}
     for fam in families:
@@ -230,12 +233,14 @@ def search(shape: TransformerShape, cluster: Cluster, global_batch: int, seq: in
                 scheds = [fixed["schedule"]]
             for sched in scheds:
                 for vpp, layout in _virtual_stages(shape.layers, fam.pp, m, sched, fixed):
-                    for sp_ in choices("sp", [True, False] if fam.tp > 1 else [False]):
+                    for sp_ in choices("sp", [True] if overlap else
+                                       [True, False] if fam.tp > 1 else [False]):
                         for rc in choices("recompute", recomputes):
                             for zero in choices("zero", [0, 1] if fam.dp * fam.cp > 1 else [0]):
                                 try:
                                     plan = Plan(tp=fam.tp, pp=fam.pp, cp=fam.cp, dp=fam.dp,
                                                 ep=fam.ep, etp=expert_tp(fam), sp=sp_,
+                                                async_tp=overlap,
                                                 microbatches=m, schedule=sched, vpp=vpp,
                                                 stage_layers=layout, zero=zero, recompute=rc,
                                                 cp_algo=fixed.get("cp_algo", "ring"),

@@ -29,6 +29,19 @@ def test_fix_restricts_the_search():
     assert all(e.plan.tp == 8 and e.plan.pp == 64 for e in res.plans)
 
 
+def test_fixed_async_tp_searches_sequence_parallel_plans_with_overlapped_collectives():
+    gpt3 = TransformerShape.megatron_gpt(layers=96, hidden=12288, heads=96)
+    cluster = parse_cluster("64xA100-80G")
+    fixed = "tp=8,pp=8,schedule=1f1b,recompute=selective"
+    plain = search(gpt3, cluster, 64, fixed=fixed + ",sp=on", top_k=1).chosen
+    overlapped = search(gpt3, cluster, 64, fixed=fixed + ",async_tp=on", top_k=1).chosen
+    assert overlapped.plan.sp and overlapped.plan.async_tp
+    assert overlapped.step_terms_s["tp"] < plain.step_terms_s["tp"]
+    assert overlapped.step_time_s < plain.step_time_s
+    with pytest.raises(ValueError, match="async_tp='maybe': use on or off"):
+        search(gpt3, cluster, 64, fixed="async_tp=maybe")
+
+
 def test_bad_inputs_give_clear_errors():
     with pytest.raises(ValueError, match="unknown GPU"):
         parse_cluster("64xTPU9")
