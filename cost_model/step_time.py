@@ -330,7 +330,7 @@ def rank_time(tr: Traits, step: StepParts, r: int, nd: int, nm: int) -> RankTime
     # grad-norm read and zeroing, over this rank's shard
     shard = _optimizer_shard(p, p_dense, p_exp)
     opt = hw.memory_time(30 * shard + 8 * p_local, kernels=4) if step.include_optimizer else 0.0
-    # data-parallel gradient sync, overlapped with the last microbatch's backward
+    # data-parallel gradient sync, overlapped with compute as terms/dp.exposed_sync says
     sync = dp.gradient_sync(tr, p_dense, p_exp)
     buckets = max(1, nd + nm)
     ends = r in (0, tr.head_rank)

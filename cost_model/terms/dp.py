@@ -14,10 +14,12 @@ from __future__ import annotations
 from cost_model.comm import CollectiveCost, collective_parts
 from cost_model.traits import Traits
 
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
 
 def gradient_sync(tr: Traits, dense_params: float, expert_params: float) -> tuple:
-    """The collectives of one rank's gradient sync (fp32 gradients; ZeRO-1 gathers the updated
-    parameters back in the training precision)."""
+    """The collectives of one rank's gradient sync (gradients in the plan's reduce_dtype;
+    ZeRO-1 gathers the updated parameters back in the training precision)."""
     hw, groups = tr.hw, tr.groups
     grad = DTYPE_BYTES[tr.plan.reduce_dtype]
     if tr.plan.zero:
@@ -27,9 +29,6 @@ def gradient_sync(tr: Traits, dense_params: float, expert_params: float) -> tupl
                 collective_parts("all_gather", hw.elem_bytes * expert_params, groups.edp, hw))
     return (collective_parts("all_reduce", grad * dense_params, groups.dpcp, hw),
             collective_parts("all_reduce", grad * expert_params, groups.edp, hw))
-
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def exposed(sync_s: float, buckets: int, last_backward_s: float) -> float:
