@@ -87,8 +87,11 @@ class RankPool:
     the processes, importing torch and initializing the process group again for every run.
 
     Runs happen one at a time, each on every rank. Whatever a run leaves in a rank's process
-    (imported modules, process groups, caches) is there for the next one, as it is for later
-    code in one `spawn`. A run that fails or times out ends the pool, since its ranks may be
+    (imported modules, caches, the process groups of `runtime.mesh.process_group`) is there for
+    the next one, as it is for later code in one `spawn`; other process groups the run made
+    (a DeviceMesh's, a rank's own singleton) are destroyed at its end, since gloo keeps a
+    polling thread per group: 40 left over keep an idle rank at 3% of a core, and a pool that
+    lives through a test suite's runs would run hundreds. A run that fails or times out ends the pool, since its ranks may be
     anywhere (blocked in a collective, or between two): `alive` turns False and the next pool
     starts fresh. So does a run in which some rank recorded a failure that its own code then
     caught (the other ranks would be stopped by it in a later run). `timeout` bounds the
@@ -226,6 +229,7 @@ def _rank_main(rank, world_size, port, threads, timeout, tasks, results):
         watch = watch_failures(on_exit=lambda message: _deliver(results, rank, message))
         while (task := tasks.get()) is not None:
             fn, args = task
+            groups_before = set(_live_groups())
             with watch.scope():
                 result = fn(*args)
             # Every rank ends the run here, so a failure a rank recorded during it (and caught)
@@ -234,6 +238,7 @@ def _rank_main(rank, world_size, port, threads, timeout, tasks, results):
             store = dist.distributed_c10d._get_default_store()
             if store.check([FAILURE_KEY]):
                 raise RuntimeError(store.get(FAILURE_KEY).decode())
+            _destroy_groups_except(groups_before)
             results.put((rank, True, result))
     except BaseException as error:  # noqa: BLE001 - every failure must reach the parent
         first_line = (str(error).strip().splitlines() or [""])[0]
@@ -252,6 +257,26 @@ def _rank_main(rank, world_size, port, threads, timeout, tasks, results):
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - the results are already delivered
         pass
+
+
+def _live_groups() -> list:
+    import torch.distributed as dist
+
+    return list(dist.distributed_c10d._world.pg_map)
+
+
+def _destroy_groups_except(kept: set) -> None:
+    """Destroy the process groups made since `kept` was taken, but the default group and those
+    `runtime.mesh.process_group` keeps for reuse (every rank made the same ones in the same
+    order, so every rank destroys the same ones)."""
+    import torch.distributed as dist
+
+    from runtime.mesh import cached_groups
+
+    kept = kept | set(cached_groups()) | {dist.group.WORLD}
+    for group in _live_groups():
+        if group not in kept:
+            dist.destroy_process_group(group)
 
 
 def _deliver(results, rank: int, message: str) -> None:

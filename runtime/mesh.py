@@ -107,6 +107,11 @@ def process_group(ranks: list[int]):
     return _GROUPS[key]
 
 
+def cached_groups() -> list:
+    """The groups `process_group` keeps for the process (under the current default group)."""
+    return list(_GROUPS.values()) if _GROUPS_WORLD[0] is dist.group.WORLD else []
+
+
 def default_device() -> torch.device:
     """CUDA device of this local rank under NCCL, else CPU."""
     if dist.is_initialized() and dist.get_backend() == "nccl":

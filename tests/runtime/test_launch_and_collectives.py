@@ -55,6 +55,23 @@ def _catch_a_recorded_failure():
     return "done"
 
 
+def _make_groups():
+    """One group runtime.mesh keeps for reuse and three of the run's own: the process's
+    groups, the default one included."""
+    from runtime.mesh import process_group
+
+    process_group([0, 1])
+    for _ in range(3):
+        dist.new_group([0, 1])
+    return len(dist.distributed_c10d._world.pg_map)
+
+
+def _live_groups():
+    from runtime.mesh import cached_groups
+
+    return len(dist.distributed_c10d._world.pg_map), len(cached_groups())
+
+
 def test_a_rank_pool_runs_many_times_on_the_same_ranks_and_a_failure_ends_it():
     with RankPool(2, timeout=120) as pool:
         first = pool.run(_pid_and_sum, 1)
@@ -62,6 +79,9 @@ def test_a_rank_pool_runs_many_times_on_the_same_ranks_and_a_failure_ends_it():
         assert [total for _, total in first] == [2.0, 2.0]
         assert [total for _, total in second] == [4.0, 4.0]
         assert [pid for pid, _ in first] == [pid for pid, _ in second]  # no new processes
+        # a run's own process groups end with it; runtime.mesh's cached ones are reused
+        assert pool.run(_make_groups) == [5, 5]
+        assert pool.run(_live_groups) == [(2, 1), (2, 1)]  # the default and the cached group
         with pytest.raises(RankError, match="rank 1 failed(.|\n)*boom on rank one"):
             pool.run(_fail_on_rank_one, timeout=120)
         assert not pool.alive
