@@ -207,18 +207,23 @@ def _meta_model() -> dict:
 
 
 def _world_of_two(path: str) -> dict:
-    results = {(plan, dtype): _against_reference(plan, dtype)
-               for dtype in ("bf16", "fp16") for plan in PLANS}
-    for plan in REDUCE_IN_BF16:
-        results[(plan, "bf16")] = _against_reference(plan, "bf16")
-    results["llama tp=2,sp=on bf16"] = _against_reference("tp=2,sp=on", "bf16", tiny_llama)
+    from partitioner.capture import shared_captures
+
+    # one model per factory under many plans: each (param_dtype, input shape) captured once
+    with shared_captures(("test_mixed_precision", "tiny")):
+        results = {(plan, dtype): _against_reference(plan, dtype)
+                   for dtype in ("bf16", "fp16") for plan in PLANS}
+        for plan in REDUCE_IN_BF16:
+            results[(plan, "bf16")] = _against_reference(plan, "bf16")
+    with shared_captures(("test_mixed_precision", "tiny_llama")):
+        results["llama tp=2,sp=on bf16"] = _against_reference("tp=2,sp=on", "bf16", tiny_llama)
+        results["curve"] = _loss_curve("tp=2,sp=on", "bf16")
     results["moe dp=2,ep=2 bf16"] = _against_reference("dp=2,ep=2", "bf16", tiny_moe)
     results["meta"] = _meta_model()
     from partitioner.check import check_rank
     results["check_rank"] = str(check_rank(tiny_llama, "tp=2,sp=on,param_dtype=bf16"))
     results["check_rank dropout"] = str(check_rank(
         tiny, "tp=2,sp=on,param_dtype=bf16,seed=3", factory_kwargs=dict(dropout=0.5)))
-    results["curve"] = _loss_curve("tp=2,sp=on", "bf16")
     results["refresh_overflow"] = _refresh_and_overflow()
     results["checkpoint"] = _checkpoint_round_trip(path)
     return results
