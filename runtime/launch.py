@@ -103,11 +103,12 @@ class RankPool:
     the next one, as it is for later code in one `spawn`; other process groups the run made
     (a DeviceMesh's, a rank's own singleton) are destroyed at its end, since gloo keeps a
     polling thread per group: 40 left over keep an idle rank at 3% of a core, and a pool that
-    lives through a test suite's runs would run hundreds. A run that fails or times out ends the pool, since its ranks may be
-    anywhere (blocked in a collective, or between two): `alive` turns False and the next pool
-    starts fresh. So does a run in which some rank recorded a failure that its own code then
-    caught (the other ranks would be stopped by it in a later run). `timeout` bounds the
-    process group's collectives over the pool's whole life; each run has its own.
+    lives through a test suite's runs would run hundreds. A run that fails or times out ends
+    the pool, since its ranks may be anywhere (blocked in a collective, or between two):
+    `alive` turns False and the next pool starts fresh. So does a run in which some rank
+    recorded a failure that its own code then caught (the other ranks would be stopped by it
+    in a later run). `timeout` bounds the process group's collectives over the pool's whole
+    life; each run has its own.
     """
 
     def __init__(self, world_size: int, *, timeout: float = 600.0,
