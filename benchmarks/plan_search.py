@@ -1,13 +1,14 @@
 """Time `partitioner plan` for a 1T GPT (128 layers, hidden 25600, 160 heads) on 3072xA100-80G.
 
-    python benchmarks/plan_search.py
+    python benchmarks/plan_search.py [--out PATH]
 
 Prints the timing and the chosen plan and saves benchmarks/results/plan_search.json.
-Target (issue 5): the full search in under 10 s on a 2-core machine.
+Target: the full search in under 2 s on a 2-core machine (issue 18; issue 5 asked 10 s).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -16,7 +17,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def main() -> int:
+TARGET_S = 2.0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "plan_search.json")
+    args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from cost_model.hardware import parse_cluster
     from cost_model.search import search
@@ -31,15 +39,15 @@ def main() -> int:
     record = {"model": "gpt 1T: layers=128,hidden=25600,heads=160", "cluster": str(cluster),
               "global_batch": 3072, "seq": 2048, "wall_s": wall,
               "search_time_s": result.search_time_s, "evaluated": result.evaluated,
-              "families_rejected": len(result.rejected), "target_s": 10.0,
+              "families_rejected": len(result.rejected), "target_s": TARGET_S,
               "chosen": best.to_json()}
-    out = ROOT / "benchmarks" / "results" / "plan_search.json"
+    out = args.out
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(f"1T GPT on {cluster}: searched {result.evaluated} plans in {wall:.2f} s "
-          f"(target 10 s); chosen {best.plan}: {best.step_time_s:.2f} s/step, "
+          f"(target {TARGET_S:g} s); chosen {best.plan}: {best.step_time_s:.2f} s/step, "
           f"MFU {best.mfu:.1%}, {best.memory_gib:.1f} GiB/GPU -> {out}")
-    return 0 if wall < 10.0 else 1
+    return 0 if wall < TARGET_S else 1
 
 
 if __name__ == "__main__":
