@@ -247,8 +247,7 @@ class BlockCosts:
     def expressions(self) -> dict:
         """The expressions with the profile's efficiencies put in (for reports and tests)."""
         values = dict(zip(EFFICIENCY_SYMBOLS, self.efficiencies, strict=True))
-        return {name: (expr.subs(values) if isinstance(expr, sympy.Basic) else
-                       tuple(e.subs(values) for e in expr) if isinstance(expr, tuple) else expr)
+        return {name: _each(expr, lambda e: e.subs(values) if isinstance(e, sympy.Basic) else e)
                 for name, expr in self.symbolic.items() if name != "ops"}
 
     def activation(self, recompute: str, *args) -> float:
@@ -290,14 +289,15 @@ EFFICIENCY_SYMBOLS = sympy.symbols(" ".join(EFFICIENCY_FIELDS))
 @lru_cache(maxsize=64)
 def _lambdified(shape: TransformerShape, symbolic_hw: Hardware, moe: bool):
     exprs = block_expressions(shape, symbolic_hw, moe)
-    fns = {name: (tuple(_lambdify(e) for e in expr) if isinstance(expr, tuple)
-                  else _lambdify(expr))
+    fns = {name: _each(expr, lambda e: sympy.lambdify((*EFFICIENCY_SYMBOLS, *ARGS), e,
+                                                      modules="math"))
            for name, expr in exprs.items() if name != "ops"}
     return exprs, fns
 
 
-def _lambdify(expr):
-    return sympy.lambdify((*EFFICIENCY_SYMBOLS, *ARGS), expr, modules="math")
+def _each(value, fn):
+    """fn(value), or for a tuple of expressions (tp_windows) fn of each."""
+    return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
 
 
 def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> BlockCosts:
@@ -306,8 +306,7 @@ def block_costs(shape: TransformerShape, hw: Hardware, moe: bool = False) -> Blo
     exprs, fns = _lambdified(shape, symbolic_hw, moe)
     values = tuple(getattr(hw, name) for name in EFFICIENCY_FIELDS)
     return BlockCosts(symbolic=exprs, efficiencies=values,
-                      **{name: (tuple(functools.partial(f, *values) for f in fn)
-                                if isinstance(fn, tuple) else functools.partial(fn, *values))
+                      **{name: _each(fn, lambda f: functools.partial(f, *values))
                          for name, fn in fns.items()})
 
 

@@ -18,6 +18,7 @@ from core.plan import layout_text
 PARAM_BYTES = 2
 GRAD_BYTES = 4
 ADAM_BYTES = 12  # fp32 master + exp_avg + exp_avg_sq
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def korthikanti_activation_bytes(s: int, b: int, h: int, a: int, t: int = 1, sp: bool = False,
@@ -85,7 +86,7 @@ def param_bytes(param_dtype: str | None, zero: int, reduce_dtype: str = "fp32",
     if runtime == "megatron":  # fp32: no master copy, the moments only
         if param_dtype == "fp32":
             return ParamBytes(4, 4, 8)
-        return ParamBytes(PARAM_BYTES, 2 if reduce_dtype != "fp32" else GRAD_BYTES, ADAM_BYTES)
+        return ParamBytes(PARAM_BYTES, DTYPE_BYTES[reduce_dtype], ADAM_BYTES)
     copy = 0 if param_dtype == "fp32" else 2
     return ParamBytes(copy + 4, 4, 8 + (4 if zero else 0))
 

@@ -12,9 +12,8 @@ runtime gathers after the optimizer, exposed."""
 from __future__ import annotations
 
 from cost_model.comm import CollectiveCost, collective_parts
+from cost_model.memory import DTYPE_BYTES
 from cost_model.traits import Traits
-
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 def gradient_sync(tr: Traits, dense_params: float, expert_params: float) -> tuple:
