@@ -24,6 +24,20 @@ from core.ops import CheckpointedRegion
 from core.schedules import Action
 from runtime.backward_split import WeightStep, backward_input
 
+RECEIVE_AHEAD = 2
+"""Under gloo, receives are posted for the current action and this many after it. A send that
+finds its receive not yet posted waits for it (the sender's isend call itself may block for
+milliseconds, and the receiver's later post reads the data in), so a receive should be posted
+before the peer can send. One action ahead loses that race at 1F1B's warm-up: the stage before
+sends its second forward's output right after its second forward, while this rank's post for it
+would wait until its own first forward ends. The buffers posted early are a few microbatches'
+boundary tensors, small beside the stage activations a pipeline keeps.
+
+Other backends keep one action ahead: NCCL runs a pair of ranks' sends and receives in order on
+one stream, where a receive posted before a send the peer waits for would deadlock (a first
+stage posting its first gradient's receive before sending its first forward's output)."""
+
+
 class PipelineRunner:
     """Runs one rank's actions for one step."""
 
@@ -48,6 +62,7 @@ class PipelineRunner:
         empty W: torch's checkpoint recomputes a region once per autograd call, and the weight
         step is one call per group of weights (runtime.backward_split), which would recompute
         each region (and redo its all-gathers) several times over."""
+        self.receive_ahead = RECEIVE_AHEAD if dist.get_backend(group) == "gloo" else 1
         self.busy_s = 0.0
         """Seconds of the last `run` spent computing (not waiting): 1 - busy/wall is the bubble."""
         self.action_s: dict[Action, float] = {}
@@ -111,9 +126,8 @@ class PipelineRunner:
         for index, action in enumerate(actions):
             stage = self.stages[action.stage]
             busy = self.busy_s
-            self._prefetch(action)
-            if index + 1 < len(actions):
-                self._prefetch(actions[index + 1])
+            for ahead in actions[index:index + 1 + self.receive_ahead]:
+                self._prefetch(ahead)
             if action.kind == "F":
                 out = self._forward(stage, action.microbatch)
                 if stage.index == self.pipeline.num_stages - 1:
