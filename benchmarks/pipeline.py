@@ -22,8 +22,9 @@ The bound is judged on 8 layers (`--schedules 1f1b --layers 8 --steps 100`, save
 results/pipeline_1f1b_bound.json): at 4 layers the last stage holds two blocks plus the head and
 loss against the first stage's two blocks plus the embedding, about 52% of the work, and no
 layer cut evens that (three blocks against one is worse), so the schedule at the measured
-compute times alone is already 1.012-1.023x the bound there, before any communication; at 8
-layers it is 51%. Every runner starts each step from cleared
+compute times alone is 1.012-1.033x the bound there (five runs), before any communication, and
+the runtime's few milliseconds a step (transfers, the loss all-reduce) weigh twice as much in a
+step half as long; at 8 layers the last stage does 51% and the replay is 1.008-1.015x. Every runner starts each step from cleared
 gradients (set to None, as a training loop's `zero_grad()` does), so none pays for accumulating
 into the last step's.
 
