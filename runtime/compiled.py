@@ -16,6 +16,9 @@ failure after compilation (a collective's error) is never retried eagerly: it is
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -110,7 +113,7 @@ class CompiledGraphs:
         from torch._inductor.decomposition import select_decomp_table
 
         # the collective ops' forwards inlined as _c10d_functional ops (their backwards are)
-        decompositions = {**select_decomp_table(), **collectives.FORWARD}
+        decompositions = _DecompositionTable({**select_decomp_table(), **collectives.FORWARD})
 
         in_forward = [False]
 
@@ -128,13 +131,39 @@ class CompiledGraphs:
             in_forward[0] = True
             start = time.perf_counter()
             try:
-                return compile_fx(gm, example_inputs, inner_compile=inner,
-                                  decompositions=decompositions)
+                # AOTAutograd's cache keys the graph before our decompositions, so it would
+                # return a stale compilation after runtime/collectives.py changes; inductor's
+                # own cache (keyed on the graph after them, and on _DecompositionTable's
+                # identity) is what persists compilations across processes
+                with torch._functorch.config.patch(enable_autograd_cache=False):
+                    return compile_fx(gm, example_inputs, inner_compile=inner,
+                                      decompositions=decompositions)
             finally:
                 in_forward[0] = False
                 if not first_call[0]:  # a recompilation (the first call is timed whole)
                     record.compile_s += time.perf_counter() - start
         return backend
+
+
+class _DecompositionTable(dict):
+    """inductor's decomposition table with the collectives' forwards. Inductor's FX graph cache
+    pickles it into each graph's key, which a table holding lambdas (ours) and pybind functions
+    (some of inductor's) cannot be: every compilation would bypass the cache and recompile in
+    every process. It pickles as its identity instead: the source of runtime.collectives (the
+    rest of the table is torch's, whose version the key holds)."""
+
+    def __reduce__(self):
+        return _decomposition_table, (_collectives_identity(),)
+
+
+def _decomposition_table(identity: str) -> str:
+    """What a pickled _DecompositionTable stands for in a cache key (never unpickled)."""
+    return identity
+
+
+@functools.lru_cache(maxsize=1)
+def _collectives_identity() -> str:
+    return hashlib.sha256(inspect.getsource(collectives).encode()).hexdigest()
 
 
 def _first_line(error: BaseException) -> str:

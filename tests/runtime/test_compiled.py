@@ -55,8 +55,8 @@ def _cases():
 
 def _compiled_worker(cases):
     """Every case, then: dynamo's graph-break counts over all of them, the compile records
-    and explain() of one tp=2,sp=on program (its graphs are in the cache by then), and every
-    line logged about a graph run eagerly."""
+    and explain() of one tp=2,sp=on program (its graphs are in inductor's cache by then: how
+    many it found there), and every line logged about a graph run eagerly."""
     from torch._dynamo.utils import counters
 
     from partitioner import models, parallelize
@@ -68,12 +68,16 @@ def _compiled_worker(cases):
     logging.getLogger("partitioner.compile").addHandler(handler)
     reports = equivalence_worker(cases)
     breaks = {reason: count for reason, count in counters["graph_break"].items()}
+    inductor = counters["inductor"]
+    hits_before = inductor["fxgraph_cache_hit"]
     model, (ids,) = models.tiny(n_layer=1)
     pm = parallelize(model, "tp=2,sp=on,compile=on", example_inputs=(ids,), loss_fn=lm_loss)
     pm.step(ids, target=ids.roll(-1, 1))
     records = [(r.graphs, r.collectives, r.eager, r.compile_s)
                for r in pm.executor.compiled.records()]
-    return reports, breaks, records, pm.explain(), eager_lines
+    cache = {"bypassed": inductor["fxgraph_cache_bypass"],
+             "hits_in_last": inductor["fxgraph_cache_hit"] - hits_before}
+    return reports, breaks, records, pm.explain(), eager_lines, cache
 
 
 def test_compiled_ranks_match_one_device_without_graph_breaks():
@@ -82,7 +86,10 @@ def test_compiled_ranks_match_one_device_without_graph_breaks():
     # process-wide, and a pool rank would carry them into (and out of) this test
     results = spawn(2, _compiled_worker, cases, timeout=1500)
     assert_passed([reports for reports, *_ in results], cases)
-    for _, breaks, records, explained, eager_lines in results:
+    for _, breaks, records, explained, eager_lines, cache in results:
+        # inductor's FX graph cache keys every graph (none bypassed it), and the last program,
+        # compiled earlier in the same process as a case, found its forward and backward there
+        assert cache["bypassed"] == 0 and cache["hits_in_last"] == 2, cache
         assert eager_lines == [], eager_lines  # every graph of every case ran compiled
         assert breaks == {}, f"graph breaks: {breaks}"
         assert records, "no graph ran compiled"
