@@ -2,7 +2,7 @@
 --published, predicted vs published step time of the training runs in
 cost_model/data/published_runs.json.
 
-    python benchmarks/cost_model_accuracy.py [--profile cpu_profile.json] [--steps 3]
+    python benchmarks/cost_model_accuracy.py [--profile cpu_profile.json] [--steps 10]
     python benchmarks/cost_model_accuracy.py --rescore [--out rescored.json]
     python benchmarks/cost_model_accuracy.py --published
 
@@ -15,7 +15,8 @@ largest errors, the fitted parameters). Exit status 0 when every run is within 1
 
 Calibrates this machine (tools/calibrate.py, with the threads runtime.spawn gives a rank)
 unless --profile is given, predicts each plan's step time with that profile, measures `pm.step`
-through the public API under runtime.spawn, and reports the Spearman rank correlation (issue 5
+through the public API under runtime.spawn (all plans in one spawn, timed round-robin; a plan's
+time is the median over rounds of its slowest rank's step), and reports the Spearman rank correlation (issue 5
 asks for >= 0.8) and the relative errors. Plans the runtime does not implement yet
 (NotImplementedError) are skipped and listed. Saves benchmarks/results/cost_model_accuracy.json.
 
@@ -60,32 +61,37 @@ RESULTS = ROOT / "benchmarks" / "results" / "cost_model_accuracy.json"
 PROFILE = ROOT / "benchmarks" / "results" / "cpu_profile.json"
 
 
-def _measure(plan_text: str, steps: int):
-    """Runs on every rank: median seconds of `pm.step`."""
+def _measure_all(plan_texts: list[str], steps: int):
+    """Runs on every rank: each plan parallelized, then their steps timed round-robin (one
+    step of each per round, between barriers: the machine's drift falls on every plan alike,
+    which a ranking needs). Each step starts from cleared gradients, as a training loop's
+    zero_grad() leaves them. Returns (seconds per plan per step, skipped plan -> why)."""
     import torch
     import torch.nn.functional as F
 
     from partitioner import parallelize, Plan
     from partitioner.models import GPTConfig, build
-
-    model, (ids,) = build(GPTConfig(**MODEL), batch=BATCH, seq=MODEL["seq_len"])
-    tgt = torch.roll(ids, -1, dims=1)
+    from round_robin import time_round_robin
 
     def loss_fn(logits, target):
         return F.cross_entropy(logits.flatten(0, 1), target.flatten())
 
-    try:
-        pm = parallelize(model, Plan.parse(plan_text), example_inputs=(ids,), loss_fn=loss_fn)
-        pm.step(ids, target=tgt)  # warm-up (capture, allocation)
-    except NotImplementedError as exc:
-        return {"skipped": f"NotImplementedError: {exc}"}
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        pm.step(ids, target=tgt)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return {"seconds": times[len(times) // 2]}
+    runners, skipped = {}, {}
+    for text in plan_texts:
+        model, (ids,) = build(GPTConfig(**MODEL), batch=BATCH, seq=MODEL["seq_len"])
+        tgt = torch.roll(ids, -1, dims=1)
+        try:  # refused alike on every rank, before any collective
+            pm = parallelize(model, Plan.parse(text), example_inputs=(ids,), loss_fn=loss_fn)
+        except NotImplementedError as exc:
+            skipped[text] = f"NotImplementedError: {exc}"
+            continue
+
+        def step(pm=pm, ids=ids, tgt=tgt):
+            pm.zero_grad(set_to_none=True)
+            pm.step(ids, target=tgt)
+        step()  # warm-up (capture, allocation)
+        runners[text] = step
+    return time_round_robin(runners, steps), skipped
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -261,9 +267,11 @@ def published(out: Path = PUBLISHED_RESULTS) -> int:
 
 def main(argv=None) -> int:
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # round_robin, for the ranks too
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", default=None)
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10,
+                    help="timed round-robin rounds (each plan one step per round)")
     ap.add_argument("--rescore", action="store_true",
                     help="score saved measurements against the current cost model")
     ap.add_argument("--results", type=Path, default=RESULTS,
@@ -277,6 +285,7 @@ def main(argv=None) -> int:
     if args.rescore:
         return rescore(args.results, Path(args.profile) if args.profile else PROFILE, args.out)
 
+    from round_robin import slowest_rank_median
     from tools.calibrate import calibrate
     from cost_model.step_time import PlanRejected
     try:
@@ -293,28 +302,22 @@ def main(argv=None) -> int:
         PROFILE.write_text(json.dumps(prof, indent=2))
         hw = load_hardware(PROFILE)
 
-    rows, skipped = [], []
+    rows, skipped, predictions = [], [], {}
     for text in PLANS:
         try:
-            pred = predict(text, hw)
+            predictions[text] = predict(text, hw)
         except PlanRejected as exc:
             skipped.append({"plan": text, "why": f"cost model: {exc}"})
+    per_rank = spawn(WORLD, _measure_all, list(predictions), args.steps, timeout=3600)
+    times = [rank_times for rank_times, _ in per_rank]
+    skipped += [{"plan": text, "why": why} for text, why in per_rank[0][1].items()]
+    for text, pred in predictions.items():
+        if text not in times[0]:
             continue
-        try:
-            res = spawn(WORLD, _measure, text, args.steps, timeout=600)[0]
-        except Exception as exc:  # a rank error that is not NotImplementedError: report it
-            msg = str(exc).strip().splitlines()
-            if "NotImplementedError" in str(exc):
-                skipped.append({"plan": text, "why": msg[-1] if msg else "NotImplementedError"})
-            else:
-                skipped.append({"plan": text, "why": f"failed: {msg[-1] if msg else exc}"})
-            continue
-        if "skipped" in res:
-            skipped.append({"plan": text, "why": res["skipped"]})
-            continue
-        rows.append({"plan": text, "measured_s": res["seconds"], **pred,
-                     "error": pred["predicted_s"] / res["seconds"] - 1})
-        print(f"{text:24s} measured {res['seconds']:.4f} s  predicted {pred['predicted_s']:.4f} s"
+        seconds = slowest_rank_median(times, text)
+        rows.append({"plan": text, "measured_s": seconds, **pred,
+                     "error": pred["predicted_s"] / seconds - 1})
+        print(f"{text:24s} measured {seconds:.4f} s  predicted {pred['predicted_s']:.4f} s"
               f"  ({rows[-1]['error']:+.0%})", flush=True)
     rho = report(rows, skipped)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
