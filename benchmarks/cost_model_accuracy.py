@@ -16,9 +16,10 @@ largest errors, the fitted parameters). Exit status 0 when every run is within 1
 Calibrates this machine (tools/calibrate.py, with the threads runtime.spawn gives a rank)
 unless --profile is given, predicts each plan's step time with that profile, measures `pm.step`
 through the public API under runtime.spawn (all plans in one spawn, timed round-robin; a plan's
-time is the median over rounds of its slowest rank's step), and reports the Spearman rank correlation (issue 5
-asks for >= 0.8) and the relative errors. Plans the runtime does not implement yet
-(NotImplementedError) are skipped and listed. Saves benchmarks/results/cost_model_accuracy.json.
+time is the median over rounds of its slowest rank's step), and reports the Spearman rank
+correlation (issue 5 asks for >= 0.8) and the relative errors. Plans the runtime does not
+implement yet (NotImplementedError) are skipped and listed. Saves
+benchmarks/results/cost_model_accuracy.json.
 
 `pm.step` is forward, backward and gradient sync; the user's optimizer runs outside it, so the
 predictions leave the optimizer out too, and they are this package's runtime's (estimate's

@@ -24,9 +24,10 @@ loss against the first stage's two blocks plus the embedding, about 52% of the w
 layer cut evens that (three blocks against one is worse), so the schedule at the measured
 compute times alone is 1.012-1.033x the bound there (five runs), before any communication, and
 the runtime's few milliseconds a step (transfers, the loss all-reduce) weigh twice as much in a
-step half as long; at 8 layers the last stage does 51% and the replay is 1.008-1.015x. Every runner starts each step from cleared
-gradients (set to None, as a training loop's `zero_grad()` does), so none pays for accumulating
-into the last step's.
+step half as long; at 8 layers the last stage does 51% and the replay is 1.008-1.015x.
+
+Every runner starts each step from cleared gradients (set to None, as a training loop's
+`zero_grad()` does), so none pays for accumulating into the last step's.
 
     python benchmarks/pipeline.py [--layers 4] [--hidden 256] [--microbatches 4] [--steps 5]
                                   [--schedules 1f1b,zb-h1]

@@ -88,7 +88,7 @@ def test_compiled_ranks_match_one_device_without_graph_breaks():
     assert_passed([reports for reports, *_ in results], cases)
     for _, breaks, records, explained, eager_lines, cache in results:
         # inductor's FX graph cache keys every graph (none bypassed it), and the last program,
-        # compiled earlier in the same process as a case, found its forward and backward there
+        # whose graphs a case compiled earlier in this process, found both there
         assert cache["bypassed"] == 0 and cache["hits_in_last"] == 2, cache
         assert eager_lines == [], eager_lines  # every graph of every case ran compiled
         assert breaks == {}, f"graph breaks: {breaks}"
