@@ -218,8 +218,10 @@ def main() -> None:
     # the ratio in two factors: what the stage cut allows (the schedule replayed at the
     # measured compute times, against the bound's equal stages) and what the runtime adds
     # to that (transfers, waits, the step's own work)
-    _, replayed_span = _replayed_at_measured_costs(per_rank, "1f1b", 1, m)
-    ours_1f1b = slowest_rank_median(times, "ours_1f1b")
+    steps = {name: slowest_rank_median(times, f"ours_{name}") for name, _ in _schedules(args)}
+    replays = {name: _replayed_at_measured_costs(per_rank, name, vpp, m)
+               for name, vpp in _schedules(args)}  # (bubble, span)
+    replayed_span, ours_1f1b = replays["1f1b"][1], steps["1f1b"]
     cut_factor = replayed_span / (single * bound_factor)
     print(f"  of which the stage cut: the schedule at the measured compute times "
           f"{replayed_span * 1e3:.1f} ms = {cut_factor:.3f}x the bound; the runtime: ours "
@@ -234,10 +236,8 @@ def main() -> None:
                for name, _ in _schedules(args)}
     print("  bubble: measured (1 - busy/wall, busiest rank) | theory (equal stages, "
           "T_I = T_W) | the schedule replayed with each action's measured compute time")
-    for name, vpp in _schedules(args):
-        step = slowest_rank_median(times, f"ours_{name}")
-        bubble = bubbles[name]
-        replayed, _ = _replayed_at_measured_costs(per_rank, name, vpp, m)
+    for name, _ in _schedules(args):
+        step, bubble, replayed = steps[name], bubbles[name], replays[name][0]
         summary["ours"][name] = {
             "step_s": step, "ratio_vs_torch": step / torch_time, "measured_bubble": bubble,
             "theory_bubble": theory[name], "replayed_bubble": replayed,

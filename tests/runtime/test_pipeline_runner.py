@@ -12,7 +12,7 @@ from core.schedules import schedule
 from ranks import on_ranks
 
 
-def _two_stage_pipeline(microbatches: int):
+def _two_stage_pipeline():
     from passes.lowering.program import Pipeline, Stage, Value
 
     shape = (2, 4)
@@ -47,7 +47,7 @@ def _receive_order(microbatches: int):
 
     torch.manual_seed(0)
     rank = dist.get_rank()
-    pipeline, stages = _two_stage_pipeline(microbatches)
+    pipeline, stages = _two_stage_pipeline()
     events = []
     posted = dist.irecv
 
